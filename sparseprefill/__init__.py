@@ -1,0 +1,50 @@
+"""sparseprefill: training-free dynamic sparse prefill for Hugging Face causal LMs.
+
+    import sparseprefill
+    sparseprefill.patch(model)            # adaptive default
+    sparseprefill.stats(model)            # per layer: phase, density, fallbacks
+    sparseprefill.unpatch(model)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import (
+    AntidiagonalConfig,
+    AShapeConfig,
+    BlockSparseConfig,
+    PatternName,
+    SparseConfig,
+    VerticalSlashConfig,
+)
+from .patchers import (
+    SUPPORTED_FAMILIES,
+    AlreadyPatchedError,
+    NotPatchedError,
+    UnsupportedModelError,
+    is_patched,
+    patch,
+    reset_stats,
+    stats,
+    unpatch,
+)
+
+__all__ = [
+    "__version__",
+    "AShapeConfig",
+    "AlreadyPatchedError",
+    "AntidiagonalConfig",
+    "BlockSparseConfig",
+    "NotPatchedError",
+    "PatternName",
+    "SUPPORTED_FAMILIES",
+    "SparseConfig",
+    "UnsupportedModelError",
+    "VerticalSlashConfig",
+    "is_patched",
+    "patch",
+    "reset_stats",
+    "stats",
+    "unpatch",
+]

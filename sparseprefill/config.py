@@ -1,0 +1,258 @@
+"""User-facing options: frozen dataclasses and ``str`` enums.
+
+Every default below is a named constant with the reason it has that value. A setting that
+"keeps everything" (mass threshold 1.0, a full budget) makes the sparse path compute exactly
+dense attention; the tests rely on that to prove the plumbing before proving the estimates.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+__all__ = [
+    "PatternName",
+    "VerticalSlashConfig",
+    "BlockSparseConfig",
+    "AntidiagonalConfig",
+    "AShapeConfig",
+    "SparseConfig",
+    "KEEP_ALL_MASS",
+]
+
+
+class PatternName(str, enum.Enum):
+    """The sparse patterns a head can use. ``AUTO`` picks per head at run time."""
+
+    AUTO = "auto"
+    VERTICAL_SLASH = "vertical_slash"
+    BLOCK_SPARSE = "block_sparse"
+    ANTIDIAGONAL = "antidiagonal"
+    A_SHAPE = "a_shape"
+    DENSE = "dense"
+
+
+# A cumulative-mass target of 1.0 means "keep every block / line that could hold mass". Floating
+# point cumulative sums never reach exactly 1.0 (and fp32 softmax underflows to 0 for far-away
+# keys), so the selection code treats a target >= KEEP_ALL_MASS as "keep all" explicitly.
+KEEP_ALL_MASS = 1.0
+
+# MInference estimates vertical and slash lines from the last 64 queries: enough rows to average
+# out one query's idiosyncrasies, few enough that estimation is O(64 * L) instead of O(L^2).
+DEFAULT_LAST_QUERIES = 64
+
+# Always-kept structure. Attention sinks live in the first few tokens of every head (StreamingLLM);
+# MInference keeps 30 sink columns and the 100 nearest diagonals of every head unconditionally. We
+# round up to 64 of each: one 64-wide tile on the GPU costs the same as 30 columns.
+DEFAULT_SINK_TOKENS = 64
+DEFAULT_LOCAL_TOKENS = 128
+
+# Mass targets for vertical-slash: FlexPrefill's gamma (0.9 in its README, 0.95 in its Llama-3.1
+# RULER scripts). We take the accuracy-first value.
+DEFAULT_VERTICAL_MASS = 0.95
+DEFAULT_SLASH_MASS = 0.95
+
+# Block size of block-level patterns. 128 is the granularity XAttention's published accuracy was
+# measured at and the natural tile of Hopper attention kernels; 64 gives finer (sparser) masks.
+DEFAULT_BLOCK_SIZE = 128
+
+# Cumulative block-mass threshold: XAttention's maintainers recommend a fixed 0.9-0.95 when no
+# per-head calibration exists. 0.95 keeps SmolLM2's logits closest to dense at 4K (README table).
+DEFAULT_BLOCK_MASS = 0.95
+
+# Antidiagonal stride: XAttention evaluates S = 8 and 16; S = 8 scores with twice the samples per
+# block (more accurate thresholds) at 1/8 of the Q K^T cost.
+DEFAULT_ANTIDIAGONAL_STRIDE = 8
+
+# Number of leading KV blocks every query block keeps (the sink block of XAttention/FlexPrefill).
+DEFAULT_SINK_BLOCKS = 1
+
+# A-shape (StreamingLLM) defaults: MInference's n_init=128, and a 4096-token local window
+# (MInference uses 3968 so that init + local = 4096).
+DEFAULT_A_SHAPE_SINK = 128
+DEFAULT_A_SHAPE_LOCAL = 3968
+
+# Below this key length a fresh prefill runs dense, exactly as before patching. Dense attention is
+# cheap at short lengths and estimation overhead is not; peers are slower than dense below ~50K
+# (MInference's own table). This value is provisional until the GPU kernels' measured crossover
+# replaces it (kernels issue); the CPU reference path has no speed claim.
+DEFAULT_MIN_SPARSE_LEN = 16384
+
+# A chunk with fewer queries than one query block gains nothing from sparsity (its cost is one
+# row of tiles either way), so it runs dense.
+DEFAULT_MIN_SPARSE_QUERY_LEN = 64
+
+
+def _check_fraction(name: str, value: float, *, allow_zero: bool = False) -> None:
+    lower_ok = value >= 0.0 if allow_zero else value > 0.0
+    if not (lower_ok and value <= 1.0):
+        bound = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"{name} must be in {bound}, got {value!r}")
+
+
+def _check_positive_int(name: str, value: int, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass(frozen=True)
+class VerticalSlashConfig:
+    """MInference's vertical-slash pattern with FlexPrefill's mass-based budgets.
+
+    The last ``last_queries`` queries score every key; columns ("verticals") and diagonals
+    ("slashes") are kept, in order of estimated mass, until ``vertical_mass`` / ``slash_mass`` of
+    the estimated mass is covered. ``sink_tokens`` first columns and ``local_tokens`` nearest
+    diagonals are always kept. ``max_vertical`` / ``max_slash`` optionally cap the counts.
+    """
+
+    last_queries: int = DEFAULT_LAST_QUERIES
+    vertical_mass: float = DEFAULT_VERTICAL_MASS
+    slash_mass: float = DEFAULT_SLASH_MASS
+    sink_tokens: int = DEFAULT_SINK_TOKENS
+    local_tokens: int = DEFAULT_LOCAL_TOKENS
+    max_vertical: int | None = None
+    max_slash: int | None = None
+    block_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check_positive_int("vertical_slash.last_queries", self.last_queries)
+        _check_fraction("vertical_slash.vertical_mass", self.vertical_mass, allow_zero=True)
+        _check_fraction("vertical_slash.slash_mass", self.slash_mass, allow_zero=True)
+        _check_positive_int("vertical_slash.sink_tokens", self.sink_tokens, allow_zero=True)
+        _check_positive_int("vertical_slash.local_tokens", self.local_tokens)
+        for name in ("max_vertical", "max_slash"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_positive_int(f"vertical_slash.{name}", value)
+        _check_positive_int("vertical_slash.block_size", self.block_size)
+
+
+@dataclass(frozen=True)
+class BlockSparseConfig:
+    """Mean-pooled query/key block scores; keep blocks by cumulative softmax mass or top-k.
+
+    With ``top_k`` set, each query block keeps the sink and diagonal blocks plus its ``top_k``
+    highest-scoring other blocks and ``mass`` is ignored.
+    """
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    mass: float = DEFAULT_BLOCK_MASS
+    top_k: int | None = None
+    sink_blocks: int = DEFAULT_SINK_BLOCKS
+
+    def __post_init__(self) -> None:
+        _check_positive_int("block_sparse.block_size", self.block_size)
+        _check_fraction("block_sparse.mass", self.mass, allow_zero=True)
+        if self.top_k is not None:
+            _check_positive_int("block_sparse.top_k", self.top_k, allow_zero=True)
+        _check_positive_int("block_sparse.sink_blocks", self.sink_blocks, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class AntidiagonalConfig:
+    """XAttention: strided antidiagonal block scoring, softmaxed block mass, row threshold."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    stride: int = DEFAULT_ANTIDIAGONAL_STRIDE
+    mass: float = DEFAULT_BLOCK_MASS
+    sink_blocks: int = DEFAULT_SINK_BLOCKS
+
+    def __post_init__(self) -> None:
+        _check_positive_int("antidiagonal.block_size", self.block_size)
+        _check_positive_int("antidiagonal.stride", self.stride)
+        if self.block_size % self.stride:
+            raise ValueError(
+                f"antidiagonal.block_size ({self.block_size}) must be a multiple of "
+                f"antidiagonal.stride ({self.stride})"
+            )
+        _check_fraction("antidiagonal.mass", self.mass, allow_zero=True)
+        _check_positive_int("antidiagonal.sink_blocks", self.sink_blocks, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class AShapeConfig:
+    """StreamingLLM's A-shape: ``sink_tokens`` first keys plus a ``local_tokens`` window."""
+
+    sink_tokens: int = DEFAULT_A_SHAPE_SINK
+    local_tokens: int = DEFAULT_A_SHAPE_LOCAL
+    block_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check_positive_int("a_shape.sink_tokens", self.sink_tokens, allow_zero=True)
+        _check_positive_int("a_shape.local_tokens", self.local_tokens)
+        _check_positive_int("a_shape.block_size", self.block_size)
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """How ``sparseprefill.patch`` computes attention.
+
+    Attributes:
+        pattern: ``"auto"`` (default: per-head adaptive, no profile needed) or one pattern forced
+            for every head (``"vertical_slash"``, ``"block_sparse"``, ``"antidiagonal"``,
+            ``"a_shape"``, ``"dense"``).
+        min_sparse_len: key length below which a prefill runs dense, exactly as unpatched.
+        min_sparse_query_len: chunks with fewer new queries than this run dense.
+        vertical_slash, block_sparse, antidiagonal, a_shape: per-pattern budgets.
+    """
+
+    pattern: PatternName | str = PatternName.AUTO
+    min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN
+    min_sparse_query_len: int = DEFAULT_MIN_SPARSE_QUERY_LEN
+    vertical_slash: VerticalSlashConfig = field(default_factory=VerticalSlashConfig)
+    block_sparse: BlockSparseConfig = field(default_factory=BlockSparseConfig)
+    antidiagonal: AntidiagonalConfig = field(default_factory=AntidiagonalConfig)
+    a_shape: AShapeConfig = field(default_factory=AShapeConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            pattern = PatternName(self.pattern)
+        except ValueError:
+            valid = ", ".join(repr(p.value) for p in PatternName)
+            raise ValueError(f"unknown pattern {self.pattern!r}; expected one of {valid}") from None
+        object.__setattr__(self, "pattern", pattern)
+        _check_positive_int("min_sparse_len", self.min_sparse_len, allow_zero=True)
+        _check_positive_int("min_sparse_query_len", self.min_sparse_query_len)
+        expected = {
+            "vertical_slash": VerticalSlashConfig,
+            "block_sparse": BlockSparseConfig,
+            "antidiagonal": AntidiagonalConfig,
+            "a_shape": AShapeConfig,
+        }
+        for name, cls in expected.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, cls(**value))
+            elif not isinstance(value, cls):
+                raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
+
+    @classmethod
+    def keep_everything(cls, pattern: PatternName | str = PatternName.AUTO, **overrides: Any) -> SparseConfig:
+        """A config whose every pattern keeps all causal keys: the sparse path equals dense.
+
+        Useful to check an integration end to end before trusting any estimate.
+        """
+        base = cls(
+            pattern=pattern,
+            min_sparse_len=0,
+            min_sparse_query_len=1,
+            vertical_slash=VerticalSlashConfig(vertical_mass=KEEP_ALL_MASS, slash_mass=KEEP_ALL_MASS),
+            block_sparse=BlockSparseConfig(mass=KEEP_ALL_MASS),
+            antidiagonal=AntidiagonalConfig(mass=KEEP_ALL_MASS),
+            a_shape=AShapeConfig(local_tokens=2**62),
+        )
+        return replace(base, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif hasattr(value, "__dataclass_fields__"):
+                value = {g.name: getattr(value, g.name) for g in fields(value)}
+            out[f.name] = value
+        return out

@@ -1,0 +1,147 @@
+"""Sparse index layouts: the data contract between estimation (patterns) and attention (kernels).
+
+Both layouts are per batch row and per *query* head (``H`` below is the number of query heads the
+index covers), per query block ``r`` (local query rows ``[r * block_size_q, (r + 1) * block_size_q)``).
+Query rows see keys under bottom-right causal alignment (see ``geometry``); the kernels apply the
+causal and sliding-window masks themselves, so an index may list keys a row cannot see.
+
+``BlockSparseIndex`` (FlexAttention ``BlockMask``-like):
+    block_count [B, H, Rq] int32        number of KV blocks of query block r
+    block_index [B, H, Rq, N] int32     their ids, sorted ascending; entries >= count are padding
+    KV block c covers keys [c * block_size_k, (c + 1) * block_size_k).
+
+``VerticalSlashIndex`` (MInference/SGLang-like, with explicit range ends):
+    range_count  [B, H, Rq] int32       number of key ranges (merged diagonal bands)
+    range_start  [B, H, Rq, M] int32    sorted, disjoint half-open ranges [start, end)
+    range_end    [B, H, Rq, M] int32
+    column_count [B, H, Rq] int32       number of single key columns (verticals)
+    column_index [B, H, Rq, V] int32    sorted; disjoint from the ranges
+    Disjointness is an invariant the converter guarantees: a kernel sums over ranges and columns
+    and would count a duplicated key twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .geometry import causal_pairs_in_columns, causal_pairs_in_rects, query_block_bounds
+
+__all__ = ["BlockSparseIndex", "VerticalSlashIndex"]
+
+
+def _check_int_tensor(name: str, t: torch.Tensor, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+
+
+@dataclass(frozen=True)
+class BlockSparseIndex:
+    block_count: torch.Tensor
+    block_index: torch.Tensor
+    block_size_q: int
+    block_size_k: int
+    q_len: int
+    k_len: int
+
+    def __post_init__(self) -> None:
+        _check_int_tensor("block_count", self.block_count, 3)
+        _check_int_tensor("block_index", self.block_index, 4)
+        if self.block_index.shape[:3] != self.block_count.shape:
+            raise ValueError(
+                f"block_index {tuple(self.block_index.shape)} and block_count {tuple(self.block_count.shape)} disagree"
+            )
+        n_q_blocks = -(-self.q_len // self.block_size_q)
+        if self.block_count.shape[2] != n_q_blocks:
+            raise ValueError(f"index has {self.block_count.shape[2]} query blocks, Lq={self.q_len} needs {n_q_blocks}")
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return -(-self.k_len // self.block_size_k)
+
+    def slot_valid(self) -> torch.Tensor:
+        """``[B, H, Rq, N]`` bool: which entries of ``block_index`` are real."""
+        slots = torch.arange(self.block_index.shape[-1], device=self.block_index.device)
+        return slots < self.block_count[..., None]
+
+    def computed_pairs(self, window: int | None = None) -> torch.Tensor:
+        """``[B, H]`` int64: causal (query, key) pairs the index makes a kernel compute."""
+        p0, p1 = query_block_bounds(self.q_len, self.k_len, self.block_size_q, self.block_index.device)
+        c0 = self.block_index.to(torch.int64) * self.block_size_k
+        c1 = torch.clamp(c0 + self.block_size_k, max=self.k_len)
+        pairs = causal_pairs_in_rects(p0[:, None], p1[:, None], c0, c1, window)
+        return torch.where(self.slot_valid(), pairs, 0).sum(dim=(-1, -2))
+
+    def to_dense_mask(self) -> torch.Tensor:
+        """``[B, H, Lq, Lk]`` bool of listed keys (no causal mask applied). Debugging and plots only."""
+        b, h, rq, _ = self.block_index.shape
+        # scatter_add (not scatter_): padding slots point at block 0 and must not overwrite it.
+        blocks = torch.zeros(b, h, rq, self.num_kv_blocks, dtype=torch.int32, device=self.block_index.device)
+        ids = torch.where(self.slot_valid(), self.block_index.long(), 0)
+        blocks.scatter_add_(-1, ids, self.slot_valid().to(torch.int32))
+        mask = (blocks > 0).repeat_interleave(self.block_size_q, dim=2).repeat_interleave(self.block_size_k, dim=3)
+        return mask[:, :, : self.q_len, : self.k_len]
+
+
+@dataclass(frozen=True)
+class VerticalSlashIndex:
+    range_count: torch.Tensor
+    range_start: torch.Tensor
+    range_end: torch.Tensor
+    column_count: torch.Tensor
+    column_index: torch.Tensor
+    block_size_q: int
+    q_len: int
+    k_len: int
+
+    def __post_init__(self) -> None:
+        _check_int_tensor("range_count", self.range_count, 3)
+        _check_int_tensor("range_start", self.range_start, 4)
+        _check_int_tensor("range_end", self.range_end, 4)
+        _check_int_tensor("column_count", self.column_count, 3)
+        _check_int_tensor("column_index", self.column_index, 4)
+        if self.range_start.shape != self.range_end.shape:
+            raise ValueError("range_start and range_end must have the same shape")
+        for name in ("range_start", "column_index"):
+            if getattr(self, name).shape[:3] != self.range_count.shape:
+                raise ValueError(f"{name} leading dims must match range_count {tuple(self.range_count.shape)}")
+        if self.column_count.shape != self.range_count.shape:
+            raise ValueError("column_count and range_count must have the same shape")
+        n_q_blocks = -(-self.q_len // self.block_size_q)
+        if self.range_count.shape[2] != n_q_blocks:
+            raise ValueError(f"index has {self.range_count.shape[2]} query blocks, Lq={self.q_len} needs {n_q_blocks}")
+
+    def range_valid(self) -> torch.Tensor:
+        slots = torch.arange(self.range_start.shape[-1], device=self.range_start.device)
+        return slots < self.range_count[..., None]
+
+    def column_valid(self) -> torch.Tensor:
+        slots = torch.arange(self.column_index.shape[-1], device=self.column_index.device)
+        return slots < self.column_count[..., None]
+
+    def computed_pairs(self, window: int | None = None) -> torch.Tensor:
+        """``[B, H]`` int64: causal (query, key) pairs the index makes a kernel compute."""
+        p0, p1 = query_block_bounds(self.q_len, self.k_len, self.block_size_q, self.range_start.device)
+        p0, p1 = p0[:, None], p1[:, None]
+        rects = causal_pairs_in_rects(p0, p1, self.range_start, self.range_end, window)
+        cols = causal_pairs_in_columns(p0, p1, self.column_index, window)
+        rects = torch.where(self.range_valid(), rects, 0).sum(dim=(-1, -2))
+        cols = torch.where(self.column_valid(), cols, 0).sum(dim=(-1, -2))
+        return rects + cols
+
+    def to_dense_mask(self) -> torch.Tensor:
+        """``[B, H, Lq, Lk]`` bool of listed keys (no causal mask applied). Debugging and plots only."""
+        b, h, rq, _ = self.range_start.shape
+        keys = torch.arange(self.k_len, device=self.range_start.device)
+        in_range = (keys >= self.range_start[..., None]) & (keys < self.range_end[..., None])
+        per_block = (in_range & self.range_valid()[..., None]).any(dim=-2)
+        cols = torch.where(self.column_valid(), self.column_index.long(), 0)
+        col_mask = torch.zeros(b, h, rq, self.k_len, dtype=torch.int32, device=keys.device)
+        col_mask.scatter_add_(-1, cols, self.column_valid().to(torch.int32))
+        per_block = per_block | (col_mask > 0)
+        return per_block.repeat_interleave(self.block_size_q, dim=2)[:, :, : self.q_len]

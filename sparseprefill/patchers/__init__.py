@@ -1,0 +1,179 @@
+"""transformers integration: ``patch``, ``unpatch``, ``stats``."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from torch import nn
+
+from ..config import SparseConfig
+from ..patterns import build_pattern
+from .attention import IMPLEMENTATION_NAME, sparseprefill_attention
+from .masks import SparsePrefillMask, make_mask_function
+from .state import FallbackReason, LayerStats, PatchState, PatchStats, Phase, full_plan
+from .support import SUPPORTED_FAMILIES, UnsupportedModelError, check_supported
+
+__all__ = [
+    "IMPLEMENTATION_NAME",
+    "SUPPORTED_FAMILIES",
+    "AlreadyPatchedError",
+    "NotPatchedError",
+    "UnsupportedModelError",
+    "FallbackReason",
+    "Phase",
+    "PatchStats",
+    "SparsePrefillMask",
+    "patch",
+    "unpatch",
+    "stats",
+    "reset_stats",
+    "is_patched",
+]
+
+
+class AlreadyPatchedError(RuntimeError):
+    """``patch`` was called on a model that is already patched."""
+
+
+class NotPatchedError(RuntimeError):
+    """``unpatch`` / ``stats`` on a model that is not patched."""
+
+
+# Patch state of every live patched model, by id() of each config object its layers and mask
+# builder see (transformers configs define __eq__, so they cannot be weak dictionary keys).
+_STATE_BY_CONFIG: dict[int, PatchState] = {}
+
+
+def _lookup_state(config: Any) -> PatchState:
+    state = _STATE_BY_CONFIG.get(id(config))
+    if state is None:
+        raise RuntimeError(
+            "a model uses attn_implementation='sparseprefill' without sparseprefill.patch(model); "
+            "patch the model instead of selecting the implementation by name"
+        )
+    return state
+
+
+def _previous_mask_function(state: PatchState):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    previous = state.previous_implementation
+    if previous in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        return ALL_MASK_ATTENTION_FUNCTIONS[previous]
+    return sdpa_mask
+
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION_NAME, sparseprefill_attention)
+    # Must be the class-level register: transformers checks the global mapping, not item assignment.
+    AttentionMaskInterface.register(IMPLEMENTATION_NAME, make_mask_function(_lookup_state, _previous_mask_function))
+    _registered = True
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, "_sparseprefill_state", None) is not None
+
+
+def patch(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
+    """Replace the attention of a supported causal LM with sparse prefill. Returns the model.
+
+    Args:
+        model: a transformers causal LM of a supported family (``sparseprefill.SUPPORTED_FAMILIES``).
+        config: budgets and routing; default ``SparseConfig()`` (adaptive per-head ``auto``).
+
+    Raises:
+        AlreadyPatchedError: the model is already patched.
+        UnsupportedModelError: the architecture or one of its features is not supported.
+    """
+    if is_patched(model):
+        raise AlreadyPatchedError(f"{type(model).__name__} is already patched; call sparseprefill.unpatch(model) first")
+    config = config if config is not None else SparseConfig()
+    if not isinstance(config, SparseConfig):
+        raise TypeError(f"config must be a sparseprefill.SparseConfig, got {type(config).__name__}")
+    model_type, modules = check_supported(model)
+    previous = model.config._attn_implementation or "eager"
+    if previous == IMPLEMENTATION_NAME:
+        raise AlreadyPatchedError(
+            f"{type(model).__name__} already selects attn_implementation={IMPLEMENTATION_NAME!r} without a patch state"
+        )
+    _register()
+
+    pattern = build_pattern(config.pattern, config)
+    plans, layer_stats = {}, {}
+    for module in modules:
+        num_heads = module.config.num_attention_heads
+        plans[module.layer_idx] = full_plan(pattern, num_heads)
+        layer_stats[module.layer_idx] = LayerStats(module.layer_idx)
+    config_objects = {id(model.config): model.config}
+    for module in modules:
+        config_objects[id(module.config)] = module.config
+    state = PatchState(
+        config=config, model_type=model_type, previous_implementation=previous, plans=plans,
+        stats=layer_stats, config_ids=tuple(config_objects),
+    )
+    for config_id, config_object in config_objects.items():
+        _STATE_BY_CONFIG[config_id] = state
+        weakref.finalize(config_object, _STATE_BY_CONFIG.pop, config_id, None)
+    for module in modules:
+        module._sparseprefill = (state, module.layer_idx)
+    try:
+        model.set_attn_implementation(IMPLEMENTATION_NAME)
+        if model.config._attn_implementation != IMPLEMENTATION_NAME:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} did not accept attn_implementation={IMPLEMENTATION_NAME!r} "
+                f"(it stayed {model.config._attn_implementation!r})"
+            )
+    except Exception:
+        _detach(model, modules, state)
+        raise
+    model._sparseprefill_state = state
+    return model
+
+
+def _detach(model: nn.Module, modules: list[nn.Module], state: PatchState) -> None:
+    for module in modules:
+        if getattr(module, "_sparseprefill", None) is not None:
+            del module._sparseprefill
+    for config_id in state.config_ids:
+        if _STATE_BY_CONFIG.get(config_id) is state:
+            del _STATE_BY_CONFIG[config_id]
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the attention implementation the model had before ``patch``. Returns the model."""
+    state = getattr(model, "_sparseprefill_state", None)
+    if state is None:
+        raise NotPatchedError(f"{type(model).__name__} is not patched by sparseprefill")
+    model.set_attn_implementation(state.previous_implementation)
+    _, modules = check_supported(model)
+    _detach(model, modules, state)
+    del model._sparseprefill_state
+    return model
+
+
+def stats(model: nn.Module) -> PatchStats:
+    """Per-layer phases taken, fallbacks and density since ``patch`` (or ``reset_stats``)."""
+    state = getattr(model, "_sparseprefill_state", None)
+    if state is None:
+        raise NotPatchedError(f"{type(model).__name__} is not patched by sparseprefill")
+    return PatchStats(
+        model_type=state.model_type, pattern=state.config.pattern.value,
+        layers=[state.stats[i] for i in sorted(state.stats)],
+    )
+
+
+def reset_stats(model: nn.Module) -> None:
+    state = getattr(model, "_sparseprefill_state", None)
+    if state is None:
+        raise NotPatchedError(f"{type(model).__name__} is not patched by sparseprefill")
+    state.reset_stats()

@@ -1,0 +1,193 @@
+"""The registered attention function: routes every call to a phase.
+
+- no ``SparsePrefillMask`` (decode, short prompt, static cache, custom masks): the previous
+  implementation with the mask it would have had, i.e. exactly the unpatched computation;
+- ``SparsePrefillMask``: fresh prefill (``Lq == Lk``) or chunked prefill (``Lq < Lk``) on the sparse
+  path, per real-token span of each batch row, with the layer's per-head plan; sliding-window layers
+  whose window is shorter than the keys compute the exact window; training, dropout and
+  ``output_attentions`` run dense.
+
+Output goes back as ``[B, Lq, Hq, D]``: kernels write into a transposed view of that buffer.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..kernels import dense_attention, vertical_slash_attention
+from ..kernels.geometry import causal_pairs_total
+from ..patterns import window_index
+from .masks import SparsePrefillMask
+from .state import FallbackReason, LayerStats, PatchState, Phase, heads_tensor
+
+__all__ = ["IMPLEMENTATION_NAME", "sparseprefill_attention", "previous_attention_function"]
+
+# Registered name. It must not contain "flash", "sdpa", "flex_attention", "/" or ":": transformers
+# dispatches on those substrings (see shared notes on the attention interface).
+IMPLEMENTATION_NAME = "sparseprefill"
+
+# Exact window attention reuses the vertical-slash kernel with diagonals 0..W-1 and no columns; its
+# query block size only affects how the kernel tiles the band.
+WINDOW_BLOCK_SIZE = 64
+
+
+def previous_attention_function(module: nn.Module, implementation: str) -> Callable[..., Any]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if implementation == "eager":
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise RuntimeError(f"{type(module).__name__}'s modeling file defines no eager_attention_forward")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def _binding(module: nn.Module) -> tuple[PatchState, int]:
+    binding = getattr(module, "_sparseprefill", None)
+    if binding is None:
+        raise RuntimeError(
+            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) uses the 'sparseprefill' attention "
+            "implementation but was not patched; call sparseprefill.patch(model) instead of setting "
+            "attn_implementation='sparseprefill' by hand"
+        )
+    return binding
+
+
+def _dense(
+    q, k, v, out, *, scale, window, softcap, padding=None, weights=False
+) -> torch.Tensor | None:
+    _, w = dense_attention(q, k, v, scale=scale, window=window, softcap=softcap, key_padding_mask=padding,
+                           out=out, return_weights=weights)
+    return w
+
+
+def _run_span(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    state: PatchState,
+    layer: int,
+    stats: LayerStats,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+) -> None:
+    """Attention for one span of real tokens (all rows of an unpadded batch, or one padded row)."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    if q_len == 0:
+        return
+    cfg = state.config
+    effective_window = window if window is not None and k_len > window else None
+    causal = causal_pairs_total(q_len, k_len, effective_window) * q.shape[0] * q.shape[1]
+    if k_len < cfg.min_sparse_len:
+        stats.record_fallback(FallbackReason.SHORT)
+        _dense(q, k, v, out, scale=scale, window=effective_window, softcap=softcap)
+        return
+    if q_len < cfg.min_sparse_query_len:
+        stats.record_fallback(FallbackReason.SHORT_QUERY)
+        _dense(q, k, v, out, scale=scale, window=effective_window, softcap=softcap)
+        return
+    if effective_window is not None:
+        index = window_index(
+            q.shape[0], q.shape[1], q_len, k_len, sink_tokens=0, local_tokens=effective_window,
+            block_size=WINDOW_BLOCK_SIZE, device=q.device,
+        )
+        vertical_slash_attention(q, k, v, index, scale=scale, window=effective_window, softcap=softcap, out=out)
+        stats.record(Phase.WINDOW, int(index.computed_pairs(effective_window).sum()), causal)
+        return
+    hq, hkv = q.shape[1], k.shape[1]
+    kv_of_head = torch.arange(hq, device=q.device) // (hq // hkv)
+    computed = 0
+    for group in state.plans[layer].groups:
+        stats.patterns[group.pattern.name.value] += len(group.heads)
+        if len(group.heads) == hq:
+            result = group.pattern.run(q, k, v, scale=scale, softcap=softcap, kv_head_index=kv_of_head, out=out)
+        else:
+            heads = heads_tensor(group.heads, q.device)
+            part = torch.empty_like(q[:, heads])
+            result = group.pattern.run(
+                q[:, heads], k, v, scale=scale, softcap=softcap, kv_head_index=kv_of_head[heads], out=part
+            )
+            out[:, heads] = part
+        computed += int(result.computed_pairs.sum())
+    stats.record(Phase.SPARSE_PREFILL if q_len == k_len else Phase.SPARSE_CHUNK, computed, causal)
+
+
+def sparseprefill_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    state, layer = _binding(module)
+    stats = state.stats[layer]
+    q_len, k_len = query.shape[2], key.shape[2]
+
+    if not isinstance(attention_mask, SparsePrefillMask):
+        if q_len == 1:
+            stats.record_fallback(FallbackReason.DECODE)
+        elif k_len < state.config.min_sparse_len:
+            stats.record_fallback(FallbackReason.SHORT)
+        else:
+            stats.record_fallback(FallbackReason.UNALIGNED)
+        previous = previous_attention_function(module, state.previous_implementation)
+        return previous(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    if (attention_mask.q_length, attention_mask.kv_length) != (q_len, k_len):
+        raise RuntimeError(
+            f"layer {layer}: mask was built for Lq={attention_mask.q_length}, Lk={attention_mask.kv_length} but the "
+            f"attention call has Lq={q_len}, Lk={k_len}"
+        )
+    window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap")
+    scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
+    batch, heads, _, head_dim = query.shape
+    out_buffer = query.new_empty(batch, q_len, heads, head_dim)
+    out = out_buffer.transpose(1, 2)
+    effective_window = window if window is not None and k_len > window else None
+
+    dense_reason = None
+    if module.training or dropout > 0.0:
+        dense_reason = FallbackReason.TRAINING
+    elif kwargs.get("output_attentions"):
+        dense_reason = FallbackReason.OUTPUT_ATTENTIONS
+    spans = attention_mask.segments()
+    if dense_reason is None and spans is None:
+        dense_reason = FallbackReason.PADDING_HOLES
+    if dense_reason is not None:
+        stats.record_fallback(dense_reason)
+        weights = _dense(
+            query, key, value, out, scale=scale, window=effective_window, softcap=softcap,
+            padding=attention_mask.padding, weights=dense_reason is FallbackReason.OUTPUT_ATTENTIONS,
+        )
+        if weights is not None:
+            weights = weights.to(query.dtype)
+        return out_buffer, weights
+
+    common = dict(state=state, layer=layer, stats=stats, scale=scale, window=window, softcap=softcap)
+    if not spans:
+        _run_span(query, key, value, out, **common)
+        return out_buffer, None
+    # Padded batch: each row's real tokens alone, exactly as if that sequence had been run by itself.
+    # Padding query rows get zeros (their outputs are never read by real tokens).
+    out_buffer.zero_()
+    for span in spans:
+        b = slice(span.batch, span.batch + 1)
+        _run_span(
+            query[b, :, span.q_start : span.q_end],
+            key[b, :, span.k_start : span.k_end],
+            value[b, :, span.k_start : span.k_end],
+            out[b, :, span.q_start : span.q_end],
+            **common,
+        )
+    return out_buffer, None

@@ -1,0 +1,165 @@
+"""Per-model patch state and per-layer statistics."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import SparseConfig
+from ..patterns import SparsePattern
+
+logger = logging.getLogger("sparseprefill")
+
+__all__ = ["Phase", "FallbackReason", "HeadGroup", "LayerPlan", "LayerStats", "PatchStats", "PatchState"]
+
+
+class Phase(str, enum.Enum):
+    """What one attention call computed."""
+
+    SPARSE_PREFILL = "sparse_prefill"  # fresh prefill, per-head sparse patterns
+    SPARSE_CHUNK = "sparse_chunk"  # chunked prefill / follow-up turn, patterns with a query offset
+    WINDOW = "sliding_window_exact"  # a sliding-window layer: exact window attention
+    DENSE = "dense"  # dense, for the reason recorded alongside
+
+
+class FallbackReason(str, enum.Enum):
+    """Why a call ran dense."""
+
+    DECODE = "decode"  # Lq == 1
+    SHORT = "short_prompt"  # Lk < min_sparse_len
+    UNALIGNED = "unaligned_cache"  # keys run past the queries (static cache) or a custom mask overlay
+    SHORT_QUERY = "short_query_chunk"  # Lq < min_sparse_query_len
+    TRAINING = "training_or_dropout"
+    OUTPUT_ATTENTIONS = "output_attentions"
+    PADDING_HOLES = "non_contiguous_padding"
+    FORCED_DENSE = "pattern_dense"
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """Query heads ``heads`` of one layer that share a pattern."""
+
+    pattern: SparsePattern
+    heads: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    groups: tuple[HeadGroup, ...]
+
+
+@dataclass
+class LayerStats:
+    layer_idx: int
+    phases: Counter = field(default_factory=Counter)
+    fallbacks: Counter = field(default_factory=Counter)
+    patterns: Counter = field(default_factory=Counter)
+    computed_pairs: int = 0
+    causal_pairs: int = 0
+    last_density: float | None = None
+
+    @property
+    def density(self) -> float | None:
+        """Computed / causal (query, key) pairs over all non-fallback calls so far."""
+        return self.computed_pairs / self.causal_pairs if self.causal_pairs else None
+
+    def record(self, phase: Phase, computed: int, causal: int) -> None:
+        self.phases[phase.value] += 1
+        self.computed_pairs += computed
+        self.causal_pairs += causal
+        self.last_density = computed / causal if causal else None
+
+    def record_fallback(self, reason: FallbackReason) -> None:
+        if not self.fallbacks[reason.value]:
+            logger.info("sparseprefill: layer %d runs dense for %s", self.layer_idx, reason.value)
+        self.phases[Phase.DENSE.value] += 1
+        self.fallbacks[reason.value] += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer_idx,
+            "phases": dict(self.phases),
+            "fallbacks": dict(self.fallbacks),
+            "patterns": dict(self.patterns),
+            "density": self.density,
+            "last_density": self.last_density,
+            "computed_pairs": self.computed_pairs,
+            "causal_pairs": self.causal_pairs,
+        }
+
+
+@dataclass
+class PatchStats:
+    """What ``sparseprefill.stats(model)`` returns: one ``LayerStats`` per decoder layer."""
+
+    model_type: str
+    pattern: str
+    layers: list[LayerStats]
+
+    @property
+    def density(self) -> float | None:
+        """Overall computed / causal pairs across layers (sparse and window calls)."""
+        causal = sum(s.causal_pairs for s in self.layers)
+        return sum(s.computed_pairs for s in self.layers) / causal if causal else None
+
+    @property
+    def fallbacks(self) -> Counter:
+        total: Counter = Counter()
+        for s in self.layers:
+            total.update(s.fallbacks)
+        return total
+
+    @property
+    def phases(self) -> Counter:
+        total: Counter = Counter()
+        for s in self.layers:
+            total.update(s.phases)
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "pattern": self.pattern,
+            "density": self.density,
+            "phases": dict(self.phases),
+            "fallbacks": dict(self.fallbacks),
+            "layers": [s.to_dict() for s in self.layers],
+        }
+
+    def __str__(self) -> str:
+        density = "n/a" if self.density is None else f"{self.density:.3f}"
+        lines = [f"sparseprefill stats: {self.model_type}, pattern={self.pattern}, overall density={density}"]
+        lines.append(f"{'layer':>5}  {'density':>7}  phases / fallbacks")
+        for s in self.layers:
+            d = "-" if s.density is None else f"{s.density:.3f}"
+            phases = ", ".join(f"{k}={v}" for k, v in sorted(s.phases.items())) or "no calls"
+            falls = ", ".join(f"{k}={v}" for k, v in sorted(s.fallbacks.items()))
+            lines.append(f"{s.layer_idx:>5}  {d:>7}  {phases}" + (f" [dense: {falls}]" if falls else ""))
+        return "\n".join(lines)
+
+
+@dataclass
+class PatchState:
+    config: SparseConfig
+    model_type: str
+    previous_implementation: str
+    plans: dict[int, LayerPlan]
+    stats: dict[int, LayerStats]
+    config_ids: tuple[int, ...] = ()
+
+    def reset_stats(self) -> None:
+        for layer in list(self.stats):
+            self.stats[layer] = LayerStats(layer)
+
+
+def full_plan(pattern: SparsePattern, num_heads: int) -> LayerPlan:
+    return LayerPlan(groups=(HeadGroup(pattern=pattern, heads=tuple(range(num_heads))),))
+
+
+def heads_tensor(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(heads, dtype=torch.long, device=device)

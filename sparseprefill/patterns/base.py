@@ -1,0 +1,72 @@
+"""What every pattern provides: ``estimate`` (q, k -> index) and ``attend`` (index -> output).
+
+The two steps are separate so they can be timed, inspected and replaced separately; ``run`` chains
+them and reports how many causal (query, key) pairs the index made the kernel compute.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
+import torch
+
+from ..config import PatternName
+from ..kernels import BlockSparseIndex, VerticalSlashIndex, block_sparse_attention, vertical_slash_attention
+
+SparseIndex = Union[BlockSparseIndex, VerticalSlashIndex, None]
+
+__all__ = ["SparsePattern", "PatternOutput", "SparseIndex"]
+
+
+@dataclass(frozen=True)
+class PatternOutput:
+    """``computed_pairs [B, H]``: causal pairs the kernel computed (density numerator)."""
+
+    computed_pairs: torch.Tensor
+    index: SparseIndex
+
+
+class SparsePattern(abc.ABC):
+    name: ClassVar[PatternName]
+
+    @abc.abstractmethod
+    def estimate(
+        self, q: torch.Tensor, k: torch.Tensor, *, scale: float, softcap: float | None, kv_head_index: torch.Tensor
+    ) -> SparseIndex:
+        """``q [B, H, Lq, D]``, ``k [B, Hkv, Lk, D]`` -> an index over the H query heads."""
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        index: SparseIndex,
+        *,
+        scale: float,
+        softcap: float | None,
+        kv_head_index: torch.Tensor,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        kwargs = dict(scale=scale, softcap=softcap, kv_head_index=kv_head_index, out=out)
+        if isinstance(index, BlockSparseIndex):
+            return block_sparse_attention(q, k, v, index, **kwargs)
+        if isinstance(index, VerticalSlashIndex):
+            return vertical_slash_attention(q, k, v, index, **kwargs)
+        raise TypeError(f"{type(self).__name__} produced an unsupported index {type(index).__name__}")
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        softcap: float | None,
+        kv_head_index: torch.Tensor,
+        out: torch.Tensor,
+    ) -> PatternOutput:
+        index = self.estimate(q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+        self.attend(q, k, v, index, scale=scale, softcap=softcap, kv_head_index=kv_head_index, out=out)
+        return PatternOutput(computed_pairs=index.computed_pairs(), index=index)

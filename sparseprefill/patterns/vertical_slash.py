@@ -1,0 +1,44 @@
+"""Vertical-slash (MInference): the last queries vote for key columns and diagonals.
+
+Sink columns and local diagonals are always kept; the rest are taken in order of estimated mass
+until ``vertical_mass`` / ``slash_mass`` of it is covered (FlexPrefill's gamma rule, which keeps the
+budget meaningful across lengths, unlike MInference's fixed counts).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import PatternName, VerticalSlashConfig
+from ..kernels import build_vertical_slash_index, keep_by_cumulative_mass, vertical_slash_scores
+from ..kernels.common import compact
+from ..kernels.indices import VerticalSlashIndex
+from .base import SparsePattern
+
+
+class VerticalSlashPattern(SparsePattern):
+    name = PatternName.VERTICAL_SLASH
+
+    def __init__(self, config: VerticalSlashConfig):
+        self.config = config
+
+    def estimate(self, q, k, *, scale, softcap, kv_head_index) -> VerticalSlashIndex:
+        cfg = self.config
+        q_len, k_len = q.shape[2], k.shape[2]
+        vertical, slash = vertical_slash_scores(
+            q, k, scale=scale, last_queries=cfg.last_queries, softcap=softcap, kv_head_index=kv_head_index
+        )
+        lines = torch.arange(k_len, device=q.device)
+        valid = torch.ones_like(vertical, dtype=torch.bool)
+        keep_vertical = keep_by_cumulative_mass(
+            vertical, valid, (lines < cfg.sink_tokens).expand_as(valid), cfg.vertical_mass, max_count=cfg.max_vertical
+        )
+        keep_slash = keep_by_cumulative_mass(
+            slash, valid, (lines < cfg.local_tokens).expand_as(valid), cfg.slash_mass, max_count=cfg.max_slash
+        )
+        vertical_count, vertical_index = compact(keep_vertical)
+        slash_count, slash_offset = compact(keep_slash)
+        return build_vertical_slash_index(
+            vertical_index, vertical_count, slash_offset, slash_count,
+            q_len=q_len, k_len=k_len, block_size_q=cfg.block_size,
+        )
