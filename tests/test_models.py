@@ -28,18 +28,22 @@ SPARSE_DEFAULT = SparseConfig(min_sparse_len=0, **SMALL_BLOCKS)
 EXACT_ATOL = 1e-5
 ODD_LENGTH = 333  # not a multiple of any block size, and longer than SLIDING_WINDOW
 
-# Bounds for the default (lossy) config on peaked tiny models (qk_scale 8, 1000 tokens, blocks of
-# 32). Random models attend diffusely (logit std ~1.7), so the mass threshold drops little: measured
-# density 0.96-0.97 with true attention recall 0.974-0.980 per layer (test_auto_recall_on_tiny_model).
-# An attention output that loses mass (1 - m) moves by at most 2 (1 - m) max|v|, i.e. ~5% of the value
-# scale per layer here, which the residual stream and the norms of a 2-layer model amplify: measured
-# relative logit error 0.014-0.123 and top-1 agreement 0.89-0.99 across the eight families (Gemma 2,
-# Gemma 3 and GLM-4, with extra post-norms, at the high end). The bounds sit just outside the
-# measurements so a regression trips them; the accuracy claim itself rests on the real-model test.
-SPARSE_REL_ERR = 0.15
-SPARSE_TOP1 = 0.85
-RECALL_MEAN_MIN = 0.95  # the threshold's target: 95% of each row block's estimated mass
+# Random weights attend diffusely (logit std ~1.7 even with q/k scaled by 8): the default mass rule
+# (95% of estimated mass) then keeps (nearly) every pair, as designed: a diffuse head stays dense.
+# Measured at 1000 tokens on all eight families: density >= 0.99, relative logit error <= 1e-4,
+# top-1 agreement 1.0. The bounds below leave room for platform rounding only.
+DEFAULT_REL_ERR = 1e-3
+DEFAULT_TOP1 = 0.99
 PEAKED_QK = 8.0
+# A lossy setting (half the estimated mass) that makes every pattern sparse on these models, for the
+# bound test and for the padding/chunking equalities, which must hold for any index.
+LOSSY = SparseConfig(
+    min_sparse_len=0,
+    antidiagonal=AntidiagonalConfig(block_size=32, stride=8, mass=0.5),
+    block_sparse=BlockSparseConfig(block_size=32, mass=0.5),
+    vertical_slash=VerticalSlashConfig(block_size=32, sink_tokens=8, local_tokens=16, last_queries=32,
+                                       vertical_mass=0.5, slash_mass=0.5, max_vertical=64, max_slash=16),
+)
 SPARSE_LENGTH = 1000
 
 
@@ -83,7 +87,7 @@ def test_every_pattern_keeping_everything_equals_unpatched(family, pattern):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_default_config_is_sparse_and_close(family):
+def test_default_config_stays_close_on_diffuse_attention(family):
     model = tiny_model(family, windowed=False, qk_scale=PEAKED_QK)
     ids = random_ids(SPARSE_LENGTH)
     reference = _logits(model, ids)
@@ -93,20 +97,67 @@ def test_default_config_is_sparse_and_close(family):
     sparseprefill.unpatch(model)
     rel_err = float((patched - reference).norm() / reference.norm())
     top1 = float((patched.argmax(-1) == reference.argmax(-1)).float().mean())
-    print(f"{family}: density={stats.density:.3f} rel_err={rel_err:.4f} top1={top1:.3f}")
+    print(f"{family}: density={stats.density:.4f} rel_err={rel_err:.2e} top1={top1:.3f}")
     assert stats.phases["sparse_prefill"] == model.config.num_hidden_layers
     assert 0.0 < stats.density <= 1.0
-    assert rel_err <= SPARSE_REL_ERR
-    assert top1 >= SPARSE_TOP1
+    assert rel_err <= DEFAULT_REL_ERR
+    assert top1 >= DEFAULT_TOP1
 
 
-def test_default_config_actually_drops_pairs():
-    # Sanity for the test above: on a peaked llama the default config must skip work, or the
-    # closeness bounds would be trivially met.
-    model = tiny_model("llama", windowed=False, qk_scale=PEAKED_QK)
-    sparseprefill.patch(model, SPARSE_DEFAULT)
-    _logits(model, random_ids(SPARSE_LENGTH))
-    assert sparseprefill.stats(model).density < 0.99
+def _capture_layer_inputs(model, ids):
+    """q, k, v and scale of every sparse-path call of one forward."""
+    from sparseprefill.patchers import attention as attention_module
+
+    captured = []
+    original = attention_module._run_span
+
+    def capture(q, k, v, out, **kwargs):
+        captured.append((q.clone(), k.clone(), v.clone(), kwargs["scale"], kwargs["softcap"]))
+        return original(q, k, v, out, **kwargs)
+
+    sparseprefill.patch(model, LOSSY)
+    attention_module._run_span = capture
+    try:
+        _logits(model, ids)
+    finally:
+        attention_module._run_span = original
+        sparseprefill.unpatch(model)
+    return captured
+
+
+@pytest.mark.parametrize("pattern", ["auto", "vertical_slash", "block_sparse", "antidiagonal", "a_shape"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_output_error_is_bounded_by_dropped_mass(family, pattern):
+    """For any index, a row keeping true attention mass m changes by at most 2 (1 - m) max_j |v_j|:
+    o_s - o = sum_S p_j v_j (1/m - 1) - sum_notS p_j v_j, each part at most (1 - m) max|v|.
+    Checked per row on real q/k/v of every family with a lossy setting (density < 1)."""
+    from sparseprefill.kernels import dense_attention
+    from sparseprefill.kernels.common import qk_scores
+    from sparseprefill.patterns import build_pattern
+
+    config = SparseConfig(pattern=pattern, **{f: getattr(LOSSY, f) for f in ("min_sparse_len", "antidiagonal",
+                                                                              "block_sparse", "vertical_slash")},
+                          a_shape=sparseprefill.AShapeConfig(sink_tokens=8, local_tokens=64, block_size=32))
+    model = tiny_model(family, windowed=False, qk_scale=PEAKED_QK)
+    q, k, v, scale, softcap = _capture_layer_inputs(model, random_ids(SPARSE_LENGTH // 2))[-1]
+    kv_head_index = torch.arange(q.shape[1]) // (q.shape[1] // k.shape[1])
+    pattern_impl = build_pattern(pattern, config)
+    index = pattern_impl.estimate(q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+    sparse_out = pattern_impl.attend(q, k, v, index, scale=scale, softcap=softcap, kv_head_index=kv_head_index,
+                                     out=torch.empty_like(q))
+    dense_out, _ = dense_attention(q, k, v, scale=scale, softcap=softcap)
+    scores = qk_scores(q, k, kv_head_index, scale)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(k.shape[2] - q.shape[2])
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+    kept_mass = (probs * (index.to_dense_mask() & causal)).sum(-1)
+    v_norm_max = v.norm(dim=-1).amax(dim=-1)[:, kv_head_index][..., None]  # [B, Hq, 1]
+    error = (sparse_out - dense_out).norm(dim=-1)
+    bound = 2 * (1 - kept_mass) * v_norm_max
+    density = float(index.computed_pairs().sum()) / float(causal.sum() * q.shape[1])
+    assert density < 1.0
+    assert torch.all(error <= bound + 1e-5), float((error - bound).max())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -143,7 +194,7 @@ def test_chunked_sparse_prefill_stays_close_to_dense(family):
     rel_err = float((chunked - reference).norm() / reference.norm())
     top1 = float((chunked.argmax(-1) == reference.argmax(-1)).float().mean())
     assert stats.phases["sparse_chunk"] == model.config.num_hidden_layers
-    assert rel_err <= SPARSE_REL_ERR and top1 >= SPARSE_TOP1
+    assert rel_err <= DEFAULT_REL_ERR and top1 >= DEFAULT_TOP1
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -169,7 +220,7 @@ def test_padded_batch_equals_each_sequence_alone(family, side):
     lengths = (SPARSE_LENGTH - 200, SPARSE_LENGTH - 333)
     total = max(lengths)
     sequences = [random_ids(n, seed=i) for i, n in enumerate(lengths)]
-    sparseprefill.patch(model, SPARSE_DEFAULT)
+    sparseprefill.patch(model, LOSSY)
     alone = [_logits(model, s) for s in sequences]
     ids = torch.zeros(2, total, dtype=torch.long)
     mask = torch.zeros(2, total, dtype=torch.long)
@@ -193,7 +244,7 @@ def test_unpatch_is_bit_identical():
     model = tiny_model("llama", qk_scale=PEAKED_QK)
     ids = random_ids(ODD_LENGTH)
     before = _logits(model, ids)
-    sparseprefill.patch(model, SPARSE_DEFAULT)
+    sparseprefill.patch(model, LOSSY)
     _logits(model, ids)
     sparseprefill.unpatch(model)
     assert model.config._attn_implementation == "sdpa"
@@ -324,34 +375,3 @@ def test_stats_table_and_dict():
     assert sparseprefill.stats(model).density is None
     sparseprefill.unpatch(model)
 
-
-def test_auto_recall_on_tiny_model():
-    """The kept blocks hold >= the target share of the *true* attention mass on average."""
-    from sparseprefill.kernels.common import qk_scores
-    from sparseprefill.patchers import attention as attention_module
-    from sparseprefill.patterns import build_pattern
-
-    captured = []
-    original = attention_module._run_span
-
-    def capture(q, k, v, out, **kwargs):
-        captured.append((q.clone(), k.clone(), kwargs["scale"]))
-        return original(q, k, v, out, **kwargs)
-
-    model = tiny_model("llama", windowed=False, qk_scale=PEAKED_QK)
-    sparseprefill.patch(model, SPARSE_DEFAULT)
-    attention_module._run_span = capture
-    try:
-        _logits(model, random_ids(SPARSE_LENGTH))
-    finally:
-        attention_module._run_span = original
-        sparseprefill.unpatch(model)
-    pattern = build_pattern("auto", SPARSE_DEFAULT)
-    assert len(captured) == model.config.num_hidden_layers
-    for q, k, scale in captured:
-        kv_head_index = torch.arange(q.shape[1]) // (q.shape[1] // k.shape[1])
-        index = pattern.estimate(q, k, scale=scale, softcap=None, kv_head_index=kv_head_index)
-        causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
-        probs = torch.softmax(qk_scores(q, k, kv_head_index, scale).masked_fill(~causal, float("-inf")), -1)
-        recall = (probs * (index.to_dense_mask() & causal)).sum(-1)
-        assert float(recall.mean()) >= RECALL_MEAN_MIN

@@ -72,6 +72,10 @@ def masked_softmax_attend(scores: torch.Tensor, ok: torch.Tensor, values: torch.
 
     ``scores [..., Q, K]`` fp32 (already scaled), ``ok`` broadcastable bool, ``values [..., K, D]``.
     """
+    if scores.shape[-1] == 0:
+        # No key listed for this block at all: every row sees nothing and outputs zeros.
+        batch = torch.broadcast_shapes(scores.shape[:-2], values.shape[:-2])
+        return scores.new_zeros(*batch, scores.shape[-2], values.shape[-1])
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~ok, float("-inf"))

@@ -30,7 +30,7 @@ def build_pattern(name: PatternName | str, config: SparseConfig) -> SparsePatter
     """The pattern object for ``name`` with its budgets taken from ``config``."""
     name = PatternName(name)
     if name is PatternName.AUTO:
-        return AutoPattern(config.antidiagonal)
+        return AutoPattern(config.vertical_slash)
     if name is PatternName.ANTIDIAGONAL:
         return AntidiagonalPattern(config.antidiagonal)
     if name is PatternName.VERTICAL_SLASH:

@@ -8,6 +8,13 @@ from ..common import check_qkv, prepare_out, resolve_kv_head_index
 from ..indices import VerticalSlashIndex
 from .naive import vertical_slash_attention_naive
 
+
+
+def _check_triton_block_size(block_size_q: int) -> None:
+    if block_size_q < 16 or block_size_q & (block_size_q - 1):
+        raise ValueError(f"the GPU kernel needs a power-of-two query block size >= 16, got {block_size_q}")
+
+
 __all__ = ["vertical_slash_attention", "vertical_slash_attention_naive"]
 
 
@@ -36,6 +43,14 @@ def vertical_slash_attention(
         )
     kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
     out = prepare_out(out, q)
+    if q.device.type == "cuda":
+        # Imported here so the CPU path never needs Triton; on CUDA it is a dependency, not an option.
+        from .triton import vertical_slash_attention_triton
+
+        _check_triton_block_size(index.block_size_q)
+        return vertical_slash_attention_triton(
+            q, k, v, index, scale=scale, window=window, softcap=softcap, kv_head_index=kv_head_index, out=out
+        )
     return vertical_slash_attention_naive(
         q, k, v, index, scale=scale, window=window, softcap=softcap, kv_head_index=kv_head_index, out=out
     )

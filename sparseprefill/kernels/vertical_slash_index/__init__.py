@@ -23,7 +23,8 @@ def build_vertical_slash_index(
     """Build the per-query-block index from per-head lines.
 
     Args:
-        vertical_index: ``[B, H, Nv]`` key columns, sorted ascending in the first ``vertical_count``.
+        vertical_index: ``[B, H, Nv]`` key columns, sorted ascending in the first ``vertical_count``
+            (repeated columns are listed once).
         vertical_count: ``[B, H]``.
         slash_offset: ``[B, H, Ns]`` diagonals ``d = query_pos - key_pos >= 0``, first ``slash_count`` real.
         slash_count: ``[B, H]``.

@@ -60,7 +60,10 @@ def build_vertical_slash_index_naive(
     # --- columns not covered by a range and visible to the block's last row
     cols = vertical_index.long()[:, :, None, :].expand(*range_count.shape, vertical_index.shape[-1])
     col_ok = (torch.arange(vertical_index.shape[-1], device=device) < vertical_count[..., None].long())[:, :, None, :]
-    col_ok = col_ok & (cols >= 0) & (cols <= p1)
+    # Drop repeats of the previous (sorted) column: a key listed twice would be counted twice.
+    repeat = torch.zeros_like(vertical_index, dtype=torch.bool)
+    repeat[..., 1:] = vertical_index[..., 1:] == vertical_index[..., :-1]
+    col_ok = col_ok & ~repeat[:, :, None, :] & (cols >= 0) & (cols <= p1)
     searchable = torch.where(real, range_start, _FAR).contiguous()
     which = (torch.searchsorted(searchable, cols.contiguous(), right=True) - 1).clamp_min(0)
     covered = (torch.gather(range_start, -1, which) <= cols) & (cols < torch.gather(range_end, -1, which))

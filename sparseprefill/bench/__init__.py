@@ -1,0 +1,1 @@
+"""Benchmarks (GPU): kernels and end to end."""

@@ -1,0 +1,156 @@
+"""Kernel benchmark: sparse attention vs SDPA (cuDNN, flash) and FlexAttention, on the GPU.
+
+    python -m sparseprefill.bench.kernels --lengths 8192 32768 131072 --densities 0.02 0.05 0.1 0.2 0.5
+
+Llama-3.1-8B attention shapes by default (32 query heads, 8 KV heads, head_dim 128, bf16). Every
+provider runs in the same process, warm, timed with ``triton.testing.do_bench`` medians. Sparse
+indices are random at the requested density (sink and diagonal blocks always kept), so the timing
+measures the kernel, not an estimator. Writes tidy CSV rows (op, provider, length, density, gpu,
+commit, ms, tflops) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..kernels import BlockSparseIndex, block_sparse_attention, select_blocks
+from ..kernels.geometry import causal_pairs_total
+
+CSV_FIELDS = ("op", "provider", "length", "density", "gpu", "commit", "ms", "tflops")
+
+
+@dataclass(frozen=True)
+class Row:
+    op: str
+    provider: str
+    length: int
+    density: float
+    gpu: str
+    commit: str
+    ms: float
+    tflops: float
+
+
+def _commit() -> str:
+    if os.environ.get("SPARSEPREFILL_COMMIT"):
+        return os.environ["SPARSEPREFILL_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _bench(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median"))
+
+
+def random_block_index(batch: int, heads: int, length: int, block: int, density: float, device) -> BlockSparseIndex:
+    """Each query-block row keeps sink + diagonal and a random ``density`` share of its other blocks."""
+    n = -(-length // block)
+    scores = torch.rand(batch, heads, n, n, device=device)
+    return select_blocks(scores, q_len=length, k_len=length, block_size_q=block, block_size_k=block,
+                         mass=density, sink_blocks=1)
+
+
+def flex_block_mask(index: BlockSparseIndex, length: int):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    n = index.num_kv_blocks
+    kv_indices = torch.where(index.slot_valid(), index.block_index, 0).to(torch.int32)
+    pad = n - kv_indices.shape[-1]
+    if pad > 0:
+        kv_indices = torch.nn.functional.pad(kv_indices, (0, pad))
+    return BlockMask.from_kv_blocks(
+        index.block_count.to(torch.int32), kv_indices.contiguous(), BLOCK_SIZE=index.block_size_q, mask_mod=causal,
+        seq_lengths=(length, length),
+    )
+
+
+def run(lengths, densities, heads=32, kv_heads=8, head_dim=128, block=128, out_dir=None, check=True):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device = torch.device("cuda")
+    gpu = torch.cuda.get_device_name(device)
+    commit = _commit()
+    rows: list[Row] = []
+    flex = None
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    except Exception as exc:  # noqa: BLE001 - report and continue without the baseline
+        print(f"FlexAttention unavailable: {exc!r}", file=sys.stderr)
+    scale = head_dim**-0.5
+    for length in lengths:
+        torch.manual_seed(length)
+        q = torch.randn(1, heads, length, head_dim, device=device, dtype=torch.bfloat16)
+        k = torch.randn(1, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16)
+        v = torch.randn(1, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16)
+        k_rep = k.repeat_interleave(heads // kv_heads, 1)
+        v_rep = v.repeat_interleave(heads // kv_heads, 1)
+        dense_flops = 4 * causal_pairs_total(length, length) * heads * head_dim
+        for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+            try:
+                with sdpa_kernel(backend):
+                    fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True)  # noqa: E731
+                    ms = _bench(fn)
+                rows.append(Row("attention", name, length, 1.0, gpu, commit, ms, dense_flops / ms / 1e9))
+            except RuntimeError as exc:
+                print(f"{name} failed at {length}: {exc}", file=sys.stderr)
+        for density in densities:
+            index = random_block_index(1, heads, length, block, density, device)
+            computed = int(index.computed_pairs().sum())
+            real_density = computed / (causal_pairs_total(length, length) * heads)
+            flops = 4 * computed * head_dim
+            out = torch.empty_like(q)
+            fn = lambda: block_sparse_attention(q, k, v, index, scale=scale, out=out)  # noqa: E731
+            ms = _bench(fn)
+            rows.append(Row("attention", "triton_block_sparse", length, real_density, gpu, commit, ms, flops / ms / 1e9))
+            if flex is not None:
+                try:
+                    mask = flex_block_mask(index, length)
+                    fn = lambda: flex(q, k, v, block_mask=mask, enable_gqa=True)  # noqa: E731
+                    ms = _bench(fn)
+                    rows.append(Row("attention", "flex_attention", length, real_density, gpu, commit, ms, flops / ms / 1e9))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"flex failed at {length}/{density}: {exc!r}", file=sys.stderr)
+            print(rows[-1] if rows else "", flush=True)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "kernels.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(asdict(row))
+    print(f"{'provider':<22}{'length':>8}{'density':>9}{'ms':>10}{'TFLOP/s':>9}")
+    for row in rows:
+        print(f"{row.provider:<22}{row.length:>8}{row.density:>9.3f}{row.ms:>10.3f}{row.tflops:>9.1f}")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.5])
+    parser.add_argument("--out", default=None, help="directory for kernels.csv")
+    args = parser.parse_args(argv)
+    run(args.lengths, args.densities, out_dir=args.out)
+
+
+if __name__ == "__main__":
+    main()
+

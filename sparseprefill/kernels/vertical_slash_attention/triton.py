@@ -1,0 +1,164 @@
+"""Triton vertical-slash attention (forward).
+
+One program per (query block, batch x query head). It walks the block's merged key ranges in
+``BLOCK_N`` tiles (contiguous loads), then its vertical columns ``BLOCK_N`` at a time (gathered row
+loads), with one online softmax across both. Ranges and columns are disjoint by the index contract,
+so no key is counted twice.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..indices import VerticalSlashIndex
+
+
+@triton.jit
+def _tanh(x):
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _attend_tile(q, k, v, offs_n, n_ok, q_pos, m_i, l_i, acc, score_scale, softcap, window, needs_mask,
+                 HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
+    s = tl.dot(q, tl.trans(k))
+    if HAS_SOFTCAP:
+        s = softcap * _tanh(s * (score_scale / softcap)) * 1.4426950408889634
+    else:
+        s = s * (score_scale * 1.4426950408889634)
+    if needs_mask:
+        ok = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        if HAS_WINDOW:
+            ok = ok & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(p, v)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _vertical_slash_fwd_kernel(
+    Q, K, V, Out, RangeCount, RangeStart, RangeEnd, ColumnCount, ColumnIndex, KvHeadIndex,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_rcb, stride_rch, stride_rcm,
+    stride_rb, stride_rh, stride_rm, stride_rn,
+    stride_ccb, stride_cch, stride_ccm,
+    stride_cb, stride_ch, stride_cm, stride_cn,
+    num_heads, q_len, k_len, q_offset,
+    score_scale, softcap, window,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kv_h = tl.load(KvHeadIndex + h)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < q_len) & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    q_pos = offs_m + q_offset
+    first_q_pos = pid_m * BLOCK_M + q_offset
+    last_q_pos = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + q_offset
+
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    n_ranges = tl.load(RangeCount + b * stride_rcb + h * stride_rch + pid_m * stride_rcm)
+    range_row = b * stride_rb + h * stride_rh + pid_m * stride_rm
+    for r in range(0, n_ranges):
+        start = tl.load(RangeStart + range_row + r * stride_rn)
+        end = tl.minimum(tl.load(RangeEnd + range_row + r * stride_rn), k_len)
+        for start_n in range(start, end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < end
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            needs_mask = (start_n + BLOCK_N > end) | (start_n + BLOCK_N - 1 > first_q_pos)
+            if HAS_WINDOW:
+                needs_mask = needs_mask | (start_n <= last_q_pos - window)
+            m_i, l_i, acc = _attend_tile(q, k, v, offs_n, n_ok, q_pos, m_i, l_i, acc, score_scale, softcap, window,
+                                         needs_mask, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+
+    n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + pid_m * stride_ccm)
+    column_row = ColumnIndex + b * stride_cb + h * stride_ch + pid_m * stride_cm
+    for c0 in range(0, n_columns, BLOCK_N):
+        slots = c0 + tl.arange(0, BLOCK_N)
+        slot_ok = slots < n_columns
+        offs_n = tl.load(column_row + slots * stride_cn, mask=slot_ok, other=0)
+        n_ok = slot_ok & (offs_n < k_len)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        m_i, l_i, acc = _attend_tile(q, k, v, offs_n, n_ok, q_pos, m_i, l_i, acc, score_scale, softcap, window,
+                                     True, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < q_len) & d_ok[None, :])
+
+
+def vertical_slash_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: VerticalSlashIndex,
+    *,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    kv_head_index: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    b, hq, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    block_d = triton.next_power_of_2(head_dim)
+    block_n = 64 if block_d <= 128 else 32
+    interpret = q.device.type == "cpu"
+    grid = (index.range_count.shape[2], b * hq)
+    _vertical_slash_fwd_kernel[grid](
+        q, k, v, out, index.range_count, index.range_start, index.range_end, index.column_count,
+        index.column_index, kv_head_index.to(torch.int32),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *index.range_count.stride(), *index.range_start.stride(),
+        *index.column_count.stride(), *index.column_index.stride(),
+        hq, q_len, k_len, k_len - q_len,
+        float(scale), float(softcap) if softcap is not None else 1.0, int(window) if window is not None else 0,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=index.block_size_q, BLOCK_N=block_n,
+        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
+        UPCAST=interpret or q.dtype == torch.float32,
+        num_warps=8 if index.block_size_q >= 128 else 4, num_stages=3 if block_d <= 128 else 2,
+    )
+    return out
+
+
+__all__ = ["vertical_slash_attention_triton"]

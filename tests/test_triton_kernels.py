@@ -1,0 +1,95 @@
+"""Triton kernels vs their fp32 ``naive.py`` twins.
+
+On the CPU the kernels run in Triton's interpreter (small shapes; fp32 and fp16 inputs, since the
+interpreter gets bf16 arithmetic wrong). On the GPU machine the same tests run compiled, bf16
+included. Outputs are pre-filled with NaN so an unwritten tile fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not importable on this machine")
+
+from sparseprefill.kernels import build_vertical_slash_index, select_blocks  # noqa: E402
+from sparseprefill.kernels.block_sparse_attention.naive import block_sparse_attention_naive  # noqa: E402
+from sparseprefill.kernels.block_sparse_attention.triton import block_sparse_attention_triton  # noqa: E402
+from sparseprefill.kernels.common import compact  # noqa: E402
+from sparseprefill.kernels.vertical_slash_attention.naive import vertical_slash_attention_naive  # noqa: E402
+from sparseprefill.kernels.vertical_slash_attention.triton import vertical_slash_attention_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+# Relative error bounds (||out - ref|| / ||ref||): fp32 with TF32-free interpreter dots is ~1e-6; half
+# precision operands land between 1e-4 (fp16) and 1e-2 (bf16).
+REL_TOL = {torch.float32: 1e-4 if DEVICE == "cpu" else 2e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+# (batch, q heads, kv heads, Lq, Lk, head_dim, block, window, softcap): odd lengths, GQA 1/2/7,
+# chunked (Lq < Lk), head dims 64/80/128/256, window and soft-cap.
+CASES = [
+    (2, 4, 2, 77, 101, 64, 32, None, None),
+    (1, 7, 1, 70, 70, 80, 32, None, None),
+    (1, 2, 2, 100, 100, 128, 32, 17, None),
+    (1, 2, 1, 90, 90, 256, 16, None, 30.0),
+    (1, 3, 3, 33, 150, 64, 16, 40, 20.0),
+]
+
+
+def _inputs(case, dtype, seed):
+    b, hq, hkv, lq, lk, d, _, _, _ = case
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)  # noqa: E731
+    return make(b, hq, lq, d), make(b, hkv, lk, d), make(b, hkv, lk, d)
+
+
+def _rel_err(out, ref):
+    assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
+    return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}bs{c[6]}w{c[7]}c{c[8]}")
+def test_block_sparse_triton_matches_naive(case, dtype):
+    b, hq, hkv, lq, lk, d, block, window, softcap = case
+    q, k, v = _inputs(case, dtype, seed=CASES.index(case))
+    scores = torch.rand(b, hq, -(-lq // block), -(-lk // block), device=DEVICE)
+    index = select_blocks(scores, q_len=lq, k_len=lk, block_size_q=block, block_size_k=block, mass=0.6)
+    kv_head_index = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    kwargs = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kv_head_index)
+    ref = block_sparse_attention_naive(q, k, v, index, out=torch.full(q.shape, float("nan"), device=DEVICE), **kwargs)
+    out = block_sparse_attention_triton(q, k, v, index, out=torch.full_like(q, float("nan")), **kwargs)
+    assert _rel_err(out, ref) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}bs{c[6]}w{c[7]}c{c[8]}")
+def test_vertical_slash_triton_matches_naive(case, dtype):
+    b, hq, hkv, lq, lk, d, block, window, softcap = case
+    q, k, v = _inputs(case, dtype, seed=CASES.index(case) + 101)
+    g = torch.Generator(device="cpu").manual_seed(7)
+    vertical_count, vertical_index = compact((torch.rand(b, hq, lk, generator=g) < 0.2).to(DEVICE))
+    slash_count, slash_offset = compact((torch.rand(b, hq, lk, generator=g) < 0.1).to(DEVICE))
+    index = build_vertical_slash_index(vertical_index, vertical_count, slash_offset, slash_count,
+                                       q_len=lq, k_len=lk, block_size_q=block)
+    kv_head_index = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    kwargs = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kv_head_index)
+    ref = vertical_slash_attention_naive(q, k, v, index, out=torch.full(q.shape, float("nan"), device=DEVICE), **kwargs)
+    out = vertical_slash_attention_triton(q, k, v, index, out=torch.full_like(q, float("nan")), **kwargs)
+    assert _rel_err(out, ref) < REL_TOL[dtype]
+
+
+def test_triton_writes_into_strided_out_view():
+    case = CASES[0]
+    b, hq, hkv, lq, lk, d, block, _, _ = case
+    q, k, v = _inputs(case, torch.float32, seed=3)
+    index = select_blocks(torch.rand(b, hq, -(-lq // block), -(-lk // block), device=DEVICE), q_len=lq, k_len=lk,
+                          block_size_q=block, block_size_k=block, mass=0.8)
+    kv_head_index = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    buffer = torch.full((b, lq, hq, d), float("nan"), device=DEVICE)
+    out = block_sparse_attention_triton(q, k, v, index, scale=d**-0.5, window=None, softcap=None,
+                                        kv_head_index=kv_head_index, out=buffer.transpose(1, 2))
+    ref = block_sparse_attention_naive(q, k, v, index, scale=d**-0.5, window=None, softcap=None,
+                                       kv_head_index=kv_head_index, out=torch.empty_like(q))
+    assert _rel_err(out, ref) < REL_TOL[torch.float32]
+    assert out.data_ptr() == buffer.data_ptr()
