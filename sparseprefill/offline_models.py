@@ -159,6 +159,17 @@ def _fetch_gguf_locked(target: Path, progress: bool) -> Path:
     return target
 
 
+def _require_gguf_support() -> None:
+    """transformers reads GGUF files only with these installed; say so before downloading 93 MB."""
+    import importlib.util
+
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise OfflineModelError(
+            f"loading the GGUF model needs {', '.join(missing)}: pip install 'sparseprefill[demo]'"
+        )
+
+
 def prepare_smollm2(progress: bool = True) -> Path:
     """Build (once) and return the saved transformers folder of SmolLM2-135M-Instruct (fp32 weights)."""
     folder = _hf_folder()
@@ -167,6 +178,7 @@ def prepare_smollm2(progress: bool = True) -> Path:
     with _lock(smollm2_dir()):
         if smollm2_is_cached():
             return folder
+        _require_gguf_support()
         gguf_path = _fetch_gguf_locked(smollm2_dir() / SMOLLM2_GGUF_NAME, progress)
         _save_from_gguf(gguf_path, folder, progress)
     return folder

@@ -33,6 +33,7 @@ CASES = [
     (1, 2, 2, 100, 100, 128, 32, 17, None),
     (1, 2, 1, 90, 90, 256, 16, None, 30.0),
     (1, 3, 3, 33, 150, 64, 16, 40, 20.0),
+    (1, 2, 1, 200, 200, 256, 128, None, None),  # head_dim 256 splits a 128-row block into 64-row programs
 ]
 
 
@@ -93,3 +94,52 @@ def test_triton_writes_into_strided_out_view():
                                        kv_head_index=kv_head_index, out=torch.empty_like(q))
     assert _rel_err(out, ref) < REL_TOL[torch.float32]
     assert out.data_ptr() == buffer.data_ptr()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}c{c[8]}")
+@pytest.mark.parametrize("last_queries", [64, 20])
+def test_line_scores_triton_match_naive(case, last_queries):
+    from sparseprefill.kernels.vertical_slash_estimate.naive import vertical_slash_scores_naive
+    from sparseprefill.kernels.vertical_slash_estimate.triton import vertical_slash_scores_triton
+
+    b, hq, hkv, lq, lk, d, _, _, softcap = case
+    q, k, _ = _inputs(case, torch.float32, seed=CASES.index(case) + 201)
+    kv_head_index = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    kwargs = dict(scale=d**-0.5, last_queries=last_queries, softcap=softcap, kv_head_index=kv_head_index)
+    vertical_ref, slash_ref = vertical_slash_scores_naive(q, k, **kwargs)
+    vertical, slash = vertical_slash_scores_triton(q, k, **kwargs)
+    # Probabilities (sums of at most 64 rows, each summing to 1): absolute error of fp32 rounding,
+    # or of TF32 dots on the GPU.
+    atol = 1e-6 if DEVICE == "cpu" else 2e-3
+    torch.testing.assert_close(vertical, vertical_ref, atol=atol, rtol=0)
+    torch.testing.assert_close(slash, slash_ref, atol=atol, rtol=0)
+
+
+def _canonical(index):
+    rows = []
+    for b in range(index.range_count.shape[0]):
+        for h in range(index.range_count.shape[1]):
+            for r in range(index.range_count.shape[2]):
+                n, c = int(index.range_count[b, h, r]), int(index.column_count[b, h, r])
+                rows.append((index.range_start[b, h, r, :n].tolist(), index.range_end[b, h, r, :n].tolist(),
+                             index.column_index[b, h, r, :c].tolist()))
+    return rows
+
+
+@pytest.mark.parametrize(
+    "b,h,lq,lk,block,p_vertical,p_slash",
+    [(2, 3, 77, 101, 16, 0.2, 0.1), (1, 2, 130, 200, 32, 0.05, 0.3), (1, 1, 64, 64, 16, 0.0, 0.05),
+     (1, 2, 40, 300, 16, 0.5, 0.02), (2, 2, 100, 100, 32, 0.3, 0.0), (1, 2, 257, 257, 64, 0.1, 0.1)],
+)
+def test_index_conversion_triton_matches_naive(b, h, lq, lk, block, p_vertical, p_slash):
+    from sparseprefill.kernels.vertical_slash_index.naive import build_vertical_slash_index_naive
+    from sparseprefill.kernels.vertical_slash_index.triton import build_vertical_slash_index_triton
+
+    g = torch.Generator(device="cpu").manual_seed(lq * 31 + lk)
+    vertical_count, vertical_index = compact((torch.rand(b, h, lk, generator=g) < p_vertical).to(DEVICE))
+    slash_count, slash_offset = compact((torch.rand(b, h, lk, generator=g) < p_slash).to(DEVICE))
+    args = (vertical_index.long(), vertical_count, slash_offset.long(), slash_count)
+    expected = build_vertical_slash_index_naive(*args, q_len=lq, k_len=lk, block_size_q=block)
+    got = build_vertical_slash_index_triton(*args, q_len=lq, k_len=lk, block_size_q=block)
+    assert _canonical(got) == _canonical(expected)
+    assert torch.equal(got.computed_pairs(), expected.computed_pairs())

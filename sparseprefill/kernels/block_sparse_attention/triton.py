@@ -32,13 +32,16 @@ def _block_sparse_fwd_kernel(
     num_heads, q_len, k_len, q_offset,
     score_scale, softcap, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    KV_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_Q: tl.constexpr, KV_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     kv_h = tl.load(KvHeadIndex + h)
+    # A program covers BLOCK_M rows; an index row may span several programs (BLOCK_Q = k * BLOCK_M).
+    index_row_id = pid_m // (BLOCK_Q // BLOCK_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -57,61 +60,70 @@ def _block_sparse_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    count = tl.load(BlockCount + b * stride_cb + h * stride_ch + pid_m * stride_cm)
-    index_row = BlockIndex + b * stride_ib + h * stride_ih + pid_m * stride_im
-    for i in range(0, count):
-        kv_block = tl.load(index_row + i * stride_in)
-        for sub in tl.static_range(0, KV_BLOCK, BLOCK_N):
-            start_n = kv_block * KV_BLOCK + sub
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=(offs_n[:, None] < k_len) & d_ok[None, :], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=(offs_n[:, None] < k_len) & d_ok[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k))
-            if HAS_SOFTCAP:
-                s = softcap * _tanh(s * (score_scale / softcap)) * 1.4426950408889634
-            else:
-                s = s * (score_scale * 1.4426950408889634)
-            # Masks only where a tile can cross the diagonal, the window edge or the last key.
-            needs_mask = (start_n + BLOCK_N - 1 > first_q_pos) | (start_n + BLOCK_N > k_len)
+    count = tl.load(BlockCount + b * stride_cb + h * stride_ch + index_row_id * stride_cm)
+    index_row = BlockIndex + b * stride_ib + h * stride_ih + index_row_id * stride_im
+    # One flat loop over (listed block, tile within it): a single loop the compiler can software-
+    # pipeline, and one set of staged K/V buffers (an unrolled inner loop multiplies them).
+    SUBS: tl.constexpr = KV_BLOCK // BLOCK_N
+    for t in range(0, count * SUBS):
+        kv_block = tl.load(index_row + (t // SUBS) * stride_in)
+        start_n = kv_block * KV_BLOCK + (t % SUBS) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(offs_n[:, None] < k_len) & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=(offs_n[:, None] < k_len) & d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k))
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s * (score_scale / softcap)) * 1.4426950408889634
+        else:
+            s = s * (score_scale * 1.4426950408889634)
+        # Masks only where a tile can cross the diagonal, the window edge or the last key.
+        needs_mask = (start_n + BLOCK_N - 1 > first_q_pos) | (start_n + BLOCK_N > k_len)
+        if HAS_WINDOW:
+            needs_mask = needs_mask | (start_n <= last_q_pos - window)
+        if needs_mask:
+            ok = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < k_len)
             if HAS_WINDOW:
-                needs_mask = needs_mask | (start_n <= last_q_pos - window)
-            if needs_mask:
-                ok = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < k_len)
-                if HAS_WINDOW:
-                    ok = ok & (offs_n[None, :] > q_pos[:, None] - window)
-                s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row that has seen no key yet keeps max -inf; shift by 0 so exp2 gives exact zeros.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_shift)
-            p = tl.exp2(s - m_shift[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if UPCAST:
-                acc = acc * alpha[:, None] + tl.dot(p, v)
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+                ok = ok & (offs_n[None, :] > q_pos[:, None] - window)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet keeps max -inf; shift by 0 so exp2 gives exact zeros.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(p, v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < q_len) & d_ok[None, :])
 
 
-def _tile_sizes(head_dim: int, block_q: int, block_k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, num_warps, num_stages, BLOCK_D). BLOCK_N divides the index's KV block; smaller tiles
-    for head_dim 256 keep the K/V tiles in shared memory."""
+# Shared memory per SM on Hopper is 228 KB; Q, K and V tiles (K/V staged num_stages deep) must fit.
+# Rows per program and keys per tile shrink for head_dim 256 and for fp32 inputs (twice the bytes).
+LARGE_TILE_BYTES = 2 * 128  # element bytes x padded head_dim up to which 128-row programs fit
+
+
+def tile_sizes(head_dim: int, block_q: int, block_k: int, element_bytes: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D) for an index with ``block_q`` query rows and
+    ``block_k``-key blocks. BLOCK_M divides ``block_q`` and BLOCK_N divides ``block_k``."""
     block_d = triton.next_power_of_2(head_dim)
-    block_n = min(block_k, 64 if block_d <= 128 else 32)
+    fits_large = element_bytes * block_d <= LARGE_TILE_BYTES
+    block_m = min(block_q, 128 if fits_large else 64)
+    block_n = min(block_k, 64 if fits_large else 32)
     while block_k % block_n:
         block_n //= 2
-    num_warps = 8 if block_q >= 128 else 4
-    num_stages = 3 if block_d <= 128 else 2
-    return block_n, num_warps, num_stages, block_d
+    num_warps = 8 if block_m >= 128 else 4
+    num_stages = 3 if fits_large else 2
+    return block_m, block_n, num_warps, num_stages, block_d
 
 
 def block_sparse_attention_triton(
@@ -128,23 +140,25 @@ def block_sparse_attention_triton(
 ) -> torch.Tensor:
     b, hq, q_len, head_dim = q.shape
     k_len = k.shape[2]
-    block_n, num_warps, num_stages, block_d = _tile_sizes(head_dim, index.block_size_q, index.block_size_k)
+    block_m, block_n, num_warps, num_stages, block_d = tile_sizes(
+        head_dim, index.block_size_q, index.block_size_k, q.element_size()
+    )
     interpret = q.device.type == "cpu"
     count = index.block_count
     ids = index.block_index
-    grid = (count.shape[2], b * hq)
+    grid = (count.shape[2] * (index.block_size_q // block_m), b * hq)
     _block_sparse_fwd_kernel[grid](
         q, k, v, out, count, ids, kv_head_index.to(torch.int32),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *count.stride(), *ids.stride(),
         hq, q_len, k_len, k_len - q_len,
         float(scale), float(softcap) if softcap is not None else 1.0, int(window) if window is not None else 0,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=index.block_size_q, BLOCK_N=block_n,
-        KV_BLOCK=index.block_size_k, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_Q=index.block_size_q, KV_BLOCK=index.block_size_k, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         UPCAST=interpret or q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
-__all__ = ["block_sparse_attention_triton"]
+__all__ = ["block_sparse_attention_triton", "tile_sizes"]

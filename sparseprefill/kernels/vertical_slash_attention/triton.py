@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..block_sparse_attention.triton import tile_sizes
 from ..indices import VerticalSlashIndex
 
 
@@ -59,13 +60,15 @@ def _vertical_slash_fwd_kernel(
     num_heads, q_len, k_len, q_offset,
     score_scale, softcap, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_Q: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     kv_h = tl.load(KvHeadIndex + h)
+    # A program covers BLOCK_M rows; an index row may span several programs (BLOCK_Q = k * BLOCK_M).
+    index_row_id = pid_m // (BLOCK_Q // BLOCK_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -84,8 +87,8 @@ def _vertical_slash_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    n_ranges = tl.load(RangeCount + b * stride_rcb + h * stride_rch + pid_m * stride_rcm)
-    range_row = b * stride_rb + h * stride_rh + pid_m * stride_rm
+    n_ranges = tl.load(RangeCount + b * stride_rcb + h * stride_rch + index_row_id * stride_rcm)
+    range_row = b * stride_rb + h * stride_rh + index_row_id * stride_rm
     for r in range(0, n_ranges):
         start = tl.load(RangeStart + range_row + r * stride_rn)
         end = tl.minimum(tl.load(RangeEnd + range_row + r * stride_rn), k_len)
@@ -105,8 +108,8 @@ def _vertical_slash_fwd_kernel(
             m_i, l_i, acc = _attend_tile(q, k, v, offs_n, n_ok, q_pos, m_i, l_i, acc, score_scale, softcap, window,
                                          needs_mask, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
 
-    n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + pid_m * stride_ccm)
-    column_row = ColumnIndex + b * stride_cb + h * stride_ch + pid_m * stride_cm
+    n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + index_row_id * stride_ccm)
+    column_row = ColumnIndex + b * stride_cb + h * stride_ch + index_row_id * stride_cm
     for c0 in range(0, n_columns, BLOCK_N):
         slots = c0 + tl.arange(0, BLOCK_N)
         slot_ok = slots < n_columns
@@ -141,10 +144,9 @@ def vertical_slash_attention_triton(
 ) -> torch.Tensor:
     b, hq, q_len, head_dim = q.shape
     k_len = k.shape[2]
-    block_d = triton.next_power_of_2(head_dim)
-    block_n = 64 if block_d <= 128 else 32
+    block_m, block_n, num_warps, num_stages, block_d = tile_sizes(head_dim, index.block_size_q, 64, q.element_size())
     interpret = q.device.type == "cpu"
-    grid = (index.range_count.shape[2], b * hq)
+    grid = (index.range_count.shape[2] * (index.block_size_q // block_m), b * hq)
     _vertical_slash_fwd_kernel[grid](
         q, k, v, out, index.range_count, index.range_start, index.range_end, index.column_count,
         index.column_index, kv_head_index.to(torch.int32),
@@ -153,10 +155,10 @@ def vertical_slash_attention_triton(
         *index.column_count.stride(), *index.column_index.stride(),
         hq, q_len, k_len, k_len - q_len,
         float(scale), float(softcap) if softcap is not None else 1.0, int(window) if window is not None else 0,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=index.block_size_q, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=index.block_size_q,
         HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         UPCAST=interpret or q.dtype == torch.float32,
-        num_warps=8 if index.block_size_q >= 128 else 4, num_stages=3 if block_d <= 128 else 2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -32,6 +32,12 @@ def vertical_slash_scores(
     """
     _, hq, _, hkv, _, _ = check_qkv(q, k, k)
     kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
+    if q.device.type == "cuda":
+        from .triton import vertical_slash_scores_triton
+
+        return vertical_slash_scores_triton(
+            q, k, scale=scale, last_queries=last_queries, softcap=softcap, kv_head_index=kv_head_index
+        )
     return vertical_slash_scores_naive(
         q, k, scale=scale, last_queries=last_queries, softcap=softcap, kv_head_index=kv_head_index
     )

@@ -31,6 +31,13 @@ def build_vertical_slash_index(
     """
     if vertical_index.shape[:2] != vertical_count.shape or slash_offset.shape[:2] != slash_count.shape:
         raise ValueError("line tensors and their counts disagree on [B, H]")
+    if vertical_index.device.type == "cuda":
+        from .triton import build_vertical_slash_index_triton
+
+        return build_vertical_slash_index_triton(
+            vertical_index, vertical_count, slash_offset, slash_count, q_len=q_len, k_len=k_len,
+            block_size_q=block_size_q,
+        )
     return build_vertical_slash_index_naive(
         vertical_index, vertical_count, slash_offset, slash_count, q_len=q_len, k_len=k_len, block_size_q=block_size_q
     )
