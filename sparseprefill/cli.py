@@ -144,10 +144,27 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- bench
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .bench import kernels
+
+    targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
+    kernel_parser = targets.add_parser("kernels", help="sparse kernels vs SDPA cuDNN/flash and FlexAttention (GPU)")
+    kernels.add_arguments(kernel_parser)
+    kernel_parser.set_defaults(bench_run=kernels.run_from_args)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    return args.bench_run(args)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("info", "versions, CUDA devices and supported model families", _add_info_arguments, _run_info),
     Command("demo", "pass key in a long prompt on SmolLM2-135M, dense vs sparse (CPU, offline from PyPI)",
             _add_demo_arguments, _run_demo),
+    Command("bench", "benchmarks on the GPU: kernels (writes CSV rows and a PNG)", _add_bench_arguments, _run_bench),
 )
 
 

