@@ -375,3 +375,20 @@ def test_stats_table_and_dict():
     assert sparseprefill.stats(model).density is None
     sparseprefill.unpatch(model)
 
+
+
+def test_softcap_model_on_sdpa_falls_back_to_eager_and_unpatch_restores_sdpa():
+    model = tiny_model("gemma2", qk_scale=PEAKED_QK)
+    ids = random_ids(ODD_LENGTH)
+    eager_logits = _logits(model, ids)  # tiny_model puts Gemma 2 on eager: the soft-capped reference
+    try:
+        model.set_attn_implementation("sdpa")
+    except ValueError:
+        pytest.skip("this transformers version refuses SDPA for Gemma 2 (it cannot soft-cap)")
+    sparseprefill.patch(model)  # default min_sparse_len: the prompt takes the dense fallback
+    patched = _logits(model, ids)
+    state = model._sparseprefill_state
+    sparseprefill.unpatch(model)
+    assert state.fallback_implementation == "eager" and state.previous_implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(patched, eager_logits, atol=EXACT_ATOL, rtol=0)

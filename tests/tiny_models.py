@@ -75,6 +75,10 @@ def tiny_model(family: str, *, windowed: bool = True, qk_scale: float = 1.0, see
     attention while the residual stream stays tame."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, windowed=windowed)).eval()
+    if family == "gemma2":
+        # The reference must soft-cap: transformers 5.17 defaults Gemma 2 to SDPA, which drops the cap
+        # (5.23 defaults to eager). Compare against what the model defines on every version.
+        model.set_attn_implementation("eager")
     if qk_scale != 1.0:
         with torch.no_grad():
             for layer in model.model.layers:

@@ -11,7 +11,7 @@ from ..config import SparseConfig
 from ..patterns import build_pattern
 from .attention import IMPLEMENTATION_NAME, sparseprefill_attention
 from .masks import SparsePrefillMask, make_mask_function
-from .state import FallbackReason, LayerStats, PatchState, PatchStats, Phase, full_plan
+from .state import FallbackReason, LayerStats, PatchState, PatchStats, Phase, full_plan, logger
 from .support import SUPPORTED_FAMILIES, UnsupportedModelError, check_supported
 
 __all__ = [
@@ -58,9 +58,9 @@ def _lookup_state(config: Any) -> PatchState:
 def _previous_mask_function(state: PatchState):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    previous = state.previous_implementation
-    if previous in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        return ALL_MASK_ATTENTION_FUNCTIONS[previous]
+    fallback = state.fallback_implementation
+    if fallback in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        return ALL_MASK_ATTENTION_FUNCTIONS[fallback]
     return sdpa_mask
 
 
@@ -107,6 +107,13 @@ def patch(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
             f"{type(model).__name__} already selects attn_implementation={IMPLEMENTATION_NAME!r} without a patch state"
         )
     _register()
+    fallback = previous
+    if getattr(model.config, "attn_logit_softcapping", None) and previous != "eager":
+        # transformers 5.17 runs Gemma 2 on SDPA, which silently drops the attention soft-cap; the
+        # dense fallbacks must compute what the model defines, so they use the eager function.
+        logger.info("sparseprefill: %s soft-caps attention logits; dense fallbacks use 'eager', not %r",
+                    type(model).__name__, previous)
+        fallback = "eager"
 
     pattern = build_pattern(config.pattern, config)
     plans, layer_stats = {}, {}
@@ -118,7 +125,8 @@ def patch(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
     for module in modules:
         config_objects[id(module.config)] = module.config
     state = PatchState(
-        config=config, model_type=model_type, previous_implementation=previous, plans=plans,
+        config=config, model_type=model_type, previous_implementation=previous,
+        fallback_implementation=fallback, plans=plans,
         stats=layer_stats, config_ids=tuple(config_objects),
     )
     for config_id, config_object in config_objects.items():

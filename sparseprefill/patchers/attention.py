@@ -140,7 +140,7 @@ def sparseprefill_attention(
             stats.record_fallback(FallbackReason.SHORT)
         else:
             stats.record_fallback(FallbackReason.UNALIGNED)
-        previous = previous_attention_function(module, state.previous_implementation)
+        previous = previous_attention_function(module, state.fallback_implementation)
         return previous(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     if (attention_mask.q_length, attention_mask.kv_length) != (q_len, k_len):

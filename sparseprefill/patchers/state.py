@@ -147,7 +147,8 @@ class PatchStats:
 class PatchState:
     config: SparseConfig
     model_type: str
-    previous_implementation: str
+    previous_implementation: str  # restored by unpatch
+    fallback_implementation: str  # runs the dense fallbacks (eager where the previous one drops a soft-cap)
     plans: dict[int, LayerPlan]
     stats: dict[int, LayerStats]
     config_ids: tuple[int, ...] = ()
