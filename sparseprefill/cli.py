@@ -118,11 +118,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     prompt = build_passkey_prompt(tokenizer, args.length, depth=args.depth, seed=args.seed)
     print(f"\nprompt: {prompt.num_tokens} tokens, pass key {prompt.key} at depth {prompt.depth:.2f}")
 
+    print("running dense prefill and decode (unpatched) ...", flush=True)
     dense = answer_passkey(model, tokenizer, prompt, scored_positions=DEMO_SCORED_POSITIONS)
     # min_sparse_len=0 forces the sparse path: the default threshold (16K) would run a 4K prompt dense.
     config = sparseprefill.SparseConfig(pattern=args.pattern, min_sparse_len=0)
     sparseprefill.patch(model, config=config)
     try:
+        print(f"running sparse prefill ({config.pattern.value}) and decode (patched) ...", flush=True)
         sparse = answer_passkey(model, tokenizer, prompt, scored_positions=DEMO_SCORED_POSITIONS)
         stats = sparseprefill.stats(model)
     finally:
