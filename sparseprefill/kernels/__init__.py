@@ -1,6 +1,7 @@
 """Pure tensor ops (no transformers import). One folder per op: ``naive.py`` is the fp32 reference
 (and the CPU path); ``__init__.py`` is the public function and picks the implementation by device."""
 
+from . import library
 from .antidiagonal_score import antidiagonal_block_mass
 from .block_sparse_attention import block_sparse_attention
 from .dense_attention import dense_attention
@@ -19,6 +20,7 @@ __all__ = [
     "build_vertical_slash_index",
     "dense_attention",
     "keep_by_cumulative_mass",
+    "library",
     "pooled_block_probs",
     "select_blocks",
     "vertical_slash_attention",

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..kernels import dense_attention, vertical_slash_attention
+from ..kernels import dense_attention, library
+from ..kernels.common import default_kv_head_index
 from ..kernels.geometry import causal_pairs_total
 from ..patterns import window_index
 from .masks import SparsePrefillMask
@@ -98,7 +99,8 @@ def _run_span(
             q.shape[0], q.shape[1], q_len, k_len, sink_tokens=0, local_tokens=effective_window,
             block_size=WINDOW_BLOCK_SIZE, device=q.device,
         )
-        vertical_slash_attention(q, k, v, index, scale=scale, window=effective_window, softcap=softcap, out=out)
+        library.call_vertical_slash(q, k, v, index, scale=scale, window=effective_window, softcap=softcap,
+                                    kv_head_index=default_kv_head_index(q.shape[1], k.shape[1], q.device), out=out)
         stats.record(Phase.WINDOW, int(index.computed_pairs(effective_window).sum()), causal)
         return
     hq, hkv = q.shape[1], k.shape[1]

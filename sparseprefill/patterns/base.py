@@ -13,7 +13,7 @@ from typing import ClassVar, Union
 import torch
 
 from ..config import PatternName
-from ..kernels import BlockSparseIndex, VerticalSlashIndex, block_sparse_attention, vertical_slash_attention
+from ..kernels import BlockSparseIndex, VerticalSlashIndex, library
 
 SparseIndex = Union[BlockSparseIndex, VerticalSlashIndex, None]
 
@@ -49,11 +49,12 @@ class SparsePattern(abc.ABC):
         kv_head_index: torch.Tensor,
         out: torch.Tensor,
     ) -> torch.Tensor:
-        kwargs = dict(scale=scale, softcap=softcap, kv_head_index=kv_head_index, out=out)
+        # Through the torch.library ops: opaque to torch.compile, same kernels underneath.
+        kwargs = dict(scale=scale, window=None, softcap=softcap, kv_head_index=kv_head_index, out=out)
         if isinstance(index, BlockSparseIndex):
-            return block_sparse_attention(q, k, v, index, **kwargs)
+            return library.call_block_sparse(q, k, v, index, **kwargs)
         if isinstance(index, VerticalSlashIndex):
-            return vertical_slash_attention(q, k, v, index, **kwargs)
+            return library.call_vertical_slash(q, k, v, index, **kwargs)
         raise TypeError(f"{type(self).__name__} produced an unsupported index {type(index).__name__}")
 
     def run(

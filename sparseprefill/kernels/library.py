@@ -1,0 +1,75 @@
+"""The attention ops registered with ``torch.library``, so compiled graphs treat them as opaque ops.
+
+Index dataclasses are unpacked into tensors and ints at this boundary; ``window`` and ``softcap``
+use 0 for "none" (the schema has no optional scalars that survive every torch version equally).
+Each op writes into ``out`` (declared mutated) so kernels keep writing straight into the caller's
+``[B, Lq, Hq, D]`` buffer view.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .indices import BlockSparseIndex, VerticalSlashIndex
+
+NAMESPACE = "sparseprefill"
+
+
+def _none_if_zero(value):
+    return None if value == 0 else value
+
+
+@torch.library.custom_op(f"{NAMESPACE}::block_sparse_attention", mutates_args=("out",))
+def block_sparse_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_count: torch.Tensor, block_index: torch.Tensor,
+    kv_head_index: torch.Tensor, out: torch.Tensor, block_size_q: int, block_size_k: int, scale: float,
+    window: int, softcap: float,
+) -> None:
+    from .block_sparse_attention import block_sparse_attention
+
+    index = BlockSparseIndex(block_count=block_count, block_index=block_index, block_size_q=block_size_q,
+                             block_size_k=block_size_k, q_len=q.shape[2], k_len=k.shape[2])
+    block_sparse_attention(q, k, v, index, scale=scale, window=_none_if_zero(window),
+                           softcap=_none_if_zero(softcap), kv_head_index=kv_head_index, out=out)
+
+
+@block_sparse_attention_op.register_fake
+def _(q, k, v, block_count, block_index, kv_head_index, out, block_size_q, block_size_k, scale, window, softcap):
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::vertical_slash_attention", mutates_args=("out",))
+def vertical_slash_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, range_count: torch.Tensor, range_start: torch.Tensor,
+    range_end: torch.Tensor, column_count: torch.Tensor, column_index: torch.Tensor, kv_head_index: torch.Tensor,
+    out: torch.Tensor, block_size_q: int, scale: float, window: int, softcap: float,
+) -> None:
+    from .vertical_slash_attention import vertical_slash_attention
+
+    index = VerticalSlashIndex(range_count=range_count, range_start=range_start, range_end=range_end,
+                               column_count=column_count, column_index=column_index, block_size_q=block_size_q,
+                               q_len=q.shape[2], k_len=k.shape[2])
+    vertical_slash_attention(q, k, v, index, scale=scale, window=_none_if_zero(window),
+                             softcap=_none_if_zero(softcap), kv_head_index=kv_head_index, out=out)
+
+
+@vertical_slash_attention_op.register_fake
+def _(q, k, v, range_count, range_start, range_end, column_count, column_index, kv_head_index, out, block_size_q,
+      scale, window, softcap):
+    return None
+
+
+def call_block_sparse(q, k, v, index: BlockSparseIndex, *, scale, window, softcap, kv_head_index, out):
+    torch.ops.sparseprefill.block_sparse_attention(
+        q, k, v, index.block_count, index.block_index, kv_head_index, out, index.block_size_q,
+        index.block_size_k, float(scale), int(window or 0), float(softcap or 0.0),
+    )
+    return out
+
+
+def call_vertical_slash(q, k, v, index: VerticalSlashIndex, *, scale, window, softcap, kv_head_index, out):
+    torch.ops.sparseprefill.vertical_slash_attention(
+        q, k, v, index.range_count, index.range_start, index.range_end, index.column_count, index.column_index,
+        kv_head_index, out, index.block_size_q, float(scale), int(window or 0), float(softcap or 0.0),
+    )
+    return out

@@ -1,0 +1,65 @@
+"""The registered ``torch.library`` ops: ``opcheck`` (schema, fake tensors, dispatch) and equality
+with the public functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparseprefill.kernels import build_vertical_slash_index, select_blocks
+from sparseprefill.kernels import library  # registers the ops
+from sparseprefill.kernels.block_sparse_attention import block_sparse_attention
+from sparseprefill.kernels.common import compact
+from sparseprefill.kernels.vertical_slash_attention import vertical_slash_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _qkv(hq=4, hkv=2, lq=70, lk=90, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    return make(1, hq, lq, d), make(1, hkv, lk, d), make(1, hkv, lk, d)
+
+
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (20, 0.0), (0, 30.0)])
+def test_block_sparse_op_passes_opcheck_and_matches(window, softcap):
+    q, k, v = _qkv()
+    index = select_blocks(torch.rand(1, 4, 3, 3, device=DEVICE), q_len=70, k_len=90, block_size_q=32,
+                          block_size_k=32, mass=0.7)
+    kvh = torch.arange(4, device=DEVICE) // 2
+    out = torch.full_like(q, float("nan"))
+    args = (q, k, v, index.block_count, index.block_index, kvh, out, 32, 32, 0.2, window, softcap)
+    torch.library.opcheck(torch.ops.sparseprefill.block_sparse_attention.default, args)
+    library.call_block_sparse(q, k, v, index, scale=0.2, window=window, softcap=softcap, kv_head_index=kvh, out=out)
+    expected = block_sparse_attention(q, k, v, index, scale=0.2, window=window or None, softcap=softcap or None)
+    torch.testing.assert_close(out, expected)
+
+
+def test_vertical_slash_op_passes_opcheck_and_matches():
+    q, k, v = _qkv(seed=1)
+    vc, vi = compact((torch.rand(1, 4, 90) < 0.2).to(DEVICE))
+    sc, so = compact((torch.rand(1, 4, 90) < 0.1).to(DEVICE))
+    index = build_vertical_slash_index(vi, vc, so, sc, q_len=70, k_len=90, block_size_q=32)
+    kvh = torch.arange(4, device=DEVICE) // 2
+    out = torch.full_like(q, float("nan"))
+    args = (q, k, v, index.range_count, index.range_start, index.range_end, index.column_count,
+            index.column_index, kvh, out, 32, 0.2, 0, 0.0)
+    torch.library.opcheck(torch.ops.sparseprefill.vertical_slash_attention.default, args)
+    library.call_vertical_slash(q, k, v, index, scale=0.2, window=None, softcap=None, kv_head_index=kvh, out=out)
+    torch.testing.assert_close(out, vertical_slash_attention(q, k, v, index, scale=0.2))
+
+
+def test_ops_compile_without_graph_breaks():
+    q, k, v = _qkv(seed=2)
+    index = select_blocks(torch.rand(1, 4, 3, 3, device=DEVICE), q_len=70, k_len=90, block_size_q=32,
+                          block_size_k=32, mass=0.7)
+    kvh = torch.arange(4, device=DEVICE) // 2
+
+    def attend(q, k, v, count, ids):
+        out = torch.empty_like(q)
+        torch.ops.sparseprefill.block_sparse_attention(q, k, v, count, ids, kvh, out, 32, 32, 0.2, 0, 0.0)
+        return out * 2
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, index.block_count, index.block_index),
+                               attend(q, k, v, index.block_count, index.block_index))
