@@ -59,6 +59,16 @@ def _check(out, ref, dtype):
     assert float((out.float() - ref).norm() / norm) < REL_TOL[dtype]
 
 
+def _compare(naive, fast, q, k, v, index, window, softcap):
+    """The Triton kernel against its fp32 twin, both writing into NaN-filled outputs."""
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[3]
+    kw = dict(scale=d**-0.5, window=window, softcap=softcap,
+              kv_head_index=torch.arange(hq, device="cuda") // (hq // hkv))
+    ref = naive(q, k, v, index, out=torch.full(q.shape, float("nan"), device="cuda"), **kw)
+    out = fast(q, k, v, index, out=torch.full_like(q, float("nan")), **kw)
+    _check(out, ref, q.dtype)
+
+
 def _inputs(batch, hq, hkv, q_len, k_len, d, dtype, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     make = lambda *s: torch.randn(*s, generator=g, device="cuda").to(dtype)  # noqa: E731
@@ -73,11 +83,7 @@ def test_block_sparse_fuzz(shape):
     scores = torch.rand(batch, hq, -(-q_len // block), -(-k_len // block), generator=g, device="cuda")
     index = select_blocks(scores, q_len=q_len, k_len=k_len, block_size_q=block, block_size_k=block, mass=density,
                           sink_blocks=int(seed % 2))
-    kvh = torch.arange(hq, device="cuda") // (hq // hkv)
-    kw = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kvh)
-    ref = block_sparse_attention_naive(q, k, v, index, out=torch.full(q.shape, float("nan"), device="cuda"), **kw)
-    out = block_sparse_attention_triton(q, k, v, index, out=torch.full_like(q, float("nan")), **kw)
-    _check(out, ref, dtype)
+    _compare(block_sparse_attention_naive, block_sparse_attention_triton, q, k, v, index, window, softcap)
     COUNTS["block_sparse"] += 1
 
 
@@ -89,11 +95,7 @@ def test_vertical_slash_fuzz(shape):
     vc, vi = compact(torch.rand(batch, hq, k_len, generator=g, device="cuda") < density * 0.3)
     sc, so = compact(torch.rand(batch, hq, k_len, generator=g, device="cuda") < density * 0.2)
     index = build_vertical_slash_index(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block)
-    kvh = torch.arange(hq, device="cuda") // (hq // hkv)
-    kw = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kvh)
-    ref = vertical_slash_attention_naive(q, k, v, index, out=torch.full(q.shape, float("nan"), device="cuda"), **kw)
-    out = vertical_slash_attention_triton(q, k, v, index, out=torch.full_like(q, float("nan")), **kw)
-    _check(out, ref, dtype)
+    _compare(vertical_slash_attention_naive, vertical_slash_attention_triton, q, k, v, index, window, softcap)
     COUNTS["vertical_slash"] += 1
 
 

@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import sparseprefill
 from sparseprefill import SparseConfig

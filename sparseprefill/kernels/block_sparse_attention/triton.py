@@ -13,12 +13,7 @@ import triton
 import triton.language as tl
 
 from ..indices import BlockSparseIndex
-
-@triton.jit
-def _tanh(x):
-    # tanh through exp2 (no tanh intrinsic in every Triton version): 1 - 2 / (exp(2x) + 1).
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
-
+from ..triton_common import attend_key_tile, load_rows, store_rows
 
 @triton.jit
 def _block_sparse_fwd_kernel(
@@ -44,12 +39,10 @@ def _block_sparse_fwd_kernel(
     index_row_id = pid_m // (BLOCK_Q // BLOCK_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < q_len
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, m_ok, stride_qm, offs_d, d_ok, stride_qd, UPCAST)
     q_pos = offs_m + q_offset
     first_q_pos = pid_m * BLOCK_M + q_offset
     last_q_pos = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + q_offset
@@ -68,43 +61,11 @@ def _block_sparse_fwd_kernel(
     for t in range(0, count * SUBS):
         kv_block = tl.load(index_row + (t // SUBS) * stride_in)
         start_n = kv_block * KV_BLOCK + (t % SUBS) * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(offs_n[:, None] < k_len) & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < k_len) & d_ok[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k))
-        if HAS_SOFTCAP:
-            s = softcap * _tanh(s * (score_scale / softcap)) * 1.4426950408889634
-        else:
-            s = s * (score_scale * 1.4426950408889634)
-        # Masks only where a tile can cross the diagonal, the window edge or the last key.
-        needs_mask = (start_n + BLOCK_N - 1 > first_q_pos) | (start_n + BLOCK_N > k_len)
-        if HAS_WINDOW:
-            needs_mask = needs_mask | (start_n <= last_q_pos - window)
-        if needs_mask:
-            ok = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < k_len)
-            if HAS_WINDOW:
-                ok = ok & (offs_n[None, :] > q_pos[:, None] - window)
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no key yet keeps max -inf; shift by 0 so exp2 gives exact zeros.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if UPCAST:
-            acc = acc * alpha[:, None] + tl.dot(p, v)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start_n, k_len, offs_d, d_ok, stride_kn, stride_kd,
+                                        stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
+                                        score_scale, softcap, window, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < q_len) & d_ok[None, :])
+    store_rows(Out + b * stride_ob + h * stride_oh, offs_m, m_ok, stride_om, offs_d, d_ok, stride_od, acc, l_i)
 
 
 # Shared memory per SM on Hopper is 228 KB; Q, K and V tiles (K/V staged num_stages deep) must fit.

@@ -14,36 +14,14 @@ import triton.language as tl
 
 from ..block_sparse_attention.triton import tile_sizes
 from ..indices import VerticalSlashIndex
-
-
-@triton.jit
-def _tanh(x):
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
-
-
-@triton.jit
-def _attend_tile(q, k, v, offs_n, n_ok, q_pos, m_i, l_i, acc, score_scale, softcap, window, needs_mask,
-                 HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
-    s = tl.dot(q, tl.trans(k))
-    if HAS_SOFTCAP:
-        s = softcap * _tanh(s * (score_scale / softcap)) * 1.4426950408889634
-    else:
-        s = s * (score_scale * 1.4426950408889634)
-    if needs_mask:
-        ok = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
-        if HAS_WINDOW:
-            ok = ok & (offs_n[None, :] > q_pos[:, None] - window)
-        s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_shift)
-    p = tl.exp2(s - m_shift[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if UPCAST:
-        acc = acc * alpha[:, None] + tl.dot(p, v)
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+from ..triton_common import (
+    attend_key_tile,
+    load_rows,
+    log2_scores,
+    mask_scores,
+    online_softmax_step,
+    store_rows,
+)
 
 
 @triton.jit
@@ -71,12 +49,10 @@ def _vertical_slash_fwd_kernel(
     index_row_id = pid_m // (BLOCK_Q // BLOCK_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < q_len
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < q_len) & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, m_ok, stride_qm, offs_d, d_ok, stride_qd, UPCAST)
     q_pos = offs_m + q_offset
     first_q_pos = pid_m * BLOCK_M + q_offset
     last_q_pos = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + q_offset
@@ -93,20 +69,9 @@ def _vertical_slash_fwd_kernel(
         start = tl.load(RangeStart + range_row + r * stride_rn)
         end = tl.minimum(tl.load(RangeEnd + range_row + r * stride_rn), k_len)
         for start_n in range(start, end, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < end
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            needs_mask = (start_n + BLOCK_N > end) | (start_n + BLOCK_N - 1 > first_q_pos)
-            if HAS_WINDOW:
-                needs_mask = needs_mask | (start_n <= last_q_pos - window)
-            m_i, l_i, acc = _attend_tile(q, k, v, offs_n, n_ok, q_pos, m_i, l_i, acc, score_scale, softcap, window,
-                                         needs_mask, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+            m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start_n, end, offs_d, d_ok, stride_kn, stride_kd,
+                                            stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
+                                            score_scale, softcap, window, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
 
     n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + index_row_id * stride_ccm)
     column_row = ColumnIndex + b * stride_cb + h * stride_ch + index_row_id * stride_cm
@@ -115,19 +80,12 @@ def _vertical_slash_fwd_kernel(
         slot_ok = slots < n_columns
         offs_n = tl.load(column_row + slots * stride_cn, mask=slot_ok, other=0)
         n_ok = slot_ok & (offs_n < k_len)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        m_i, l_i, acc = _attend_tile(q, k, v, offs_n, n_ok, q_pos, m_i, l_i, acc, score_scale, softcap, window,
-                                     True, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+        k = load_rows(k_base, offs_n, n_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
+        v = load_rows(v_base, offs_n, n_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
+        s = mask_scores(log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP), offs_n, n_ok, q_pos, window, HAS_WINDOW)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < q_len) & d_ok[None, :])
+    store_rows(Out + b * stride_ob + h * stride_oh, offs_m, m_ok, stride_om, offs_d, d_ok, stride_od, acc, l_i)
 
 
 def vertical_slash_attention_triton(

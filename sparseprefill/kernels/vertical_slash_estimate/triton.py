@@ -13,91 +13,50 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from ..triton_common import load_rows, log2_scores
+
+ROW_STATS_PASS = 1  # per key tile: each row's max and sum of exp2 (for the log-sum-exp)
+LINE_SUMS_PASS = 2  # per key tile: normalised probabilities summed down columns and diagonals
 
 
 @triton.jit
-def _tanh(x):
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
-
-
-@triton.jit
-def _tile_scores(Q, K, b, h, kv_h, tile, n_rows, q_len, k_len, q_offset, score_scale, softcap,
-                 stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
+def _line_scores_kernel(
+    Q, K, KvHeadIndex, RowMax, RowSum, RowLse, Vertical, Slash,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    num_heads, n_tiles, n_rows, q_len, k_len, q_offset, score_scale, softcap, inv_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PASS: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kv_h = tl.load(KvHeadIndex + h)
     rows = tl.arange(0, ROWS)
     row_ok = rows < n_rows
     q_rows = q_len - n_rows + rows  # local query row of each of the last n queries
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=(offs_n[:, None] < k_len) & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        k = k.to(tl.float32)
-    s = tl.dot(q, tl.trans(k))
-    if HAS_SOFTCAP:
-        s = softcap * _tanh(s * (score_scale / softcap)) * 1.4426950408889634
-    else:
-        s = s * (score_scale * 1.4426950408889634)
+    n_ok = offs_n < k_len
+    q = load_rows(Q + b * stride_qb + h * stride_qh, q_rows, row_ok, stride_qm, offs_d, d_ok, stride_qd, UPCAST)
+    k = load_rows(K + b * stride_kb + kv_h * stride_kh, offs_n, n_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
     q_pos = q_rows + q_offset
-    ok = row_ok[:, None] & (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < k_len)
-    s = tl.where(ok, s, float("-inf"))
-    return s, ok, q_pos, offs_n
-
-
-@triton.jit
-def _row_stats_kernel(
-    Q, K, KvHeadIndex, RowMax, RowSum,
-    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-    num_heads, n_tiles, n_rows, q_len, k_len, q_offset, score_scale, softcap,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-):
-    tile = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    kv_h = tl.load(KvHeadIndex + h)
-    s, ok, q_pos, offs_n = _tile_scores(Q, K, b, h, kv_h, tile, n_rows, q_len, k_len, q_offset, score_scale, softcap,
-                                        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
-                                        stride_kd, HEAD_DIM, BLOCK_D, ROWS, BLOCK_N, HAS_SOFTCAP, UPCAST)
-    m = tl.max(s, 1)
-    m_shift = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.sum(tl.exp2(s - m_shift[:, None]), 1)
-    rows = tl.arange(0, ROWS)
-    out = (pid_bh * n_tiles + tile) * ROWS + rows
-    tl.store(RowMax + out, m)
-    tl.store(RowSum + out, l)
-
-
-@triton.jit
-def _line_scores_kernel(
-    Q, K, KvHeadIndex, RowLse, Vertical, Slash,
-    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-    num_heads, n_rows, q_len, k_len, q_offset, score_scale, softcap, inv_rows,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-):
-    tile = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    kv_h = tl.load(KvHeadIndex + h)
-    s, ok, q_pos, offs_n = _tile_scores(Q, K, b, h, kv_h, tile, n_rows, q_len, k_len, q_offset, score_scale, softcap,
-                                        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
-                                        stride_kd, HEAD_DIM, BLOCK_D, ROWS, BLOCK_N, HAS_SOFTCAP, UPCAST)
-    rows = tl.arange(0, ROWS)
-    lse = tl.load(RowLse + pid_bh * ROWS + rows)
-    p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0) * inv_rows
-    line_base = pid_bh * k_len
-    tl.store(Vertical + line_base + offs_n, tl.sum(p, 0), mask=offs_n < k_len)
-    diagonal = q_pos[:, None] - offs_n[None, :]
-    tl.atomic_add(Slash + line_base + diagonal, p, mask=ok)
+    ok = row_ok[:, None] & (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+    s = tl.where(ok, log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP), float("-inf"))
+    if PASS == 1:  # ROW_STATS_PASS (a jit function reads only constexpr globals)
+        m = tl.max(s, 1)
+        m_shift = tl.where(m == float("-inf"), 0.0, m)
+        out = (pid_bh * n_tiles + tile) * ROWS + rows
+        tl.store(RowMax + out, m)
+        tl.store(RowSum + out, tl.sum(tl.exp2(s - m_shift[:, None]), 1))
+    else:
+        lse = tl.load(RowLse + pid_bh * ROWS + rows)
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0) * inv_rows
+        line_base = pid_bh * k_len
+        # Each tile owns its columns (plain stores); diagonals d = query_pos - key_pos cross tiles.
+        tl.store(Vertical + line_base + offs_n, tl.sum(p, 0), mask=n_ok)
+        tl.atomic_add(Slash + line_base + q_pos[:, None] - offs_n[None, :], p, mask=ok)
 
 
 def vertical_slash_scores_triton(
@@ -125,18 +84,19 @@ def vertical_slash_scores_triton(
     grid = (n_tiles, b * hq)
     row_max = torch.empty(b * hq, n_tiles, rows, device=q.device, dtype=torch.float32)
     row_sum = torch.empty_like(row_max)
-    _row_stats_kernel[grid](q, k, kv, row_max, row_sum, *strides, hq, n_tiles, n_rows, q_len, k_len,
-                            k_len - q_len, float(scale), cap, **common)
+    vertical = torch.empty(b, hq, k_len, device=q.device, dtype=torch.float32)
+    slash = torch.zeros(b, hq, k_len, device=q.device, dtype=torch.float32)
+    args = (q, k, kv, row_max, row_sum)
+    scalars = (*strides, hq, n_tiles, n_rows, q_len, k_len, k_len - q_len, float(scale), cap, 1.0 / n_rows)
+    # Pass 1 reads no log-sum-exp yet: row_max stands in for that argument.
+    _line_scores_kernel[grid](*args, row_max, vertical, slash, *scalars, PASS=ROW_STATS_PASS, **common)
     # Fold the per-tile (max, sum) pairs into one log2-sum-exp2 per row. Padding rows see no key:
     # their lse is -inf and they are masked out in the second pass anyway.
     global_max = row_max.amax(dim=1, keepdim=True)
     shift = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
     total = (row_sum * torch.exp2(row_max - shift)).sum(dim=1)
     lse = (torch.log2(total) + shift[:, 0]).contiguous()
-    vertical = torch.empty(b, hq, k_len, device=q.device, dtype=torch.float32)
-    slash = torch.zeros(b, hq, k_len, device=q.device, dtype=torch.float32)
-    _line_scores_kernel[grid](q, k, kv, lse, vertical, slash, *strides, hq, n_rows, q_len, k_len, k_len - q_len,
-                              float(scale), cap, 1.0 / n_rows, **common)
+    _line_scores_kernel[grid](*args, lse, vertical, slash, *scalars, PASS=LINE_SUMS_PASS, **common)
     return vertical, slash
 
 

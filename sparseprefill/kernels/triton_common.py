@@ -1,0 +1,93 @@
+"""Triton building blocks shared by the attention and estimation kernels (inlined by the compiler).
+
+Scores live in the log2 domain: the softmax scale is multiplied by log2(e) = 1.4426950408889634 so the kernels use
+``exp2``. Soft-capping (``c * tanh(s / c)``) is applied to the natural-scale score first.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    # Through exp2 (no tanh intrinsic in every Triton version): 1 - 2 / (exp(2x) + 1).
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def load_rows(base, rows, row_ok, stride_row, offs_d, d_ok, stride_d, UPCAST: tl.constexpr):
+    """``[len(rows), BLOCK_D]`` tile of rows ``rows`` (masked by ``row_ok`` and the head dim)."""
+    tile = tl.load(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d,
+                   mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        # Triton's CPU interpreter computes bf16 arithmetic wrongly; fp32 inputs stay fp32.
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``q @ k^T`` scaled (and soft-capped), in the log2 domain."""
+    s = tl.dot(q, tl.trans(k))
+    if HAS_SOFTCAP:
+        s = softcap * tanh(s * (score_scale / softcap)) * 1.4426950408889634
+    else:
+        s = s * (score_scale * 1.4426950408889634)
+    return s
+
+
+@triton.jit
+def mask_scores(s, offs_n, n_ok, q_pos, window, HAS_WINDOW: tl.constexpr):
+    """-inf where key ``offs_n`` is invalid, in the future of ``q_pos`` or outside the window."""
+    ok = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+    if HAS_WINDOW:
+        ok = ok & (offs_n[None, :] > q_pos[:, None] - window)
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr):
+    """Fold one tile of log2 scores ``s [M, N]`` and values ``v [N, D]`` into the running max, sum and
+    accumulator (FlashAttention-2's rescaling)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no key yet keeps max -inf; shift by 0 so exp2 gives exact zeros, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(p, v)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def store_rows(base, rows, row_ok, stride_row, offs_d, d_ok, stride_d, acc, l_i):
+    """Normalise and store ``acc / l``; rows that saw no key (``l == 0``) store zeros."""
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d, out.to(base.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def attend_key_tile(q, k_base, v_base, start_n, limit, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd,
+                    q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale, softcap, window,
+                    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """Attend the contiguous keys ``[start_n, start_n + BLOCK_N)`` below ``limit``. Masks are applied
+    only when the tile can cross ``limit``, the diagonal or the window edge, so interior tiles run
+    mask-free."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < limit
+    k = load_rows(k_base, offs_n, n_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
+    v = load_rows(v_base, offs_n, n_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
+    s = log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP)
+    needs_mask = (start_n + BLOCK_N > limit) | (start_n + BLOCK_N - 1 > first_q_pos)
+    if HAS_WINDOW:
+        needs_mask = needs_mask | (start_n <= last_q_pos - window)
+    if needs_mask:
+        s = mask_scores(s, offs_n, n_ok, q_pos, window, HAS_WINDOW)
+    return online_softmax_step(s, v, m_i, l_i, acc, UPCAST)
