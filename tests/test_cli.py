@@ -234,6 +234,10 @@ def test_kernel_plot_from_csv(tmp_path):
         "attention,sdpa_flash,8192,1.0,GPU,abc,1.7,320",
         "attention,triton_block_sparse,8192,0.05,GPU,abc,0.16,165",
         "attention,triton_block_sparse,8192,0.3,GPU,abc,0.5,350",
+        "estimation+attention,sdpa_cudnn,16384,1.0,GPU,abc,4.0,550",
+        "estimation+attention,auto,8192,0.4,GPU,abc,1.2,200",
+        "estimation+attention,auto,16384,0.35,GPU,abc,3.9,210",
+        "estimation+attention,auto_m0.80,16384,0.2,GPU,abc,2.5,190",
     ]
     csv_path = tmp_path / "k.csv"
     csv_path.write_text("\n".join(rows) + "\n")

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from sparseprefill.kernels import build_vertical_slash_index, select_blocks  # noqa: E402
+from sparseprefill.kernels.vertical_slash_index.naive import build_vertical_slash_index_naive  # noqa: E402
 from sparseprefill.kernels.block_sparse_attention.naive import block_sparse_attention_naive  # noqa: E402
 from sparseprefill.kernels.block_sparse_attention.triton import block_sparse_attention_triton  # noqa: E402
 from sparseprefill.kernels.common import compact  # noqa: E402
@@ -95,6 +96,9 @@ def test_vertical_slash_fuzz(shape):
     vc, vi = compact(torch.rand(batch, hq, k_len, generator=g, device="cuda") < density * 0.3)
     sc, so = compact(torch.rand(batch, hq, k_len, generator=g, device="cuda") < density * 0.2)
     index = build_vertical_slash_index(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block)
+    # The Triton converter built it on CUDA; the naive converter must list the same keys.
+    assert index.lists_same_entries(
+        build_vertical_slash_index_naive(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block))
     _compare(vertical_slash_attention_naive, vertical_slash_attention_triton, q, k, v, index, window, softcap)
     COUNTS["vertical_slash"] += 1
 

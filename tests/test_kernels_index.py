@@ -4,6 +4,7 @@ invariants (sorted, disjoint, merged), pair counting (density numerator and deno
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -166,3 +167,14 @@ def test_index_to_dense_mask_matches_reference_mask(q_len, k_len):
     assert torch.equal(bs_index.to_dense_mask(), ref.block_sparse_listed_mask(bs_index))
     vs_index = ref.random_vertical_slash_index(rng, 2, 2, q_len, k_len, 16, 0.5)
     assert torch.equal(vs_index.to_dense_mask(), ref.vertical_slash_listed_mask(vs_index))
+
+
+def test_lists_same_entries_ignores_padding_but_not_entries():
+    vi, so = torch.tensor([[[1, 9, 20]]]), torch.tensor([[[0, 4]]])
+    index = build_vertical_slash_index(vi, torch.tensor([[3]]), so, torch.tensor([[2]]), q_len=32, k_len=32, block_size_q=8)
+    padded = replace(index, column_index=torch.cat([index.column_index, torch.full_like(index.column_index, 7)], -1))
+    assert index.lists_same_entries(padded) and padded.lists_same_entries(index)
+    moved = index.column_index.clone()
+    moved[0, 0, -1, 0] += 1
+    assert not index.lists_same_entries(replace(index, column_index=moved))
+    assert not index.lists_same_entries(replace(index, column_count=index.column_count + 1))

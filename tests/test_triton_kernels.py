@@ -7,7 +7,11 @@ included. Outputs are pre-filled with NaN so an unwritten tile fails.
 
 from __future__ import annotations
 
+import random
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 
 triton = pytest.importorskip("triton", reason="Triton is not importable on this machine")
@@ -18,6 +22,8 @@ from sparseprefill.kernels.block_sparse_attention.triton import block_sparse_att
 from sparseprefill.kernels.common import compact  # noqa: E402
 from sparseprefill.kernels.vertical_slash_attention.naive import vertical_slash_attention_naive  # noqa: E402
 from sparseprefill.kernels.vertical_slash_attention.triton import vertical_slash_attention_triton  # noqa: E402
+
+from . import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -143,3 +149,27 @@ def test_index_conversion_triton_matches_naive(b, h, lq, lk, block, p_vertical, 
     got = build_vertical_slash_index_triton(*args, q_len=lq, k_len=lk, block_size_q=block)
     assert _canonical(got) == _canonical(expected)
     assert torch.equal(got.computed_pairs(), expected.computed_pairs())
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(
+    k_len=st.integers(1, 160),
+    q_frac=st.floats(0.0, 1.0),
+    block=st.sampled_from([1, 3, 8, 16, 32, 64]),
+    n_vertical=st.integers(0, 40),
+    n_slash=st.integers(0, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_index_conversion_triton_matches_naive_on_unsorted_lines(k_len, q_frac, block, n_vertical, n_slash, seed):
+    """Unsorted offsets and garbage padding (the public contract): the launcher must sort them."""
+    from sparseprefill.kernels.vertical_slash_index.naive import build_vertical_slash_index_naive
+    from sparseprefill.kernels.vertical_slash_index.triton import build_vertical_slash_index_triton
+
+    q_len = max(1, round(q_frac * k_len))
+    vi, vc, so, sc, _, _ = reference.random_lines(random.Random(seed), 2, 2, k_len, n_vertical, n_slash)
+    args = tuple(t.to(DEVICE) for t in (vi, vc, so, sc))
+    expected = build_vertical_slash_index_naive(*args, q_len=q_len, k_len=k_len, block_size_q=block)
+    got = build_vertical_slash_index_triton(*args, q_len=q_len, k_len=k_len, block_size_q=block)
+    assert _canonical(got) == _canonical(expected)
+    assert got.lists_same_entries(expected) and expected.lists_same_entries(got)

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import torch
 
-from ..kernels import BlockSparseIndex, block_sparse_attention, select_blocks
+from ..kernels import (
+    BlockSparseIndex,
+    antidiagonal_block_mass,
+    block_sparse_attention,
+    pooled_block_probs,
+    select_blocks,
+)
 from ..kernels.geometry import causal_pairs_total
 
 CSV_FIELDS = ("op", "provider", "length", "density", "gpu", "commit", "ms", "tflops")
@@ -118,7 +124,8 @@ def flex_block_mask(index: BlockSparseIndex, length: int):
     )
 
 
-def run(lengths, densities, heads=32, kv_heads=8, head_dim=128, block=128, out_dir=None, check=True):
+def run(lengths, densities, heads=32, kv_heads=8, head_dim=128, block=128, out_dir=None, check=True,
+        auto_lengths=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     device = torch.device("cuda")
@@ -168,7 +175,7 @@ def run(lengths, densities, heads=32, kv_heads=8, head_dim=128, block=128, out_d
                     print(f"flex failed at {length}/{density}: {exc!r}", file=sys.stderr)
             print(rows[-1] if rows else "", flush=True)
     try:
-        rows.extend(run_auto(lengths, heads, kv_heads, head_dim, gpu, commit))
+        rows.extend(run_auto(auto_lengths or lengths, heads, kv_heads, head_dim, gpu, commit))
     except Exception as exc:  # noqa: BLE001 - keep the attention rows if the end-to-end part fails
         print(f"auto estimation+attention failed: {exc!r}", file=sys.stderr)
     if out_dir is not None:
@@ -185,38 +192,76 @@ def run(lengths, densities, heads=32, kv_heads=8, head_dim=128, block=128, out_d
     return rows
 
 
-def run_auto(lengths, heads, kv_heads, head_dim, gpu, commit) -> list[Row]:
-    """The default pattern end to end (estimation, then attention) on structured synthetic input."""
+# Mass targets for the auto rows: the default first, then sparser budgets, to show how speed follows
+# the density an estimator (or a real model's attention) leads to.
+AUTO_MASSES = (0.95, 0.9, 0.8)
+
+
+def run_auto(lengths, heads, kv_heads, head_dim, gpu, commit, masses=AUTO_MASSES) -> list[Row]:
+    """The ``auto`` pattern end to end (estimation, then attention) on structured synthetic input,
+    against SDPA cuDNN and flash on the same input: the rows the dense threshold is chosen from.
+    Provider ``auto`` is the default config; ``auto_m0.90`` etc. set both vertical and slash mass."""
+    from dataclasses import replace
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from ..config import SparseConfig
     from ..patterns import build_pattern
 
     rows = []
     device = torch.device("cuda")
-    pattern = build_pattern("auto", SparseConfig())
+    default = SparseConfig()
     scale = head_dim**-0.5
     kv_head_index = torch.arange(heads, device=device) // (heads // kv_heads)
     for length in lengths:
         q, k, v = structured_qkv(heads, kv_heads, length, head_dim, device)
-        out = torch.empty_like(q)
-        estimate = lambda: pattern.estimate(q, k, scale=scale, softcap=None, kv_head_index=kv_head_index)  # noqa: E731
-        index = estimate()
-        computed = int(index.computed_pairs().sum())
-        density = computed / (causal_pairs_total(length, length) * heads)
-        flops = 4 * computed * head_dim
-        est_ms = _bench(estimate)
-        att_ms = _bench(lambda: pattern.attend(q, k, v, index, scale=scale, softcap=None,
-                                               kv_head_index=kv_head_index, out=out))
-        rows.append(Row("estimation", "auto", length, density, gpu, commit, est_ms, 0.0))
-        rows.append(Row("attention", "triton_vertical_slash", length, density, gpu, commit, att_ms, flops / att_ms / 1e9))
-        rows.append(Row("estimation+attention", "auto", length, density, gpu, commit, est_ms + att_ms,
-                        flops / (est_ms + att_ms) / 1e9))
-        print(rows[-1], flush=True)
+        dense_flops = 4 * causal_pairs_total(length, length) * heads * head_dim
+        # Repeated K/V as in the kernel rows: not every SDPA backend takes enable_gqa.
+        k_rep = k.repeat_interleave(heads // kv_heads, 1)
+        v_rep = v.repeat_interleave(heads // kv_heads, 1)
+        for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+            with sdpa_kernel(backend):
+                ms = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True))
+            rows.append(Row("estimation+attention", name, length, 1.0, gpu, commit, ms, dense_flops / ms / 1e9))
+        # The other patterns' estimates (not used by auto), for comparison: XAttention's antidiagonal
+        # scoring costs about 1/S of dense Q K^T twice over (two passes), pooling almost nothing.
+        ad = default.antidiagonal
+        ms = _bench(lambda: antidiagonal_block_mass(q, k, scale=scale, stride=ad.stride, block_size=ad.block_size,
+                                                    kv_head_index=kv_head_index))
+        rows.append(Row("estimation", f"antidiagonal_s{ad.stride}_b{ad.block_size}", length, 0.0, gpu, commit, ms, 0.0))
+        bs = default.block_sparse
+        ms = _bench(lambda: pooled_block_probs(q, k, scale=scale, block_size=bs.block_size, kv_head_index=kv_head_index))
+        rows.append(Row("estimation", f"pooled_b{bs.block_size}", length, 0.0, gpu, commit, ms, 0.0))
+        for mass in masses:
+            vs = replace(default.vertical_slash, vertical_mass=mass, slash_mass=mass)
+            provider = "auto" if vs == default.vertical_slash else f"auto_m{mass:.2f}"
+            pattern = build_pattern("auto", replace(default, vertical_slash=vs))
+            out = torch.empty_like(q)
+            estimate = lambda: pattern.estimate(q, k, scale=scale, softcap=None, kv_head_index=kv_head_index)  # noqa: E731
+            index = estimate()
+            computed = int(index.computed_pairs().sum())
+            density = computed / (causal_pairs_total(length, length) * heads)
+            flops = 4 * computed * head_dim
+            est_ms = _bench(estimate)
+            att_ms = _bench(lambda: pattern.attend(q, k, v, index, scale=scale, softcap=None,
+                                                   kv_head_index=kv_head_index, out=out))
+            rows.append(Row("estimation", provider, length, density, gpu, commit, est_ms, 0.0))
+            rows.append(Row("attention", "triton_vertical_slash" + provider[4:], length, density, gpu, commit, att_ms,
+                            flops / att_ms / 1e9))
+            rows.append(Row("estimation+attention", provider, length, density, gpu, commit, est_ms + att_ms,
+                            flops / (est_ms + att_ms) / 1e9))
+            print(rows[-1], flush=True)
     return rows
+
+
+DEFAULT_AUTO_LENGTHS = [8192, 16384, 24576, 32768, 49152, 65536, 98304, 131072]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--densities", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.5])
+    parser.add_argument("--auto-lengths", type=int, nargs="+", default=DEFAULT_AUTO_LENGTHS,
+                        help="lengths of the auto (estimation + attention) vs dense rows: the crossover search")
     parser.add_argument("--out", default=None, help="directory for kernels.csv and kernels.png")
 
 
@@ -224,7 +269,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("error: the kernel benchmark needs a CUDA GPU", file=sys.stderr)
         return 1
-    run(args.lengths, args.densities, out_dir=args.out)
+    run(args.lengths, args.densities, out_dir=args.out, auto_lengths=args.auto_lengths)
     if args.out is not None:
         try:
             from .plot import plot_kernel_speedups

@@ -14,8 +14,10 @@ DENSE_BASELINE = "sdpa_cudnn"
 
 
 def plot_kernel_speedups(csv_path: str | Path, png_path: str | Path) -> Path:
-    """Left: speedup over cuDNN dense vs density, one line per (provider, length). Right: TFLOP/s on
-    computed pairs vs density, with the dense backends as horizontal references."""
+    """Left: speedup over cuDNN dense vs density, one line per (provider, length), random indices.
+    Middle: TFLOP/s on computed pairs vs density, with the dense backends as horizontal references.
+    Right: the ``auto`` pattern end to end (estimation + attention) on structured input, speedup over
+    cuDNN vs length, one line per mass target, each point labelled with its density."""
     try:
         import matplotlib
 
@@ -28,14 +30,17 @@ def plot_kernel_speedups(csv_path: str | Path, png_path: str | Path) -> Path:
     dense_ms = {int(r["length"]): float(r["ms"]) for r in rows if r["provider"] == DENSE_BASELINE}
     series = defaultdict(list)
     dense_tflops = defaultdict(dict)
+    end_to_end = defaultdict(list)
     for r in rows:
         length, provider = int(r["length"]), r["provider"]
         if r["op"] == "attention" and provider.startswith("sdpa"):
             dense_tflops[provider][length] = float(r["tflops"])
-        elif r["op"] == "attention" and length in dense_ms:
+        elif r["op"] == "attention" and length in dense_ms and not provider.startswith("triton_vertical_slash"):
             series[(provider, length)].append((float(r["density"]), dense_ms[length] / float(r["ms"]),
                                                float(r["tflops"])))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+        elif r["op"] == "estimation+attention" and provider.startswith("auto") and length in dense_ms:
+            end_to_end[provider].append((length, dense_ms[length] / float(r["ms"]), float(r["density"])))
+    fig, (left, right, auto_axis) = plt.subplots(1, 3, figsize=(18, 4.5))
     styles = {"triton_block_sparse": "-o", "flex_attention": "--s", "triton_vertical_slash": ":^"}
     for (provider, length), points in sorted(series.items()):
         points.sort()
@@ -57,6 +62,17 @@ def plot_kernel_speedups(csv_path: str | Path, png_path: str | Path) -> Path:
         axis.minorticks_off()
     speed_ticks = [1, 2, 5, 10, 20, 50]
     left.set_yticks(speed_ticks, [f"{t:g}x" for t in speed_ticks])
+    for provider, points in sorted(end_to_end.items()):
+        points.sort()
+        lengths, speedup, density = zip(*points)
+        auto_axis.plot(lengths, speedup, "-o", label=provider)
+        for x, y, d in points:
+            auto_axis.annotate(f"{d:.2f}", (x, y), fontsize=6, textcoords="offset points", xytext=(0, 4))
+    auto_axis.axhline(1.0, color="gray", lw=0.8)
+    auto_axis.set(xscale="log", xlabel="length (tokens)", ylabel=f"speedup over {DENSE_BASELINE}",
+                  title="auto: estimation + attention (labels: density)")
+    if end_to_end:
+        auto_axis.legend(fontsize=7)
     gpu = rows[0]["gpu"] if rows else "?"
     commit = rows[0]["commit"] if rows else "?"
     fig.suptitle(f"{gpu}, commit {commit}: 32 q / 8 kv heads, head_dim 128, bf16, causal")

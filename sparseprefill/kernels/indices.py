@@ -134,6 +134,24 @@ class VerticalSlashIndex:
         cols = torch.where(self.column_valid(), cols, 0).sum(dim=(-1, -2))
         return rects + cols
 
+    def lists_same_entries(self, other: "VerticalSlashIndex") -> bool:
+        """Same counts, and the same real ranges and columns in the same order (padding and the
+        padded widths may differ): how two converters are compared without an ``L x L`` mask."""
+        if (self.block_size_q, self.q_len, self.k_len) != (other.block_size_q, other.q_len, other.k_len):
+            return False
+        if not (torch.equal(self.range_count, other.range_count) and torch.equal(self.column_count, other.column_count)):
+            return False
+        for count, mine, theirs in ((self.range_count, self.range_start, other.range_start),
+                                    (self.range_count, self.range_end, other.range_end),
+                                    (self.column_count, self.column_index, other.column_index)):
+            width = int(count.max()) if count.numel() else 0
+            if width > min(mine.shape[-1], theirs.shape[-1]):
+                return False
+            real = torch.arange(width, device=count.device) < count[..., None]
+            if not torch.equal(mine[..., :width][real].long(), theirs[..., :width][real].long()):
+                return False
+        return True
+
     def to_dense_mask(self) -> torch.Tensor:
         """``[B, H, Lq, Lk]`` bool of listed keys (no causal mask applied). Debugging and plots only."""
         b, h, rq, _ = self.range_start.shape

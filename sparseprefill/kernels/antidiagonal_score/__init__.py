@@ -33,6 +33,12 @@ def antidiagonal_block_mass(
     if block_size % stride:
         raise ValueError(f"block_size ({block_size}) must be a multiple of stride ({stride})")
     kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
+    if q.device.type == "cuda":
+        from .triton import antidiagonal_block_mass_triton
+
+        return antidiagonal_block_mass_triton(
+            q, k, scale=scale, stride=stride, block_size=block_size, softcap=softcap, kv_head_index=kv_head_index
+        )
     return antidiagonal_block_mass_naive(
         q, k, scale=scale, stride=stride, block_size=block_size, softcap=softcap, kv_head_index=kv_head_index
     )

@@ -1,12 +1,20 @@
 """Triton index conversion for vertical-slash attention; same output as ``naive.py``.
 
-One program per (query block, batch x head). Diagonal ``d`` covers keys ``[p0 - d, p1 - d]`` of the
-block (``p0, p1`` its first and last query position). With offsets sorted ascending, walking them
-backwards yields bands in ascending start order, merged on the fly by a scalar loop (the merge is
-inherently sequential; there are few bands per block). Column ``j`` is covered iff some diagonal
-lies in ``[p0 - j, p1 - j]``: a binary search over the sorted offsets, vectorised over a tile of
-columns; surviving columns are compacted in order with a cumulative sum. Memory is
-``O(blocks x (ranges + columns))`` with the counts' true maxima, never ``blocks x all lines``.
+One program per (query block, batch x head), vectorised over tiles of lines (no scalar loop over
+lines: at 128K a head keeps thousands of them).
+
+Ranges. Query block ``r`` spans positions ``[p0, p1]`` (``w = p1 - p0 + 1`` rows). Diagonal ``d``
+covers keys ``[max(p0 - d, 0), p1 - d]``; it is visible iff ``d <= p1``. With offsets sorted
+ascending, the bands of two neighbours ``d_j < d_{j+1}`` overlap or touch iff
+``d_{j+1} - d_j <= w``, or if band ``j`` is already clipped at key 0 (``d_j >= p0``: every later band
+is clipped too and they all start at 0). So the merged ranges are runs of neighbours, found by
+marking run boundaries and counting them with a cumulative sum; a run ``[d_a .. d_b]`` becomes the
+range ``[max(p0 - d_b, 0), p1 - d_a + 1)``. Ranges come out in descending start order and are
+written back to front (one counting pass first sizes the row).
+
+Columns. Column ``c <= p1`` lies inside a range iff some kept diagonal is in
+``[max(p0 - c, 0), p1 - c]``. A per-head prefix count of kept diagonals answers that with two
+loads per column. Surviving columns are compacted in order with a cumulative sum.
 """
 
 from __future__ import annotations
@@ -17,74 +25,95 @@ import triton.language as tl
 
 from ..indices import VerticalSlashIndex
 
+LINE_TILE = 128  # lines per vectorised step; a tile of int32 offsets and its neighbours fits registers
+_UNUSED_SLOT = torch.iinfo(torch.int32).max  # sorts padding slots after every real offset
+
 
 @triton.jit
 def _vs_index_kernel(
-    VerticalIndex, VerticalCount, SlashOffset, SlashCount,
+    VerticalIndex, VerticalCount, SlashOffset, SlashPrefix,
     RangeCount, RangeStart, RangeEnd, ColumnCount, ColumnIndex,
-    num_heads, q_len, q_offset, max_ranges, max_columns, n_vertical_slots, n_slash_slots,
-    BLOCK_Q: tl.constexpr, COL_TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    q_len, k_len, q_offset, max_ranges, max_columns, n_vertical_slots, n_slash_slots,
+    BLOCK_Q: tl.constexpr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     p0 = r * BLOCK_Q + q_offset
     p1 = tl.minimum(r * BLOCK_Q + BLOCK_Q, q_len) - 1 + q_offset
+    width = p1 - p0 + 1
     n_blocks = tl.num_programs(0)
-    slash_base = SlashOffset + pid_bh * n_slash_slots
-    n_slash = tl.load(SlashCount + pid_bh)
     out_row = pid_bh * n_blocks + r
+    slash_base = SlashOffset + pid_bh * n_slash_slots
+    prefix_base = SlashPrefix + pid_bh * (k_len + 2)
+    # Offsets are sorted, so the visible ones (d <= p1) are a prefix of the list.
+    n_visible = tl.load(prefix_base + p1 + 1)
 
-    # --- merge diagonal bands into sorted, disjoint ranges
-    n_ranges = 0
-    cur_start = -1
-    cur_end = -1
-    for i in range(0, n_slash):
-        d = tl.load(slash_base + n_slash - 1 - i)
-        end = p1 - d + 1
-        start = tl.maximum(p0 - d, 0)
-        valid = end > 0
-        have = cur_end >= 0
-        emit = valid & have & (start > cur_end)
-        tl.store(RangeStart + out_row * max_ranges + n_ranges, cur_start, mask=emit)
-        tl.store(RangeEnd + out_row * max_ranges + n_ranges, cur_end, mask=emit)
-        n_ranges += emit.to(tl.int32)
-        restart = valid & (emit | (cur_end < 0))
-        cur_start = tl.where(restart, start, cur_start)
-        cur_end = tl.where(restart, end, tl.where(valid, tl.maximum(cur_end, end), cur_end))
-    last = cur_end >= 0
-    tl.store(RangeStart + out_row * max_ranges + n_ranges, cur_start, mask=last)
-    tl.store(RangeEnd + out_row * max_ranges + n_ranges, cur_end, mask=last)
-    n_ranges += last.to(tl.int32)
-    tl.store(RangeCount + out_row, n_ranges)
+    # --- pass 1: count runs, so ranges can be written in ascending start order
+    n_runs = 0
+    for j0 in range(0, n_visible, TILE):
+        j = j0 + tl.arange(0, TILE)
+        ok = j < n_visible
+        d = tl.load(slash_base + j, mask=ok, other=0)
+        d_next = tl.load(slash_base + j + 1, mask=(j + 1) < n_visible, other=0)
+        ends_run = ok & (((j + 1) >= n_visible) | ((d_next - d > width) & (d < p0)))
+        n_runs += tl.sum(ends_run.to(tl.int32), 0)
+    tl.store(RangeCount + out_row, n_runs)
+
+    # --- pass 2: run j's first offset gives its range end, its last offset its range start
+    runs_before = 0
+    for j0 in range(0, n_visible, TILE):
+        j = j0 + tl.arange(0, TILE)
+        ok = j < n_visible
+        d = tl.load(slash_base + j, mask=ok, other=0)
+        d_next = tl.load(slash_base + j + 1, mask=(j + 1) < n_visible, other=0)
+        d_prev = tl.load(slash_base + j - 1, mask=ok & (j > 0), other=0)
+        ends_run = ok & (((j + 1) >= n_visible) | ((d_next - d > width) & (d < p0)))
+        starts_run = ok & ((j == 0) | ((d - d_prev > width) & (d_prev < p0)))
+        ends = ends_run.to(tl.int32)
+        run_id = runs_before + tl.cumsum(ends, 0) - ends  # runs finished before offset j
+        slot = out_row * max_ranges + (n_runs - 1 - run_id)
+        tl.store(RangeEnd + slot, p1 - d + 1, mask=starts_run)
+        tl.store(RangeStart + slot, tl.maximum(p0 - d, 0), mask=ends_run)
+        runs_before += tl.sum(ends, 0)
 
     # --- columns visible to the block and not inside any band
     n_vertical = tl.load(VerticalCount + pid_bh)
     vertical_base = VerticalIndex + pid_bh * n_vertical_slots
+    # Upper bound of p1 in the sorted columns: later columns are in every row's future.
+    lo = 0
+    hi = n_vertical
+    for _ in tl.static_range(SEARCH_STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        go_right = active & (tl.load(vertical_base + mid, mask=active, other=0) <= p1)
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(active & ~go_right, mid, hi)
+    n_candidates = lo
     n_columns = 0
-    for c0 in range(0, n_vertical, COL_TILE):
-        slots = c0 + tl.arange(0, COL_TILE)
-        slot_ok = slots < n_vertical
+    for c0 in range(0, n_candidates, TILE):
+        slots = c0 + tl.arange(0, TILE)
+        slot_ok = slots < n_candidates
         cols = tl.load(vertical_base + slots, mask=slot_ok, other=-1)
         before = tl.load(vertical_base + slots - 1, mask=slot_ok & (slots > 0), other=-1)
-        keep = slot_ok & (cols >= 0) & (cols <= p1) & (cols != before)
-        # lower bound of (p0 - col) among the sorted offsets, then test it against p1 - col
-        target = p0 - cols
-        lo = tl.zeros([COL_TILE], tl.int32)
-        hi = tl.zeros([COL_TILE], tl.int32) + n_slash
-        for _ in tl.static_range(SEARCH_STEPS):
-            active = lo < hi
-            mid = (lo + hi) // 2
-            value = tl.load(slash_base + mid, mask=active, other=0)
-            go_right = active & (value < target)
-            lo = tl.where(go_right, mid + 1, lo)
-            hi = tl.where(active & ~go_right, mid, hi)
-        found = tl.load(slash_base + lo, mask=lo < n_slash, other=0)
-        covered = (lo < n_slash) & (found <= p1 - cols)
-        keep = keep & ~covered
+        keep = slot_ok & (cols >= 0) & (cols != before)
+        low = tl.maximum(p0 - cols, 0)
+        high = p1 - cols  # >= 0 for candidate columns
+        in_band = tl.load(prefix_base + high + 1, mask=keep, other=0) - tl.load(prefix_base + low, mask=keep, other=0)
+        keep = keep & (in_band == 0)
         position = n_columns + tl.cumsum(keep.to(tl.int32), 0) - 1
         tl.store(ColumnIndex + out_row * max_columns + position, cols, mask=keep)
         n_columns += tl.sum(keep.to(tl.int32), 0)
     tl.store(ColumnCount + out_row, n_columns)
+
+
+def _runs_upper_bound(sorted_offsets: torch.Tensor, counts: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """Most runs any block can have: a block's visible offsets are a prefix of the list, and clipping
+    at key 0 only merges runs, so the whole list's run count at the block's width bounds it."""
+    slots = torch.arange(sorted_offsets.shape[-1], device=sorted_offsets.device)
+    pair_ok = (slots[1:] < counts[..., None])
+    gaps = sorted_offsets[..., 1:].long() - sorted_offsets[..., :-1].long()
+    bounds = [((gaps > w) & pair_ok).sum(-1) + (counts > 0).long() for w in widths]
+    return torch.stack(bounds).amax()
 
 
 def build_vertical_slash_index_triton(
@@ -101,26 +130,34 @@ def build_vertical_slash_index_triton(
     device = vertical_index.device
     n_blocks = triton.cdiv(q_len, block_size_q)
     verticals = vertical_index.to(torch.int32).contiguous()
-    slashes = slash_offset.to(torch.int32).contiguous()
-    n_vertical_slots, n_slash_slots = verticals.shape[-1], slashes.shape[-1]
-    # One host read of the two maxima sizes the outputs. Merged ranges other than the one clipped at
-    # key 0 are as wide as the block's rows (the last block may be shorter) and separated by gaps,
-    # so a block holds at most k_len / (narrowest block + 1) + 2 of them.
-    max_slash, max_vertical = (int(x) for x in torch.stack([slash_count.max(), vertical_count.max()]).tolist())
-    narrowest = min(block_size_q, q_len - (n_blocks - 1) * block_size_q)
-    max_ranges = max(min(max_slash, k_len // (narrowest + 1) + 2), 1)
-    max_columns = max(max_vertical, 1)
+    n_vertical_slots, n_slash_slots = verticals.shape[-1], slash_offset.shape[-1]
+    slash_count = slash_count.to(torch.int32)
+    slot_is_real = torch.arange(n_slash_slots, device=device) < slash_count[..., None]
+    # The contract allows unsorted, repeated offsets; the kernel needs them ascending.
+    slashes = torch.where(slot_is_real, slash_offset.to(torch.int32), _UNUSED_SLOT).sort(dim=-1).values.contiguous()
+    # prefix[t] = kept offsets < t for t <= k_len (repeats counted; the kernel only asks "any in
+    # [lo, hi]?"). Offsets >= k_len touch no key; they land in the extra last slot, never read.
+    prefix = torch.zeros(b, h, k_len + 2, dtype=torch.int32, device=device)
+    prefix.scatter_add_(-1, (torch.where(slot_is_real, slashes, k_len) + 1).long().clamp_(1, k_len + 1),
+                        slot_is_real.to(torch.int32))
+    prefix = prefix.cumsum(-1, dtype=torch.int32).contiguous()
+    # One host read sizes the outputs by the true maxima (run bound at the full and the last block's width).
+    last_width = q_len - (n_blocks - 1) * block_size_q
+    max_runs, max_vertical = (int(x) for x in torch.stack([
+        _runs_upper_bound(slashes, slash_count, [block_size_q, last_width]),
+        vertical_count.max().long(),
+    ]).tolist())
+    max_ranges, max_columns = max(max_runs, 1), max(max_vertical, 1)
     range_count = torch.empty(b, h, n_blocks, dtype=torch.int32, device=device)
     column_count = torch.empty_like(range_count)
     range_start = torch.zeros(b, h, n_blocks, max_ranges, dtype=torch.int32, device=device)
     range_end = torch.zeros_like(range_start)
     column_index = torch.zeros(b, h, n_blocks, max_columns, dtype=torch.int32, device=device)
-    search_steps = max(1, int(n_slash_slots).bit_length())
     _vs_index_kernel[(n_blocks, b * h)](
-        verticals, vertical_count.to(torch.int32).contiguous(), slashes, slash_count.to(torch.int32).contiguous(),
+        verticals, vertical_count.to(torch.int32).contiguous(), slashes, prefix,
         range_count, range_start, range_end, column_count, column_index,
-        h, q_len, k_len - q_len, max_ranges, max_columns, n_vertical_slots, n_slash_slots,
-        BLOCK_Q=block_size_q, COL_TILE=128, SEARCH_STEPS=search_steps,
+        q_len, k_len, k_len - q_len, max_ranges, max_columns, n_vertical_slots, n_slash_slots,
+        BLOCK_Q=block_size_q, TILE=LINE_TILE, SEARCH_STEPS=max(1, int(n_vertical_slots).bit_length()),
     )
     return VerticalSlashIndex(
         range_count=range_count, range_start=range_start, range_end=range_end, column_count=column_count,
