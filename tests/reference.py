@@ -19,6 +19,7 @@ index dataclasses from ``sparseprefill.kernels.indices`` and nothing else from t
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -527,3 +528,21 @@ def random_lines(rng, b: int, h: int, k_len: int, n_vertical: int, n_slash: int,
                 elif garbage_padding:
                     so[bi, hi, slot] = rng.randrange(-1, k_len)
     return vi, vc, so, sc, verticals, slashes
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU fuzz settings, shared by the hypothesis fuzzes that run compiled kernels on the GPU machine
+
+FUZZ_EXAMPLES = int(os.environ.get("SPARSEPREFILL_FUZZ_EXAMPLES", "1000"))
+# Triton compiles a kernel per new shape specialisation on one CPU core, which bounds a fuzz's speed;
+# shards with distinct seeds run in parallel processes and together cover more cases.
+FUZZ_SHARD = os.environ.get("SPARSEPREFILL_FUZZ_SHARD")
+
+
+def gpu_fuzz(test):
+    """``FUZZ_EXAMPLES`` deterministic cases per test; ``SPARSEPREFILL_FUZZ_SHARD=n`` draws stream ``n``."""
+    from hypothesis import HealthCheck, seed, settings
+
+    configured = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=FUZZ_SHARD is None, database=None,
+                          suppress_health_check=list(HealthCheck))(test)
+    return seed(int(FUZZ_SHARD))(configured) if FUZZ_SHARD is not None else configured

@@ -2,12 +2,12 @@
 
 Hypothesis draws batch, GQA group, head_dim, lengths (chunked included), block size, density,
 dtype, window and soft-cap; every case uses fresh random inputs and NaN-prefilled outputs.
-``SPARSEPREFILL_FUZZ_EXAMPLES`` sets the number of cases per kernel (default 1000).
+``SPARSEPREFILL_FUZZ_EXAMPLES`` sets the number of cases per kernel (default 1000);
+``SPARSEPREFILL_FUZZ_SHARD=n`` draws a distinct stream, so shards can run in parallel.
 """
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -16,9 +16,10 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from . import reference  # noqa: E402
 from sparseprefill.kernels import build_vertical_slash_index, select_blocks  # noqa: E402
 from sparseprefill.kernels.vertical_slash_index.naive import build_vertical_slash_index_naive  # noqa: E402
 from sparseprefill.kernels.block_sparse_attention.naive import block_sparse_attention_naive  # noqa: E402
@@ -27,10 +28,9 @@ from sparseprefill.kernels.common import compact  # noqa: E402
 from sparseprefill.kernels.vertical_slash_attention.naive import vertical_slash_attention_naive  # noqa: E402
 from sparseprefill.kernels.vertical_slash_attention.triton import vertical_slash_attention_triton  # noqa: E402
 
-EXAMPLES = int(os.environ.get("SPARSEPREFILL_FUZZ_EXAMPLES", "1000"))
+EXAMPLES = reference.FUZZ_EXAMPLES
 REL_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = reference.gpu_fuzz
 COUNTS = {"block_sparse": 0, "vertical_slash": 0}
 
 

@@ -9,15 +9,15 @@ default 1000, as in test_gpu_fuzz.py).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 triton = pytest.importorskip("triton", reason="Triton is not importable on this machine")
 
+from . import reference  # noqa: E402
 from sparseprefill.kernels.antidiagonal_score import antidiagonal_block_mass  # noqa: E402
 from sparseprefill.kernels.antidiagonal_score.naive import antidiagonal_block_mass_naive  # noqa: E402
 from sparseprefill.kernels.antidiagonal_score.triton import antidiagonal_block_mass_triton  # noqa: E402
@@ -137,9 +137,8 @@ def test_public_ops_dispatch_to_triton_on_cuda(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # GPU fuzz (compiled kernels only: the interpreter would take hours for this many cases)
 
-EXAMPLES = int(os.environ.get("SPARSEPREFILL_FUZZ_EXAMPLES", "1000"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+EXAMPLES = reference.FUZZ_EXAMPLES
+FUZZ = reference.gpu_fuzz
 COUNTS = {"antidiagonal": 0, "pooled": 0}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
