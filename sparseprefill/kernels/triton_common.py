@@ -28,14 +28,35 @@ def load_rows(base, rows, row_ok, stride_row, offs_d, d_ok, stride_d, UPCAST: tl
 
 
 @triton.jit
+def to_log2_scores(dots, score_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw ``q . k`` products -> scaled (and soft-capped) scores in the log2 domain."""
+    if HAS_SOFTCAP:
+        return softcap * tanh(dots * (score_scale / softcap)) * 1.4426950408889634
+    return dots * (score_scale * 1.4426950408889634)
+
+
+@triton.jit
 def log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """``q @ k^T`` scaled (and soft-capped), in the log2 domain."""
-    s = tl.dot(q, tl.trans(k))
-    if HAS_SOFTCAP:
-        s = softcap * tanh(s * (score_scale / softcap)) * 1.4426950408889634
-    else:
-        s = s * (score_scale * 1.4426950408889634)
-    return s
+    return to_log2_scores(tl.dot(q, tl.trans(k)), score_scale, softcap, HAS_SOFTCAP)
+
+
+@triton.jit
+def row_stats_step(s, m_i, l_i):
+    """Fold a tile of log2 scores ``s [M, N]`` into each row's running max and sum of exp2."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no key keeps max -inf; shift by 0 so exp2 gives zeros, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.exp2(m_i - m_shift) + tl.sum(tl.exp2(s - m_shift[:, None]), 1)
+    return m_new, l_i
+
+
+@triton.jit
+def log2_sum_exp2(m_i, l_i):
+    """Each row's log2-sum-exp2 from its running max and sum. Rows that saw no key (``l == 0``) get a
+    finite stand-in, so a masked-out ``exp2(s - lse)`` stays free of inf - inf."""
+    seen = l_i > 0
+    return tl.where(seen, m_i, 0.0) + tl.log2(tl.where(seen, l_i, 1.0))
 
 
 @triton.jit

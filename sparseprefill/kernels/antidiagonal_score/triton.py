@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import load_rows, tanh
+from ..triton_common import load_rows, log2_sum_exp2, row_stats_step, to_log2_scores
 
 # Reshaped rows (and key groups) per tile. 64 x 64 keeps tensor-core tiles busy when block_size / S is
 # small (16 with XAttention's 128 / 8) while bounding the rows that causally see only part of a tile.
@@ -59,11 +59,7 @@ def _group_scores(q_base, k_base, rows, row_ok, cols, col_ok, q_len, k_len,
         k = load_rows(k_base, k_rows, col_ok & (k_rows < k_len), stride_kn, offs_d, d_ok, stride_kd, UPCAST)
         acc = tl.dot(q, tl.trans(k), acc)
     # score_scale is scale / S: the antidiagonal sum is S logits, the estimate uses their mean.
-    if HAS_SOFTCAP:
-        s = softcap * tanh(acc * (score_scale / softcap)) * 1.4426950408889634
-    else:
-        s = acc * (score_scale * 1.4426950408889634)
-    return s
+    return to_log2_scores(acc, score_scale, softcap, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -78,10 +74,8 @@ def _antidiagonal_pass(q_base, k_base, rows, row_ok, row_last, q_len, k_len, per
     offs_c = tl.arange(0, BLOCK_N)
     col_slot = offs_c % BLOCK_PB
     col_ok = col_slot < per_block
-    # In pass 2 every row's log-sum-exp is final. Padding rows (l == 0) never pass the mask below; a
-    # finite stand-in keeps their masked-out exp2 free of inf - inf.
-    seen = l_i > 0
-    lse = tl.where(seen, m_i, 0.0) + tl.log2(tl.where(seen, l_i, 1.0))
+    # In pass 2 every row's log-sum-exp is final (padding rows never pass the mask below).
+    lse = log2_sum_exp2(m_i, l_i)
     for t in range(n_tiles):
         k_blocks = t * K_BLOCKS + offs_c // BLOCK_PB
         cols = k_blocks * per_block + col_slot
@@ -93,11 +87,7 @@ def _antidiagonal_pass(q_base, k_base, rows, row_ok, row_last, q_len, k_len, per
         ok = row_ok[:, None] & col_ok[None, :] & (cols[None, :] * stride <= row_last[:, None])
         s = tl.where(ok, s, float("-inf"))
         if PASS == ROW_STATS_PASS:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # Padding rows see nothing and keep max -inf; shift by 0 so exp2 gives zeros, not NaN.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_shift) + tl.sum(tl.exp2(s - m_shift[:, None]), 1)
-            m_i = m_new
+            m_i, l_i = row_stats_step(s, m_i, l_i)
         else:
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
             mass = tl.sum(tl.sum(tl.reshape(p, [Q_BLOCKS, BLOCK_PB, K_BLOCKS, BLOCK_PB]), 3), 1)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import load_rows, tanh
+from ..triton_common import load_rows, log2_sum_exp2, row_stats_step, to_log2_scores
 
 # Rows summed per pooling step: bounds the [rows, head_dim] tile in registers for any block size.
 POOL_ROWS = 32
@@ -71,11 +71,7 @@ def _pooled_scores(q_base, k_base, rows, row_ok, cols, col_ok, score_scale, soft
         q = load_rows(q_base, rows, row_ok, HEAD_DIM, offs_d, d_ok, 1, False)
         k = load_rows(k_base, cols, col_ok, HEAD_DIM, offs_d, d_ok, 1, False)
         acc = tl.dot(q, tl.trans(k), acc, input_precision="ieee")
-    if HAS_SOFTCAP:
-        s = softcap * tanh(acc * (score_scale / softcap)) * 1.4426950408889634
-    else:
-        s = acc * (score_scale * 1.4426950408889634)
-    return s
+    return to_log2_scores(acc, score_scale, softcap, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -83,10 +79,8 @@ def _pooled_pass(q_base, k_base, rows, row_ok, row_last, block_size, n_k_blocks,
                  m_i, l_i, out_base,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PASS: tl.constexpr):
-    # In pass 2 every row's log-sum-exp is final. Padding rows (l == 0) never pass the mask below; a
-    # finite stand-in keeps their masked-out exp2 free of inf - inf.
-    seen = l_i > 0
-    lse = tl.where(seen, m_i, 0.0) + tl.log2(tl.where(seen, l_i, 1.0))
+    # In pass 2 every row's log-sum-exp is final (padding rows never pass the mask below).
+    lse = log2_sum_exp2(m_i, l_i)
     for t in range(n_tiles):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_k_blocks
@@ -96,11 +90,7 @@ def _pooled_pass(q_base, k_base, rows, row_ok, row_last, block_size, n_k_blocks,
         ok = row_ok[:, None] & col_ok[None, :] & (cols[None, :] * block_size <= row_last[:, None])
         s = tl.where(ok, s, float("-inf"))
         if PASS == ROW_STATS_PASS:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # Padding rows see nothing and keep max -inf; shift by 0 so exp2 gives zeros, not NaN.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_shift) + tl.sum(tl.exp2(s - m_shift[:, None]), 1)
-            m_i = m_new
+            m_i, l_i = row_stats_step(s, m_i, l_i)
         else:
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
             tl.store(out_base + rows[:, None] * n_k_blocks + cols[None, :], p, mask=row_ok[:, None] & col_ok[None, :])

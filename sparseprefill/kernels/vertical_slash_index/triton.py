@@ -30,6 +30,16 @@ _UNUSED_SLOT = torch.iinfo(torch.int32).max  # sorts padding slots after every r
 
 
 @triton.jit
+def _run_ends(slash_base, j, n_visible, width, p0):
+    """Offsets ``d_j`` of the tile ``j`` and whether each ends a run (its band and the next one's
+    neither overlap nor touch, and it is not clipped at key 0)."""
+    ok = j < n_visible
+    d = tl.load(slash_base + j, mask=ok, other=0)
+    d_next = tl.load(slash_base + j + 1, mask=(j + 1) < n_visible, other=0)
+    return d, ok & (((j + 1) >= n_visible) | ((d_next - d > width) & (d < p0)))
+
+
+@triton.jit
 def _vs_index_kernel(
     VerticalIndex, VerticalCount, SlashOffset, SlashPrefix,
     RangeCount, RangeStart, RangeEnd, ColumnCount, ColumnIndex,
@@ -51,11 +61,7 @@ def _vs_index_kernel(
     # --- pass 1: count runs, so ranges can be written in ascending start order
     n_runs = 0
     for j0 in range(0, n_visible, TILE):
-        j = j0 + tl.arange(0, TILE)
-        ok = j < n_visible
-        d = tl.load(slash_base + j, mask=ok, other=0)
-        d_next = tl.load(slash_base + j + 1, mask=(j + 1) < n_visible, other=0)
-        ends_run = ok & (((j + 1) >= n_visible) | ((d_next - d > width) & (d < p0)))
+        _, ends_run = _run_ends(slash_base, j0 + tl.arange(0, TILE), n_visible, width, p0)
         n_runs += tl.sum(ends_run.to(tl.int32), 0)
     tl.store(RangeCount + out_row, n_runs)
 
@@ -64,10 +70,8 @@ def _vs_index_kernel(
     for j0 in range(0, n_visible, TILE):
         j = j0 + tl.arange(0, TILE)
         ok = j < n_visible
-        d = tl.load(slash_base + j, mask=ok, other=0)
-        d_next = tl.load(slash_base + j + 1, mask=(j + 1) < n_visible, other=0)
+        d, ends_run = _run_ends(slash_base, j, n_visible, width, p0)
         d_prev = tl.load(slash_base + j - 1, mask=ok & (j > 0), other=0)
-        ends_run = ok & (((j + 1) >= n_visible) | ((d_next - d > width) & (d < p0)))
         starts_run = ok & ((j == 0) | ((d - d_prev > width) & (d_prev < p0)))
         ends = ends_run.to(tl.int32)
         run_id = runs_before + tl.cumsum(ends, 0) - ends  # runs finished before offset j
