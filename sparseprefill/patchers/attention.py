@@ -105,6 +105,8 @@ def _run_span(
         return
     hq, hkv = q.shape[1], k.shape[1]
     kv_of_head = torch.arange(hq, device=q.device) // (hq // hkv)
+    if state.observer is not None:
+        state.observer(layer, q, k, scale=scale, softcap=softcap)
     computed = 0
     for group in state.plans[layer].groups:
         stats.patterns[group.pattern.name.value] += len(group.heads)

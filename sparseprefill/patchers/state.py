@@ -6,7 +6,7 @@ import enum
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -152,6 +152,10 @@ class PatchState:
     plans: dict[int, LayerPlan]
     stats: dict[int, LayerStats]
     config_ids: tuple[int, ...] = ()
+    # Called as observer(layer, q, k, scale=..., softcap=...) with each span's post-RoPE q [B, H, Lq, D]
+    # and k [B, Hkv, Lk, D] before its heads' patterns run (the profiler measures candidates here).
+    observer: Callable[..., None] | None = None
+    profile: Any = None  # the Profile the plans came from, if any
 
     def reset_stats(self) -> None:
         for layer in list(self.stats):

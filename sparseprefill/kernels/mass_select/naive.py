@@ -28,7 +28,10 @@ def keep_by_cumulative_mass(
     """
     forced = forced & valid
     if top_k is None and mass >= KEEP_ALL_MASS:
-        return valid.clone()
+        if max_count is None:
+            return valid.clone()
+        # Keep-all capped at max_count is a fixed top-k budget (MInference's vertical/slash sizes).
+        top_k = max_count
     scores = torch.where(valid, scores.float().clamp_min(0.0), 0.0)
     # Forced candidates sort first (their mass counts toward the target), invalid ones last.
     sort_key = torch.where(forced, float("inf"), torch.where(valid, scores, -1.0))
