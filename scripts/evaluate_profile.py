@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 
@@ -28,6 +29,9 @@ def main() -> None:
     parser.add_argument("--profile", required=True)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--auto-masses", type=float, nargs="*", default=[],
+                        help="also evaluate auto with these vertical/slash masses (equal-recall comparisons)")
+    parser.add_argument("--skip-profile", action="store_true", help="evaluate only the auto configs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     profile = sparseprefill.load_profile(args.profile)
@@ -37,8 +41,13 @@ def main() -> None:
     # Held out: prompt indices start after the calibration ones.
     offset = profile.calibration.samples
     start = time.perf_counter()
-    rows = evaluate_settings(model, tokenizer, {"profile": profile_plan(profile), "auto": uniform_plan(SparseConfig())},
-                             options, offset=offset)
+    plans = {} if args.skip_profile else {"profile": profile_plan(profile)}
+    plans["auto"] = uniform_plan(SparseConfig())
+    for mass in args.auto_masses:
+        default = SparseConfig()
+        vertical_slash = replace(default.vertical_slash, vertical_mass=mass, slash_mass=mass)
+        plans[f"auto_m{mass:.2f}"] = uniform_plan(replace(default, vertical_slash=vertical_slash))
+    rows = evaluate_settings(model, tokenizer, plans, options, offset=offset)
     seconds = time.perf_counter() - start
     print("| config | length | recall mean | recall p5 (mean over heads) | worst head | density |")
     print("| --- | --- | --- | --- | --- | --- |")

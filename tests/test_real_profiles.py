@@ -13,10 +13,10 @@ import pytest
 
 import sparseprefill
 from sparseprefill import SparseConfig
-from sparseprefill.passkey import answer_passkey, build_passkey_prompt
+from sparseprefill.passkey import build_passkey_prompt
 from sparseprefill.profiles.profiler import ProfilerOptions, evaluate_settings, profile_plan, uniform_plan
 
-from .real_models import require_smollm2
+from .real_models import passkey_dense_then_patched, require_gemma3, require_smollm2
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +28,8 @@ def test_shipped_profile_patches_and_answers_like_dense():
     model, tokenizer = require_smollm2()
     profile = sparseprefill.shipped_profile(SHIPPED)
     prompt = build_passkey_prompt(tokenizer, HELD_OUT_LENGTH, depth=0.35, seed=101)
-    dense = answer_passkey(model, tokenizer, prompt)
-    sparseprefill.patch(model, SparseConfig(min_sparse_len=0), profile=profile)
-    try:
-        sparse = answer_passkey(model, tokenizer, prompt)
-        stats = sparseprefill.stats(model)
-    finally:
-        sparseprefill.unpatch(model)
+    dense, sparse, stats = passkey_dense_then_patched(model, tokenizer, prompt, SparseConfig(min_sparse_len=0),
+                                                      profile=profile)
     assert dense.forced_correct, "dense SmolLM2 should find this pass key"
     assert sparse.forced_digits == dense.forced_digits
     assert stats.density is not None and stats.density < 0.8
@@ -52,3 +47,17 @@ def test_shipped_profile_keeps_its_target_on_held_out_prompts_at_lower_density_t
     print(f"\nheld out {HELD_OUT_LENGTH}: profile {mine}\n  auto {auto}")
     assert mine["recall_mean"] >= profile.calibration.target
     assert mine["density"] < auto["density"]
+
+
+def test_shipped_gemma3_profile_fits_the_model_and_answers_like_dense():
+    """Gemma 3 270M: the sliding layers stay on the exact window path, the three global layers run
+    the profile's per-head settings."""
+    model, tokenizer = require_gemma3()
+    profile = sparseprefill.shipped_profile("gemma-3-270m")
+    prompt = build_passkey_prompt(tokenizer, HELD_OUT_LENGTH, depth=0.65, seed=103)
+    dense, sparse, stats = passkey_dense_then_patched(model, tokenizer, prompt, SparseConfig(min_sparse_len=0),
+                                                      profile=profile)
+    assert dense.forced_correct, "dense Gemma 3 270M should find this pass key"
+    assert sparse.forced_digits == dense.forced_digits
+    sparse_layers = {s.layer_idx for s in stats.layers if s.phases.get("sparse_prefill")}
+    assert sparse_layers == {5, 11, 17}

@@ -14,7 +14,6 @@ Measured numbers are printed (``pytest -s``) and written to ``.cache/test_real_s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,9 @@ import pytest
 import sparseprefill
 from sparseprefill import SparseConfig
 from sparseprefill.fidelity import DEFAULT_SCORED_POSITIONS, compare_logits, last_position_logits, reference_input_ids
-from sparseprefill.passkey import answer_passkey, build_passkey_prompt
+from sparseprefill.passkey import build_passkey_prompt
 
-from .real_models import require_smollm2
+from .real_models import passkey_dense_then_patched, require_smollm2, write_results
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +51,6 @@ def smollm2():
     return require_smollm2()
 
 
-def _write_results(results: dict) -> None:
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.is_file() else {}
-    previous.update(results)
-    RESULTS_PATH.write_text(json.dumps(previous, indent=1))
-
-
 def test_default_config_stays_close_to_dense_at_4k(smollm2):
     model, tokenizer = smollm2
     input_ids = reference_input_ids(tokenizer, LENGTH)
@@ -77,7 +69,7 @@ def test_default_config_stays_close_to_dense_at_4k(smollm2):
     print(f"\nSmolLM2 L={LENGTH} default forced sparse: density {stats.density:.3f}, "
           f"top-1 agreement {comparison.top1_agreement:.4f}, KL mean {comparison.kl_mean:.4f} "
           f"(max {comparison.kl_max:.3f}); forward dense {dense_seconds:.1f} s, sparse {sparse_seconds:.1f} s")
-    _write_results({"logits": results})
+    write_results(RESULTS_PATH, {"logits": results})
 
     assert not stats.fallbacks, f"sparse path fell back to dense: {dict(stats.fallbacks)}"
     assert stats.phases["sparse_prefill"] == model.config.num_hidden_layers
@@ -89,19 +81,8 @@ def test_default_config_stays_close_to_dense_at_4k(smollm2):
 def test_passkey_answer_matches_dense_at_4k(smollm2):
     model, tokenizer = smollm2
     prompt = build_passkey_prompt(tokenizer, LENGTH, depth=PASSKEY_DEPTH, seed=PASSKEY_SEED)
-    dense = answer_passkey(model, tokenizer, prompt)
-
-    sparseprefill.patch(model, config=SparseConfig(min_sparse_len=0))
-    try:
-        sparse = answer_passkey(model, tokenizer, prompt)
-        stats = sparseprefill.stats(model)
-    finally:
-        sparseprefill.unpatch(model)
-
-    print(f"\npass key {prompt.key} ({prompt.num_tokens} tokens, depth {prompt.depth}): "
-          f"dense {dense.free_text!r} / forced {dense.forced_digits}; "
-          f"sparse {sparse.free_text!r} / forced {sparse.forced_digits} (prefill density {stats.density:.3f})")
-    _write_results({"passkey": {"dense": dense.to_dict(), "sparse": sparse.to_dict(), "density": stats.density}})
+    dense, sparse, stats = passkey_dense_then_patched(model, tokenizer, prompt, SparseConfig(min_sparse_len=0))
+    write_results(RESULTS_PATH, {"passkey": {"dense": dense.to_dict(), "sparse": sparse.to_dict(), "density": stats.density}})
 
     # Only the prefill is sparse; decode steps (one query) must have run dense.
     assert stats.phases["sparse_prefill"] == model.config.num_hidden_layers
