@@ -129,6 +129,7 @@ def test_patch_with_profile_runs_each_heads_setting_and_matches_dense_when_lossl
         with torch.no_grad():
             got = model(ids).logits
         patterns = sparseprefill.stats(model).layers[0].patterns
+        assert sparseprefill.stats(model).pattern == "profile"
     finally:
         sparseprefill.unpatch(model)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -238,7 +238,8 @@ def stats(model: nn.Module) -> PatchStats:
     if state is None:
         raise NotPatchedError(f"{type(model).__name__} is not patched by sparseprefill")
     return PatchStats(
-        model_type=state.model_type, pattern=state.config.pattern.value,
+        # Under a profile each head has its own pattern (the per-layer counters list them).
+        model_type=state.model_type, pattern="profile" if state.profile is not None else state.config.pattern.value,
         layers=[state.stats[i] for i in sorted(state.stats)],
     )
 
