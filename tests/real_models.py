@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import sparseprefill
+from sparseprefill.fidelity import last_position_logits
 from sparseprefill.passkey import answer_passkey
 from sparseprefill.offline_models import OfflineModelError, load_gemma3, load_smollm2
 
@@ -71,3 +72,16 @@ def passkey_dense_then_patched(model, tokenizer, prompt, config, **patch_kwargs)
           f"dense {dense.free_text!r} / forced {dense.forced_digits}; "
           f"sparse {sparse.free_text!r} / forced {sparse.forced_digits} (prefill density {stats.density:.3f})")
     return dense, sparse, stats
+
+
+def logits_dense_then_patched(model, input_ids, positions: int, config):
+    """Logits of the last ``positions`` positions unpatched, then patched with ``config``; returns
+    ``(dense_logits, dense_seconds, sparse_logits, sparse_seconds, stats)``."""
+    dense_logits, dense_seconds = last_position_logits(model, input_ids, positions)
+    sparseprefill.patch(model, config=config)
+    try:
+        sparse_logits, sparse_seconds = last_position_logits(model, input_ids, positions)
+        stats = sparseprefill.stats(model)
+    finally:
+        sparseprefill.unpatch(model)
+    return dense_logits, dense_seconds, sparse_logits, sparse_seconds, stats

@@ -21,12 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import sparseprefill
 from sparseprefill import SparseConfig
-from sparseprefill.fidelity import compare_logits, last_position_logits, reference_input_ids
+from sparseprefill.fidelity import compare_logits, reference_input_ids
 from sparseprefill.passkey import build_passkey_prompt
 
-from .real_models import passkey_dense_then_patched, require_gemma3, write_results
+from .real_models import logits_dense_then_patched, passkey_dense_then_patched, require_gemma3, write_results
 
 pytestmark = pytest.mark.slow
 
@@ -82,14 +81,8 @@ def test_config_and_tokenizer(gemma3):
 def test_default_config_stays_close_to_dense_at_2k(gemma3):
     model, tokenizer = gemma3
     input_ids = reference_input_ids(tokenizer, LENGTH)
-    dense_logits, dense_seconds = last_position_logits(model, input_ids, SCORED_POSITIONS)
-
-    sparseprefill.patch(model, config=SparseConfig(min_sparse_len=0))
-    try:
-        sparse_logits, sparse_seconds = last_position_logits(model, input_ids, SCORED_POSITIONS)
-        stats = sparseprefill.stats(model)
-    finally:
-        sparseprefill.unpatch(model)
+    dense_logits, dense_seconds, sparse_logits, sparse_seconds, stats = logits_dense_then_patched(
+        model, input_ids, SCORED_POSITIONS, SparseConfig(min_sparse_len=0))
     comparison = compare_logits(dense_logits, sparse_logits)
     max_log_prob_diff = float(
         (torch.log_softmax(dense_logits, -1) - torch.log_softmax(sparse_logits, -1)).abs().max())

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-import sparseprefill
 from sparseprefill import SparseConfig
-from sparseprefill.fidelity import DEFAULT_SCORED_POSITIONS, compare_logits, last_position_logits, reference_input_ids
+from sparseprefill.fidelity import DEFAULT_SCORED_POSITIONS, compare_logits, reference_input_ids
 from sparseprefill.passkey import build_passkey_prompt
 
-from .real_models import passkey_dense_then_patched, require_smollm2, write_results
+from .real_models import logits_dense_then_patched, passkey_dense_then_patched, require_smollm2, write_results
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +53,8 @@ def smollm2():
 def test_default_config_stays_close_to_dense_at_4k(smollm2):
     model, tokenizer = smollm2
     input_ids = reference_input_ids(tokenizer, LENGTH)
-    dense_logits, dense_seconds = last_position_logits(model, input_ids, DEFAULT_SCORED_POSITIONS)
-
-    sparseprefill.patch(model, config=SparseConfig(min_sparse_len=0))
-    try:
-        sparse_logits, sparse_seconds = last_position_logits(model, input_ids, DEFAULT_SCORED_POSITIONS)
-        stats = sparseprefill.stats(model)
-    finally:
-        sparseprefill.unpatch(model)
+    dense_logits, dense_seconds, sparse_logits, sparse_seconds, stats = logits_dense_then_patched(
+        model, input_ids, DEFAULT_SCORED_POSITIONS, SparseConfig(min_sparse_len=0))
     comparison = compare_logits(dense_logits, sparse_logits)
 
     results = {"length": LENGTH, "density": stats.density, **comparison.to_dict(),

@@ -112,3 +112,39 @@ def attend_key_tile(q, k_base, v_base, start_n, limit, offs_d, d_ok, stride_kn, 
     if needs_mask:
         s = mask_scores(s, offs_n, n_ok, q_pos, window, HAS_WINDOW)
     return online_softmax_step(s, v, m_i, l_i, acc, UPCAST)
+
+
+@triton.jit
+def query_tile(Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
+               stride_vb, stride_vh, num_heads, q_len, q_offset,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """The attention kernels' common prologue for program (query tile, batch x query head): its batch
+    row and head, the index row it reads (an index row of ``BLOCK_Q`` rows may span several
+    ``BLOCK_M``-row programs), its query tile and positions, and its KV head's K/V bases."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kv_h = tl.load(KvHeadIndex + h)
+    index_row_id = pid_m // (BLOCK_Q // BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < q_len
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, m_ok, stride_qm, offs_d, d_ok, stride_qd, UPCAST)
+    q_pos = offs_m + q_offset
+    first_q_pos = pid_m * BLOCK_M + q_offset
+    last_q_pos = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + q_offset
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    return b, h, index_row_id, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base
+
+
+@triton.jit
+def empty_softmax_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Running max (-inf), sum (0) and fp32 accumulator (0) of an online softmax over no key yet."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    return m_i, l_i, acc

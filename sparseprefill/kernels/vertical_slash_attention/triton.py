@@ -16,10 +16,12 @@ from ..block_sparse_attention.triton import tile_sizes
 from ..indices import VerticalSlashIndex
 from ..triton_common import (
     attend_key_tile,
+    empty_softmax_state,
     load_rows,
     log2_scores,
     mask_scores,
     online_softmax_step,
+    query_tile,
     store_rows,
 )
 
@@ -40,28 +42,10 @@ def _vertical_slash_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RANGE_N: tl.constexpr,
     COLUMN_N: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    kv_h = tl.load(KvHeadIndex + h)
-    # A program covers BLOCK_M rows; an index row may span several programs (BLOCK_Q = k * BLOCK_M).
-    index_row_id = pid_m // (BLOCK_Q // BLOCK_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < q_len
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, m_ok, stride_qm, offs_d, d_ok, stride_qd, UPCAST)
-    q_pos = offs_m + q_offset
-    first_q_pos = pid_m * BLOCK_M + q_offset
-    last_q_pos = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + q_offset
-
-    k_base = K + b * stride_kb + kv_h * stride_kh
-    v_base = V + b * stride_vb + kv_h * stride_vh
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b, h, index_row_id, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base = query_tile(
+        Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
+        num_heads, q_len, q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_Q, UPCAST)
+    m_i, l_i, acc = empty_softmax_state(BLOCK_M, BLOCK_D)
 
     n_ranges = tl.load(RangeCount + b * stride_rcb + h * stride_rch + index_row_id * stride_rcm)
     range_row = b * stride_rb + h * stride_rh + index_row_id * stride_rm
