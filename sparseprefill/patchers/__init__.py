@@ -42,6 +42,7 @@ __all__ = [
     "reset_stats",
     "is_patched",
     "observe_prefill",
+    "inspect_prefill",
 ]
 
 
@@ -196,19 +197,32 @@ def _plans_from_profile(profile: Profile, config: SparseConfig, modules: list[nn
 
 
 @contextlib.contextmanager
-def observe_prefill(model: nn.Module, observer: Callable[..., None]):
-    """Within the block, ``observer(layer, q, k, scale=..., softcap=...)`` sees every sparse-routed
-    span's post-RoPE ``q [B, H, Lq, D]`` and ``k [B, Hkv, Lk, D]`` (the profiler's hook)."""
+def _hooked(model: nn.Module, slot: str, hook: Callable[..., None]):
+    """Attach ``hook`` to the patch state's ``slot`` for the duration of the block (one at a time)."""
     state = getattr(model, "_sparseprefill_state", None)
     if state is None:
         raise NotPatchedError(f"{type(model).__name__} is not patched")
-    if state.observer is not None:
-        raise RuntimeError("another observer is already attached to this model")
-    state.observer = observer
+    if getattr(state, slot) is not None:
+        raise RuntimeError(f"another {slot} is already attached to this model")
+    setattr(state, slot, hook)
     try:
         yield
     finally:
-        state.observer = None
+        setattr(state, slot, None)
+
+
+def observe_prefill(model: nn.Module, observer: Callable[..., None]):
+    """Within the block, ``observer(layer, q, k, scale=..., softcap=...)`` sees every sparse-routed
+    span's post-RoPE ``q [B, H, Lq, D]`` and ``k [B, Hkv, Lk, D]`` (the profiler's hook)."""
+    return _hooked(model, "observer", observer)
+
+
+def inspect_prefill(model: nn.Module, inspector: Callable[..., None]):
+    """Within the block, ``inspector(layer, q, k, v, out, selections, scale=..., softcap=...)`` sees every
+    sparse-routed span after its patterns ran: post-RoPE ``q [B, H, Lq, D]``, ``k``/``v [B, Hkv, Lk, D]``,
+    the sparse output ``out [B, H, Lq, D]`` and ``selections``, one ``(query heads, index)`` per head
+    group (``index`` None where the group ran dense). The fidelity eval's hook."""
+    return _hooked(model, "inspector", inspector)
 
 
 def _detach(model: nn.Module, modules: list[nn.Module], state: PatchState) -> None:

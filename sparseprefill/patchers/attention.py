@@ -108,6 +108,7 @@ def _run_span(
     if state.observer is not None:
         state.observer(layer, q, k, scale=scale, softcap=softcap)
     computed = 0
+    selections = []
     for group in state.plans[layer].groups:
         stats.patterns[group.pattern.name.value] += len(group.heads)
         if len(group.heads) == hq:
@@ -120,6 +121,9 @@ def _run_span(
             )
             out[:, heads] = part
         computed += int(result.computed_pairs.sum())
+        selections.append((group.heads, result.index))
+    if state.inspector is not None:
+        state.inspector(layer, q, k, v, out, selections, scale=scale, softcap=softcap)
     stats.record(Phase.SPARSE_PREFILL if q_len == k_len else Phase.SPARSE_CHUNK, computed, causal)
 
 

