@@ -3,6 +3,7 @@
     import sparseprefill
     sparseprefill.patch(model)            # adaptive default
     sparseprefill.patch(model, profile=sparseprefill.shipped_profile("smollm2-135m-instruct"))
+    sparseprefill.patch(model, sparseprefill.SparseConfig(decode="topk"))  # + top-k KV retrieval at decode
     sparseprefill.stats(model)            # per layer: phase, density, fallbacks
     sparseprefill.unpatch(model)
 """
@@ -15,6 +16,8 @@ from .config import (
     AntidiagonalConfig,
     AShapeConfig,
     BlockSparseConfig,
+    DecodeMethod,
+    DecodeRetrievalConfig,
     PatternName,
     SparseConfig,
     VerticalSlashConfig,
@@ -45,6 +48,8 @@ __all__ = [
     "AlreadyPatchedError",
     "AntidiagonalConfig",
     "BlockSparseConfig",
+    "DecodeMethod",
+    "DecodeRetrievalConfig",
     "NotPatchedError",
     "PatternName",
     "Profile",

@@ -123,27 +123,6 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]]
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu()]
 
 
-def _config_from_dict(values: dict[str, Any]) -> SparseConfig:
-    from dataclasses import fields
-
-    from .. import config as config_module
-
-    nested = {f.name: f.type for f in fields(SparseConfig)}
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in nested:
-            raise ValueError(f"unknown SparseConfig field {key!r}; fields: {', '.join(nested)}")
-        if isinstance(value, dict):
-            cls = getattr(config_module, str(nested[key]).split(".")[-1].strip("'\""), None)
-            if cls is None:
-                raise ValueError(f"field {key!r} does not take a nested object")
-            value = cls(**value)
-        elif key == "pattern":
-            value = config_module.PatternName(value)
-        kwargs[key] = value
-    return SparseConfig(**kwargs)
-
-
 def parse_variants(specs: Sequence[str], min_sparse_len: int = EVAL_MIN_SPARSE_LEN) -> list[Variant]:
     """Dense first, then one variant per spec.
 
@@ -169,10 +148,13 @@ def parse_variants(specs: Sequence[str], min_sparse_len: int = EVAL_MIN_SPARSE_L
             target = spec.split(":", 1)[1]
             variants.append(Variant(f"profile:{Path(target).stem}", base, profile=target))
         elif spec.startswith("config:"):
-            path = spec.split(":", 1)[1]
-            values = json.loads(Path(path).expanduser().read_text())
-            values.setdefault("min_sparse_len", min_sparse_len)
-            variants.append(Variant(f"config:{Path(path).stem}", _config_from_dict(values)))
+            from .lm_eval_model import parse_sparse_config  # the typed SparseConfig parser (no lm-eval needed)
+
+            path = Path(spec.split(":", 1)[1]).expanduser()
+            config = parse_sparse_config(path)
+            if "min_sparse_len" not in json.loads(path.read_text()):
+                config = replace(config, min_sparse_len=min_sparse_len)
+            variants.append(Variant(f"config:{path.stem}", config))
         else:
             raise ValueError(f"unknown variant {spec!r}: expected auto, auto@MASS, profile:NAME_OR_PATH or "
                              "config:FILE.json")

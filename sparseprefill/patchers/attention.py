@@ -1,5 +1,7 @@
 """The registered attention function: routes every call to a phase.
 
+- decode (``Lq == 1``) with ``SparseConfig.decode`` set: top-k KV page retrieval (``decode.py``), or
+  the previous implementation with a recorded reason;
 - no ``SparsePrefillMask`` (decode, short prompt, static cache, custom masks): the previous
   implementation with the mask it would have had, i.e. exactly the unpatched computation;
 - ``SparsePrefillMask``: fresh prefill (``Lq == Lk``) or chunked prefill (``Lq < Lk``) on the sparse
@@ -22,6 +24,7 @@ from ..kernels import dense_attention, library
 from ..kernels.common import default_kv_head_index
 from ..kernels.geometry import causal_pairs_total
 from ..patterns import window_index
+from .decode import decode_attention, invalidate_layer
 from .masks import SparsePrefillMask
 from .state import FallbackReason, LayerStats, PatchState, Phase, heads_tensor
 
@@ -140,6 +143,20 @@ def sparseprefill_attention(
     state, layer = _binding(module)
     stats = state.stats[layer]
     q_len, k_len = query.shape[2], key.shape[2]
+
+    if q_len == 1 and state.config.decode is not None:
+        # Top-k page retrieval (patchers/decode.py); it says why when the call must stay dense.
+        scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
+        result = decode_attention(module, state, layer, stats, query, key, value, attention_mask, scale=scale,
+                                  dropout=dropout, kwargs=kwargs)
+        if not isinstance(result, FallbackReason):
+            return result
+        stats.record_fallback(result)
+        previous = previous_attention_function(module, state.fallback_implementation)
+        return previous(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if q_len > 1:
+        # The cache may be a new one (a new generate call) or got a chunk: decode summaries restart.
+        invalidate_layer(state, layer)
 
     if not isinstance(attention_mask, SparsePrefillMask):
         if q_len == 1:

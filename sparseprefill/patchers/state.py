@@ -24,6 +24,7 @@ class Phase(str, enum.Enum):
     SPARSE_PREFILL = "sparse_prefill"  # fresh prefill, per-head sparse patterns
     SPARSE_CHUNK = "sparse_chunk"  # chunked prefill / follow-up turn, patterns with a query offset
     WINDOW = "sliding_window_exact"  # a sliding-window layer: exact window attention
+    SPARSE_DECODE = "sparse_decode"  # decode (Lq == 1) over the top-k KV pages (SparseConfig.decode)
     DENSE = "dense"  # dense, for the reason recorded alongside
 
 
@@ -38,6 +39,12 @@ class FallbackReason(str, enum.Enum):
     OUTPUT_ATTENTIONS = "output_attentions"
     PADDING_HOLES = "non_contiguous_padding"
     FORCED_DENSE = "pattern_dense"
+    # Decode with SparseConfig.decode set, but this call runs dense (exactly the previous implementation):
+    DECODE_SHORT = "decode_short_context"  # Lk < decode.min_context
+    DECODE_DENSE_LAYER = "decode_dense_layer"  # layer listed in decode.dense_layers
+    DECODE_SLIDING = "decode_sliding_window"  # a sliding-window layer (its window is already the budget)
+    DECODE_MASK = "decode_unsupported_mask"  # static cache (keys past the query), non-contiguous padding, or
+    # a mask type the decode path cannot read
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,9 @@ class PatchState:
     # (query heads, index) per head group (index None = dense). The fidelity eval measures here.
     inspector: Callable[..., None] | None = None
     profile: Any = None  # the Profile the plans came from, if any
+    # Decode retrieval state (``patchers/decode.DecodeState``: per-layer page summaries and selections),
+    # created on the first sparse decode call when SparseConfig.decode is set.
+    decode: Any = None
 
     def reset_stats(self) -> None:
         for layer in list(self.stats):
