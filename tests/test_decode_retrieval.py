@@ -311,3 +311,77 @@ def test_smollm2_topk_decode_agrees_with_dense():
     assert result["sparse_decode_calls"] > 0 and result["decode_density"] < MAX_DECODE_DENSITY
     assert result["teacher_forced_agreement"] >= MIN_TEACHER_FORCED_AGREEMENT
     assert result["recall_mean"] >= MIN_MEAN_RECALL
+
+
+# ------------------------------------------------------------------------------ profile overrides
+
+
+def _profile_with_decode(model, decode):
+    """A profile for ``model`` whose heads all run dense prefill, with per-layer ``decode`` overrides."""
+    from sparseprefill.profiles import Calibration, HeadSetting, Profile, model_identity
+
+    identity = model_identity(model.config)
+    calibration = Calibration(source="test", lengths=(PROMPT,), samples=1, objective="attention_mass_recall",
+                              target=0.95, tool_version=sparseprefill.__version__, date="2026-11-21")
+    layers = tuple(tuple(HeadSetting("dense", {}) for _ in range(identity.num_query_heads))
+                   for _ in range(identity.num_layers))
+    return Profile(model=identity, calibration=calibration, layers=layers, decode=decode)
+
+
+def test_profile_decode_overrides_per_layer(tmp_path):
+    from sparseprefill.profiles import LayerDecodeSetting, load_profile, save_profile
+
+    model = tiny_model("llama", qk_scale=PEAKED_QK)
+    profile = _profile_with_decode(model, (LayerDecodeSetting(dense=True), LayerDecodeSetting(budget_tokens=64)))
+    path = tmp_path / "p.json"
+    save_profile(profile, path)
+    assert load_profile(path) == profile  # the overrides round-trip through the file
+    sparseprefill.patch(model, SparseConfig(min_sparse_len=10**6, decode=LOSSY), profile=path)
+    _generate(model, random_ids(PROMPT))
+    stats = sparseprefill.stats(model)
+    sparseprefill.unpatch(model)
+    layer0, layer1 = stats.layers
+    assert layer0.fallbacks["decode_dense_layer"] == NEW_TOKENS - 1 and "sparse_decode" not in layer0.phases
+    # Layer 1 attends a 64-token budget (4 pages) instead of LOSSY's 128, plus pages decoded since.
+    assert layer1.phases["sparse_decode"] == NEW_TOKENS - 1
+    steps = NEW_TOKENS - 1
+    max_keys = sum(64 + PAGE * 2 for _ in range(steps))  # 4 pages + at most 2 new/partial pages per step
+    causal = sum(PROMPT + i for i in range(1, steps + 1))
+    assert layer1.computed_pairs <= max_keys * model.config.num_attention_heads
+    assert layer1.density < (LOSSY.budget_tokens + 2 * PAGE) / PROMPT * 0.75
+    assert layer1.causal_pairs == causal * model.config.num_attention_heads
+
+
+def test_profile_decode_overrides_are_checked():
+    from sparseprefill.profiles import LayerDecodeSetting, ProfileError, load_profile
+
+    model = tiny_model("llama")
+    with pytest.raises(ProfileError, match="exactly one"):
+        LayerDecodeSetting(dense=True, budget_tokens=64)
+    with pytest.raises(ProfileError, match="decode.*2 layers"):
+        _profile_with_decode(model, (None,))
+    data = _profile_with_decode(model, (None, LayerDecodeSetting(budget_tokens=64))).to_dict()
+    assert data["decode"] == [None, {"budget_tokens": 64}]
+    for bad, message in (([None, {"dense": False}], r"decode\[1\]\.dense"), ([None, {"budget": 3}], "unknown key"),
+                         ([None, {"budget_tokens": 0}], r"decode\[1\]\.budget_tokens")):
+        with pytest.raises(ProfileError, match=message):
+            load_profile({**data, "decode": bad})
+    # A budget too small for the config's forced sink/recent pages fails at patch time, naming the layer.
+    profile = _profile_with_decode(model, (None, LayerDecodeSetting(budget_tokens=16)))
+    with pytest.raises(ProfileError, match=r"decode\[1\]\.budget_tokens"):
+        sparseprefill.patch(model, SparseConfig(decode=LOSSY), profile=profile)
+    assert not sparseprefill.is_patched(model)
+
+
+def test_profile_json_schema_accepts_decode_overrides():
+    import json
+
+    from sparseprefill.profiles import PROFILE_SCHEMA_PATH, LayerDecodeSetting
+
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(json.loads(PROFILE_SCHEMA_PATH.read_text()))
+    data = _profile_with_decode(tiny_model("llama"), (LayerDecodeSetting(dense=True),
+                                                      LayerDecodeSetting(budget_tokens=64))).to_dict()
+    validator.validate(data)
+    for bad in ([{"dense": False}, None], [{"budget_tokens": 0}, None], [{"dense": True, "budget_tokens": 8}, None]):
+        assert not validator.is_valid({**data, "decode": bad})

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from dataclasses import replace
 from typing import Any, Callable
 
 from torch import nn
 
 from ..config import SparseConfig
 from ..patterns import build_pattern
-from ..profiles import Profile, check_profile_matches, load_profile
+from ..profiles import Profile, ProfileError, check_profile_matches, load_profile
 from .attention import IMPLEMENTATION_NAME, sparseprefill_attention
 from .masks import SparsePrefillMask, make_mask_function
 from .state import (
@@ -157,6 +158,7 @@ def patch(
         config=config, model_type=model_type, previous_implementation=previous,
         fallback_implementation=fallback, plans=plans,
         stats=layer_stats, config_ids=tuple(config_objects), profile=profile,
+        decode_configs=_decode_configs(profile, config),
     )
     for config_id, config_object in config_objects.items():
         _STATE_BY_CONFIG[config_id] = state
@@ -175,6 +177,25 @@ def patch(
         raise
     model._sparseprefill_state = state
     return model
+
+
+def _decode_configs(profile: Profile | None, config: SparseConfig) -> dict[int, Any]:
+    """Per-layer decode settings: the profile's ``decode`` overrides applied to ``config.decode``, checked
+    now so a bad budget fails at patch time. ``None`` for a layer means it always decodes dense."""
+    if config.decode is None or profile is None or profile.decode is None:
+        return {}
+    configs: dict[int, Any] = {}
+    for layer, setting in enumerate(profile.decode):
+        if setting is None:
+            continue
+        if setting.dense:
+            configs[layer] = None
+            continue
+        try:
+            configs[layer] = replace(config.decode, budget_tokens=setting.budget_tokens)
+        except ValueError as exc:
+            raise ProfileError(f"decode[{layer}].budget_tokens", f"{exc} (with this SparseConfig.decode)") from None
+    return configs
 
 
 def _plans_from_profile(profile: Profile, config: SparseConfig, modules: list[nn.Module]) -> dict[int, LayerPlan]:

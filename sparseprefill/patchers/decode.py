@@ -216,14 +216,14 @@ def decode_attention(
     Returns ``(out [B, 1, Hq, D], None)`` (the HF attention return), or the reason the call must run
     dense through the previous implementation (the caller records it and runs it).
     """
-    cfg = state.config.decode
+    cfg = state.decode_configs.get(layer, state.config.decode)  # a profile may override a layer
     batch, hq, _, head_dim = query.shape
     hkv, k_len = key.shape[1], key.shape[2]
     if module.training or dropout > 0.0:
         return FallbackReason.TRAINING
     if kwargs.get("output_attentions"):
         return FallbackReason.OUTPUT_ATTENTIONS
-    if layer in cfg.dense_layers:
+    if cfg is None or layer in cfg.dense_layers:
         return FallbackReason.DECODE_DENSE_LAYER
     if kwargs.get("sliding_window") is not None:
         return FallbackReason.DECODE_SLIDING

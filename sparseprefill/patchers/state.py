@@ -170,6 +170,9 @@ class PatchState:
     # Decode retrieval state (``patchers/decode.DecodeState``: per-layer page summaries and selections),
     # created on the first sparse decode call when SparseConfig.decode is set.
     decode: Any = None
+    # Per-layer decode settings from the profile's ``decode`` overrides: a DecodeRetrievalConfig, or None
+    # for a layer the profile keeps dense. Layers not listed use ``config.decode``.
+    decode_configs: dict[int, Any] = field(default_factory=dict)
 
     def reset_stats(self) -> None:
         for layer in list(self.stats):

@@ -49,6 +49,7 @@ from typing import Any
 from ..config import PatternName, SparseConfig
 
 __all__ = [
+    "LayerDecodeSetting",
     "PROFILE_FORMAT",
     "PROFILE_VERSION",
     "PROFILE_SCHEMA_PATH",
@@ -502,13 +503,59 @@ class HeadSetting:
         return out
 
 
+_DECODE_DENSE_KEY = "dense"
+_DECODE_BUDGET_KEY = "budget_tokens"
+
+
+@dataclass(frozen=True)
+class LayerDecodeSetting:
+    """One layer's decode override, refining ``SparseConfig.decode`` (top-k KV retrieval) for that layer:
+    ``dense`` (always decode it dense; JSON ``{"dense": true}``) or its own ``budget_tokens``
+    (JSON ``{"budget_tokens": 1024}``). Unused while decode retrieval is off."""
+
+    dense: bool = False
+    budget_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        self._validate("decode[?]")
+
+    def _validate(self, path: str) -> None:
+        if not isinstance(self.dense, bool):
+            raise ProfileError(_join(path, _DECODE_DENSE_KEY), f"must be true, got {_show(self.dense)}")
+        if self.dense == (self.budget_tokens is not None):
+            raise ProfileError(path, f"give exactly one of {_DECODE_DENSE_KEY!r}: true or {_DECODE_BUDGET_KEY!r}")
+        if self.budget_tokens is not None:
+            _req_int(self.budget_tokens, _join(path, _DECODE_BUDGET_KEY), 1)
+
+    @classmethod
+    def _from_json(cls, obj: Any, path: str) -> LayerDecodeSetting | None:
+        if obj is None:
+            return None
+        obj = _req_object(obj, path)
+        _check_keys(obj, path, (), (_DECODE_DENSE_KEY, _DECODE_BUDGET_KEY))
+        dense = obj.get(_DECODE_DENSE_KEY, False)
+        if _DECODE_DENSE_KEY in obj and dense is not True:
+            raise ProfileError(_join(path, _DECODE_DENSE_KEY), f"must be true (omit the layer's entry or write null "
+                                                               f"to follow the config), got {_show(dense)}")
+        setting = cls.__new__(cls)
+        object.__setattr__(setting, "dense", dense)
+        object.__setattr__(setting, "budget_tokens", obj.get(_DECODE_BUDGET_KEY))
+        setting._validate(path)
+        return setting
+
+    def to_dict(self) -> dict[str, Any]:
+        return {_DECODE_DENSE_KEY: True} if self.dense else {_DECODE_BUDGET_KEY: self.budget_tokens}
+
+
 @dataclass(frozen=True)
 class Profile:
-    """Per-head settings for one model: ``layers[layer][query_head]``."""
+    """Per-head settings for one model: ``layers[layer][query_head]``; optionally ``decode[layer]``,
+    per-layer overrides of top-k decode retrieval (``None`` entries follow ``SparseConfig.decode``)."""
 
     model: ModelIdentity
     calibration: Calibration
     layers: tuple[tuple[HeadSetting, ...], ...]
+    decode: tuple[LayerDecodeSetting | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelIdentity):
@@ -526,6 +573,16 @@ class Profile:
                     raise ProfileError(f"layers[{i}][{j}]", f"must be a HeadSetting, got {type(head).__name__}")
             normalised.append(tuple(layer))
         object.__setattr__(self, "layers", tuple(normalised))
+        if self.decode is not None:
+            decode = _req_array(self.decode, "decode")
+            if len(decode) != self.model.num_layers:
+                raise ProfileError("decode", f"has {len(decode)} entries, the model has {self.model.num_layers} layers "
+                                             "(one entry per layer; null follows the config)")
+            for i, setting in enumerate(decode):
+                if setting is not None and not isinstance(setting, LayerDecodeSetting):
+                    raise ProfileError(f"decode[{i}]", f"must be a LayerDecodeSetting or None, got "
+                                                       f"{type(setting).__name__}")
+            object.__setattr__(self, "decode", tuple(decode))
 
     def to_dict(self) -> dict[str, Any]:
         """A plain JSON-ready dict; ``load_profile(p.to_dict()) == p``."""
@@ -535,6 +592,8 @@ class Profile:
             "model": self.model.to_dict(),
             "calibration": self.calibration.to_dict(),
             "layers": [[head.to_dict() for head in layer] for layer in self.layers],
+            **({} if self.decode is None else
+               {"decode": [None if setting is None else setting.to_dict() for setting in self.decode]}),
         }
 
     def pattern_mix(self) -> dict[str, int]:
@@ -712,6 +771,7 @@ def check_profile_matches(profile: Profile, model_config: Any, *, allow_mismatch
 # ----------------------------------------------------------------------------------------------
 
 _TOP_LEVEL_KEYS = ("format", "version", "model", "calibration", "layers")
+_OPTIONAL_TOP_LEVEL_KEYS = ("decode",)
 
 
 def _reject_constant(name: str) -> Any:
@@ -771,7 +831,7 @@ def _profile_from_dict(data: Any) -> Profile:
         raise ProfileError("version", f"must be an integer, got {_type_name(version)} {_show(version)}")
     if version != PROFILE_VERSION:
         raise ProfileError("version", f"found version {version}, this sparseprefill supports version {PROFILE_VERSION} only")
-    _check_keys(data, "", _TOP_LEVEL_KEYS)
+    _check_keys(data, "", _TOP_LEVEL_KEYS, _OPTIONAL_TOP_LEVEL_KEYS)
 
     model_obj = _req_object(data["model"], "model")
     _check_keys(model_obj, "model", _MODEL_FIELDS)
@@ -788,7 +848,11 @@ def _profile_from_dict(data: Any) -> Profile:
         layer_obj = _req_array(layer_obj, f"layers[{i}]")
         _check_head_count(i, len(layer_obj), model)
         layers.append(tuple(HeadSetting._from_json(head, f"layers[{i}][{j}]") for j, head in enumerate(layer_obj)))
-    return Profile(model=model, calibration=calibration, layers=tuple(layers))
+    decode = None
+    if "decode" in data:
+        decode_obj = _req_array(data["decode"], "decode")
+        decode = tuple(LayerDecodeSetting._from_json(entry, f"decode[{i}]") for i, entry in enumerate(decode_obj))
+    return Profile(model=model, calibration=calibration, layers=tuple(layers), decode=decode)
 
 
 def load_profile(source: str | os.PathLike[str] | Mapping[str, Any]) -> Profile:
@@ -819,7 +883,9 @@ def _dumps(data: Mapping[str, Any]) -> str:
 
     entries = []
     for key, value in data.items():
-        if key == "layers":
+        if key == "decode":
+            body = block(["    " + compact(entry) for entry in value], "  ")
+        elif key == "layers":
             rendered = [
                 "    " + block(["      " + compact(head) for head in layer], "    ") for layer in value
             ]
