@@ -140,6 +140,24 @@ def sparseprefill_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if query.is_cuda and query.device.index != torch.cuda.current_device():
+        # A model split over GPUs (device_map="auto") runs layers on other devices than the current
+        # one; Triton launches on the current device, so switch to the layer's for the call.
+        with torch.cuda.device(query.device):
+            return _attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    return _attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+def _attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     state, layer = _binding(module)
     stats = state.stats[layer]
     q_len, k_len = query.shape[2], key.shape[2]
