@@ -227,6 +227,10 @@ DEFAULT_DECODE_RESELECT_EVERY = 4
 # only pays from ~128K (1.13x there, 0.40x at 32K); at batch 8 from 32K (1.86x; 5.7x at 128K).
 # End to end at 32K, batch 1 it measured 0.73x (host overhead per layer on top), hence 128K.
 DEFAULT_DECODE_MIN_CONTEXT = 131072
+# A follow-up chunk is a question or a turn, not a document: beyond a few hundred new tokens the
+# chunk's own causal block dominates and the sparse prefill patterns (which estimate from its last
+# queries) are the better tool. Each 64 // G queries of a chunk get their own page selection.
+DEFAULT_MAX_FOLLOW_UP_TOKENS = 256
 # Shorthand accepted for ``SparseConfig(decode=...)``: the defaults above.
 DECODE_SHORTHAND = "topk"
 
@@ -250,6 +254,10 @@ class DecodeRetrievalConfig:
         dense_layers: layer indices that always decode dense.
         reselect_every: decode steps a selection is reused for (1 = select every step).
         min_context: cached keys below which decode stays dense.
+        follow_up_chunks: also serve short prefill chunks after a cached context of at least
+            ``min_context`` keys (a second question about the same document) by page retrieval,
+            instead of the sparse prefill patterns. Off by default: it is an option to measure.
+        max_follow_up_tokens: chunks with more new tokens than this keep the prefill patterns.
     """
 
     page_size: int = DEFAULT_DECODE_PAGE_SIZE
@@ -260,8 +268,13 @@ class DecodeRetrievalConfig:
     dense_layers: tuple[int, ...] = DEFAULT_DECODE_DENSE_LAYERS
     reselect_every: int = DEFAULT_DECODE_RESELECT_EVERY
     min_context: int = DEFAULT_DECODE_MIN_CONTEXT
+    follow_up_chunks: bool = False
+    max_follow_up_tokens: int = DEFAULT_MAX_FOLLOW_UP_TOKENS
 
     def __post_init__(self) -> None:
+        if not isinstance(self.follow_up_chunks, bool):
+            raise TypeError(f"decode.follow_up_chunks must be a bool, got {self.follow_up_chunks!r}")
+        _check_positive_int("decode.max_follow_up_tokens", self.max_follow_up_tokens)
         try:
             object.__setattr__(self, "method", DecodeMethod(self.method))
         except ValueError:
@@ -303,7 +316,8 @@ class DecodeRetrievalConfig:
         return {"page_size": self.page_size, "budget_tokens": self.budget_tokens, "sink_tokens": self.sink_tokens,
                 "recent_tokens": self.recent_tokens, "method": self.method.value,
                 "dense_layers": list(self.dense_layers), "reselect_every": self.reselect_every,
-                "min_context": self.min_context}
+                "min_context": self.min_context, "follow_up_chunks": self.follow_up_chunks,
+                "max_follow_up_tokens": self.max_follow_up_tokens}
 
 
 @dataclass(frozen=True)

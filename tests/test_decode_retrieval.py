@@ -385,3 +385,49 @@ def test_profile_json_schema_accepts_decode_overrides():
     validator.validate(data)
     for bad in ([{"dense": False}, None], [{"budget_tokens": 0}, None], [{"dense": True, "budget_tokens": 8}, None]):
         assert not validator.is_valid({**data, "decode": bad})
+
+
+# ----------------------------------------------------------------------------- follow-up chunks
+
+CHUNK = 40  # a follow-up question: more queries than one kernel call takes (64 // G), so it is split
+
+
+def _chunk_logits(model, prompt, chunk, config=None):
+    """Prefill ``prompt`` with a cache, then run ``chunk`` as a follow-up; returns (logits, stats)."""
+    from transformers import DynamicCache
+
+    if config is not None:
+        sparseprefill.patch(model, config)
+    try:
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(prompt, past_key_values=cache, use_cache=True)
+            logits = model(chunk, past_key_values=cache, use_cache=True).logits
+        return logits, (sparseprefill.stats(model) if config is not None else None)
+    finally:
+        if config is not None:
+            sparseprefill.unpatch(model)
+
+
+def test_follow_up_chunk_keep_everything_equals_unpatched():
+    model = tiny_model("llama", qk_scale=PEAKED_QK)
+    prompt, chunk = random_ids(PROMPT, seed=3), random_ids(CHUNK, seed=4)
+    expected, _ = _chunk_logits(model, prompt, chunk)
+    config = SparseConfig.keep_everything(decode=DecodeRetrievalConfig.keep_everything(follow_up_chunks=True))
+    got, stats = _chunk_logits(model, prompt, chunk, config)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert all(layer.phases["retrieval_chunk"] == 1 for layer in stats.layers)
+
+
+def test_follow_up_chunk_retrieves_and_falls_back_where_it_must():
+    model = tiny_model("llama", qk_scale=PEAKED_QK)
+    prompt, chunk = random_ids(PROMPT, seed=3), random_ids(CHUNK, seed=4)
+    expected, _ = _chunk_logits(model, prompt, chunk)
+    lossy = DecodeRetrievalConfig(**{**LOSSY.to_dict(), "follow_up_chunks": True})
+    got, stats = _chunk_logits(model, prompt, chunk, SparseConfig.keep_everything(decode=lossy))
+    assert all(layer.phases["retrieval_chunk"] == 1 and layer.last_density < 0.8 for layer in stats.layers)
+    assert not torch.allclose(got, expected, atol=1e-4)  # a 128-token budget over 341 keys drops some mass
+    # Longer than max_follow_up_tokens, or retrieval for chunks off: the prefill patterns run the chunk.
+    for decode in (DecodeRetrievalConfig(**{**lossy.to_dict(), "max_follow_up_tokens": CHUNK - 1}), LOSSY):
+        _, stats = _chunk_logits(model, prompt, chunk, SparseConfig.keep_everything(decode=decode))
+        assert all(layer.phases["sparse_chunk"] == 1 and "retrieval_chunk" not in layer.phases for layer in stats.layers)

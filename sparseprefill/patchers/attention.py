@@ -24,7 +24,7 @@ from ..kernels import dense_attention, library
 from ..kernels.common import default_kv_head_index
 from ..kernels.geometry import causal_pairs_total
 from ..patterns import window_index
-from .decode import decode_attention, invalidate_layer
+from .decode import decode_attention, follow_up_attention, invalidate_layer
 from .masks import SparsePrefillMask
 from .state import FallbackReason, LayerStats, PatchState, Phase, heads_tensor
 
@@ -175,6 +175,12 @@ def _attention(
     if q_len > 1:
         # The cache may be a new one (a new generate call) or got a chunk: decode summaries restart.
         invalidate_layer(state, layer)
+        if state.config.decode is not None and q_len < k_len:
+            scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
+            result = follow_up_attention(module, state, layer, stats, query, key, value, attention_mask,
+                                         scale=scale, dropout=dropout, kwargs=kwargs)
+            if result is not None:
+                return result
 
     if not isinstance(attention_mask, SparsePrefillMask):
         if q_len == 1:

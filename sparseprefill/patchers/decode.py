@@ -49,6 +49,7 @@ from ..config import DecodeMethod, DecodeRetrievalConfig
 from ..kernels.page_score import top_k_pages
 from ..kernels.page_summary import PageSummary, num_pages_for, page_summary, update_page_summary
 from ..kernels.sparse_decode_attention import sparse_decode_attention
+from .masks import SparsePrefillMask
 from .state import FallbackReason, LayerStats, PatchState, Phase
 
 __all__ = ["DecodeState", "RowGroup", "LayerDecode", "decode_attention", "invalidate_layer"]
@@ -269,4 +270,72 @@ def decode_attention(
         pages = budget_pages + group.appended_pages
         computed += (pages * cfg.page_size - (num_pages * cfg.page_size - length)) * group_heads
     stats.record(Phase.SPARSE_DECODE, computed, causal)
+    return out_buffer, None
+
+
+def follow_up_attention(
+    module: nn.Module,
+    state: PatchState,
+    layer: int,
+    stats: LayerStats,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    *,
+    scale: float,
+    dropout: float,
+    kwargs: dict,
+) -> tuple[torch.Tensor, None] | None:
+    """A short follow-up chunk (``1 < Lq <= max_follow_up_tokens``) after a cached context of at least
+    ``min_context`` keys, by page retrieval: each run of ``64 // G`` queries (the decode kernel's rows
+    per KV head) selects its own top-k pages of the keys it may see and attends them, its own causal
+    block included through the forced recent pages. Returns ``(out [B, Lq, Hq, D], None)``, or None
+    when the chunk is not one this path serves (the caller then runs the prefill patterns).
+
+    Only an unpadded batch is served: the summaries are per call (the chunk's keys are new), so
+    padding would need per-row geometry that the prefill path already handles.
+    """
+    from ..kernels.sparse_decode_attention.triton import MAX_GROUP_ROWS
+
+    cfg = state.decode_configs.get(layer, state.config.decode)
+    batch, hq, q_len, head_dim = query.shape
+    hkv, k_len = key.shape[1], key.shape[2]
+    if (cfg is None or not cfg.follow_up_chunks or not 1 < q_len <= cfg.max_follow_up_tokens or q_len >= k_len
+            or k_len - q_len < cfg.min_context or layer in cfg.dense_layers or module.training or dropout > 0.0
+            or kwargs.get("output_attentions") or kwargs.get("sliding_window") is not None
+            or not isinstance(attention_mask, SparsePrefillMask) or attention_mask.padding is not None):
+        return None
+    softcap = kwargs.get("softcap")
+    rows_per_call = max(1, MAX_GROUP_ROWS // (hq // hkv))
+    out_buffer = query.new_empty(batch, q_len, hq, head_dim)
+    out = out_buffer.transpose(1, 2)
+    computed = causal = 0
+    stats_for_method = _STATS_FOR_METHOD[cfg.method]
+    for first in range(0, q_len, rows_per_call):
+        last = min(first + rows_per_call, q_len)
+        end = k_len - q_len + last  # keys visible to this run's last query
+        q, k, v = query[:, :, first:last], key[:, :, :end], value[:, :, :end]
+        # The run's own queries sit in its last (last - first) keys: keep them whatever the scores say.
+        recent = max(cfg.recent_tokens, last - first)
+        num_pages = num_pages_for(end, cfg.page_size)
+        budget = max(cfg.budget_tokens, (-(-cfg.sink_tokens // cfg.page_size) + -(-recent // cfg.page_size) + 2)
+                     * cfg.page_size)
+        if num_pages * cfg.page_size <= budget:
+            sparse_decode_attention(q, k, v, page_size=cfg.page_size, scale=scale, softcap=softcap,
+                                    out=out[:, :, first:last])
+            kept = end
+        else:
+            summary = page_summary(k, page_size=cfg.page_size, stats=stats_for_method)
+            index, count = top_k_pages(q, summary, scale=scale, method=cfg.method.value, budget_tokens=budget,
+                                       sink_tokens=cfg.sink_tokens, recent_tokens=recent)
+            sparse_decode_attention(q, k, v, index, count, page_size=cfg.page_size, scale=scale, softcap=softcap,
+                                    out=out[:, :, first:last])
+            # Every listed page is full except the last (always listed); the host count costs one read
+            # per run, acceptable for a chunk (decode steps avoid it).
+            kept = min(end, int(count.max()) * cfg.page_size)
+        rows = last - first
+        computed += kept * rows * batch * hq
+        causal += sum(end - rows + 1 + t for t in range(rows)) * batch * hq
+    stats.record(Phase.RETRIEVAL_CHUNK, min(computed, causal), causal)
     return out_buffer, None

@@ -25,6 +25,7 @@ class Phase(str, enum.Enum):
     SPARSE_CHUNK = "sparse_chunk"  # chunked prefill / follow-up turn, patterns with a query offset
     WINDOW = "sliding_window_exact"  # a sliding-window layer: exact window attention
     SPARSE_DECODE = "sparse_decode"  # decode (Lq == 1) over the top-k KV pages (SparseConfig.decode)
+    RETRIEVAL_CHUNK = "retrieval_chunk"  # a short follow-up chunk over the top-k KV pages (decode.follow_up_chunks)
     DENSE = "dense"  # dense, for the reason recorded alongside
 
 
