@@ -18,7 +18,7 @@ import sparseprefill
 from sparseprefill.config import DecodeMethod, DecodeRetrievalConfig, SparseConfig
 from sparseprefill.patchers import decode as decode_module
 
-from .tiny_models import random_ids, tiny_model
+from .tiny_models import random_ids, static_cache_generate, tiny_model
 
 PROMPT = 301  # odd: the last page is partial
 NEW_TOKENS = 12
@@ -207,15 +207,9 @@ def test_new_generate_call_rebuilds_summaries():
 
 def test_static_cache_decode_falls_back_visibly():
     model = tiny_model("llama")
-    ids = random_ids(PROMPT)
-    kwargs = dict(max_new_tokens=5, cache_implementation="static", **GEN)
-    with torch.no_grad():
-        reference = model.generate(ids, **kwargs)
-    _patched(model, KEEP_ALL)
-    with torch.no_grad():
-        patched = model.generate(ids, **kwargs)
-    stats = sparseprefill.stats(model)
-    sparseprefill.unpatch(model)
+    # Prefill dense (min_sparse_len above the prompt), as _patched does: this test is about decode.
+    config = SparseConfig(min_sparse_len=10**6, decode=KEEP_ALL)
+    patched, reference, stats = static_cache_generate(model, config, random_ids(PROMPT))
     assert torch.equal(patched, reference)
     # Keys past the current token (the unfilled static buffer) cannot be paged: dense.
     assert stats.fallbacks["decode_unsupported_mask"] >= model.config.num_hidden_layers

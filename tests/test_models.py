@@ -9,7 +9,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 import sparseprefill
 from sparseprefill import AntidiagonalConfig, BlockSparseConfig, SparseConfig, VerticalSlashConfig
 
-from .tiny_models import FAMILIES, SLIDING_WINDOW, random_ids, tiny_model
+from .tiny_models import FAMILIES, SLIDING_WINDOW, random_ids, static_cache_generate, tiny_model
 
 # Blocks of 32 so that a few hundred tokens already span many blocks.
 SMALL_BLOCKS = dict(
@@ -302,15 +302,7 @@ def test_selecting_the_implementation_without_patch_is_an_error():
 
 def test_static_cache_generation_falls_back_exactly():
     model = tiny_model("llama")
-    ids = random_ids(ODD_LENGTH)
-    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
-    with torch.no_grad():
-        reference = model.generate(ids, **kwargs)
-    sparseprefill.patch(model, KEEP_ALL)
-    with torch.no_grad():
-        patched = model.generate(ids, **kwargs)
-    stats = sparseprefill.stats(model)
-    sparseprefill.unpatch(model)
+    patched, reference, stats = static_cache_generate(model, KEEP_ALL, random_ids(ODD_LENGTH))
     assert torch.equal(patched, reference)
     # Static-cache keys run past the queries: the prefill cannot use bottom-right alignment.
     assert stats.fallbacks["unaligned_cache"] >= model.config.num_hidden_layers

@@ -95,3 +95,21 @@ def tiny_model(family: str, *, windowed: bool = True, qk_scale: float = 1.0, see
 def random_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def static_cache_generate(model, config, ids: torch.Tensor, max_new_tokens: int = 5):
+    """Greedy ``generate`` with a static cache, unpatched then patched with ``config``: returns
+    ``(patched tokens, unpatched tokens, stats of the patched run)``. A static cache hands attention
+    keys past the current token, which the sparse paths must detect and route to dense."""
+    import sparseprefill
+
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad():
+        reference = model.generate(ids, **kwargs)
+    sparseprefill.patch(model, config)
+    try:
+        with torch.no_grad():
+            patched = model.generate(ids, **kwargs)
+        return patched, reference, sparseprefill.stats(model)
+    finally:
+        sparseprefill.unpatch(model)

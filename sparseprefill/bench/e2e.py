@@ -748,20 +748,17 @@ def run_from_args(args: argparse.Namespace) -> int:
     if memory:
         print(memory)
     if args.out is not None:
-        print(Path(args.out) / "e2e.csv")
-        try:
-            from .e2e_plot import plot_e2e
+        from .e2e_plot import plot_e2e
+        from .plot import plot_beside_csv
 
-            print(plot_e2e(Path(args.out) / "e2e.csv", Path(args.out) / "e2e.png"))
-        except RuntimeError as error:  # matplotlib missing: the CSV is the result, the plot optional
-            print(f"no plot: {error}", file=sys.stderr)
+        plot_beside_csv(plot_e2e, args.out, "e2e")
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    from . import command_main
+
+    return command_main(__doc__, add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 from collections import defaultdict
 from pathlib import Path
+
+from .plot import plot_command, pyplot, save_figure
 
 BASELINE = "dense_cudnn"
 
@@ -24,13 +25,7 @@ def plot_e2e(csv_path: str | Path, png_path: str | Path) -> Path:
     """Left: prefill TTFT speedup over dense cuDNN vs length (line at 1.0), one line per (config,
     variant, density target), points labelled with the measured density. Middle: TTFT in ms.
     Right: peak memory of the prefill."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise RuntimeError("plotting needs matplotlib: pip install matplotlib") from error
+    plt = pyplot()
     with open(csv_path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["op"] == "e2e_ttft"]
     series: dict[tuple[str, str, str], list[tuple[int, float, float, float, float]]] = defaultdict(list)
@@ -72,20 +67,11 @@ def plot_e2e(csv_path: str | Path, png_path: str | Path) -> Path:
     fig.suptitle(f"{first.get('gpu', '?')}, torch {first.get('torch', '?')}, transformers "
                  f"{first.get('transformers', '?')}, commit {first.get('commit', '?')}: end-to-end prefill, "
                  f"random weights, fixed sparse budget")
-    fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return png_path
+    return save_figure(fig, png_path)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="plot end-to-end benchmark CSV rows")
-    parser.add_argument("csv")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    print(plot_e2e(args.csv, args.out))
+    plot_command(plot_e2e, "plot end-to-end benchmark CSV rows", argv)
 
 
 if __name__ == "__main__":

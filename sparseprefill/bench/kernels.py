@@ -271,19 +271,16 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 1
     run(args.lengths, args.densities, out_dir=args.out, auto_lengths=args.auto_lengths)
     if args.out is not None:
-        try:
-            from .plot import plot_kernel_speedups
+        from .plot import plot_beside_csv, plot_kernel_speedups
 
-            print(plot_kernel_speedups(Path(args.out) / "kernels.csv", Path(args.out) / "kernels.png"))
-        except RuntimeError as error:  # matplotlib missing: the CSV is the result, the plot optional
-            print(f"no plot: {error}", file=sys.stderr)
+        plot_beside_csv(plot_kernel_speedups, args.out, "kernels")
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    from . import command_main
+
+    return command_main(__doc__, add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 DENSE_BASELINE = "sdpa_cudnn"
 
 
-def plot_kernel_speedups(csv_path: str | Path, png_path: str | Path) -> Path:
-    """Left: speedup over cuDNN dense vs density, one line per (provider, length), random indices.
-    Middle: TFLOP/s on computed pairs vs density, with the dense backends as horizontal references.
-    Right: the ``auto`` pattern end to end (estimation + attention) on structured input, speedup over
-    cuDNN vs length, one line per mass target, each point labelled with its density."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or a RuntimeError saying how to install it."""
     try:
         import matplotlib
 
@@ -25,6 +24,45 @@ def plot_kernel_speedups(csv_path: str | Path, png_path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError as error:
         raise RuntimeError("plotting needs matplotlib: pip install matplotlib") from error
+    return plt
+
+
+def save_figure(fig, png_path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``; returns the PNG path."""
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=dpi)
+    pyplot().close(fig)
+    return png_path
+
+
+def plot_beside_csv(plot: Callable[[Path, Path], Path], out_dir: str | Path, stem: str) -> None:
+    """After a benchmark wrote ``<out_dir>/<stem>.csv``: print it and its PNG. Without matplotlib the CSV
+    is the result and the plot is skipped with a note (benchmarks run where plotting may be missing)."""
+    csv_path = Path(out_dir) / f"{stem}.csv"
+    print(csv_path)
+    try:
+        print(plot(csv_path, Path(out_dir) / f"{stem}.png"))
+    except RuntimeError as error:
+        print(f"no plot: {error}", file=sys.stderr)
+
+
+def plot_command(plot: Callable[[str, str], Path], description: str, argv=None) -> None:
+    """``python -m ...plot CSV --out PNG``: the command line of every benchmark plot."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("csv")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    print(plot(args.csv, args.out))
+
+
+def plot_kernel_speedups(csv_path: str | Path, png_path: str | Path) -> Path:
+    """Left: speedup over cuDNN dense vs density, one line per (provider, length), random indices.
+    Middle: TFLOP/s on computed pairs vs density, with the dense backends as horizontal references.
+    Right: the ``auto`` pattern end to end (estimation + attention) on structured input, speedup over
+    cuDNN vs length, one line per mass target, each point labelled with its density."""
+    plt = pyplot()
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     dense_ms = {int(r["length"]): float(r["ms"]) for r in rows if r["provider"] == DENSE_BASELINE}
@@ -77,19 +115,11 @@ def plot_kernel_speedups(csv_path: str | Path, png_path: str | Path) -> Path:
     commit = rows[0]["commit"] if rows else "?"
     fig.suptitle(f"{gpu}, commit {commit}: 32 q / 8 kv heads, head_dim 128, bf16, causal")
     left.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return png_path
+    return save_figure(fig, png_path)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="plot kernel benchmark CSV rows")
-    parser.add_argument("csv")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    print(plot_kernel_speedups(args.csv, args.out))
+    plot_command(plot_kernel_speedups, "plot kernel benchmark CSV rows", argv)
 
 
 if __name__ == "__main__":

@@ -137,10 +137,9 @@ class FidelityReport:
         """Layer x head maps of recall and output error at the longest length, one row per variant."""
         if not self.rows:
             return None
-        import matplotlib
+        from ..bench.plot import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         longest = max(r["length"] for r in self.rows)
         picked = [r for r in self.rows if r["length"] == longest]
@@ -156,11 +155,7 @@ class FidelityReport:
                 ax.set_title(f"{row['variant']} @ {longest}: {title}")
                 ax.set_xlabel("query head")
                 ax.set_ylabel("layer")
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=110)
 
     def write(self, out_dir: str | Path, stem: str = "fidelity", plot: bool = True) -> list[Path]:
         """Write ``<stem>.json``, ``<stem>.md`` and (with ``plot``) ``<stem>.png``; returns the paths."""

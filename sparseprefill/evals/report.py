@@ -360,10 +360,9 @@ class EvalReport:
         rows = self.rows()
         if not rows:
             return None
-        import matplotlib
+        from ..bench.plot import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         tasks = {r["task"] for r in rows}
         task = AVERAGE_TASK if AVERAGE_TASK in tasks else sorted(tasks)[0]
@@ -394,11 +393,7 @@ class EvalReport:
         ax_score.set_title(f"{self.kind} {task}: {self.model}")
         ax_delta.set_ylabel("sparse - dense (95% paired CI)")
         ax_delta.set_title("delta vs dense")
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=120)
 
     def write(self, out_dir: str | Path, stem: str | None = None, plot: bool = True) -> list[Path]:
         """Write ``<stem>.json``, ``<stem>.md`` and (with ``plot``) ``<stem>.png``; returns the paths."""

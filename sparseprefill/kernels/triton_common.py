@@ -115,6 +115,17 @@ def attend_key_tile(q, k_base, v_base, start_n, limit, offs_d, d_ok, stride_kn, 
 
 
 @triton.jit
+def head_block(num_heads, length, first_block, BLOCK: tl.constexpr):
+    """Prologue of a grid (blocks of ``BLOCK`` positions, batch x head): the program's batch row, head,
+    block number (``first_block + program_id(0)``), its ``BLOCK`` position offsets and their in-range
+    mask (``offs < length``)."""
+    pid_bh = tl.program_id(1)
+    block = first_block + tl.program_id(0)
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    return pid_bh // num_heads, pid_bh % num_heads, block, offs, offs < length
+
+
+@triton.jit
 def query_tile(Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
                stride_vb, stride_vh, num_heads, q_len, q_offset,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,

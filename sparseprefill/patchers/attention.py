@@ -14,6 +14,7 @@ Output goes back as ``[B, Lq, Hq, D]``: kernels write into a transposed view of 
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, Callable
 
@@ -130,25 +131,23 @@ def _run_span(
     stats.record(Phase.SPARSE_PREFILL if q_len == k_len else Phase.SPARSE_CHUNK, computed, causal)
 
 
+def _on_query_device(attention: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``attention`` with the layer's GPU current: a model split over GPUs (``device_map="auto"``)
+    runs layers on devices other than the current one, and Triton launches on the current device."""
+
+    @functools.wraps(attention)
+    def on_device(*args: Any, **kwargs: Any) -> Any:
+        query = args[1] if len(args) > 1 else kwargs["query"]
+        if query.is_cuda and query.device.index != torch.cuda.current_device():
+            with torch.cuda.device(query.device):
+                return attention(*args, **kwargs)
+        return attention(*args, **kwargs)
+
+    return on_device
+
+
+@_on_query_device
 def sparseprefill_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Any,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if query.is_cuda and query.device.index != torch.cuda.current_device():
-        # A model split over GPUs (device_map="auto") runs layers on other devices than the current
-        # one; Triton launches on the current device, so switch to the layer's for the call.
-        with torch.cuda.device(query.device):
-            return _attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    return _attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-
-
-def _attention(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,

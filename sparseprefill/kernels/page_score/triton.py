@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_common import head_block
+
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 # Elements of one summary tile per program: [BLOCK_P, BLOCK_D] fp32, 32 pages at head_dim 128.
 TILE_ELEMENTS = 4096
 
@@ -34,12 +35,7 @@ def _page_logits_kernel(
     GROUP: tl.constexpr, T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr, QUEST: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_kv_heads
-    h = pid_bh % num_kv_heads
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < num_pages
+    b, h, pid_p, offs_p, p_ok = head_block(num_kv_heads, num_pages, 0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     s_off = b * stride_sb + h * stride_sh + offs_p[:, None] * stride_sp + offs_d[None, :] * stride_sd
@@ -71,12 +67,7 @@ def _page_combine_kernel(
     num_kv_heads, num_pages, num_blocks,
     ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NB: tl.constexpr, REDUCE_SUM: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_kv_heads
-    h = pid_bh % num_kv_heads
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < num_pages
+    b, h, pid_p, offs_p, p_ok = head_block(num_kv_heads, num_pages, 0, BLOCK_P)
     offs_nb = tl.arange(0, BLOCK_NB)
     nb_ok = offs_nb < num_blocks
     best = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -99,6 +90,8 @@ def _page_combine_kernel(
             best = new_best
     if REDUCE_SUM:
         best = best + tl.log2(total)
+    # Scores were kept in log2 units; * ln 2 (a literal: compiled kernels read no plain module globals)
+    # returns the natural-log probabilities the contract promises.
     tl.store(Out + b * stride_ob + h * stride_oh + offs_p * stride_op, best * 0.6931471805599453, mask=p_ok)
 
 

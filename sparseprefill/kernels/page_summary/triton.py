@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_common import head_block
+
 
 @triton.jit
 def _page_summary_kernel(
@@ -17,12 +19,7 @@ def _page_summary_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     MINMAX: tl.constexpr, MEANSTD: tl.constexpr,
 ):
-    page = first_page + tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    offs_n = page * PAGE + tl.arange(0, PAGE)
-    n_ok = offs_n < k_len
+    b, h, page, offs_n, n_ok = head_block(num_heads, k_len, first_page, PAGE)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     ok = n_ok[:, None] & d_ok[None, :]
