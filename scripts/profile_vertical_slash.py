@@ -25,8 +25,8 @@ def _only(index, keep: str):
     from dataclasses import replace
 
     if keep == "range":
-        return replace(index, column_count=torch.zeros_like(index.column_count))
-    return replace(index, range_count=torch.zeros_like(index.range_count))
+        return replace(index, column_count=torch.zeros_like(index.column_count), block_pairs=None)
+    return replace(index, range_count=torch.zeros_like(index.range_count), block_pairs=None)
 
 
 def _first_head_of_group(index, group: int):
@@ -37,7 +37,7 @@ def _first_head_of_group(index, group: int):
 
     return replace(index, range_count=pick(index.range_count), range_start=pick(index.range_start),
                    range_end=pick(index.range_end), column_count=pick(index.column_count),
-                   column_index=pick(index.column_index))
+                   column_index=pick(index.column_index), block_pairs=None)
 
 
 # (BLOCK_M, RANGE_N, COLUMN_N, num_warps, num_stages) for head_dim 128, bf16, 64-row index blocks.

@@ -425,3 +425,18 @@ def test_follow_up_chunk_retrieves_and_falls_back_where_it_must():
     for decode in (DecodeRetrievalConfig(**{**lossy.to_dict(), "max_follow_up_tokens": CHUNK - 1}), LOSSY):
         _, stats = _chunk_logits(model, prompt, chunk, SparseConfig.keep_everything(decode=decode))
         assert all(layer.phases["sparse_chunk"] == 1 and "retrieval_chunk" not in layer.phases for layer in stats.layers)
+
+
+def test_follow_up_benchmark_script_runs_on_cpu(tmp_path):
+    """scripts/bench_follow_up.py --dry-run: the GPU benchmark's code path on tiny shapes, CSV written."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_follow_up.py"
+    subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(tmp_path)], check=True,
+                   capture_output=True, text=True, timeout=600)
+    rows = list(csv.DictReader(open(tmp_path / "follow_up.csv")))
+    assert [r["op"] for r in rows] == ["prefill_patterns", "retrieval"]
+    assert 0 < float(rows[1]["density"]) < 1 and float(rows[0]["ms"]) > 0

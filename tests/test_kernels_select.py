@@ -205,3 +205,31 @@ def test_keep_all_mass_with_max_count_is_a_top_k_budget(cands, max_count):
     capped = keep_by_cumulative_mass(scores, valid, forced, KEEP_ALL_MASS, max_count=max_count)
     top = keep_by_cumulative_mass(scores, valid, forced, 0.5, top_k=max_count)
     assert torch.equal(capped, top)
+
+
+@PROPS
+@given(cands=candidates(max_n=40), mass=MASSES | st.just(KEEP_ALL_MASS),
+       max_count=st.none() | st.integers(0, 12))
+def test_select_lines_equals_compacted_keep_mask(cands, mass, max_count):
+    """The one-sort line selection of the vertical-slash pattern equals its naive twin (the keep mask,
+    compacted), ties included: the integer scores repeat and hold exact zeros."""
+    from sparseprefill.kernels.mass_select import select_lines, select_lines_naive
+
+    scores, _, forced = cands
+    count, index = select_lines(scores, forced, mass, max_count=max_count)
+    expected_count, expected_index = select_lines_naive(scores, forced, mass, max_count=max_count)
+    assert torch.equal(count, expected_count)
+    assert count.dtype == index.dtype == torch.int32
+    assert torch.equal(index, expected_index)
+
+
+def test_select_lines_on_line_prefix_forced_and_long_rows():
+    """The vertical-slash call shape: ``forced`` is a ``[N]`` prefix broadcast over ``[B, H, N]``."""
+    from sparseprefill.kernels.mass_select import select_lines, select_lines_naive
+
+    scores = torch.rand(2, 3, 5000, generator=torch.Generator().manual_seed(1)) ** 8
+    forced = torch.arange(5000) < 64
+    for mass, max_count in ((0.9, None), (0.5, 100), (KEEP_ALL_MASS, 300), (KEEP_ALL_MASS, None)):
+        got = select_lines(scores, forced, mass, max_count=max_count)
+        want = select_lines_naive(scores, forced, mass, max_count=max_count)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (mass, max_count)

@@ -31,7 +31,7 @@ from .reference import torch_single_thread  # noqa: E402, F401  (autouse fixture
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-REL_TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 2e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+REL_TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 # (batch, q heads, kv heads, L, head_dim, page): odd lengths, GQA 1 and 4, D 64/128, pages 16/32/64.
 CASES = [
@@ -291,7 +291,7 @@ def test_full_budget_equals_dense_attention(case, use_triton):
     assert (count == s.num_pages).all()
     fn = sparse_decode_attention_triton if use_triton else sparse_decode_attention_naive
     out = fn(q, k, v, index, count, page_size=page, scale=d**-0.5, softcap=None, out=torch.full_like(q, float("nan")))
-    # Exact fp32 on the CPU; compiled Triton on the GPU runs fp32 dots in TF32.
+    # fp32 dots are full precision on both devices (not TF32); the GPU bound only allows for split-K order.
     assert _rel_err(out, _dense_reference(q, k, v, d**-0.5)) < (REL_TOL[torch.float32] if use_triton else 1e-5)
 
 

@@ -384,3 +384,20 @@ def test_softcap_model_on_sdpa_falls_back_to_eager_and_unpatch_restores_sdpa():
     assert state.fallback_implementation == "eager" and state.previous_implementation == "sdpa"
     assert model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(patched, eager_logits, atol=EXACT_ATOL, rtol=0)
+
+
+def test_layer_stats_read_device_counts_only_when_read():
+    """Pair counts recorded as tensors (no host read in the forward pass) add up with int records,
+    also after the pending list is folded."""
+    from sparseprefill.patchers.state import MAX_PENDING_COUNTS, LayerStats, Phase
+
+    stats = LayerStats(0)
+    stats.record(Phase.SPARSE_PREFILL, torch.tensor([3, 4]), 10)
+    stats.record(Phase.SPARSE_PREFILL, 5, 10)
+    assert stats.computed_pairs == 12 and stats.causal_pairs == 20
+    assert stats.last_density == 0.5 and stats.density == 0.6
+    for _ in range(MAX_PENDING_COUNTS + 3):
+        stats.record(Phase.SPARSE_CHUNK, torch.tensor(1), 1)
+    assert len(stats._pending) < MAX_PENDING_COUNTS
+    assert stats.computed_pairs == 12 + MAX_PENDING_COUNTS + 3
+    assert stats.to_dict()["computed_pairs"] == stats.computed_pairs

@@ -191,3 +191,80 @@ def test_estimator_fuzz_ran_the_requested_number_of_cases():
     # Runs after the fuzz tests (file order); Hypothesis may stop early if it exhausts distinct examples.
     print(f"\nestimator fuzz cases run: {COUNTS}")
     assert all(count >= min(EXAMPLES, 500) for count in COUNTS.values()), COUNTS
+
+
+# ------------------------------------------------------------------------------------------------
+# Vertical / slash line scores (MInference's last-queries estimate). Pass 2 sums each key tile's
+# diagonals in registers (a skewing tl.gather) before one atomic per diagonal, so the cases cover
+# every row padding (ROWS 16/32/64/128 for 1/20/64/100 voting rows), both key tiles (64 keys, and
+# 32 for head_dim 256), the tile that straddles the causal edge, a partial last tile, chunked
+# prefill (Lq < Lk: the diagonals start at Lk - Lq), decode, GQA and soft-cap.
+
+from sparseprefill.kernels.vertical_slash_estimate.naive import vertical_slash_scores_naive  # noqa: E402
+from sparseprefill.kernels.vertical_slash_estimate.triton import vertical_slash_scores_triton  # noqa: E402
+
+# (batch, q heads, kv heads, Lq, Lk, head_dim, last_queries, softcap)
+LINE_SCORE_CASES = [
+    (1, 2, 2, 61, 61, 64, 64, None),  # last_queries > Lq: every row votes
+    (2, 4, 2, 77, 150, 128, 64, None),
+    (1, 3, 1, 203, 203, 128, 20, 30.0),
+    (1, 2, 1, 90, 131, 256, 64, 5.0),
+    (1, 4, 2, 1, 100, 64, 64, None),  # decode: one row on diagonals Lk - 1 - j
+    (1, 2, 2, 130, 333, 64, 100, None),  # 128 padded rows, odd tail tile
+    (1, 1, 1, 40, 300, 128, 1, None),  # a single voting row
+]
+# Line scores take their dots in full fp32 for fp32 inputs (triton_common.exact_dot), unlike the
+# antidiagonal estimate's TF32.
+LINE_TOL = {torch.float32: EXACT_TOL, torch.float16: EXACT_TOL, torch.bfloat16: EXACT_TOL}
+
+
+def _line_ids(case):
+    return "B{}H{}/{}L{}x{}D{}".format(*case[:6]) + "-n{}-{}".format(*case[6:])
+
+
+def _check_line_scores(b, hq, hkv, lq, lk, d, last_queries, softcap, dtype, seed, device=DEVICE):
+    q, k = _inputs(b, hq, hkv, lq, lk, d, dtype, seed, device=device)
+    kw = dict(scale=d**-0.5, last_queries=last_queries, softcap=softcap, kv_head_index=_kv_map(hq, hkv, device))
+    ref_v, ref_s = vertical_slash_scores_naive(q, k, **kw)
+    out_v, out_s = vertical_slash_scores_triton(q, k, **kw)
+    assert _rel_err(out_v, ref_v) < LINE_TOL[dtype], "vertical"
+    assert _rel_err(out_s, ref_s) < LINE_TOL[dtype], "slash"
+    # Each is a mean of softmax rows: it sums to 1 over the keys (a lost or doubled diagonal would not).
+    ones = torch.ones(b, hq, device=device)
+    torch.testing.assert_close(out_v.sum(-1), ones, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out_s.sum(-1), ones, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", LINE_SCORE_CASES, ids=_line_ids)
+def test_line_scores_triton_matches_naive(case, dtype):
+    _check_line_scores(*case, dtype=dtype, seed=300 + LINE_SCORE_CASES.index(case))
+
+
+def test_line_scores_slash_of_a_single_row_is_its_probabilities_reversed():
+    """One voting row at position Lk - 1 puts key j on diagonal Lk - 1 - j: slash is vertical flipped,
+    exactly (each diagonal receives one probability, from one tile)."""
+    q, k = _inputs(1, 2, 1, 50, 200, 64, torch.float32, seed=7)
+    kw = dict(scale=0.125, last_queries=1, softcap=None, kv_head_index=_kv_map(2, 1))
+    vertical, slash = vertical_slash_scores_triton(q, k, **kw)
+    assert torch.equal(slash, vertical.flip(-1))
+
+
+LINE_COUNT = {"line_scores": 0}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@FUZZ
+@given(estimator_shapes(), st.sampled_from([1, 7, 16, 20, 64, 100]))
+def test_line_scores_fuzz(shape, last_queries):
+    b, hq, hkv, lq, lk, d, _, _, dtype, softcap, seed = shape
+    _check_line_scores(b, hq, hkv, lq, lk, d, last_queries, softcap, dtype, seed, device="cuda")
+    LINE_COUNT["line_scores"] += 1
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_line_scores_fuzz_ran_the_requested_number_of_cases():
+    print(f"\nline scores fuzz cases run: {LINE_COUNT}")
+    assert LINE_COUNT["line_scores"] >= min(EXAMPLES, 500), LINE_COUNT

@@ -16,6 +16,8 @@ causal and sliding-window masks themselves, so an index may list keys a row cann
     range_end    [B, H, Rq, M] int32
     column_count [B, H, Rq] int32       number of single key columns (verticals)
     column_index [B, H, Rq, V] int32    sorted; disjoint from the ranges
+    block_pairs  [B, H, Rq] int64       optional: causal pairs each query block lists (no window),
+                                        counted by the builder; whoever changes the lists drops it
     Disjointness is an invariant the converter guarantees: a kernel sums over ranges and columns
     and would count a duplicated key twice.
 """
@@ -98,9 +100,13 @@ class VerticalSlashIndex:
     block_size_q: int
     q_len: int
     k_len: int
+    block_pairs: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_int_tensor("range_count", self.range_count, 3)
+        if self.block_pairs is not None and self.block_pairs.shape != self.range_count.shape:
+            raise ValueError(f"block_pairs {tuple(self.block_pairs.shape)} must match range_count "
+                             f"{tuple(self.range_count.shape)}")
         _check_int_tensor("range_start", self.range_start, 4)
         _check_int_tensor("range_end", self.range_end, 4)
         _check_int_tensor("column_count", self.column_count, 3)
@@ -126,6 +132,8 @@ class VerticalSlashIndex:
 
     def computed_pairs(self, window: int | None = None) -> torch.Tensor:
         """``[B, H]`` int64: causal (query, key) pairs the index makes a kernel compute."""
+        if window is None and self.block_pairs is not None:
+            return self.block_pairs.sum(-1)
         p0, p1 = query_block_bounds(self.q_len, self.k_len, self.block_size_q, self.range_start.device)
         p0, p1 = p0[:, None], p1[:, None]
         rects = causal_pairs_in_rects(p0, p1, self.range_start, self.range_end, window)

@@ -36,9 +36,18 @@ def to_log2_scores(dots, score_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def exact_dot(a, b):
+    """``a @ b``, in full fp32 when the operands are fp32: Triton's default for fp32 is TF32 (10-bit
+    mantissa), a silent precision loss for an fp32 model that PyTorch's own attention does not take."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """``q @ k^T`` scaled (and soft-capped), in the log2 domain."""
-    return to_log2_scores(tl.dot(q, tl.trans(k)), score_scale, softcap, HAS_SOFTCAP)
+    return to_log2_scores(exact_dot(q, tl.trans(k)), score_scale, softcap, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -79,7 +88,7 @@ def online_softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr):
     p = tl.exp2(s - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if UPCAST:
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        acc = acc * alpha[:, None] + exact_dot(p, v)
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc

@@ -26,6 +26,7 @@ from .state import (
     logger,
 )
 from .support import SUPPORTED_FAMILIES, UnsupportedModelError, check_supported
+from .tensor_parallel import detect_tensor_parallel, localize_plans
 
 __all__ = [
     "IMPLEMENTATION_NAME",
@@ -118,6 +119,12 @@ def patch(
         allow_profile_mismatch: apply a profile whose fingerprint differs (a warning lists the
             differences); a different layer or head layout is always refused.
 
+    Tensor parallelism (``from_pretrained(..., tp_plan="auto")`` or ``distributed_config=`` under
+    ``torchrun``): patch each rank's model after loading it sharded. The plans (from ``config`` or the
+    profile, over the model's global heads) are mapped to the rank's slice of heads; the head counts
+    must divide by the TP size. A model sharded after ``patch`` is detected at its first attention
+    call, which raises.
+
     Raises:
         AlreadyPatchedError: the model is already patched.
         UnsupportedModelError: the architecture or one of its features is not supported.
@@ -129,6 +136,7 @@ def patch(
     if not isinstance(config, SparseConfig):
         raise TypeError(f"config must be a sparseprefill.SparseConfig, got {type(config).__name__}")
     model_type, modules = check_supported(model)
+    tensor_parallel = detect_tensor_parallel(model)  # None unless loaded sharded over several ranks
     previous = model.config._attn_implementation or "eager"
     if previous == IMPLEMENTATION_NAME:
         raise AlreadyPatchedError(
@@ -150,6 +158,10 @@ def patch(
     else:
         pattern = build_pattern(config.pattern, config)
         plans = {module.layer_idx: full_plan(pattern, module.config.num_attention_heads) for module in modules}
+    # The profile and the plans above speak of the config's (global) heads.
+    head_counts = {module.layer_idx: _global_head_counts(module) for module in modules}
+    if tensor_parallel is not None and tensor_parallel.heads_sharded:
+        plans, head_counts = localize_plans(plans, head_counts, tensor_parallel)
     layer_stats = {module.layer_idx: LayerStats(module.layer_idx) for module in modules}
     config_objects = {id(model.config): model.config}
     for module in modules:
@@ -159,6 +171,7 @@ def patch(
         fallback_implementation=fallback, plans=plans,
         stats=layer_stats, config_ids=tuple(config_objects), profile=profile,
         decode_configs=_decode_configs(profile, config),
+        head_counts=head_counts, tensor_parallel=tensor_parallel,
     )
     for config_id, config_object in config_objects.items():
         _STATE_BY_CONFIG[config_id] = state
@@ -177,6 +190,12 @@ def patch(
         raise
     model._sparseprefill_state = state
     return model
+
+
+def _global_head_counts(module: nn.Module) -> tuple[int, int]:
+    """(query, KV) heads of one attention module as its config defines them (no KV count: MHA)."""
+    num_heads = module.config.num_attention_heads
+    return num_heads, getattr(module.config, "num_key_value_heads", None) or num_heads
 
 
 def _decode_configs(profile: Profile | None, config: SparseConfig) -> dict[int, Any]:
@@ -225,6 +244,13 @@ def _hooked(model: nn.Module, slot: str, hook: Callable[..., None]):
         raise NotPatchedError(f"{type(model).__name__} is not patched")
     if getattr(state, slot) is not None:
         raise RuntimeError(f"another {slot} is already attached to this model")
+    if state.tensor_parallel is not None and state.tensor_parallel.heads_sharded:
+        # The hooks would see this rank's heads numbered from 0, while the profiler and the fidelity
+        # eval key their results by global head: refuse instead of mislabelling heads.
+        raise RuntimeError(
+            f"the {slot} hook sees whole layers' heads, but this model is sharded "
+            f"({state.tensor_parallel.describe()}); run it on a model loaded without tensor parallelism"
+        )
     setattr(state, slot, hook)
     try:
         yield
@@ -276,6 +302,8 @@ def stats(model: nn.Module) -> PatchStats:
         # Under a profile each head has its own pattern (the per-layer counters list them).
         model_type=state.model_type, pattern="profile" if state.profile is not None else state.config.pattern.value,
         layers=[state.stats[i] for i in sorted(state.stats)],
+        tp_size=state.tensor_parallel.size if state.tensor_parallel is not None else 1,
+        tp_rank=state.tensor_parallel.rank if state.tensor_parallel is not None else 0,
     )
 
 

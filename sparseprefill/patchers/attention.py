@@ -28,6 +28,7 @@ from ..patterns import window_index
 from .decode import decode_attention, follow_up_attention, invalidate_layer
 from .masks import SparsePrefillMask
 from .state import FallbackReason, LayerStats, PatchState, Phase, heads_tensor
+from .tensor_parallel import head_count_error
 
 __all__ = ["IMPLEMENTATION_NAME", "sparseprefill_attention", "previous_attention_function"]
 
@@ -105,13 +106,13 @@ def _run_span(
         )
         library.call_vertical_slash(q, k, v, index, scale=scale, window=effective_window, softcap=softcap,
                                     kv_head_index=default_kv_head_index(q.shape[1], k.shape[1], q.device), out=out)
-        stats.record(Phase.WINDOW, int(index.computed_pairs(effective_window).sum()), causal)
+        stats.record(Phase.WINDOW, index.computed_pairs(effective_window), causal)
         return
     hq, hkv = q.shape[1], k.shape[1]
     kv_of_head = torch.arange(hq, device=q.device) // (hq // hkv)
     if state.observer is not None:
         state.observer(layer, q, k, scale=scale, softcap=softcap)
-    computed = 0
+    computed = []  # device tensors, summed without a host read (LayerStats.record)
     selections = []
     for group in state.plans[layer].groups:
         stats.patterns[group.pattern.name.value] += len(group.heads)
@@ -124,11 +125,11 @@ def _run_span(
                 q[:, heads], k, v, scale=scale, softcap=softcap, kv_head_index=kv_of_head[heads], out=part
             )
             out[:, heads] = part
-        computed += int(result.computed_pairs.sum())
+        computed.append(result.computed_pairs.sum())
         selections.append((group.heads, result.index))
     if state.inspector is not None:
         state.inspector(layer, q, k, v, out, selections, scale=scale, softcap=softcap)
-    stats.record(Phase.SPARSE_PREFILL if q_len == k_len else Phase.SPARSE_CHUNK, computed, causal)
+    stats.record(Phase.SPARSE_PREFILL if q_len == k_len else Phase.SPARSE_CHUNK, torch.stack(computed) if computed else 0, causal)
 
 
 def _on_query_device(attention: Callable[..., Any]) -> Callable[..., Any]:
@@ -158,6 +159,11 @@ def sparseprefill_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     state, layer = _binding(module)
+    expected = state.head_counts.get(layer)
+    if expected is not None and (query.shape[1], key.shape[1]) != expected:
+        # The plans index heads by position: other head counts (a model sharded after patch, a rank
+        # slice other than the one planned for) would silently run the wrong heads' patterns.
+        raise RuntimeError(head_count_error(layer, (query.shape[1], key.shape[1]), expected, state.tensor_parallel))
     stats = state.stats[layer]
     q_len, k_len = query.shape[2], key.shape[2]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,26 +62,60 @@ class LayerPlan:
     groups: tuple[HeadGroup, ...]
 
 
+# Pending device-side pair counts per layer before they are folded into one (see LayerStats.record).
+MAX_PENDING_COUNTS = 256
+
+
 @dataclass
 class LayerStats:
     layer_idx: int
     phases: Counter = field(default_factory=Counter)
     fallbacks: Counter = field(default_factory=Counter)
     patterns: Counter = field(default_factory=Counter)
-    computed_pairs: int = 0
     causal_pairs: int = 0
-    last_density: float | None = None
+    # Computed-pair counts recorded as device tensors, read back when the stats are read: an int() per
+    # layer in the forward pass would stall the host until the GPU caught up, once per layer.
+    _computed_total: int = field(default=0, repr=False)
+    _pending: list = field(default_factory=list, repr=False)
+    _last: tuple[Any, int] | None = field(default=None, repr=False)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._computed_total += int(torch.stack([t.reshape(()) for t in self._pending]).sum())
+            self._pending.clear()
+
+    @property
+    def computed_pairs(self) -> int:
+        self._flush()
+        return self._computed_total
+
+    @property
+    def last_density(self) -> float | None:
+        """Density of the latest non-fallback call."""
+        if self._last is None or not self._last[1]:
+            return None
+        computed, causal = self._last
+        return int(computed) / causal
 
     @property
     def density(self) -> float | None:
         """Computed / causal (query, key) pairs over all non-fallback calls so far."""
         return self.computed_pairs / self.causal_pairs if self.causal_pairs else None
 
-    def record(self, phase: Phase, computed: int, causal: int) -> None:
+    def record(self, phase: Phase, computed: int | torch.Tensor, causal: int) -> None:
+        """``computed``: an int, or a 0-d / summable int64 device tensor (summed, never synchronised here)."""
         self.phases[phase.value] += 1
-        self.computed_pairs += computed
+        if isinstance(computed, torch.Tensor):
+            computed = computed.sum()
+            self._pending.append(computed)
+            if len(self._pending) >= MAX_PENDING_COUNTS:
+                # Fold on the device (still no host read) so a model whose stats are never read holds
+                # a bounded list.
+                self._pending = [torch.stack(self._pending).sum()]
+        else:
+            self._computed_total += computed
         self.causal_pairs += causal
-        self.last_density = computed / causal if causal else None
+        self._last = (computed, causal)
 
     def record_fallback(self, reason: FallbackReason) -> None:
         if not self.fallbacks[reason.value]:
@@ -108,6 +143,9 @@ class PatchStats:
     model_type: str
     pattern: str
     layers: list[LayerStats]
+    # Under tensor parallelism each rank computes (and counts) only its own heads.
+    tp_size: int = 1
+    tp_rank: int = 0
 
     @property
     def density(self) -> float | None:
@@ -133,6 +171,8 @@ class PatchStats:
         return {
             "model_type": self.model_type,
             "pattern": self.pattern,
+            "tp_size": self.tp_size,
+            "tp_rank": self.tp_rank,
             "density": self.density,
             "phases": dict(self.phases),
             "fallbacks": dict(self.fallbacks),
@@ -141,7 +181,8 @@ class PatchStats:
 
     def __str__(self) -> str:
         density = "n/a" if self.density is None else f"{self.density:.3f}"
-        lines = [f"sparseprefill stats: {self.model_type}, pattern={self.pattern}, overall density={density}"]
+        tp = f", tensor parallel rank {self.tp_rank} of {self.tp_size} (this rank's heads)" if self.tp_size > 1 else ""
+        lines = [f"sparseprefill stats: {self.model_type}, pattern={self.pattern}, overall density={density}{tp}"]
         lines.append(f"{'layer':>5}  {'density':>7}  phases / fallbacks")
         for s in self.layers:
             d = "-" if s.density is None else f"{s.density:.3f}"
@@ -174,6 +215,10 @@ class PatchState:
     # Per-layer decode settings from the profile's ``decode`` overrides: a DecodeRetrievalConfig, or None
     # for a layer the profile keeps dense. Layers not listed use ``config.decode``.
     decode_configs: dict[int, Any] = field(default_factory=dict)
+    # Per layer, the (query, KV) head counts every attention call must have: the config's, or the
+    # rank's slice under tensor parallelism (``plans`` then index local heads; see tensor_parallel.py).
+    head_counts: dict[int, tuple[int, int]] = field(default_factory=dict)
+    tensor_parallel: Any = None  # a tensor_parallel.TensorParallel, or None for an unsharded model
 
     def reset_stats(self) -> None:
         for layer in list(self.stats):
@@ -184,5 +229,8 @@ def full_plan(pattern: SparsePattern, num_heads: int) -> LayerPlan:
     return LayerPlan(groups=(HeadGroup(pattern=pattern, heads=tuple(range(num_heads))),))
 
 
+@functools.lru_cache(maxsize=1024)
 def heads_tensor(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The head ids of a plan group on ``device``, built once: a host-to-device copy per layer and
+    call would wait for the GPU queue. Callers must not modify the returned tensor."""
     return torch.tensor(heads, dtype=torch.long, device=device)

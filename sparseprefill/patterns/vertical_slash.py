@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..config import PatternName, VerticalSlashConfig
-from ..kernels import build_vertical_slash_index, keep_by_cumulative_mass, vertical_slash_scores
-from ..kernels.common import compact
+from ..kernels import build_vertical_slash_index, vertical_slash_scores
+from ..kernels.mass_select import select_lines
 from ..kernels.indices import VerticalSlashIndex
 from .base import SparsePattern
 
@@ -29,15 +29,10 @@ class VerticalSlashPattern(SparsePattern):
             q, k, scale=scale, last_queries=cfg.last_queries, softcap=softcap, kv_head_index=kv_head_index
         )
         lines = torch.arange(k_len, device=q.device)
-        valid = torch.ones_like(vertical, dtype=torch.bool)
-        keep_vertical = keep_by_cumulative_mass(
-            vertical, valid, (lines < cfg.sink_tokens).expand_as(valid), cfg.vertical_mass, max_count=cfg.max_vertical
-        )
-        keep_slash = keep_by_cumulative_mass(
-            slash, valid, (lines < cfg.local_tokens).expand_as(valid), cfg.slash_mass, max_count=cfg.max_slash
-        )
-        vertical_count, vertical_index = compact(keep_vertical)
-        slash_count, slash_offset = compact(keep_slash)
+        vertical_count, vertical_index = select_lines(vertical, lines < cfg.sink_tokens, cfg.vertical_mass,
+                                                      max_count=cfg.max_vertical)
+        slash_count, slash_offset = select_lines(slash, lines < cfg.local_tokens, cfg.slash_mass,
+                                                 max_count=cfg.max_slash)
         return build_vertical_slash_index(
             vertical_index, vertical_count, slash_offset, slash_count,
             q_len=q_len, k_len=k_len, block_size_q=cfg.block_size,

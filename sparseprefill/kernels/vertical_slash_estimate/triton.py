@@ -4,7 +4,8 @@ Two launches, both parallel over (key tile, batch x query head):
 1. per key tile, each of the last ``n`` query rows' max and sum of exp2 scores (log2 domain), which
    PyTorch folds into one log-sum-exp per row (``n`` x tiles numbers per head: tiny);
 2. per key tile, the normalised probabilities summed down columns (each tile owns its columns, plain
-   stores) and along diagonals ``d = query_pos - key_pos`` (atomic adds: diagonals cross tiles).
+   stores) and along diagonals ``d = query_pos - key_pos`` (summed inside the tile first, then one
+   atomic add per diagonal: diagonals cross tiles).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def _line_scores_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     num_heads, n_tiles, n_rows, q_len, k_len, q_offset, score_scale, softcap, inv_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIAGS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PASS: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -56,7 +58,25 @@ def _line_scores_kernel(
         line_base = pid_bh * k_len
         # Each tile owns its columns (plain stores); diagonals d = query_pos - key_pos cross tiles.
         tl.store(Vertical + line_base + offs_n, tl.sum(p, 0), mask=n_ok)
-        tl.atomic_add(Slash + line_base + q_pos[:, None] - offs_n[None, :], p, mask=ok)
+        # Rows are consecutive query positions and columns consecutive keys, so entry (i, j) lies on
+        # diagonal d_0 + i - j (d_0 = q_pos[0] - offs_n[0]): a tile crosses only ROWS + BLOCK_N - 1
+        # diagonals. One atomic per element (ROWS x BLOCK_N of them) costs far more than the tile's
+        # dot, so skew the tile first: column c of `skewed` takes row i's key j = i + BLOCK_N - 1 - c,
+        # i.e. column c is local diagonal i - j = c - (BLOCK_N - 1). Summing its rows gives that
+        # diagonal's in-tile mass (fp32, like the per-element adds it replaces), and one atomic per
+        # diagonal remains. Gathers from outside the tile read a clamped index and are zeroed; masked
+        # entries of p are already exact zeros. (tl.gather is newer than Triton 3.2; we require 3.6.)
+        diags = tl.arange(0, DIAGS)
+        src = rows[:, None] + (BLOCK_N - 1) - diags[None, :]
+        in_tile = (src >= 0) & (src < BLOCK_N)
+        skewed = tl.gather(p, tl.minimum(tl.maximum(src, 0), BLOCK_N - 1), 1)
+        diag_sums = tl.sum(tl.where(in_tile, skewed, 0.0), 0)
+        d = (q_len - n_rows + q_offset) - tile * BLOCK_N - (BLOCK_N - 1) + diags
+        # Skip the power-of-two padding columns and diagonals outside the output row: d < 0 holds only
+        # future (non-causal) keys, d >= k_len only padding rows, all zeros. Relaxed order: nothing
+        # reads Slash before the launch ends (fire-and-forget reductions, no value-returning atomics).
+        d_ok = (diags < ROWS + BLOCK_N - 1) & (d >= 0) & (d < k_len)
+        tl.atomic_add(Slash + line_base + d, diag_sums, mask=d_ok, sem="relaxed")
 
 
 def vertical_slash_scores_triton(
@@ -76,7 +96,9 @@ def vertical_slash_scores_triton(
     block_n = 64 if block_d <= 128 else 32
     n_tiles = triton.cdiv(k_len, block_n)
     interpret = q.device.type == "cpu"
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, ROWS=rows, BLOCK_N=block_n,
+    # ROWS + BLOCK_N - 1 diagonals cross a tile; gathered tiles need a power-of-two width.
+    diags = triton.next_power_of_2(rows + block_n - 1)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, ROWS=rows, BLOCK_N=block_n, DIAGS=diags,
                   HAS_SOFTCAP=softcap is not None, UPCAST=interpret or q.dtype == torch.float32)
     kv = kv_head_index.to(torch.int32)
     strides = (*q.stride(), *k.stride())

@@ -15,6 +15,12 @@ written back to front (one counting pass first sizes the row).
 Columns. Column ``c <= p1`` lies inside a range iff some kept diagonal is in
 ``[max(p0 - c, 0), p1 - c]``. A per-head prefix count of kept diagonals answers that with two
 loads per column. Surviving columns are compacted in order with a cumulative sum.
+
+Computed pairs. The kernel also counts the causal (query, key) pairs its block lists
+(``VerticalSlashIndex.block_pairs``), so density statistics never re-read the ``[B, H, Rq, V]``
+column table (gigabytes of int64 temporaries at 128K). A range ``[s, e)`` holds ``F(e) - F(s)`` pairs
+with ``F(c) = sum_{r=p0..p1} min(c, r + 1)`` (keys below ``c`` visible to row ``r``), so each run's end
+lane adds ``F(end)`` and its start lane subtracts ``F(start)``; a column ``c`` holds ``p1 - max(p0, c) + 1``.
 """
 
 from __future__ import annotations
@@ -40,9 +46,18 @@ def _run_ends(slash_base, j, n_visible, width, p0):
 
 
 @triton.jit
+def _keys_below_pairs(c, p0, p1):
+    """``F(c) = sum_{r=p0..p1} min(c, r + 1)`` in int64, for ``c >= 0``: rows up to ``m = c - 1``
+    see ``r + 1`` keys below ``c``, later rows all ``c`` of them."""
+    c = c.to(tl.int64)
+    m = tl.minimum(tl.maximum(c - 1, p0 - 1), p1)
+    return (p0 + 1 + m + 1) * (m - p0 + 1) // 2 + c * (p1 - m)
+
+
+@triton.jit
 def _vs_index_kernel(
     VerticalIndex, VerticalCount, SlashOffset, SlashPrefix,
-    RangeCount, RangeStart, RangeEnd, ColumnCount, ColumnIndex,
+    RangeCount, RangeStart, RangeEnd, ColumnCount, ColumnIndex, BlockPairs,
     q_len, k_len, q_offset, max_ranges, max_columns, n_vertical_slots, n_slash_slots,
     BLOCK_Q: tl.constexpr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
@@ -50,6 +65,8 @@ def _vs_index_kernel(
     pid_bh = tl.program_id(1)
     p0 = r * BLOCK_Q + q_offset
     p1 = tl.minimum(r * BLOCK_Q + BLOCK_Q, q_len) - 1 + q_offset
+    p0_wide = p0.to(tl.int64)
+    p1_wide = p1.to(tl.int64)
     width = p1 - p0 + 1
     n_blocks = tl.num_programs(0)
     out_row = pid_bh * n_blocks + r
@@ -67,6 +84,7 @@ def _vs_index_kernel(
 
     # --- pass 2: run j's first offset gives its range end, its last offset its range start
     runs_before = 0
+    pairs = tl.zeros([], dtype=tl.int64)
     for j0 in range(0, n_visible, TILE):
         j = j0 + tl.arange(0, TILE)
         ok = j < n_visible
@@ -79,6 +97,8 @@ def _vs_index_kernel(
         tl.store(RangeEnd + slot, p1 - d + 1, mask=starts_run)
         tl.store(RangeStart + slot, tl.maximum(p0 - d, 0), mask=ends_run)
         runs_before += tl.sum(ends, 0)
+        pairs += tl.sum(tl.where(starts_run, _keys_below_pairs(p1 - d + 1, p0_wide, p1_wide), 0), 0)
+        pairs -= tl.sum(tl.where(ends_run, _keys_below_pairs(tl.maximum(p0 - d, 0), p0_wide, p1_wide), 0), 0)
 
     # --- columns visible to the block and not inside any band
     n_vertical = tl.load(VerticalCount + pid_bh)
@@ -107,7 +127,10 @@ def _vs_index_kernel(
         position = n_columns + tl.cumsum(keep.to(tl.int32), 0) - 1
         tl.store(ColumnIndex + out_row * max_columns + position, cols, mask=keep)
         n_columns += tl.sum(keep.to(tl.int32), 0)
+        rows_seen = p1_wide - tl.maximum(p0_wide, cols.to(tl.int64)) + 1
+        pairs += tl.sum(tl.where(keep, rows_seen, 0), 0)
     tl.store(ColumnCount + out_row, n_columns)
+    tl.store(BlockPairs + out_row, pairs)
 
 
 def _runs_upper_bound(sorted_offsets: torch.Tensor, counts: torch.Tensor, widths: list[int]) -> torch.Tensor:
@@ -157,15 +180,16 @@ def build_vertical_slash_index_triton(
     range_start = torch.zeros(b, h, n_blocks, max_ranges, dtype=torch.int32, device=device)
     range_end = torch.zeros_like(range_start)
     column_index = torch.zeros(b, h, n_blocks, max_columns, dtype=torch.int32, device=device)
+    block_pairs = torch.empty(b, h, n_blocks, dtype=torch.int64, device=device)
     _vs_index_kernel[(n_blocks, b * h)](
         verticals, vertical_count.to(torch.int32).contiguous(), slashes, prefix,
-        range_count, range_start, range_end, column_count, column_index,
+        range_count, range_start, range_end, column_count, column_index, block_pairs,
         q_len, k_len, k_len - q_len, max_ranges, max_columns, n_vertical_slots, n_slash_slots,
         BLOCK_Q=block_size_q, TILE=LINE_TILE, SEARCH_STEPS=max(1, int(n_vertical_slots).bit_length()),
     )
     return VerticalSlashIndex(
         range_count=range_count, range_start=range_start, range_end=range_end, column_count=column_count,
-        column_index=column_index, block_size_q=block_size_q, q_len=q_len, k_len=k_len,
+        column_index=column_index, block_size_q=block_size_q, q_len=q_len, k_len=k_len, block_pairs=block_pairs,
     )
 
 
