@@ -40,9 +40,11 @@ QK_SCALE = 6.0
 DTYPE = torch.float32
 
 
-def _build(folder: Path, seed: int) -> None:
+def save_peaked_llama(folder: Path, shape: dict, dtype: torch.dtype, seed: int) -> None:
+    """A random Llama of ``shape`` (``LlamaConfig`` fields) with q/k projections scaled by ``QK_SCALE``,
+    saved to ``folder`` (also used by ``tp_check.py``)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**MODEL_SHAPE), dtype=DTYPE)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=dtype)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(QK_SCALE)
@@ -100,7 +102,7 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        _build(folder, args.seed)
+        save_peaked_llama(folder, MODEL_SHAPE, DTYPE, args.seed)
         start = time.perf_counter()
         single = _load(folder, args.device if args.device != "cuda" else "cuda:0", split=False)
         single_dense, _ = _run(single, ids, None)

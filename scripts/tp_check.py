@@ -40,7 +40,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import sparseprefill
 from sparseprefill import SparseConfig
 from sparseprefill.fidelity import compare_logits
+from sparseprefill.patchers.tensor_parallel import tp_load_kwargs
 from sparseprefill.profiles import PROFILE_FORMAT, PROFILE_VERSION, model_identity
+
+# The peaked random Llama of the device_map check (q/k scaled up, so the patterns have structure to find);
+# torchrun puts this folder on the import path.
+from multi_gpu_check import save_peaked_llama  # noqa: E402
 
 # Llama-3.1-8B's attention and MLP shapes with fewer layers and a smaller vocabulary (the logits we
 # compare are the last positions only, so vocabulary size adds nothing but load time).
@@ -50,8 +55,6 @@ GPU_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=
 DRY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
                  head_dim=16, vocab_size=512, max_position_embeddings=4096)
 SCORED_POSITIONS = 64
-# Peaked attention (random q/k projections scaled up), so the patterns have structure to find.
-QK_SCALE = 6.0
 
 
 def _head_setting(layer: int, head: int, length: int) -> dict:
@@ -81,23 +84,8 @@ def heterogeneous_profile(config: LlamaConfig, length: int) -> dict:
     }
 
 
-def _build(folder: Path, shape: dict, layers: int, dtype: torch.dtype, seed: int) -> None:
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=layers, **shape), dtype=dtype)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(QK_SCALE)
-            layer.self_attn.k_proj.weight.mul_(QK_SCALE)
-    model.save_pretrained(folder)
 
 
-def _tp_load_kwargs() -> dict:
-    """``distributed_config=`` where transformers has it; bare ``tp_plan=`` (deprecated) otherwise."""
-    try:
-        from transformers.distributed import DistributedConfig
-    except ImportError:
-        return {"tp_plan": "auto"}
-    return {"distributed_config": DistributedConfig(tp_plan="auto")}
 
 
 def _sync(device: torch.device) -> None:
@@ -218,7 +206,7 @@ def main(argv=None) -> None:
     folder = Path(folder[0])
     try:
         if rank == 0:
-            _build(folder, shape, args.layers, dtype, args.seed)
+            save_peaked_llama(folder, dict(shape, num_hidden_layers=args.layers), dtype, args.seed)
         dist.barrier()
         config = LlamaConfig.from_pretrained(folder)
         variants = _variants(heterogeneous_profile(config, args.length))
@@ -233,7 +221,7 @@ def main(argv=None) -> None:
                 torch.cuda.empty_cache()
         dist.barrier()
 
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **_tp_load_kwargs()).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **tp_load_kwargs()).eval()
         if getattr(model, "tp_size", None) != world:
             raise RuntimeError(f"expected a TP model of size {world}, got tp_size={getattr(model, 'tp_size', None)}")
         tp = _run_all(model, ids, device, variants, args.repeats, distributed=True)

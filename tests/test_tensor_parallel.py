@@ -35,6 +35,7 @@ from sparseprefill import (
     SparseConfig,
     VerticalSlashConfig,
 )
+from sparseprefill.patchers.tensor_parallel import tp_load_kwargs
 
 NUM_HEADS, NUM_KV_HEADS, NUM_LAYERS = 4, 2, 2
 LENGTH = 300  # several 32-token blocks; min_sparse_len=0 routes it to the sparse path
@@ -117,13 +118,6 @@ def generated_logits(model, profile) -> tuple[torch.Tensor, dict]:
         sparseprefill.unpatch(model)
 
 
-def tp_load_kwargs() -> dict:
-    """``distributed_config=`` where this transformers has it (``tp_plan=`` is deprecated there)."""
-    try:
-        from transformers.distributed import DistributedConfig
-    except ImportError:
-        return {"tp_plan": "auto"}
-    return {"distributed_config": DistributedConfig(tp_plan="auto")}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from torch import nn
 from .state import HeadGroup, LayerPlan
 from .support import UnsupportedModelError
 
-__all__ = ["TensorParallel", "detect_tensor_parallel", "localize_plans", "head_count_error"]
+__all__ = ["TensorParallel", "detect_tensor_parallel", "localize_plans", "head_count_error", "tp_load_kwargs"]
 
 # Plan styles (transformers' ParallelInterface) of the q/k/v projections and what they hand the attention:
 SHARDED_STYLE = "colwise"  # this rank's contiguous slice of heads
@@ -132,3 +132,14 @@ def head_count_error(layer: int, found: tuple[int, int], expected: tuple[int, in
         "index the wrong heads. Load the model in its final layout, then call sparseprefill.patch (or unpatch "
         "and patch again)."
     )
+
+
+def tp_load_kwargs() -> dict:
+    """``from_pretrained`` keyword arguments that load with the model's own TP plan under ``torchrun``:
+    ``distributed_config=DistributedConfig(tp_plan="auto")`` where this transformers has it (5.17 and
+    later; there a bare ``tp_plan=`` is deprecated), else ``tp_plan="auto"``."""
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        return {"tp_plan": "auto"}
+    return {"distributed_config": DistributedConfig(tp_plan="auto")}
