@@ -14,10 +14,10 @@ The same from the command line:
 import torch
 
 import sparseprefill
-from sparseprefill.offline_models import load_smollm2
-from sparseprefill.passkey import build_passkey_prompt
+from sparseprefill.evals.offline_models import load_smollm2
+from sparseprefill.evals.passkey import build_passkey_prompt
 from sparseprefill.profiles import save_profile
-from sparseprefill.profiles.profiler import ProfilerOptions, profile_model
+from sparseprefill.calibrate.profiler import ProfilerOptions, profile_model
 
 model, tokenizer = load_smollm2(dtype=torch.float32)
 

@@ -14,8 +14,8 @@ import time
 import torch
 
 import sparseprefill
-from sparseprefill.offline_models import load_smollm2
-from sparseprefill.passkey import build_passkey_prompt
+from sparseprefill.evals.offline_models import load_smollm2
+from sparseprefill.evals.passkey import build_passkey_prompt
 
 PROMPT_TOKENS = 3000
 NEW_TOKENS = 12

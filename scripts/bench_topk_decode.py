@@ -48,13 +48,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sparseprefill.kernels.page_score import (  # noqa: E402
+from sparseprefill.kernels.decode import (  # noqa: E402
     attention_mass_recall,
     page_scores,
     select_pages,
 )
-from sparseprefill.kernels.page_summary import page_summary, update_page_summary  # noqa: E402
-from sparseprefill.kernels.sparse_decode_attention import sparse_decode_attention  # noqa: E402
+from sparseprefill.kernels.decode import page_summary, update_page_summary  # noqa: E402
+from sparseprefill.kernels.decode import sparse_decode_attention  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3.1-8B attention
 SINK_TOKENS, RECENT_TOKENS = 64, 256

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import sparseprefill  # noqa: E402
 from sparseprefill.config import DecodeRetrievalConfig, SparseConfig  # noqa: E402
-from sparseprefill.kernels.page_score import attention_mass_recall  # noqa: E402
+from sparseprefill.kernels.decode import attention_mass_recall  # noqa: E402
 from sparseprefill.patchers import attention as attention_module  # noqa: E402
 from sparseprefill.patchers import decode as decode_module  # noqa: E402
 
@@ -166,7 +166,7 @@ def compare(model, input_ids: torch.Tensor, decode: DecodeRetrievalConfig, new_t
 
 def passkey(model, tokenizer, prompt, decode: DecodeRetrievalConfig, dense=None) -> dict:
     """Free pass-key answers, dense (unless given) and top-k."""
-    from sparseprefill.passkey import answer_passkey
+    from sparseprefill.evals.passkey import answer_passkey
 
     dense = dense or answer_passkey(model, tokenizer, prompt)
     sparseprefill.patch(model, SparseConfig(min_sparse_len=DENSE_PREFILL_LEN, decode=decode))
@@ -181,7 +181,7 @@ def passkey(model, tokenizer, prompt, decode: DecodeRetrievalConfig, dense=None)
 def load(args):
     dtype = getattr(torch, args.dtype)
     if args.model in ("smollm2", "gemma3"):
-        from sparseprefill import offline_models
+        from sparseprefill.evals import offline_models
 
         model, tokenizer = getattr(offline_models, f"load_{args.model}")(dtype=dtype)
     else:
@@ -219,12 +219,12 @@ def main(argv=None) -> None:
     base = DecodeRetrievalConfig(page_size=args.page, budget_tokens=args.budget, sink_tokens=args.sink,
                                  recent_tokens=args.recent, method=args.method, dense_layers=dense_layers,
                                  min_context=0)
-    from sparseprefill.fidelity import reference_input_ids
+    from sparseprefill.evals.logits import reference_input_ids
 
     ids = reference_input_ids(tokenizer, args.length)
     results = {"model": args.model, "device": args.device, "dtype": args.dtype, "length": args.length,
                "config": base.to_dict(), "runs": []}
-    from sparseprefill.passkey import answer_passkey, build_passkey_prompt
+    from sparseprefill.evals.passkey import answer_passkey, build_passkey_prompt
 
     dense = dense_reference(model, ids, args.new_tokens)
     prompts = [build_passkey_prompt(tokenizer, args.length, depth=d, seed=args.passkey_seed)

@@ -10,8 +10,8 @@ import argparse, json, time
 import torch
 import sparseprefill
 from sparseprefill import SparseConfig, AntidiagonalConfig, VerticalSlashConfig, BlockSparseConfig
-from sparseprefill.fidelity import reference_input_ids
-from sparseprefill.offline_models import load_smollm2
+from sparseprefill.evals.logits import reference_input_ids
+from sparseprefill.evals.offline_models import load_smollm2
 from sparseprefill.patterns import build_pattern
 from sparseprefill.kernels.common import qk_scores
 from sparseprefill.kernels.geometry import causal_pairs_total

@@ -20,7 +20,7 @@ import torch
 import sparseprefill
 from sparseprefill import SparseConfig
 from sparseprefill.cli import _load_model
-from sparseprefill.profiles.profiler import ProfilerOptions, evaluate_settings, profile_plan, uniform_plan
+from sparseprefill.calibrate.profiler import ProfilerOptions, evaluate_settings, profile_plan, uniform_plan
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import torch
 import sparseprefill
 from sparseprefill import DecodeRetrievalConfig, SparseConfig
 from sparseprefill.evals.harness import load_model
-from sparseprefill.fidelity import compare_logits, reference_input_ids
+from sparseprefill.evals.logits import compare_logits, reference_input_ids
 
 QUESTION = "\nQuestion: which built-in function returns the length of a sequence, and what does it call? Answer:"
 

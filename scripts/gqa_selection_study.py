@@ -36,12 +36,12 @@ import time
 import torch
 
 from sparseprefill import VerticalSlashConfig
-from sparseprefill.fidelity import reference_input_ids
+from sparseprefill.evals.logits import reference_input_ids
 from sparseprefill.kernels import build_vertical_slash_index, keep_by_cumulative_mass, vertical_slash_scores
 from sparseprefill.kernels.common import compact
 from sparseprefill.kernels.geometry import causal_pairs_total
 from sparseprefill.kernels.indices import VerticalSlashIndex
-from sparseprefill.offline_models import load_smollm2
+from sparseprefill.evals.offline_models import load_smollm2
 from sparseprefill.patterns.vertical_slash import VerticalSlashPattern
 
 SCRIPTS_DIR = pathlib.Path(__file__).resolve().parent

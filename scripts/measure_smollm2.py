@@ -27,9 +27,9 @@ import torch
 
 import sparseprefill
 from sparseprefill import AntidiagonalConfig, SparseConfig
-from sparseprefill.fidelity import DEFAULT_SCORED_POSITIONS, compare_logits, last_position_logits, reference_input_ids
-from sparseprefill.offline_models import load_smollm2
-from sparseprefill.passkey import answer_passkey, build_passkey_prompt
+from sparseprefill.evals.logits import DEFAULT_SCORED_POSITIONS, compare_logits, last_position_logits, reference_input_ids
+from sparseprefill.evals.offline_models import load_smollm2
+from sparseprefill.evals.passkey import answer_passkey, build_passkey_prompt
 
 DEFAULT_LENGTHS = (4096,)
 DEFAULT_DEPTHS = (0.05, 0.25, 0.5, 0.75, 0.95)

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import sparseprefill
 from sparseprefill import SparseConfig
-from sparseprefill.fidelity import compare_logits
+from sparseprefill.evals.logits import compare_logits
 
 # Big enough that attention is real work and layers spread over devices, small enough to build fast.
 MODEL_SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,

@@ -22,8 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from sparseprefill.bench.e2e import fixed_budget_config
 from sparseprefill.bench.kernels import structured_qkv
-from sparseprefill.kernels.page_score import page_scores, select_pages, top_k_pages
-from sparseprefill.kernels.page_summary import page_summary
+from sparseprefill.kernels.decode import page_scores, select_pages, top_k_pages
+from sparseprefill.kernels.decode import page_summary
 from sparseprefill.patterns.vertical_slash import VerticalSlashPattern
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -82,7 +82,7 @@ def main() -> None:
     for length in args.lengths:
         k = torch.randn(1, KV_HEADS, length, HEAD_DIM, device=device, dtype=torch.bfloat16)
         q = torch.randn(1, HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16)
-        summary = page_summary(k, page_size=DECODE_PAGE, stats=("meanstd",))
+        summary = page_summary(k, page_size=DECODE_PAGE, stats=("mean_std",))
         scores = page_scores(q, summary, scale=scale)
         report(f"top_k_pages L={length}", lambda: top_k_pages(q, summary, scale=scale, budget_tokens=DECODE_BUDGET),
                args.rows)

@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from sparseprefill.profiles.profiler import ProfilerOptions, profile_model
+from sparseprefill.calibrate.profiler import ProfilerOptions, profile_model
 
 VOCAB = 512
 

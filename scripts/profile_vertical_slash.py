@@ -17,7 +17,7 @@ from sparseprefill.config import SparseConfig
 from sparseprefill.kernels import build_vertical_slash_index, keep_by_cumulative_mass, vertical_slash_scores
 from sparseprefill.kernels.common import compact
 from sparseprefill.kernels.geometry import causal_pairs_total
-from sparseprefill.kernels.vertical_slash_index.naive import build_vertical_slash_index_naive
+from sparseprefill.kernels.vertical_slash.naive import build_vertical_slash_index_naive
 
 
 def _only(index, keep: str):
@@ -46,7 +46,7 @@ SWEEP_TILES = [(64, 64, 64, 4, 3), (64, 32, 64, 4, 3), (64, 32, 128, 4, 3), (64,
 
 
 def _sweep_tiles(attend, flops: float) -> None:
-    from sparseprefill.kernels.vertical_slash_attention import triton as vs_triton
+    from sparseprefill.kernels.vertical_slash import triton_attention as vs_triton
 
     default = vs_triton.vertical_slash_tile_sizes
     try:

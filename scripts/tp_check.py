@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import sparseprefill
 from sparseprefill import SparseConfig
-from sparseprefill.fidelity import compare_logits
+from sparseprefill.evals.logits import compare_logits
 from sparseprefill.patchers.tensor_parallel import tp_load_kwargs
 from sparseprefill.profiles import PROFILE_FORMAT, PROFILE_VERSION, model_identity
 

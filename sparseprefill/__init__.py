@@ -10,8 +10,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .config import (
     AntidiagonalConfig,
     AShapeConfig,

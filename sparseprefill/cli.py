@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from ._version import __version__
+
 __all__ = ["Command", "COMMANDS", "build_parser", "main"]
 
 DEMO_DEFAULT_LENGTH = 4096
@@ -109,9 +111,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     import sparseprefill
 
-    from .fidelity import compare_logits
-    from .offline_models import OfflineModelError, load_smollm2
-    from .passkey import answer_passkey, build_passkey_prompt
+    from .evals.logits import compare_logits
+    from .evals.offline_models import OfflineModelError, load_smollm2
+    from .evals.passkey import answer_passkey, build_passkey_prompt
 
     try:
         model, tokenizer = load_smollm2(dtype=getattr(torch, args.dtype))
@@ -200,7 +202,7 @@ def _load_model(args: argparse.Namespace):
 
 
 def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
-    from .profiles import profiler
+    from .calibrate import profiler
 
     _add_model_arguments(parser)
     parser.add_argument("--lengths", type=int, nargs="+", default=list(profiler.DEFAULT_LENGTHS),
@@ -215,7 +217,7 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_profile(args: argparse.Namespace) -> int:
-    from .profiles import profiler
+    from .calibrate import profiler
 
     options = profiler.ProfilerOptions(lengths=tuple(args.lengths), samples=args.samples,
                                        target_recall=args.target_recall, text_files=tuple(args.text))
@@ -365,7 +367,6 @@ COMMANDS: tuple[Command, ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseprefill", description="Dynamic sparse prefill for transformers LMs.")
-    from . import __version__
 
     parser.add_argument("--version", action="version", version=f"sparseprefill {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

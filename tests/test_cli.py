@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import sparseprefill
-from sparseprefill import cli, offline_models
-from sparseprefill.fidelity import compare_logits, reference_input_ids
-from sparseprefill.passkey import (
+from sparseprefill import cli
+from sparseprefill.evals import offline_models
+from sparseprefill.evals.logits import compare_logits, reference_input_ids
+from sparseprefill.evals.passkey import (
     PASSKEY_INTRO,
     PASSKEY_QUESTION,
     answer_passkey,

@@ -16,7 +16,7 @@ import torch
 
 import sparseprefill
 from sparseprefill.config import DecodeMethod, DecodeRetrievalConfig, SparseConfig
-from sparseprefill.patchers import decode as decode_module
+from sparseprefill.patterns import retrieval as retrieval_module
 
 from .tiny_models import random_ids, static_cache_generate, tiny_model
 
@@ -84,14 +84,14 @@ def test_keep_everything_generate_equals_unpatched(family):
 def _capture_selections(monkeypatch):
     """Record (key length, page_index, page_count) of every sparse decode call that used a selection."""
     calls = []
-    kernel = decode_module.sparse_decode_attention
+    kernel = retrieval_module.sparse_decode_attention
 
     def spy(q, k, v, page_index=None, page_count=None, **kwargs):
         if page_index is not None:
             calls.append((k.shape[2], page_index.clone(), page_count.clone()))
         return kernel(q, k, v, page_index, page_count, **kwargs)
 
-    monkeypatch.setattr(decode_module, "sparse_decode_attention", spy)
+    monkeypatch.setattr(retrieval_module, "sparse_decode_attention", spy)
     return calls
 
 
@@ -292,7 +292,7 @@ def _decode_accuracy_script():
 
 @pytest.mark.slow
 def test_smollm2_topk_decode_agrees_with_dense():
-    from sparseprefill.fidelity import reference_input_ids
+    from sparseprefill.evals.logits import reference_input_ids
 
     from .real_models import require_smollm2
 

@@ -156,7 +156,7 @@ def test_austen_novels(prepared):
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    from sparseprefill import offline_models
+    from sparseprefill.evals import offline_models
 
     try:
         return offline_models.load_smollm2_tokenizer(progress=False)

@@ -213,7 +213,7 @@ def test_chat_template_choice_with_a_tokenizer_without_one():
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
     try:
-        from sparseprefill.offline_models import load_smollm2_tokenizer
+        from sparseprefill.evals.offline_models import load_smollm2_tokenizer
 
         return load_smollm2_tokenizer(progress=False)
     except Exception as error:  # noqa: BLE001 - any failure means "not available offline"

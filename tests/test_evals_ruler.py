@@ -42,7 +42,7 @@ class WhitespaceTokenizer:
 
 @pytest.fixture(scope="module")
 def smollm2_tok():
-    from sparseprefill import offline_models
+    from sparseprefill.evals import offline_models
 
     if not offline_models.smollm2_is_cached():
         pytest.skip("SmolLM2 tokenizer not cached locally")

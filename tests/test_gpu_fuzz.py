@@ -21,12 +21,12 @@ from hypothesis import strategies as st  # noqa: E402
 
 from . import reference  # noqa: E402
 from sparseprefill.kernels import build_vertical_slash_index, select_blocks  # noqa: E402
-from sparseprefill.kernels.vertical_slash_index.naive import build_vertical_slash_index_naive  # noqa: E402
-from sparseprefill.kernels.block_sparse_attention.naive import block_sparse_attention_naive  # noqa: E402
-from sparseprefill.kernels.block_sparse_attention.triton import block_sparse_attention_triton  # noqa: E402
+from sparseprefill.kernels.vertical_slash.naive import build_vertical_slash_index_naive  # noqa: E402
+from sparseprefill.kernels.block_sparse.naive import block_sparse_attention_naive  # noqa: E402
+from sparseprefill.kernels.block_sparse.triton_attention import block_sparse_attention_triton  # noqa: E402
 from sparseprefill.kernels.common import compact  # noqa: E402
-from sparseprefill.kernels.vertical_slash_attention.naive import vertical_slash_attention_naive  # noqa: E402
-from sparseprefill.kernels.vertical_slash_attention.triton import vertical_slash_attention_triton  # noqa: E402
+from sparseprefill.kernels.vertical_slash.naive import vertical_slash_attention_naive  # noqa: E402
+from sparseprefill.kernels.vertical_slash.triton_attention import vertical_slash_attention_triton  # noqa: E402
 
 EXAMPLES = reference.FUZZ_EXAMPLES
 REL_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}

@@ -213,7 +213,7 @@ def test_keep_all_mass_with_max_count_is_a_top_k_budget(cands, max_count):
 def test_select_lines_equals_compacted_keep_mask(cands, mass, max_count):
     """The one-sort line selection of the vertical-slash pattern equals its naive twin (the keep mask,
     compacted), ties included: the integer scores repeat and hold exact zeros."""
-    from sparseprefill.kernels.mass_select import select_lines, select_lines_naive
+    from sparseprefill.kernels.vertical_slash import select_lines, select_lines_naive
 
     scores, _, forced = cands
     count, index = select_lines(scores, forced, mass, max_count=max_count)
@@ -225,7 +225,7 @@ def test_select_lines_equals_compacted_keep_mask(cands, mass, max_count):
 
 def test_select_lines_on_line_prefix_forced_and_long_rows():
     """The vertical-slash call shape: ``forced`` is a ``[N]`` prefix broadcast over ``[B, H, N]``."""
-    from sparseprefill.kernels.mass_select import select_lines, select_lines_naive
+    from sparseprefill.kernels.vertical_slash import select_lines, select_lines_naive
 
     scores = torch.rand(2, 3, 5000, generator=torch.Generator().manual_seed(1)) ** 8
     forced = torch.arange(5000) < 64

@@ -12,20 +12,20 @@ import torch
 
 triton = pytest.importorskip("triton", reason="Triton is not importable on this machine")
 
-from sparseprefill.kernels.page_score import (  # noqa: E402
+from sparseprefill.kernels.decode import (  # noqa: E402
     attention_mass_recall,
     page_scores,
     select_pages,
     top_k_pages,
 )
-from sparseprefill.kernels.page_score.naive import page_logits_naive, page_scores_naive  # noqa: E402
-from sparseprefill.kernels.page_score.triton import page_scores_triton  # noqa: E402
-from sparseprefill.kernels.page_summary import page_summary, update_page_summary  # noqa: E402
-from sparseprefill.kernels.page_summary.naive import page_summary_naive  # noqa: E402
-from sparseprefill.kernels.page_summary.triton import page_summary_triton  # noqa: E402
-from sparseprefill.kernels.sparse_decode_attention import sparse_decode_attention  # noqa: E402
-from sparseprefill.kernels.sparse_decode_attention.naive import sparse_decode_attention_naive  # noqa: E402
-from sparseprefill.kernels.sparse_decode_attention.triton import sparse_decode_attention_triton  # noqa: E402
+from sparseprefill.kernels.decode.naive import page_logits_naive, page_scores_naive  # noqa: E402
+from sparseprefill.kernels.decode.triton_score import page_scores_triton  # noqa: E402
+from sparseprefill.kernels.decode import page_summary, update_page_summary  # noqa: E402
+from sparseprefill.kernels.decode.naive import page_summary_naive  # noqa: E402
+from sparseprefill.kernels.decode.triton_summary import page_summary_triton  # noqa: E402
+from sparseprefill.kernels.decode import sparse_decode_attention  # noqa: E402
+from sparseprefill.kernels.decode.naive import sparse_decode_attention_naive  # noqa: E402
+from sparseprefill.kernels.decode.triton_attention import sparse_decode_attention_triton  # noqa: E402
 
 from .reference import torch_single_thread  # noqa: E402, F401  (autouse fixture)
 
@@ -112,7 +112,7 @@ def test_page_summary_statistics_brute_force():
 def test_page_summary_incremental_update_equals_full(use_triton, monkeypatch):
     if use_triton and DEVICE == "cpu":
         # Route the public function's CPU path through the interpreted Triton kernel.
-        import sparseprefill.kernels.page_summary as ps
+        import sparseprefill.kernels.decode as ps
 
         monkeypatch.setattr(ps, "page_summary_naive", page_summary_triton)
     g = torch.Generator().manual_seed(2)

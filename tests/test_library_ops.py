@@ -8,9 +8,9 @@ import torch
 
 from sparseprefill.kernels import build_vertical_slash_index, select_blocks
 from sparseprefill.kernels import library  # registers the ops
-from sparseprefill.kernels.block_sparse_attention import block_sparse_attention
+from sparseprefill.kernels.block_sparse import block_sparse_attention
 from sparseprefill.kernels.common import compact
-from sparseprefill.kernels.vertical_slash_attention import vertical_slash_attention
+from sparseprefill.kernels.vertical_slash import vertical_slash_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

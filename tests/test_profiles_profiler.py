@@ -12,14 +12,14 @@ import sparseprefill
 from sparseprefill import PatternName, SparseConfig
 from sparseprefill.kernels import select_blocks
 from sparseprefill.profiles import HeadSetting, load_profile
-from sparseprefill.profiles.profiler import (
+from sparseprefill.calibrate.profiler import (
     ProfilerOptions,
     evaluate_settings,
     profile_model,
     profile_plan,
     uniform_plan,
 )
-from sparseprefill.profiles.recall import exact_probs, index_recall
+from sparseprefill.kernels.recall import exact_probs, index_recall
 
 from . import reference
 from .tiny_models import VOCAB, tiny_model
@@ -35,7 +35,7 @@ def _mask_recall(index, probs):
     [(1, 4, 2, 77, 77, 16, 16, None), (2, 3, 1, 50, 130, 8, 8, None), (1, 2, 2, 200, 200, 32, 32, 20.0)],
 )
 def test_blockwise_recall_equals_dense_mask_recall(b, hq, hkv, q_len, k_len, d, block, softcap, monkeypatch):
-    from sparseprefill.profiles import recall as recall_module
+    from sparseprefill.kernels import recall as recall_module
 
     monkeypatch.setattr(recall_module, "CHUNK_BYTES", 4096)  # force many chunks
     g = torch.Generator().manual_seed(q_len + k_len)

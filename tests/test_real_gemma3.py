@@ -5,7 +5,7 @@ Patched with the default config and ``min_sparse_len=0``, the sliding layers mus
 window path and only the three global layers the sparse path. Checks:
 
 * the cached model is the real one (config) and its tokenizer prepends BOS and keeps words whole
-  (transformers 5.17 builds a wrong tokenizer from the GGUF; see ``sparseprefill.offline_models``);
+  (transformers 5.17 builds a wrong tokenizer from the GGUF; see ``sparseprefill.evals.offline_models``);
 * next-token distributions over the last 64 positions of natural text stay close to dense;
 * a pass-key prompt is answered as dense answers it (prefill with KV cache, then greedy decode).
 
@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from sparseprefill import SparseConfig
-from sparseprefill.fidelity import compare_logits, reference_input_ids
-from sparseprefill.passkey import build_passkey_prompt
+from sparseprefill.evals.logits import compare_logits, reference_input_ids
+from sparseprefill.evals.passkey import build_passkey_prompt
 
 from .real_models import logits_dense_then_patched, passkey_dense_then_patched, require_gemma3, write_results
 

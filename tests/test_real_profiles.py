@@ -13,8 +13,8 @@ import pytest
 
 import sparseprefill
 from sparseprefill import SparseConfig
-from sparseprefill.passkey import build_passkey_prompt
-from sparseprefill.profiles.profiler import ProfilerOptions, evaluate_settings, profile_plan, uniform_plan
+from sparseprefill.evals.passkey import build_passkey_prompt
+from sparseprefill.calibrate.profiler import ProfilerOptions, evaluate_settings, profile_plan, uniform_plan
 
 from .real_models import passkey_dense_then_patched, require_gemma3, require_smollm2
 

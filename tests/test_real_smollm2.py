@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from sparseprefill import SparseConfig
-from sparseprefill.fidelity import DEFAULT_SCORED_POSITIONS, compare_logits, reference_input_ids
-from sparseprefill.passkey import build_passkey_prompt
+from sparseprefill.evals.logits import DEFAULT_SCORED_POSITIONS, compare_logits, reference_input_ids
+from sparseprefill.evals.passkey import build_passkey_prompt
 
 from .real_models import logits_dense_then_patched, passkey_dense_then_patched, require_smollm2, write_results
 

@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 triton = pytest.importorskip("triton", reason="Triton is not importable on this machine")
 
 from . import reference  # noqa: E402
-from sparseprefill.kernels.antidiagonal_score import antidiagonal_block_mass  # noqa: E402
-from sparseprefill.kernels.antidiagonal_score.naive import antidiagonal_block_mass_naive  # noqa: E402
-from sparseprefill.kernels.antidiagonal_score.triton import antidiagonal_block_mass_triton  # noqa: E402
-from sparseprefill.kernels.pooled_block_score import pooled_block_probs  # noqa: E402
-from sparseprefill.kernels.pooled_block_score.naive import pooled_block_probs_naive  # noqa: E402
-from sparseprefill.kernels.pooled_block_score.triton import pooled_block_probs_triton  # noqa: E402
+from sparseprefill.kernels.block_sparse import antidiagonal_block_mass  # noqa: E402
+from sparseprefill.kernels.block_sparse.naive import antidiagonal_block_mass_naive  # noqa: E402
+from sparseprefill.kernels.block_sparse.triton_antidiagonal import antidiagonal_block_mass_triton  # noqa: E402
+from sparseprefill.kernels.block_sparse import pooled_block_probs  # noqa: E402
+from sparseprefill.kernels.block_sparse.naive import pooled_block_probs_naive  # noqa: E402
+from sparseprefill.kernels.block_sparse.triton_pooled import pooled_block_probs_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -120,8 +120,8 @@ def test_triton_estimators_custom_kv_head_index_and_strided_views():
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the public ops dispatch to Triton only on CUDA")
 def test_public_ops_dispatch_to_triton_on_cuda(monkeypatch):
-    from sparseprefill.kernels.antidiagonal_score import triton as ad_triton
-    from sparseprefill.kernels.pooled_block_score import triton as pb_triton
+    from sparseprefill.kernels.block_sparse import triton_antidiagonal as ad_triton
+    from sparseprefill.kernels.block_sparse import triton_pooled as pb_triton
 
     calls = []
     monkeypatch.setattr(ad_triton, "antidiagonal_block_mass_triton",
@@ -200,8 +200,8 @@ def test_estimator_fuzz_ran_the_requested_number_of_cases():
 # 32 for head_dim 256), the tile that straddles the causal edge, a partial last tile, chunked
 # prefill (Lq < Lk: the diagonals start at Lk - Lq), decode, GQA and soft-cap.
 
-from sparseprefill.kernels.vertical_slash_estimate.naive import vertical_slash_scores_naive  # noqa: E402
-from sparseprefill.kernels.vertical_slash_estimate.triton import vertical_slash_scores_triton  # noqa: E402
+from sparseprefill.kernels.vertical_slash.naive import vertical_slash_scores_naive  # noqa: E402
+from sparseprefill.kernels.vertical_slash.triton_estimate import vertical_slash_scores_triton  # noqa: E402
 
 # (batch, q heads, kv heads, Lq, Lk, head_dim, last_queries, softcap)
 LINE_SCORE_CASES = [

@@ -17,11 +17,11 @@ import torch
 triton = pytest.importorskip("triton", reason="Triton is not importable on this machine")
 
 from sparseprefill.kernels import build_vertical_slash_index, select_blocks  # noqa: E402
-from sparseprefill.kernels.block_sparse_attention.naive import block_sparse_attention_naive  # noqa: E402
-from sparseprefill.kernels.block_sparse_attention.triton import block_sparse_attention_triton  # noqa: E402
+from sparseprefill.kernels.block_sparse.naive import block_sparse_attention_naive  # noqa: E402
+from sparseprefill.kernels.block_sparse.triton_attention import block_sparse_attention_triton  # noqa: E402
 from sparseprefill.kernels.common import compact  # noqa: E402
-from sparseprefill.kernels.vertical_slash_attention.naive import vertical_slash_attention_naive  # noqa: E402
-from sparseprefill.kernels.vertical_slash_attention.triton import vertical_slash_attention_triton  # noqa: E402
+from sparseprefill.kernels.vertical_slash.naive import vertical_slash_attention_naive  # noqa: E402
+from sparseprefill.kernels.vertical_slash.triton_attention import vertical_slash_attention_triton  # noqa: E402
 
 from . import reference  # noqa: E402
 
@@ -106,8 +106,8 @@ def test_triton_writes_into_strided_out_view():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}c{c[8]}")
 @pytest.mark.parametrize("last_queries", [64, 20])
 def test_line_scores_triton_match_naive(case, last_queries):
-    from sparseprefill.kernels.vertical_slash_estimate.naive import vertical_slash_scores_naive
-    from sparseprefill.kernels.vertical_slash_estimate.triton import vertical_slash_scores_triton
+    from sparseprefill.kernels.vertical_slash.naive import vertical_slash_scores_naive
+    from sparseprefill.kernels.vertical_slash.triton_estimate import vertical_slash_scores_triton
 
     b, hq, hkv, lq, lk, d, _, _, softcap = case
     q, k, _ = _inputs(case, torch.float32, seed=CASES.index(case) + 201)
@@ -139,8 +139,8 @@ def _canonical(index):
      (1, 2, 40, 300, 16, 0.5, 0.02), (2, 2, 100, 100, 32, 0.3, 0.0), (1, 2, 257, 257, 64, 0.1, 0.1)],
 )
 def test_index_conversion_triton_matches_naive(b, h, lq, lk, block, p_vertical, p_slash):
-    from sparseprefill.kernels.vertical_slash_index.naive import build_vertical_slash_index_naive
-    from sparseprefill.kernels.vertical_slash_index.triton import build_vertical_slash_index_triton
+    from sparseprefill.kernels.vertical_slash.naive import build_vertical_slash_index_naive
+    from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
 
     g = torch.Generator(device="cpu").manual_seed(lq * 31 + lk)
     vertical_count, vertical_index = compact((torch.rand(b, h, lk, generator=g) < p_vertical).to(DEVICE))
@@ -166,8 +166,8 @@ def test_index_conversion_triton_matches_naive(b, h, lq, lk, block, p_vertical, 
 )
 def test_index_conversion_triton_matches_naive_on_unsorted_lines(k_len, q_frac, block, n_vertical, n_slash, seed):
     """Unsorted offsets and garbage padding (the public contract): the launcher must sort them."""
-    from sparseprefill.kernels.vertical_slash_index.naive import build_vertical_slash_index_naive
-    from sparseprefill.kernels.vertical_slash_index.triton import build_vertical_slash_index_triton
+    from sparseprefill.kernels.vertical_slash.naive import build_vertical_slash_index_naive
+    from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
 
     q_len = max(1, round(q_frac * k_len))
     vi, vc, so, sc, _, _ = reference.random_lines(random.Random(seed), 2, 2, k_len, n_vertical, n_slash)

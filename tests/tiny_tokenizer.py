@@ -11,7 +11,7 @@ TOKENIZER_VOCAB = 384  # 256 byte symbols + merges + specials; tiny models are b
 
 @lru_cache(maxsize=1)
 def _training_text() -> tuple[str, ...]:
-    from sparseprefill.fidelity import reference_text
+    from sparseprefill.evals.logits import reference_text
 
     text = reference_text()
     return tuple(text[i : i + 2000] for i in range(0, 200_000, 2000))

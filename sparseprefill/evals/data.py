@@ -26,7 +26,7 @@ counts and sha256 hashes, so a text never changes silently (record ``read_manife
 ["text_sha256"]`` with results to say which haystack was used).
 
 Cache layout (``data_dir()``: ``$SPARSEPREFILL_CACHE/data`` when that variable is set, else
-``~/.cache/sparseprefill/data``, next to the models of :mod:`sparseprefill.offline_models`)::
+``~/.cache/sparseprefill/data``, next to the models of :mod:`sparseprefill.evals.offline_models`)::
 
     paul_graham.txt     # the text, UTF-8
     paul_graham.json    # manifest: source, url, sha256, words, chars, ...; written last
@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..offline_models import CACHE_ENV_VAR
+from .offline_models import CACHE_ENV_VAR
 
 __all__ = [
     "HaystackSource",

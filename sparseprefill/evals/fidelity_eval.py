@@ -3,7 +3,7 @@
 For every sparse-routed attention call (``patchers.inspect_prefill``):
 
 - **recall**: the share of each query row's exact softmax mass on the keys the sparse index kept
-  (``profiles.recall.index_recall``, blockwise; never an ``L x L`` matrix), averaged over rows;
+  (``kernels.recall.index_recall``, blockwise; never an ``L x L`` matrix), averaged over rows;
 - **output relative error**: ``||out_sparse - out_exact|| / ||out_exact||`` per head, with the exact
   output computed in fp32. Beside it, the **floor**: the same error of the unpatched model's
   attention (SDPA in the model's dtype), i.e. what dense itself is off by. A sparse error at the floor is as good as dense.
@@ -23,8 +23,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..fidelity import DEFAULT_SCORED_POSITIONS, compare_logits, last_position_logits
 from ..kernels import dense_attention
+from ..kernels.common import default_kv_head_index
+from .logits import DEFAULT_SCORED_POSITIONS, compare_logits, last_position_logits
 from .perplexity import BUILTIN_TEXT, load_text, text_windows
 from .report import Variant, applied, run_metadata, write_report_files
 
@@ -67,10 +68,10 @@ class _HeadAccumulator:
         self.floor: dict[tuple[int, int], list[float]] = defaultdict(list)
 
     def __call__(self, layer, q, k, v, out, selections, *, scale, softcap) -> None:
-        from ..profiles.recall import index_recall
+        from ..kernels.recall import index_recall
 
         hq, hkv = q.shape[1], k.shape[1]
-        kv_of_head = torch.arange(hq, device=q.device) // (hq // hkv)
+        kv_of_head = default_kv_head_index(hq, hkv, q.device)
         exact, _ = dense_attention(q.float(), k.float(), v.float(), scale=scale, softcap=softcap)
         rounded = _dense_in_model_dtype(q, k, v, scale=scale, softcap=softcap)
 

@@ -28,7 +28,7 @@ __all__ = [
     "batched",
 ]
 
-OFFLINE_MODELS = ("smollm2", "gemma3")  # built from pinned PyPI wheels (sparseprefill.offline_models)
+OFFLINE_MODELS = ("smollm2", "gemma3")  # built from pinned PyPI wheels (sparseprefill.evals.offline_models)
 
 # Evals run the sparse patterns at every length they test unless told otherwise: the library's
 # default ``min_sparse_len`` (16K) would leave short evals dense, which measures nothing. The
@@ -57,7 +57,7 @@ def _is_offline_name(spec: ModelSpec) -> bool:
 
 def load_tokenizer(spec: ModelSpec | str) -> Any:
     """The tokenizer of ``spec``, with a pad token (EOS when the tokenizer has none)."""
-    from .. import offline_models
+    from . import offline_models
 
     spec = ModelSpec(spec) if isinstance(spec, str) else spec
     if _is_offline_name(spec):
@@ -81,7 +81,7 @@ def load_tokenizer(spec: ModelSpec | str) -> Any:
 
 def load_model(spec: ModelSpec | str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Any, Any]:
     """(model in eval mode on ``device``, tokenizer)."""
-    from .. import offline_models
+    from . import offline_models
 
     spec = ModelSpec(spec) if isinstance(spec, str) else spec
     if _is_offline_name(spec):

@@ -14,8 +14,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .harness import batched, greedy_generate
-from .longbench import TASK_NAMES, apply_chat_template, build_prompt, get_task, load_task, score_sample, \
-    uses_chat_template
+from .longbench import (
+    TASK_NAMES,
+    apply_chat_template,
+    build_prompt,
+    get_task,
+    load_task,
+    score_sample,
+    uses_chat_template,
+)
 from .report import EvalReport, SampleScore, Variant, applied, run_metadata
 
 __all__ = ["LongBenchEvalOptions", "available_tasks", "run_longbench"]

@@ -27,7 +27,7 @@ __all__ = ["LOGIT_CHUNK", "PerplexityOptions", "chunked_nll", "text_windows", "l
 LOGIT_CHUNK = 1024
 DEFAULT_WINDOWS = 8
 DEFAULT_CONTEXT_FRACTION = 0.5
-BUILTIN_TEXT = "builtin"  # the Python reference manual (sparseprefill.fidelity.reference_text), always offline
+BUILTIN_TEXT = "builtin"  # the Python reference manual (sparseprefill.evals.logits.reference_text), always offline
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class PerplexityOptions:
 def load_text(source: str) -> str:
     """The text named by ``source``: ``builtin``, a prepared haystack source, or a file path."""
     if source == BUILTIN_TEXT:
-        from ..fidelity import reference_text
+        from .logits import reference_text
 
         return reference_text()
     path = Path(source).expanduser()

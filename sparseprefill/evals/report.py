@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .._version import __version__
 from ..config import SparseConfig
 from .paired import DEFAULT_CONFIDENCE, paired_bootstrap
 
@@ -186,7 +187,6 @@ def run_metadata(model: Any | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
-    from .. import __version__
 
     device = "cpu"
     if model is not None:

@@ -6,7 +6,7 @@ import torch
 
 from .geometry import visible
 
-__all__ = ["check_qkv", "default_kv_head_index", "resolve_kv_head_index", "prepare_out", "masked_softmax_attend", "attend_gathered", "qk_scores", "compact"]
+__all__ = ["check_qkv", "check_triton_query_block", "default_kv_head_index", "resolve_kv_head_index", "prepare_out", "masked_softmax_attend", "attend_gathered", "qk_scores", "compact"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -149,3 +149,15 @@ def compact(keep: torch.Tensor, min_width: int = 1) -> tuple[torch.Tensor, torch
     slots = torch.arange(width, device=keep.device)
     index = torch.where(slots < count[..., None], index, -1)
     return count.to(torch.int32), index.to(torch.int32)
+
+
+# The Triton attention kernels tile a query block with power-of-two row counts of at least 16
+# (``tl.dot``'s minimum).
+MIN_TRITON_QUERY_BLOCK = 16
+
+
+def check_triton_query_block(block_size_q: int) -> None:
+    if block_size_q < MIN_TRITON_QUERY_BLOCK or block_size_q & (block_size_q - 1):
+        raise ValueError(
+            f"the GPU kernel needs a power-of-two query block size >= {MIN_TRITON_QUERY_BLOCK}, got {block_size_q}"
+        )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "causal_block_layout",
     "query_offset",
     "query_block_bounds",
     "causal_pairs_in_rects",
@@ -92,3 +93,18 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> tor
     if window is not None:
         ok = ok & (k_pos > q_pos - window)
     return ok
+
+
+def causal_block_layout(
+    q_len: int, k_len: int, block_size_q: int, block_size_k: int, sink_blocks: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(valid, forced)`` ``[Rq, Rk]`` bool: blocks holding at least one causal pair, and the blocks
+    every row keeps (the first ``sink_blocks`` and the diagonal blocks spanned by the row's queries)."""
+    p0, p1 = query_block_bounds(q_len, k_len, block_size_q, device)
+    n_kv = -(-k_len // block_size_k)
+    kv_start = torch.arange(n_kv, device=device) * block_size_k
+    kv_last = torch.clamp(kv_start + block_size_k, max=k_len) - 1
+    valid = kv_start[None, :] <= p1[:, None]
+    diagonal = (kv_last[None, :] >= p0[:, None]) & valid
+    sink = (torch.arange(n_kv, device=device) < sink_blocks)[None, :] & valid
+    return valid, diagonal | sink

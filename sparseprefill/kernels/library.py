@@ -25,7 +25,7 @@ def block_sparse_attention_op(
     kv_head_index: torch.Tensor, out: torch.Tensor, block_size_q: int, block_size_k: int, scale: float,
     window: int, softcap: float,
 ) -> None:
-    from .block_sparse_attention import block_sparse_attention
+    from .block_sparse import block_sparse_attention
 
     index = BlockSparseIndex(block_count=block_count, block_index=block_index, block_size_q=block_size_q,
                              block_size_k=block_size_k, q_len=q.shape[2], k_len=k.shape[2])
@@ -44,7 +44,7 @@ def vertical_slash_attention_op(
     range_end: torch.Tensor, column_count: torch.Tensor, column_index: torch.Tensor, kv_head_index: torch.Tensor,
     out: torch.Tensor, block_size_q: int, scale: float, window: int, softcap: float,
 ) -> None:
-    from .vertical_slash_attention import vertical_slash_attention
+    from .vertical_slash import vertical_slash_attention
 
     index = VerticalSlashIndex(range_count=range_count, range_start=range_start, range_end=range_end,
                                column_count=column_count, column_index=column_index, block_size_q=block_size_q,

@@ -168,3 +168,22 @@ def empty_softmax_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     return m_i, l_i, acc
+
+
+# Shared memory per SM on Hopper is 228 KB; Q, K and V tiles (K/V staged num_stages deep) must fit.
+# Rows per program and keys per tile shrink for head_dim 256 and for fp32 inputs (twice the bytes).
+LARGE_TILE_BYTES = 2 * 128  # element bytes x padded head_dim up to which 128-row programs fit
+
+
+def tile_sizes(head_dim: int, block_q: int, block_k: int, element_bytes: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D) for an index with ``block_q`` query rows and
+    ``block_k``-key blocks. BLOCK_M divides ``block_q`` and BLOCK_N divides ``block_k``."""
+    block_d = triton.next_power_of_2(head_dim)
+    fits_large = element_bytes * block_d <= LARGE_TILE_BYTES
+    block_m = min(block_q, 128 if fits_large else 64)
+    block_n = min(block_k, 64 if fits_large else 32)
+    while block_k % block_n:
+        block_n //= 2
+    num_warps = 8 if block_m >= 128 else 4
+    num_stages = 3 if fits_large else 2
+    return block_m, block_n, num_warps, num_stages, block_d

@@ -21,10 +21,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..kernels import dense_attention, library
+from ..kernels import dense_attention
 from ..kernels.common import default_kv_head_index
 from ..kernels.geometry import causal_pairs_total
-from ..patterns import window_index
+from ..patterns import window_attention
 from .decode import decode_attention, follow_up_attention, invalidate_layer
 from .masks import SparsePrefillMask
 from .state import FallbackReason, LayerStats, PatchState, Phase, heads_tensor
@@ -35,11 +35,6 @@ __all__ = ["IMPLEMENTATION_NAME", "sparseprefill_attention", "previous_attention
 # Registered name. It must not contain "flash", "sdpa", "flex_attention", "/" or ":": transformers
 # dispatches on those substrings (see shared notes on the attention interface).
 IMPLEMENTATION_NAME = "sparseprefill"
-
-# Exact window attention reuses the vertical-slash kernel with diagonals 0..W-1 and no columns; its
-# query block size only affects how the kernel tiles the band.
-WINDOW_BLOCK_SIZE = 64
-
 
 def previous_attention_function(module: nn.Module, implementation: str) -> Callable[..., Any]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -100,16 +95,11 @@ def _run_span(
         _dense(q, k, v, out, scale=scale, window=effective_window, softcap=softcap)
         return
     if effective_window is not None:
-        index = window_index(
-            q.shape[0], q.shape[1], q_len, k_len, sink_tokens=0, local_tokens=effective_window,
-            block_size=WINDOW_BLOCK_SIZE, device=q.device,
-        )
-        library.call_vertical_slash(q, k, v, index, scale=scale, window=effective_window, softcap=softcap,
-                                    kv_head_index=default_kv_head_index(q.shape[1], k.shape[1], q.device), out=out)
-        stats.record(Phase.WINDOW, index.computed_pairs(effective_window), causal)
+        computed = window_attention(q, k, v, window=effective_window, scale=scale, softcap=softcap, out=out)
+        stats.record(Phase.WINDOW, computed, causal)
         return
-    hq, hkv = q.shape[1], k.shape[1]
-    kv_of_head = torch.arange(hq, device=q.device) // (hq // hkv)
+    hq = q.shape[1]
+    kv_of_head = default_kv_head_index(hq, k.shape[1], q.device)
     if state.observer is not None:
         state.observer(layer, q, k, scale=scale, softcap=softcap)
     computed = []  # device tensors, summed without a host read (LayerStats.record)

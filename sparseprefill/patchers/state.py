@@ -208,8 +208,12 @@ class PatchState:
     # patterns ran: ``out [B, H, Lq, D]`` is the sparse output and ``selections`` lists
     # (query heads, index) per head group (index None = dense). The fidelity eval measures here.
     inspector: Callable[..., None] | None = None
+    # Called as decode_inspector(layer, q, k, v, out, page_index, page_count, page_size=..., scale=...,
+    # softcap=...) after each sparse decode step's attention, per row group (``page_index`` None where the
+    # group attended all its keys). The decode accuracy experiment measures here.
+    decode_inspector: Callable[..., None] | None = None
     profile: Any = None  # the Profile the plans came from, if any
-    # Decode retrieval state (``patchers/decode.DecodeState``: per-layer page summaries and selections),
+    # Decode retrieval state (``patterns/retrieval.DecodeState``: per-layer page summaries and selections),
     # created on the first sparse decode call when SparseConfig.decode is set.
     decode: Any = None
     # Per-layer decode settings from the profile's ``decode`` overrides: a DecodeRetrievalConfig, or None

@@ -10,6 +10,7 @@ from .base import PatternOutput, SparseIndex, SparsePattern
 from .block_sparse import BlockSparsePattern
 from .dense import DensePattern
 from .vertical_slash import VerticalSlashPattern
+from .window import WINDOW_BLOCK_SIZE, window_attention
 
 __all__ = [
     "AShapePattern",
@@ -22,6 +23,8 @@ __all__ = [
     "SparsePattern",
     "VerticalSlashPattern",
     "build_pattern",
+    "WINDOW_BLOCK_SIZE",
+    "window_attention",
     "window_index",
 ]
 

@@ -11,8 +11,8 @@ import torch
 
 from ..config import PatternName, VerticalSlashConfig
 from ..kernels import build_vertical_slash_index, vertical_slash_scores
-from ..kernels.mass_select import select_lines
 from ..kernels.indices import VerticalSlashIndex
+from ..kernels.vertical_slash import select_lines
 from .base import SparsePattern
 
 

@@ -42,6 +42,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .._version import __version__
 from ..config import DEFAULT_BLOCK_SIZE, KEEP_ALL_MASS, PatternName
 from .schema import (
     Calibration,
@@ -183,7 +184,6 @@ def import_minference(
         if isinstance(source, (str, os.PathLike)):
             raise ProfileError(exc.path, exc.problem, os.fspath(source)) from None
         raise
-    from .. import __version__  # here, not at module level: the package imports this module
 
     calibration = Calibration(
         source=f"minference:{file_name}",

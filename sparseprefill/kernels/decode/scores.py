@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 
-from ..page_summary import PageSummary, check_page_size, num_pages_for
 from .naive import (
     METHOD_MEAN_STD,
     METHOD_QUEST,
@@ -38,6 +37,13 @@ from .naive import (
     attention_mass_recall,
     exact_page_mass,
     page_scores_naive,
+)
+from .pages import (
+    STATS_MEAN_STD,
+    STATS_MINMAX,
+    PageSummary,
+    check_page_size,
+    num_pages_for,
 )
 
 __all__ = [
@@ -51,6 +57,7 @@ __all__ = [
     "METHOD_MEAN_STD",
     "REDUCE_MAX",
     "REDUCE_SUM",
+    "STATS_FOR_METHOD",
     "PageRecall",
     "attention_mass_recall",
     "exact_page_mass",
@@ -79,6 +86,8 @@ DEFAULT_SINK_TOKENS = 64
 DEFAULT_RECENT_TOKENS = 256
 
 METHODS = (METHOD_QUEST, METHOD_MEAN_STD)
+# The summary statistics each scoring method reads.
+STATS_FOR_METHOD = {METHOD_QUEST: (STATS_MINMAX,), METHOD_MEAN_STD: (STATS_MEAN_STD,)}
 REDUCES = (REDUCE_MAX, REDUCE_SUM)
 
 
@@ -88,7 +97,7 @@ def _summary_pair(summary: PageSummary, method: str) -> tuple[torch.Tensor, torc
     valid = summary.valid()
     first, second = (valid.minimum, valid.maximum) if method == METHOD_QUEST else (valid.mean, valid.std)
     if first is None:
-        raise ValueError(f"method {method!r} needs the summary's {'minmax' if method == METHOD_QUEST else 'meanstd'} stats")
+        raise ValueError(f"method {method!r} needs the summary's {'minmax' if method == METHOD_QUEST else 'mean_std'} stats")
     return first, second
 
 
@@ -120,7 +129,7 @@ def page_scores(
     kwargs = dict(scale=scale, method=method, spread_weight=spread_weight, group_reduce=group_reduce)
     if q.device.type == "cuda":
         # Imported here so the CPU path never needs Triton; on CUDA it is a dependency, not an option.
-        from .triton import page_scores_triton
+        from .triton_score import page_scores_triton
 
         return page_scores_triton(q, first, second, **kwargs)
     return page_scores_naive(q, first, second, **kwargs)

@@ -23,11 +23,21 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .._version import __version__
 from ..config import PatternName, SparseConfig
+from ..evals.passkey import build_passkey_prompt
+from ..kernels.common import default_kv_head_index
 from ..kernels.geometry import causal_pairs_total
+from ..kernels.recall import index_recall
+from ..patchers import observe_prefill
 from ..patterns import build_pattern
-from .recall import index_recall
-from .schema import Calibration, HeadSetting, Profile, model_identity
+from ..profiles.schema import (
+    Calibration,
+    HeadSetting,
+    Profile,
+    model_identity,
+    save_profile,
+)
 
 # Candidate budgets, cheapest families first. Vertical-slash masses span the useful range (0.95 is
 # the auto default; below 0.5 the kept lines rarely reach a 0.9+ recall target); A-shape windows are
@@ -104,7 +114,6 @@ def calibration_prompts(tokenizer: Any, options: ProfilerOptions, length: int, o
                 f"(from window {offset}) need {needed}"
             )
         return [torch.tensor([ids[(offset + s) * length : (offset + s + 1) * length]]) for s in range(options.samples)]
-    from ..passkey import build_passkey_prompt
 
     prompts = []
     for s in range(options.samples):
@@ -121,7 +130,7 @@ def _measure(plans_by_name: dict[str, Any], q, k, scale, softcap, measurements: 
              length: int) -> None:
     """Score every named plan on one layer's q/k: a plan is a list of (pattern, heads) groups."""
     hq, hkv = q.shape[1], k.shape[1]
-    kv_of_head = torch.arange(hq, device=q.device) // (hq // hkv)
+    kv_of_head = default_kv_head_index(hq, hkv, q.device)
     causal = causal_pairs_total(q.shape[2], k.shape[2])
     names, groups, indices = [], [], []
     for name, plan in plans_by_name.items():
@@ -161,7 +170,6 @@ def _run_prompts(model, prompts_by_length, plans_for_layer, measurements, progre
     """Dense prefills with the observer attached; returns seconds."""
     import sparseprefill
 
-    from ..patchers import observe_prefill
 
     total = sum(len(p) for p in prompts_by_length.values())
     bar = _progress_bar(total, description, progress)
@@ -256,7 +264,6 @@ def profile_model(model: Any, tokenizer: Any, options: ProfilerOptions | None = 
             settings.append(HeadSetting(candidate.pattern, dict(candidate.params), measured))
         layers.append(tuple(settings))
 
-    from .. import __version__
 
     calibration = Calibration(
         source=SYNTHETIC_SOURCE if not options.text_files else "text:" + ",".join(Path(p).name for p in options.text_files),
@@ -403,7 +410,6 @@ def plot_profile(profile: Profile, path: str | Path, length: int | None = None) 
 
 
 def write_outputs(result: ProfileResult, out: str | Path, plot: str | Path | None = None) -> Iterable[Path]:
-    from .schema import save_profile
 
     written = [Path(out)]
     save_profile(result.profile, out)

@@ -1,7 +1,6 @@
-"""fp32 references for page scoring, plus the exact attention-mass oracle used for accuracy reports.
-
-Rows: a KV head's group is its ``G = Hq / Hkv`` query heads (head ``h`` reads KV head ``h // G``) times
-the ``T`` decode queries; row ``r = g * T + t`` is query head ``h_kv * G + g`` at query ``t``.
+"""fp32 references of the decode kernels (also their CPU implementation): per-page key summaries,
+page scores and top-k page selection, the exact attention-mass oracle for accuracy reports, and
+attention over the listed pages.
 """
 
 from __future__ import annotations
@@ -10,7 +9,44 @@ from dataclasses import dataclass
 
 import torch
 
-from ..common import qk_scores
+from ..common import attend_gathered, default_kv_head_index, qk_scores
+
+# fp32 reference for the page summaries; also the CPU implementation.
+
+def page_summary_naive(
+    k: torch.Tensor,
+    page_size: int,
+    first_page: int,
+    last_page: int,
+    minimum: torch.Tensor | None,
+    maximum: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    std: torch.Tensor | None,
+) -> None:
+    """Write pages ``[first_page, last_page)`` of the summary buffers (``[B, Hkv, capacity, D]``) from
+    ``k [B, Hkv, L, D]``; statistics over each page's valid keys (``< L``) only, computed in fp32."""
+    b, h, length, d = k.shape
+    p = page_size
+    n = last_page - first_page
+    keys = k[:, :, first_page * p: min(last_page * p, length)].float()
+    pad = n * p - keys.shape[2]
+    keys = torch.nn.functional.pad(keys, (0, 0, 0, pad)).view(b, h, n, p, d)
+    valid = (torch.arange(n * p, device=k.device) + first_page * p < length).view(1, 1, n, p, 1)
+    count = valid.sum(3).clamp_min(1).float()  # [1, 1, n, 1]
+    if minimum is not None:
+        minimum[:, :, first_page:last_page] = keys.masked_fill(~valid, float("inf")).amin(3).to(minimum.dtype)
+        maximum[:, :, first_page:last_page] = keys.masked_fill(~valid, float("-inf")).amax(3).to(maximum.dtype)
+    if mean is not None:
+        mu = (keys * valid).sum(3) / count
+        var = (((keys - mu[:, :, :, None]) * valid) ** 2).sum(3) / count
+        mean[:, :, first_page:last_page] = mu.to(mean.dtype)
+        std[:, :, first_page:last_page] = var.sqrt().to(std.dtype)
+
+
+# fp32 references for page scoring, plus the exact attention-mass oracle used for accuracy reports.
+# 
+# Rows: a KV head's group is its ``G = Hq / Hkv`` query heads (head ``h`` reads KV head ``h // G``) times
+# the ``T`` decode queries; row ``r = g * T + t`` is query head ``h_kv * G + g`` at query ``t``.
 
 METHOD_QUEST = "quest"
 METHOD_MEAN_STD = "mean_std"
@@ -90,7 +126,7 @@ def exact_page_mass(q: torch.Tensor, k: torch.Tensor, *, page_size: int, scale: 
     (query ``t`` at key position ``L - T + t``, causal)."""
     b, hq, t, _ = q.shape
     hkv, length = k.shape[1], k.shape[2]
-    kv_head_index = torch.arange(hq, device=q.device) // (hq // hkv)
+    kv_head_index = default_kv_head_index(hq, hkv, q.device)
     scores = qk_scores(q, k, kv_head_index, scale)
     q_pos = torch.arange(t, device=q.device) + length - t
     future = torch.arange(length, device=q.device)[None, :] > q_pos[:, None]
@@ -126,7 +162,7 @@ def attention_mass_recall(
     page_index, page_count = page_index.to(q.device), page_count.to(q.device)
     mass = exact_page_mass(q, k, page_size=page_size, scale=scale)
     n = mass.shape[-1]
-    kv_head_index = torch.arange(hq, device=q.device) // (hq // hkv)
+    kv_head_index = default_kv_head_index(hq, hkv, q.device)
     chosen = selected_mask(page_index, page_count, n)[:, kv_head_index, None, :]  # [B, Hq, 1, N]
     selected = (mass * chosen).sum(-1)
     group_mass = mass.reshape(b, hkv, (hq // hkv) * t, n).sum(2)
@@ -137,3 +173,44 @@ def attention_mass_recall(
     oracle_count = torch.clamp(page_count, max=n)
     oracle = selected_mask(top.to(torch.int32), oracle_count, n)[:, kv_head_index, None, :]
     return PageRecall(selected_mass=selected, oracle_mass=(mass * oracle).sum(-1))
+
+
+# fp32 reference for sparse decode attention; also the CPU implementation. Gathers the listed pages'
+# keys of each query head's KV head and runs an exact softmax over them.
+
+def page_key_positions(page_index: torch.Tensor, page_count: torch.Tensor, page_size: int,
+                       k_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, Hkv, W * P]`` key positions of the listed pages and their validity (slot < count, key < L)."""
+    within = torch.arange(page_size, device=page_index.device)
+    positions = (page_index.long()[..., None] * page_size + within).flatten(-2)
+    slots = torch.arange(page_index.shape[-1], device=page_index.device)
+    listed = (slots < page_count[..., None].long()) & (page_index >= 0)
+    valid = (listed[..., None] & (positions.view(*page_index.shape, page_size) < k_len)).flatten(-2)
+    return positions, valid
+
+
+def sparse_decode_attention_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    page_index: torch.Tensor | None,
+    page_count: torch.Tensor | None,
+    *,
+    page_size: int,
+    scale: float,
+    softcap: float | None,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    b, hq, t, _ = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    kv_head_index = default_kv_head_index(hq, hkv, q.device)
+    if page_index is None:
+        positions = torch.arange(k_len, device=q.device).expand(b, hq, k_len)
+        valid = torch.ones(b, hq, k_len, dtype=torch.bool, device=q.device)
+    else:
+        positions, valid = page_key_positions(page_index, page_count, page_size, k_len)
+        positions, valid = positions[:, kv_head_index], valid[:, kv_head_index]
+    q_positions = torch.arange(t, device=q.device) + k_len - t
+    result = attend_gathered(q, k, v, positions, valid, q_positions, kv_head_index, scale, None, softcap)
+    out.copy_(result.to(out.dtype))
+    return out

@@ -20,7 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import empty_softmax_state, load_rows, log2_scores, online_softmax_step
+from ..triton_common import (
+    empty_softmax_state,
+    load_rows,
+    log2_scores,
+    online_softmax_step,
+)
+from .attention import MAX_GROUP_ROWS
 
 # Keys per inner-loop tile: 4 pages of 16, or one page of 64 (a tile is at least one page).
 TILE_KEYS = 64
@@ -29,8 +35,6 @@ TILE_KEYS = 64
 MIN_SPLIT_KEYS = 128
 # Programs to aim for per SM: enough to hide memory latency on a bandwidth-bound kernel.
 PROGRAMS_PER_SM = 2
-# Rows (G * T) one program may carry: the [rows, D] query tile and accumulator live in registers.
-MAX_GROUP_ROWS = 64
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_sparse_attention.triton import tile_sizes
 from ..indices import VerticalSlashIndex
 from ..triton_common import (
     attend_key_tile,
@@ -23,6 +22,7 @@ from ..triton_common import (
     online_softmax_step,
     query_tile,
     store_rows,
+    tile_sizes,
 )
 
 

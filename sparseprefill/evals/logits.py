@@ -47,7 +47,14 @@ def reference_text() -> str:
     try:
         from pydoc_data.topics import topics
     except ImportError:  # a stripped-down Python without pydoc_data: fall back to module docstrings
-        import argparse, collections, email, json, logging, subprocess, typing, unittest  # noqa: E401
+        import argparse  # noqa: E401
+        import collections
+        import email
+        import json
+        import logging
+        import subprocess
+        import typing
+        import unittest
 
         modules = (argparse, collections, email, json, logging, subprocess, typing, unittest)
         return "\n\n".join(module.__doc__ or "" for module in modules) * 16

@@ -13,10 +13,14 @@ from __future__ import annotations
 import torch
 
 from ..common import check_qkv, prepare_out
-from ..page_summary import DEFAULT_PAGE_SIZE, check_page_size
 from .naive import sparse_decode_attention_naive
+from .pages import DEFAULT_PAGE_SIZE, check_page_size
 
-__all__ = ["sparse_decode_attention", "sparse_decode_attention_naive", "check_page_list"]
+__all__ = ["MAX_GROUP_ROWS", "sparse_decode_attention", "sparse_decode_attention_naive", "check_page_list"]
+
+
+# Rows (G * T) one program may carry: the [rows, D] query tile and accumulator live in registers.
+MAX_GROUP_ROWS = 64
 
 
 def check_page_list(page_index: torch.Tensor, page_count: torch.Tensor, b: int, hkv: int,
@@ -71,7 +75,7 @@ def sparse_decode_attention(
     kwargs = dict(page_size=page_size, scale=scale, softcap=softcap, out=out)
     if q.device.type == "cuda":
         # Imported here so the CPU path never needs Triton; on CUDA it is a dependency, not an option.
-        from .triton import sparse_decode_attention_triton
+        from .triton_attention import sparse_decode_attention_triton
 
         return sparse_decode_attention_triton(q, k, v, page_index, page_count, **kwargs)
     return sparse_decode_attention_naive(q, k, v, page_index, page_count, **kwargs)

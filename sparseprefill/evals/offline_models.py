@@ -212,7 +212,9 @@ def _gguf_is_valid(spec: OfflineModelSpec, path: Path) -> bool:
 
 
 def _lock(directory: Path):
-    from filelock import FileLock  # a dependency of huggingface_hub, hence of transformers
+    from filelock import (
+        FileLock,  # a dependency of huggingface_hub, hence of transformers
+    )
 
     directory.mkdir(parents=True, exist_ok=True)
     return FileLock(str(directory / LOCK_NAME), timeout=LOCK_TIMEOUT_S)

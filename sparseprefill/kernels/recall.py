@@ -17,9 +17,9 @@ from typing import Sequence
 
 import torch
 
-from ..kernels import BlockSparseIndex, VerticalSlashIndex
-from ..kernels.common import qk_scores
-from ..kernels.geometry import query_offset
+from .common import qk_scores
+from .geometry import query_offset
+from .indices import BlockSparseIndex, VerticalSlashIndex
 
 # Bytes of fp32 probabilities per chunk: bounds the memory of a recall pass whatever the length.
 CHUNK_BYTES = 256 * 2**20

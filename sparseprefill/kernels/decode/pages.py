@@ -27,7 +27,7 @@ from .naive import page_summary_naive
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "STATS_MINMAX",
-    "STATS_MEANSTD",
+    "STATS_MEAN_STD",
     "PageSummary",
     "check_page_size",
     "page_summary",
@@ -44,8 +44,8 @@ MIN_PAGE_SIZE = 16
 MAX_PAGE_SIZE = 128
 
 STATS_MINMAX = "minmax"
-STATS_MEANSTD = "meanstd"
-ALL_STATS = (STATS_MINMAX, STATS_MEANSTD)
+STATS_MEAN_STD = "mean_std"
+ALL_STATS = (STATS_MINMAX, STATS_MEAN_STD)
 # Growth factor of the summary buffers when appended keys need more pages than their capacity:
 # geometric growth keeps the copy cost amortised O(1) per decode step.
 CAPACITY_GROWTH = 2
@@ -66,7 +66,7 @@ class PageSummary:
     """Per-page statistics of the first ``num_tokens`` keys; see the module docstring for the layout.
 
     ``minimum``/``maximum`` are None unless ``"minmax"`` was requested, ``mean``/``std`` unless
-    ``"meanstd"`` was. Tensors are ``[B, Hkv, capacity_pages, D]`` and may be updated in place by
+    ``"mean_std"`` was. Tensors are ``[B, Hkv, capacity_pages, D]`` and may be updated in place by
     ``update_page_summary`` (which returns a new ``PageSummary`` with the new ``num_tokens``).
     """
 
@@ -91,7 +91,7 @@ class PageSummary:
 
     @property
     def stats(self) -> tuple[str, ...]:
-        return tuple(s for s, t in ((STATS_MINMAX, self.minimum), (STATS_MEANSTD, self.mean)) if t is not None)
+        return tuple(s for s, t in ((STATS_MINMAX, self.minimum), (STATS_MEAN_STD, self.mean)) if t is not None)
 
     def valid(self) -> "PageSummary":
         """The same summary with every tensor sliced to its ``num_pages`` valid pages (views)."""
@@ -116,7 +116,7 @@ def _compute(k: torch.Tensor, summary: PageSummary, first_page: int) -> None:
     args = (k, summary.page_size, first_page, last_page, summary.minimum, summary.maximum, summary.mean, summary.std)
     if k.device.type == "cuda":
         # Imported here so the CPU path never needs Triton; on CUDA it is a dependency, not an option.
-        from .triton import page_summary_triton
+        from .triton_summary import page_summary_triton
 
         page_summary_triton(*args)
     else:
@@ -126,7 +126,7 @@ def _compute(k: torch.Tensor, summary: PageSummary, first_page: int) -> None:
 def _allocate(k: torch.Tensor, capacity: int, stats: tuple[str, ...], dtype: torch.dtype) -> dict:
     b, h, _, d = k.shape
     make = lambda: torch.empty(b, h, capacity, d, dtype=dtype, device=k.device)  # noqa: E731
-    minmax, meanstd = STATS_MINMAX in stats, STATS_MEANSTD in stats
+    minmax, meanstd = STATS_MINMAX in stats, STATS_MEAN_STD in stats
     return dict(minimum=make() if minmax else None, maximum=make() if minmax else None,
                 mean=make() if meanstd else None, std=make() if meanstd else None)
 
@@ -143,7 +143,7 @@ def page_summary(
 
     Args:
         page_size: tokens per page (power of two in [16, 128]).
-        stats: which statistics to keep: ``"minmax"`` (Quest) and/or ``"meanstd"``.
+        stats: which statistics to keep: ``"minmax"`` (Quest) and/or ``"mean_std"``.
         dtype: storage dtype of the summaries; default ``k.dtype`` (min/max stay exact, mean/std are
             computed in fp32 and rounded once).
         capacity_pages: allocate room for this many pages (>= ``ceil(L / P)``); default exactly that.

@@ -1,0 +1,166 @@
+"""Block-sparse attention: score ``block_size`` x ``block_size`` blocks (strided antidiagonals as in
+XAttention, or mean-pooled q/k), keep blocks by cumulative mass, attend over the kept KV blocks.
+
+Each public function checks its inputs and runs the Triton kernel on CUDA (``triton_*.py``) or its
+fp32 reference (``naive.py``) elsewhere. See README.md for the index layout and measured speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..common import (
+    check_qkv,
+    check_triton_query_block,
+    compact,
+    prepare_out,
+    resolve_kv_head_index,
+)
+from ..geometry import causal_block_layout
+from ..indices import BlockSparseIndex
+from ..mass_select import keep_by_cumulative_mass
+from .naive import (
+    antidiagonal_block_mass_naive,
+    block_sparse_attention_naive,
+    pooled_block_probs_naive,
+)
+
+__all__ = ["antidiagonal_block_mass", "antidiagonal_block_mass_naive", "pooled_block_probs", "pooled_block_probs_naive", "select_blocks", "block_sparse_attention", "block_sparse_attention_naive"]
+
+def antidiagonal_block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    stride: int,
+    block_size: int,
+    softcap: float | None = None,
+    kv_head_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Estimated attention mass of each ``block_size`` x ``block_size`` block.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; ``block_size`` a multiple of ``stride``.
+
+    Returns:
+        ``[B, Hq, ceil(Lq / block_size), ceil(Lk / block_size)]`` fp32; each query-block row sums to 1
+        over its causally visible blocks.
+    """
+    _, hq, _, hkv, _, _ = check_qkv(q, k, k)
+    if block_size % stride:
+        raise ValueError(f"block_size ({block_size}) must be a multiple of stride ({stride})")
+    kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
+    if q.device.type == "cuda":
+        from .triton_antidiagonal import antidiagonal_block_mass_triton
+
+        return antidiagonal_block_mass_triton(
+            q, k, scale=scale, stride=stride, block_size=block_size, softcap=softcap, kv_head_index=kv_head_index
+        )
+    return antidiagonal_block_mass_naive(
+        q, k, scale=scale, stride=stride, block_size=block_size, softcap=softcap, kv_head_index=kv_head_index
+    )
+
+
+def pooled_block_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    block_size: int,
+    softcap: float | None = None,
+    kv_head_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax over causal KV blocks of ``mean(Q block) . mean(K block) * scale``.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``.
+
+    Returns ``[B, Hq, ceil(Lq / bs), ceil(Lk / bs)]`` fp32, rows summing to 1.
+    """
+    _, hq, _, hkv, _, _ = check_qkv(q, k, k)
+    kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
+    if q.device.type == "cuda":
+        from .triton_pooled import pooled_block_probs_triton
+
+        return pooled_block_probs_triton(
+            q, k, scale=scale, block_size=block_size, softcap=softcap, kv_head_index=kv_head_index
+        )
+    return pooled_block_probs_naive(
+        q, k, scale=scale, block_size=block_size, softcap=softcap, kv_head_index=kv_head_index
+    )
+
+
+
+
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: BlockSparseIndex,
+    *,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+    kv_head_index: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention over the KV blocks listed by ``index``.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``, queries bottom-right aligned to the keys.
+        index: ``BlockSparseIndex`` with shape ``[B, Hq, ceil(Lq / block_size_q), N]``.
+        scale: softmax scale (the model's ``scaling``).
+        window: sliding window (keys ``p - window < j <= p``) or None.
+        softcap: Gemma-2 style logit soft-capping ``c * tanh(s / c)`` or None.
+        kv_head_index: ``[Hq]`` KV head of each query head; default ``h // (Hq / Hkv)``.
+        out: optional ``[B, Hq, Lq, D]`` destination (may be a strided view).
+
+    Returns:
+        ``[B, Hq, Lq, D]`` in q's dtype (``out`` if given).
+    """
+    b, hq, lq, hkv, lk, _ = check_qkv(q, k, v)
+    if index.block_count.shape[:2] != (b, hq) or index.q_len != lq or index.k_len != lk:
+        raise ValueError(
+            f"index is for [B={index.block_count.shape[0]}, H={index.block_count.shape[1]}, Lq={index.q_len}, "
+            f"Lk={index.k_len}], inputs are [B={b}, Hq={hq}, Lq={lq}, Lk={lk}]"
+        )
+    kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
+    out = prepare_out(out, q)
+    if q.device.type == "cuda":
+        # Imported here so the CPU path never needs Triton; on CUDA it is a dependency, not an option.
+        from .triton_attention import block_sparse_attention_triton
+
+        check_triton_query_block(index.block_size_q)
+        return block_sparse_attention_triton(
+            q, k, v, index, scale=scale, window=window, softcap=softcap, kv_head_index=kv_head_index, out=out
+        )
+    return block_sparse_attention_naive(
+        q, k, v, index, scale=scale, window=window, softcap=softcap, kv_head_index=kv_head_index, out=out
+    )
+
+
+def select_blocks(
+    block_scores: torch.Tensor,
+    *,
+    q_len: int,
+    k_len: int,
+    block_size_q: int,
+    block_size_k: int,
+    mass: float,
+    top_k: int | None = None,
+    sink_blocks: int = 1,
+) -> BlockSparseIndex:
+    """Scores ``[B, H, Rq, Rk]`` (non-negative, e.g. softmaxed block mass) -> ``BlockSparseIndex``
+    keeping, per query-block row, sink + diagonal blocks and the best others up to ``mass``."""
+    valid, forced = causal_block_layout(q_len, k_len, block_size_q, block_size_k, sink_blocks, block_scores.device)
+    if block_scores.shape[-2:] != valid.shape:
+        raise ValueError(f"block_scores {tuple(block_scores.shape)} do not match block grid {tuple(valid.shape)}")
+    valid = valid.expand_as(block_scores)
+    keep = keep_by_cumulative_mass(block_scores, valid, forced.expand_as(block_scores), mass, top_k=top_k)
+    count, index = compact(keep)
+    return BlockSparseIndex(
+        block_count=count, block_index=index, block_size_q=block_size_q, block_size_k=block_size_k,
+        q_len=q_len, k_len=k_len,
+    )

@@ -1,0 +1,143 @@
+"""fp32 references of the block-sparse kernels (also their CPU implementation): strided antidiagonal
+block scores (XAttention), mean-pooled block scores, and attention over listed KV blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..common import attend_gathered, qk_scores
+from ..geometry import causal_block_layout, query_offset
+from ..indices import BlockSparseIndex
+
+# XAttention's strided antidiagonal block scoring.
+# 
+# Rows and keys are grouped by ``stride`` S. Reshaped row m scores reshaped key n with the antidiagonal
+# of their S x S sub-block of Q K^T, ``sum_i q[S m + S - 1 - i] . k[S n + i]`` (1/S of the FLOPs of
+# Q K^T, yet every query and key contributes). Scores are scaled by ``scale / S`` (an average logit),
+# masked causally at group granularity, softmaxed over each reshaped row, and summed into
+# ``block_size`` x ``block_size`` blocks.
+
+# Reshaped rows scored at once: bounds the fp32 buffer at Hq * ROW_CHUNK * (Lk / S) floats.
+ROW_CHUNK = 1024
+
+
+def _strided(x: torch.Tensor, stride: int, reverse: bool) -> torch.Tensor:
+    """``[B, H, L, D]`` -> ``[B, H, ceil(L / S), S * D]``, zero-padding the last group."""
+    b, h, length, d = x.shape
+    pad = (-length) % stride
+    if pad:
+        x = torch.cat([x, x.new_zeros(b, h, pad, d)], dim=2)
+    x = x.reshape(b, h, -1, stride, d)
+    if reverse:
+        x = x.flip(3)
+    return x.reshape(b, h, -1, stride * d)
+
+
+def antidiagonal_block_mass_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    stride: int,
+    block_size: int,
+    softcap: float | None,
+    kv_head_index: torch.Tensor,
+) -> torch.Tensor:
+    b, hq, q_len, _ = q.shape
+    k_len = k.shape[2]
+    offset = query_offset(q_len, k_len)
+    q_groups = _strided(q, stride, reverse=True)
+    k_groups = _strided(k, stride, reverse=False)
+    n_rows, n_cols = q_groups.shape[2], k_groups.shape[2]
+    per_block = block_size // stride
+    n_q_blocks = -(-q_len // block_size)
+    n_k_blocks = -(-k_len // block_size)
+    mass = torch.zeros(b, hq, n_q_blocks, n_k_blocks, dtype=torch.float32, device=q.device)
+    rows_in_block = torch.zeros(n_q_blocks, dtype=torch.float32, device=q.device)
+    col_first_key = torch.arange(n_cols, device=q.device) * stride
+    col_block = torch.arange(n_cols, device=q.device) // per_block
+    for m0 in range(0, n_rows, ROW_CHUNK):
+        m1 = min(m0 + ROW_CHUNK, n_rows)
+        scores = qk_scores(q_groups[:, :, m0:m1], k_groups, kv_head_index, scale / stride)
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        row_last_query = torch.clamp(torch.arange(m0, m1, device=q.device) * stride + stride - 1, max=q_len - 1) + offset
+        causal = col_first_key[None, :] <= row_last_query[:, None]
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        row_block = torch.arange(m0, m1, device=q.device) // per_block
+        per_col_block = torch.zeros(b, hq, m1 - m0, n_k_blocks, dtype=torch.float32, device=q.device)
+        per_col_block.index_add_(-1, col_block, probs)
+        mass.index_add_(2, row_block, per_col_block)
+        rows_in_block.index_add_(0, row_block, torch.ones(m1 - m0, device=q.device))
+    return mass / rows_in_block[None, None, :, None]
+
+
+# Mean-pooled block scores (FlexPrefill's query-aware map, MInference's block-sparse estimate).
+
+def _mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[B, H, L, D]`` -> ``[B, H, ceil(L / bs), D]`` fp32 means over the real rows of each block."""
+    b, h, length, d = x.shape
+    n_blocks = -(-length // block_size)
+    pad = n_blocks * block_size - length
+    x = x.float()
+    if pad:
+        x = torch.cat([x, x.new_zeros(b, h, pad, d)], dim=2)
+    sums = x.reshape(b, h, n_blocks, block_size, d).sum(dim=3)
+    counts = torch.full((n_blocks,), float(block_size), device=x.device)
+    counts[-1] = block_size - pad
+    return sums / counts[:, None]
+
+
+def pooled_block_probs_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    block_size: int,
+    softcap: float | None,
+    kv_head_index: torch.Tensor,
+) -> torch.Tensor:
+    q_len, k_len = q.shape[2], k.shape[2]
+    scores = qk_scores(_mean_pool(q, block_size), _mean_pool(k, block_size), kv_head_index, scale)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    valid, _ = causal_block_layout(q_len, k_len, block_size, block_size, 0, q.device)
+    return torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+
+
+# fp32 reference for block-sparse attention; also the CPU implementation.
+# 
+# Walks the query blocks; for each, gathers only the listed KV blocks of each head's KV head, so the
+# work is proportional to the index density, like the GPU kernel's.
+
+def block_sparse_attention_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: BlockSparseIndex,
+    *,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    kv_head_index: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    q_len, k_len = q.shape[2], k.shape[2]
+    offset = query_offset(q_len, k_len)
+    bq, bk = index.block_size_q, index.block_size_k
+    slot_valid = index.slot_valid()
+    within_block = torch.arange(bk, device=q.device)
+    for r in range(index.block_count.shape[2]):
+        row0, row1 = r * bq, min((r + 1) * bq, q_len)
+        n = int(index.block_count[:, :, r].max()) if index.block_count.numel() else 0
+        n = max(n, 1)  # keep shapes non-empty; rows with no valid slot produce zeros
+        ids = index.block_index[:, :, r, :n].long()
+        positions = (ids[..., None] * bk + within_block).flatten(-2)
+        valid = (slot_valid[:, :, r, :n, None] & (positions.view(*ids.shape, bk) < k_len)).flatten(-2)
+        q_positions = torch.arange(row0, row1, device=q.device) + offset
+        block_out = attend_gathered(
+            q[:, :, row0:row1], k, v, positions, valid, q_positions, kv_head_index, scale, window, softcap
+        )
+        out[:, :, row0:row1] = block_out.to(out.dtype)
+    return out

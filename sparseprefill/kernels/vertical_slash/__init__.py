@@ -1,0 +1,134 @@
+"""Vertical-slash sparse attention (MInference): estimate line scores from the last queries, select
+key columns (verticals) and diagonals (slashes), convert them to a per-query-block index, attend.
+
+Each public function checks its inputs and runs the Triton kernel on CUDA (``triton_*.py``) or its
+fp32 reference (``naive.py``) elsewhere. See README.md for the index layout and measured speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..common import (
+    check_qkv,
+    check_triton_query_block,
+    prepare_out,
+    resolve_kv_head_index,
+)
+from ..indices import VerticalSlashIndex
+from .naive import (
+    build_vertical_slash_index_naive,
+    select_lines_naive,
+    vertical_slash_attention_naive,
+    vertical_slash_scores_naive,
+)
+from .select import select_lines
+
+__all__ = ["vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "vertical_slash_attention", "vertical_slash_attention_naive"]
+
+def vertical_slash_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    last_queries: int,
+    softcap: float | None = None,
+    kv_head_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimated attention mass per key column and per diagonal.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``.
+        last_queries: number of final query rows that score every key.
+
+    Returns:
+        ``(vertical [B, Hq, Lk], slash [B, Hq, Lk])`` fp32; ``vertical[j]`` is the mean probability of
+        key ``j``, ``slash[d]`` the mean probability on diagonal ``d = query_pos - key_pos``. Each
+        sums to 1 over its last dimension.
+    """
+    _, hq, _, hkv, _, _ = check_qkv(q, k, k)
+    kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
+    if q.device.type == "cuda":
+        from .triton_estimate import vertical_slash_scores_triton
+
+        return vertical_slash_scores_triton(
+            q, k, scale=scale, last_queries=last_queries, softcap=softcap, kv_head_index=kv_head_index
+        )
+    return vertical_slash_scores_naive(
+        q, k, scale=scale, last_queries=last_queries, softcap=softcap, kv_head_index=kv_head_index
+    )
+
+
+def build_vertical_slash_index(
+    vertical_index: torch.Tensor,
+    vertical_count: torch.Tensor,
+    slash_offset: torch.Tensor,
+    slash_count: torch.Tensor,
+    *,
+    q_len: int,
+    k_len: int,
+    block_size_q: int,
+) -> VerticalSlashIndex:
+    """Build the per-query-block index from per-head lines.
+
+    Args:
+        vertical_index: ``[B, H, Nv]`` key columns, sorted ascending in the first ``vertical_count``
+            (repeated columns are listed once).
+        vertical_count: ``[B, H]``.
+        slash_offset: ``[B, H, Ns]`` diagonals ``d = query_pos - key_pos >= 0``, first ``slash_count`` real.
+        slash_count: ``[B, H]``.
+    """
+    if vertical_index.shape[:2] != vertical_count.shape or slash_offset.shape[:2] != slash_count.shape:
+        raise ValueError("line tensors and their counts disagree on [B, H]")
+    if vertical_index.device.type == "cuda":
+        from .triton_index import build_vertical_slash_index_triton
+
+        return build_vertical_slash_index_triton(
+            vertical_index, vertical_count, slash_offset, slash_count, q_len=q_len, k_len=k_len,
+            block_size_q=block_size_q,
+        )
+    return build_vertical_slash_index_naive(
+        vertical_index, vertical_count, slash_offset, slash_count, q_len=q_len, k_len=k_len, block_size_q=block_size_q
+    )
+
+
+
+
+
+
+def vertical_slash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: VerticalSlashIndex,
+    *,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+    kv_head_index: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention over the key ranges and columns listed by ``index``.
+
+    Args and return as ``block_sparse_attention``; ``index`` is a ``VerticalSlashIndex`` of shape
+    ``[B, Hq, ceil(Lq / block_size_q), ...]``.
+    """
+    b, hq, lq, hkv, lk, _ = check_qkv(q, k, v)
+    if index.range_count.shape[:2] != (b, hq) or index.q_len != lq or index.k_len != lk:
+        raise ValueError(
+            f"index is for [B={index.range_count.shape[0]}, H={index.range_count.shape[1]}, Lq={index.q_len}, "
+            f"Lk={index.k_len}], inputs are [B={b}, Hq={hq}, Lq={lq}, Lk={lk}]"
+        )
+    kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
+    out = prepare_out(out, q)
+    if q.device.type == "cuda":
+        # Imported here so the CPU path never needs Triton; on CUDA it is a dependency, not an option.
+        from .triton_attention import vertical_slash_attention_triton
+
+        check_triton_query_block(index.block_size_q)
+        return vertical_slash_attention_triton(
+            q, k, v, index, scale=scale, window=window, softcap=softcap, kv_head_index=kv_head_index, out=out
+        )
+    return vertical_slash_attention_naive(
+        q, k, v, index, scale=scale, window=window, softcap=softcap, kv_head_index=kv_head_index, out=out
+    )
