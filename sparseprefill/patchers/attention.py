@@ -137,6 +137,40 @@ def _on_query_device(attention: Callable[..., Any]) -> Callable[..., Any]:
     return on_device
 
 
+def _previous(module: nn.Module, state: PatchState, query, key, value, attention_mask, scaling, dropout, kwargs):
+    """The call exactly as the unpatched model would run it."""
+    previous = previous_attention_function(module, state.fallback_implementation)
+    return previous(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _retrieval(module, state, layer, stats, query, key, value, attention_mask, scale, dropout, kwargs):
+    """Decode (``Lq == 1``) and short follow-up chunks under ``SparseConfig.decode``: the HF attention
+    return, or None when the prefill path (or, for decode, the recorded dense fallback) must run."""
+    if query.shape[2] == 1:
+        # Top-k page retrieval (patchers/decode.py); it says why when the call must stay dense.
+        result = decode_attention(module, state, layer, stats, query, key, value, attention_mask, scale=scale,
+                                  dropout=dropout, kwargs=kwargs)
+        if isinstance(result, FallbackReason):
+            stats.record_fallback(result)
+            return None
+        return result
+    if query.shape[2] < key.shape[2]:
+        return follow_up_attention(module, state, layer, stats, query, key, value, attention_mask, scale=scale,
+                                   dropout=dropout, kwargs=kwargs)
+    return None
+
+
+def _dense_reason(module: nn.Module, dropout: float, kwargs: dict, spans: Any) -> FallbackReason | None:
+    """Why a masked prefill call must run dense (with the exact mask), or None."""
+    if module.training or dropout > 0.0:
+        return FallbackReason.TRAINING
+    if kwargs.get("output_attentions"):
+        return FallbackReason.OUTPUT_ATTENTIONS
+    if spans is None:
+        return FallbackReason.PADDING_HOLES
+    return None
+
+
 @_on_query_device
 def sparseprefill_attention(
     module: nn.Module,
@@ -148,6 +182,8 @@ def sparseprefill_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The registered attention function: ``query [B, Hq, Lq, D]``, ``key``/``value [B, Hkv, Lk, D]`` ->
+    ``(out [B, Lq, Hq, D], weights or None)``, routed to one phase (module docstring)."""
     state, layer = _binding(module)
     expected = state.head_counts.get(layer)
     if expected is not None and (query.shape[1], key.shape[1]) != expected:
@@ -156,26 +192,17 @@ def sparseprefill_attention(
         raise RuntimeError(head_count_error(layer, (query.shape[1], key.shape[1]), expected, state.tensor_parallel))
     stats = state.stats[layer]
     q_len, k_len = query.shape[2], key.shape[2]
-
-    if q_len == 1 and state.config.decode is not None:
-        # Top-k page retrieval (patchers/decode.py); it says why when the call must stay dense.
-        scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
-        result = decode_attention(module, state, layer, stats, query, key, value, attention_mask, scale=scale,
-                                  dropout=dropout, kwargs=kwargs)
-        if not isinstance(result, FallbackReason):
-            return result
-        stats.record_fallback(result)
-        previous = previous_attention_function(module, state.fallback_implementation)
-        return previous(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
+    previous_args = (module, state, query, key, value, attention_mask, scaling, dropout, kwargs)
     if q_len > 1:
         # The cache may be a new one (a new generate call) or got a chunk: decode summaries restart.
         invalidate_layer(state, layer)
-        if state.config.decode is not None and q_len < k_len:
-            scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
-            result = follow_up_attention(module, state, layer, stats, query, key, value, attention_mask,
-                                         scale=scale, dropout=dropout, kwargs=kwargs)
-            if result is not None:
-                return result
+    if state.config.decode is not None:
+        result = _retrieval(module, state, layer, stats, query, key, value, attention_mask, scale, dropout, kwargs)
+        if result is not None:
+            return result
+        if q_len == 1:
+            return _previous(*previous_args)
 
     if not isinstance(attention_mask, SparsePrefillMask):
         if q_len == 1:
@@ -184,8 +211,7 @@ def sparseprefill_attention(
             stats.record_fallback(FallbackReason.SHORT)
         else:
             stats.record_fallback(FallbackReason.UNALIGNED)
-        previous = previous_attention_function(module, state.fallback_implementation)
-        return previous(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return _previous(*previous_args)
 
     if (attention_mask.q_length, attention_mask.kv_length) != (q_len, k_len):
         raise RuntimeError(
@@ -194,22 +220,14 @@ def sparseprefill_attention(
         )
     window = kwargs.get("sliding_window")
     softcap = kwargs.get("softcap")
-    scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
     batch, heads, _, head_dim = query.shape
     out_buffer = query.new_empty(batch, q_len, heads, head_dim)
     out = out_buffer.transpose(1, 2)
-    effective_window = window if window is not None and k_len > window else None
-
-    dense_reason = None
-    if module.training or dropout > 0.0:
-        dense_reason = FallbackReason.TRAINING
-    elif kwargs.get("output_attentions"):
-        dense_reason = FallbackReason.OUTPUT_ATTENTIONS
     spans = attention_mask.segments()
-    if dense_reason is None and spans is None:
-        dense_reason = FallbackReason.PADDING_HOLES
+    dense_reason = _dense_reason(module, dropout, kwargs, spans)
     if dense_reason is not None:
         stats.record_fallback(dense_reason)
+        effective_window = window if window is not None and k_len > window else None
         weights = _dense(
             query, key, value, out, scale=scale, window=effective_window, softcap=softcap,
             padding=attention_mask.padding, weights=dense_reason is FallbackReason.OUTPUT_ATTENTIONS,
@@ -218,13 +236,18 @@ def sparseprefill_attention(
             weights = weights.to(query.dtype)
         return out_buffer, weights
 
-    common = dict(state=state, layer=layer, stats=stats, scale=scale, window=window, softcap=softcap)
+    _run_spans(query, key, value, out, spans,
+               dict(state=state, layer=layer, stats=stats, scale=scale, window=window, softcap=softcap))
+    return out_buffer, None
+
+
+def _run_spans(query, key, value, out, spans, common: dict) -> None:
+    """The whole batch as one span, or (a padded batch) each row's real tokens alone, exactly as if that
+    sequence had been run by itself. Padding query rows get zeros (no real token reads them)."""
     if not spans:
         _run_span(query, key, value, out, **common)
-        return out_buffer, None
-    # Padded batch: each row's real tokens alone, exactly as if that sequence had been run by itself.
-    # Padding query rows get zeros (their outputs are never read by real tokens).
-    out_buffer.zero_()
+        return
+    out.zero_()
     for span in spans:
         b = slice(span.batch, span.batch + 1)
         _run_span(
@@ -234,4 +257,3 @@ def sparseprefill_attention(
             out[b, :, span.q_start : span.q_end],
             **common,
         )
-    return out_buffer, None
