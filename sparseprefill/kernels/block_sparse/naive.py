@@ -44,6 +44,8 @@ def antidiagonal_block_mass_naive(
     softcap: float | None,
     kv_head_index: torch.Tensor,
 ) -> torch.Tensor:
+    """Reference of ``antidiagonal_block_mass``: ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` ->
+    ``[B, Hq, ceil(Lq / block_size), ceil(Lk / block_size)]`` fp32 block mass, rows summing to 1."""
     b, hq, q_len, _ = q.shape
     k_len = k.shape[2]
     offset = query_offset(q_len, k_len)
@@ -98,6 +100,8 @@ def pooled_block_probs_naive(
     softcap: float | None,
     kv_head_index: torch.Tensor,
 ) -> torch.Tensor:
+    """Reference of ``pooled_block_probs``: ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` ->
+    ``[B, Hq, ceil(Lq / bs), ceil(Lk / bs)]`` fp32 softmax over the causal blocks of pooled scores."""
     q_len, k_len = q.shape[2], k.shape[2]
     scores = qk_scores(_mean_pool(q, block_size), _mean_pool(k, block_size), kv_head_index, scale)
     if softcap is not None:
@@ -123,6 +127,8 @@ def block_sparse_attention_naive(
     kv_head_index: torch.Tensor,
     out: torch.Tensor,
 ) -> torch.Tensor:
+    """Reference of ``block_sparse_attention``: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, ``index``
+    ``[B, Hq, ceil(Lq / block_size_q), N]`` -> ``out [B, Hq, Lq, D]`` (exact softmax over the listed blocks)."""
     q_len, k_len = q.shape[2], k.shape[2]
     offset = query_offset(q_len, k_len)
     bq, bk = index.block_size_q, index.block_size_k

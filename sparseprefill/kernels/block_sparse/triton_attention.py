@@ -69,6 +69,8 @@ def block_sparse_attention_triton(
     kv_head_index: torch.Tensor,
     out: torch.Tensor,
 ) -> torch.Tensor:
+    """GPU ``block_sparse_attention``: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, ``index``
+    ``[B, Hq, ceil(Lq / block_size_q), N]`` -> ``out [B, Hq, Lq, D]`` (written in place)."""
     b, hq, q_len, head_dim = q.shape
     k_len = k.shape[2]
     block_m, block_n, num_warps, num_stages, block_d = tile_sizes(

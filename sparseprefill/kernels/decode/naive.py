@@ -201,6 +201,8 @@ def sparse_decode_attention_naive(
     softcap: float | None,
     out: torch.Tensor,
 ) -> torch.Tensor:
+    """Reference of ``sparse_decode_attention``: ``q [B, Hq, T, D]``, ``k, v [B, Hkv, L, D]``, optional
+    ``page_index [B, Hkv, W]`` / ``page_count [B, Hkv]`` (None: every key) -> ``out [B, Hq, T, D]``."""
     b, hq, t, _ = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
     kv_head_index = default_kv_head_index(hq, hkv, q.device)

@@ -159,6 +159,8 @@ def sparse_decode_attention_triton(
     softcap: float | None,
     out: torch.Tensor,
 ) -> torch.Tensor:
+    """GPU ``sparse_decode_attention`` (split-K): ``q [B, Hq, T, D]``, ``k, v [B, Hkv, L, D]``, optional
+    ``page_index [B, Hkv, W]`` / ``page_count [B, Hkv]`` -> ``out [B, Hq, T, D]`` (written in place)."""
     b, hq, t, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
     group = hq // hkv

@@ -49,6 +49,8 @@ def page_summary_triton(
     mean: torch.Tensor | None,
     std: torch.Tensor | None,
 ) -> None:
+    """GPU ``page_summary_naive``: writes pages ``[first_page, last_page)`` of the summary buffers
+    (each ``[B, Hkv, capacity, D]``, None when not kept) from ``k [B, Hkv, L, D]``."""
     b, h, k_len, d = k.shape
     bufs = [t for t in (minimum, maximum, mean, std) if t is not None]
     ref = bufs[0]

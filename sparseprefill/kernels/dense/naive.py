@@ -28,6 +28,9 @@ def dense_attention_naive(
     out: torch.Tensor,
     return_weights: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact causal attention (the fallback and the accuracy reference): ``q [B, Hq, Lq, D]``,
+    ``k, v [B, Hkv, Lk, D]``, optional ``key_padding_mask [B, Lk]`` -> ``(out [B, Hq, Lq, D], weights
+    [B, Hq, Lq, Lk] fp32 or None)``; computed in fp32, ``QUERY_CHUNK`` query rows at a time."""
     b, hq, q_len, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
     group = hq // hkv

@@ -23,6 +23,8 @@ def vertical_slash_scores_naive(
     softcap: float | None,
     kv_head_index: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``vertical_slash_scores``: ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` ->
+    ``(vertical [B, Hq, Lk], slash [B, Hq, Lk])`` fp32 mean probabilities of the last queries."""
     q_len, k_len = q.shape[2], k.shape[2]
     n = min(last_queries, q_len)
     scores = qk_scores(q[:, :, q_len - n :], k, kv_head_index, scale)
@@ -60,6 +62,9 @@ def build_vertical_slash_index_naive(
     k_len: int,
     block_size_q: int,
 ) -> VerticalSlashIndex:
+    """Reference of ``build_vertical_slash_index``: per-head lines (``vertical_index [B, H, Nv]``,
+    ``slash_offset [B, H, Ns]`` and their ``[B, H]`` counts) -> ``VerticalSlashIndex`` with
+    ``[B, H, ceil(q_len / block_size_q), ...]`` merged ranges and columns."""
     device = vertical_index.device
     p0, p1 = query_block_bounds(q_len, k_len, block_size_q, device)
     p0, p1 = p0[:, None], p1[:, None]  # [Rq, 1]
@@ -149,6 +154,8 @@ def vertical_slash_attention_naive(
     kv_head_index: torch.Tensor,
     out: torch.Tensor,
 ) -> torch.Tensor:
+    """Reference of ``vertical_slash_attention``: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, ``index``
+    ``[B, Hq, ceil(Lq / block_size_q), ...]`` -> ``out [B, Hq, Lq, D]`` (exact softmax over the listed keys)."""
     q_len, k_len = q.shape[2], k.shape[2]
     offset = query_offset(q_len, k_len)
     bq = index.block_size_q

@@ -100,6 +100,8 @@ def vertical_slash_attention_triton(
     kv_head_index: torch.Tensor,
     out: torch.Tensor,
 ) -> torch.Tensor:
+    """GPU ``vertical_slash_attention``: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, ``index``
+    ``[B, Hq, ceil(Lq / block_size_q), ...]`` -> ``out [B, Hq, Lq, D]`` (written in place)."""
     b, hq, q_len, head_dim = q.shape
     k_len = k.shape[2]
     block_m, range_n, column_n, num_warps, num_stages, block_d = vertical_slash_tile_sizes(

@@ -88,6 +88,8 @@ def vertical_slash_scores_triton(
     softcap: float | None,
     kv_head_index: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPU ``vertical_slash_scores``: ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` ->
+    ``(vertical [B, Hq, Lk], slash [B, Hq, Lk])`` fp32, in two passes (row statistics, then line sums)."""
     b, hq, q_len, head_dim = q.shape
     k_len = k.shape[2]
     n_rows = min(last_queries, q_len)

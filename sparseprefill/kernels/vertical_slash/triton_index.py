@@ -153,6 +153,8 @@ def build_vertical_slash_index_triton(
     k_len: int,
     block_size_q: int,
 ) -> VerticalSlashIndex:
+    """GPU ``build_vertical_slash_index``: per-head lines (``vertical_index [B, H, Nv]``, ``slash_offset
+    [B, H, Ns]`` and their ``[B, H]`` counts) -> ``VerticalSlashIndex`` ``[B, H, ceil(q_len / block_size_q), ...]``."""
     b, h = vertical_count.shape
     device = vertical_index.device
     n_blocks = triton.cdiv(q_len, block_size_q)
