@@ -8,6 +8,7 @@ own parser and a function that runs it. A new subcommand is one more entry in ``
     sparseprefill profile smollm2 --lengths 2048 4096 --out smollm2.json --plot smollm2.png
     sparseprefill prepare-data
     sparseprefill eval ruler smollm2 --lengths 4096 --samples 5 --out results/
+    sparseprefill bench e2e --dry-run --out /tmp/e2e
 """
 
 from __future__ import annotations
@@ -154,17 +155,29 @@ def _run_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- bench
 
 
+# (name, module in sparseprefill.bench, help line); each module has add_arguments and run_from_args.
+BENCH_TARGETS = (
+    ("kernels", "kernels", "sparse kernels vs SDPA cuDNN/flash and FlexAttention (GPU)"),
+    ("e2e", "e2e", "time to first token of full-size architectures, dense SDPA vs patched (GPU; --dry-run on the CPU)"),
+    ("decode", "decode", "top-k KV page retrieval for decode: kernel timings, selection accuracy, whole-model "
+                         "decode steps with --e2e (GPU; --dry-run on the CPU)"),
+    ("follow-up", "follow_up", "one layer's attention for a short follow-up chunk over a long cached context: "
+                               "SDPA vs prefill patterns vs retrieval (GPU; --dry-run on the CPU)"),
+    ("layer", "layer", "torch.profiler breakdown of one layer's sparse attention and decode selection "
+                       "(GPU; --dry-run on the CPU)"),
+)
+
+
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from .bench import e2e, kernels
+    import importlib
 
     targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
-    kernel_parser = targets.add_parser("kernels", help="sparse kernels vs SDPA cuDNN/flash and FlexAttention (GPU)")
-    kernels.add_arguments(kernel_parser)
-    kernel_parser.set_defaults(bench_run=kernels.run_from_args)
-    e2e_parser = targets.add_parser("e2e", help="time to first token of full-size architectures, dense SDPA vs "
-                                               "patched (GPU; --dry-run on the CPU)")
-    e2e.add_arguments(e2e_parser)
-    e2e_parser.set_defaults(bench_run=e2e.run_from_args)
+    for name, module_name, help_line in BENCH_TARGETS:
+        module = importlib.import_module(f".bench.{module_name}", __package__)
+        target_parser = targets.add_parser(name, help=help_line, description=module.__doc__,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(target_parser)
+        target_parser.set_defaults(bench_run=module.run_from_args)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -355,7 +368,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("info", "versions, CUDA devices and supported model families", _add_info_arguments, _run_info),
     Command("demo", "pass key in a long prompt on SmolLM2-135M, dense vs sparse (CPU, offline from PyPI)",
             _add_demo_arguments, _run_demo),
-    Command("bench", "benchmarks on the GPU: kernels, e2e (write CSV rows and a PNG)", _add_bench_arguments, _run_bench),
+    Command("bench", "benchmarks on the GPU: kernels, e2e, decode, follow-up, layer (CSV rows; PNGs for kernels, e2e)",
+            _add_bench_arguments, _run_bench),
     Command("profile", "find each head's cheapest pattern that keeps a target recall; writes a profile JSON",
             _add_profile_arguments, _run_profile),
     Command("eval", "dense vs sparse on the same samples: ruler, longbench, ppl, fidelity (JSON, markdown, PNG)",

@@ -1,4 +1,12 @@
-"""Benchmarks (GPU): kernels and end to end."""
+"""Benchmarks (GPU; each has a CPU ``--dry-run`` or a no-GPU message), ``sparseprefill bench TARGET``:
+
+- ``kernels``: sparse kernels vs SDPA and FlexAttention; ``e2e``: TTFT of full-size architectures;
+- ``decode``: top-k KV page retrieval for decode; ``follow_up``: a follow-up chunk over a long cache;
+- ``layer``: torch.profiler breakdown of one layer.
+
+Shared pieces: ``common`` (timing, SDPA backends, run metadata, CSV), ``models`` (shipped architecture
+configs, random-weight models), ``budget`` (fixed sparse budgets); ``plot`` and ``e2e_plot`` draw PNGs.
+"""
 
 from __future__ import annotations
 

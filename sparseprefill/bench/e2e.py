@@ -32,27 +32,42 @@ Below ``--min-sparse-len`` (default: the library's 16K) the patched model runs d
 
 CSV columns: see ``CSV_FIELDS``. ``ms`` is TTFT for ``e2e_ttft*`` rows and the median time per new
 token for ``e2e_decode``; ``tokens_per_s`` is prefill throughput (length / TTFT) or decode rate.
+
+This module holds the variants, the run and the command line; the models come from ``bench.models``,
+the fixed budget from ``bench.budget``, timing, SDPA backends, run metadata and CSV writing from
+``bench.common`` (all still importable from here).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import json
-import math
 import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 import torch
 
-from ..config import BlockSparseConfig, SparseConfig, VerticalSlashConfig
+from ..config import SparseConfig
+from .budget import DEFAULT_VERTICAL_SHARE, fixed_budget_config
+from .common import (
+    decode_sdpa_backends,
+    environment,
+    measure_generate,
+    prefill_sdpa_backend,
+    time_ms,
+    write_csv as write_csv_rows,
+)
+from .models import CONFIG_DIR, TINY_OVERRIDES, build_model, load_arch_config, shipped_configs, tiny_config
 
-CONFIG_DIR = Path(__file__).with_name("configs")
+# Importable from here as before the split (tests, scripts): the model and budget helpers.
+__all__ = [
+    "BASELINE", "CONFIG_DIR", "CSV_FIELDS", "DEFAULT_VARIANTS", "DEFAULT_VERTICAL_SHARE", "DYNAMIC", "Row",
+    "TINY_OVERRIDES", "add_arguments", "build_model", "describe_memory", "fixed_budget_config",
+    "format_table", "load_arch_config", "main", "measure_generate", "parse_densities", "parse_lengths", "run",
+    "run_from_args", "shipped_configs", "time_ms", "tiny_config", "write_csv",
+]
+
 DEFAULT_CONFIGS = ("llama-3.1-8b",)
 DEFAULT_LENGTHS = "4k,8k,16k,32k,64k,128k"
 # See the module docstring: inside auto's measured range on structured input (README kernel table).
@@ -63,17 +78,9 @@ BASELINE = "dense_cudnn"
 DEFAULT_REPEATS = 3
 DEFAULT_WARMUP = 1
 DEFAULT_NEW_TOKENS = 32
-# Share of the non-forced pair budget given to vertical columns; the rest goes to slashes (diagonal
-# bands). An arbitrary fixed split, so that both halves of the vertical-slash kernel do work.
-DEFAULT_VERTICAL_SHARE = 0.25
-# Lines drawn per head when sizing a budget: a few heads average out where random lines fall.
-CALIBRATION_HEADS = 4
 GIB = 2**30
 
-# The dry run: the named config shrunk to this (same family and RoPE), on the CPU, at short lengths.
-TINY_OVERRIDES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, vocab_size=256, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=0)
+# The dry run: each config shrunk to ``TINY_OVERRIDES`` (``models.tiny_config``), on the CPU, at short lengths.
 DRY_RUN_LENGTHS = "512,1k"
 DRY_RUN_MIN_SPARSE_LEN = 256
 DRY_RUN_DENSITY = 0.5
@@ -158,271 +165,7 @@ def parse_densities(values: str | list[str]) -> list[float | str]:
 def _csv_list(text: str) -> list[str]:
     return [p for p in text.replace(",", " ").split() if p]
 
-
-# ---------------------------------------------------------------------------------- model configs
-
-
-def shipped_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-
-
-def load_arch_config(name_or_path: str | Path, **overrides: Any):
-    """A transformers config from a shipped name (``llama-3.1-8b``) or a ``config.json`` path."""
-    from transformers import AutoConfig
-
-    path = Path(name_or_path)
-    if not path.suffix == ".json" or not path.exists():
-        path = CONFIG_DIR / f"{name_or_path}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no architecture config {name_or_path!r}; shipped: {', '.join(shipped_configs())}")
-    fields = json.loads(path.read_text())
-    fields.update(overrides)
-    model_type = fields.pop("model_type")
-    return AutoConfig.for_model(model_type, **fields)
-
-
-def tiny_config(name_or_path: str | Path):
-    """The named architecture shrunk to 2 layers / 64 hidden (dry run and tests)."""
-    return load_arch_config(name_or_path, **TINY_OVERRIDES)
-
-
-def build_model(config, *, device: torch.device, dtype: torch.dtype, model_path: str | None = None):
-    """Random weights straight on ``device`` (no fp32 copy on the CPU), or ``from_pretrained(model_path)``."""
-    from transformers import AutoModelForCausalLM
-
-    if model_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa",
-                                                     device_map={"": device} if device.type == "cuda" else None)
-        return model.to(device).eval()
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model.eval()
-
-
-# ------------------------------------------------------------------------------ fixed sparse budget
-
-
-def _causal_pairs(length: int) -> int:
-    return length * (length + 1) // 2
-
-
-def _vertical_slash_density(length: int, n_vertical: int, n_slash: int, cfg: VerticalSlashConfig,
-                            device: torch.device, seed: int) -> float:
-    """Density of a vertical-slash index with the forced sink columns / local diagonals plus
-    ``n_vertical`` columns and ``n_slash`` diagonals at random positions (``CALIBRATION_HEADS`` heads)."""
-    from ..kernels import build_vertical_slash_index
-    from ..kernels.common import compact
-
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    heads = CALIBRATION_HEADS
-    lines = torch.arange(length)
-
-    def pick(forced: int, extra: int) -> torch.Tensor:
-        keep = (lines < forced).expand(heads, length).clone()
-        free = length - min(forced, length)
-        extra = min(extra, free)
-        for h in range(heads):
-            chosen = torch.randperm(free, generator=g)[:extra] + min(forced, length)
-            keep[h, chosen] = True
-        return keep[None].to(device)
-
-    v_count, v_index = compact(pick(cfg.sink_tokens, n_vertical))
-    s_count, s_index = compact(pick(cfg.local_tokens, n_slash))
-    index = build_vertical_slash_index(v_index, v_count, s_index, s_count, q_len=length, k_len=length,
-                                       block_size_q=cfg.block_size)
-    return float(index.computed_pairs().sum()) / (_causal_pairs(length) * heads)
-
-
-def _block_sparse_density(length: int, top_k: int, cfg: BlockSparseConfig, device: torch.device) -> float:
-    """Density of a block-sparse index keeping sink + diagonal + ``top_k`` other blocks per row (exact
-    whatever the scores: every non-forced causal block is a full block)."""
-    from ..kernels import select_blocks
-
-    n = -(-length // cfg.block_size)
-    scores = torch.rand(1, 1, n, n, generator=torch.Generator(device="cpu").manual_seed(0)).to(device)
-    index = select_blocks(scores, q_len=length, k_len=length, block_size_q=cfg.block_size,
-                          block_size_k=cfg.block_size, mass=cfg.mass, top_k=top_k, sink_blocks=cfg.sink_blocks)
-    return float(index.computed_pairs().sum()) / _causal_pairs(length)
-
-
-def _bisect(fn: Callable[[int], float], target: float, lo: int, hi: int) -> tuple[int, float]:
-    """Smallest integer x in [lo, hi] with fn(x) >= target (fn non-decreasing), or hi; with its value.
-    Returns the closer of that x and x - 1."""
-    values: dict[int, float] = {}
-
-    def f(x: int) -> float:
-        if x not in values:
-            values[x] = fn(x)
-        return values[x]
-
-    if f(lo) >= target:
-        return lo, f(lo)
-    a, b = lo, hi
-    while b - a > 1:
-        mid = (a + b) // 2
-        if f(mid) >= target:
-            b = mid
-        else:
-            a = mid
-    best = b if abs(f(b) - target) <= abs(f(a) - target) else a
-    return best, f(best)
-
-
-def fixed_budget_config(pattern: str, length: int, density: float, *, min_sparse_len: int,
-                        device: torch.device, vertical_share: float = DEFAULT_VERTICAL_SHARE,
-                        base: SparseConfig | None = None, seed: int = 0) -> tuple[SparseConfig, float, str]:
-    """A ``SparseConfig`` whose index computes about ``density`` of the causal pairs at ``length``.
-
-    ``vertical_slash`` (the default pattern's kernels): mass targets 1.0, so ``keep_by_cumulative_mass``
-    keeps the forced lines plus exactly ``max_vertical`` columns / ``max_slash`` diagonals (a fixed
-    top-k). Columns get ``vertical_share`` of the non-forced budget (a random column covers 1/L of the
-    pairs on average); the slash count is then bisected on indices of random lines, which accounts for
-    bands merging. ``block_sparse``: ``top_k`` other blocks per query-block row, bisected exactly.
-
-    Returns ``(config, predicted density, note)``; the note says when the target is below the
-    pattern's floor (forced sink and local lines alone exceed it) and the floor was used.
-    """
-    base = base if base is not None else SparseConfig()
-    base = replace(base, min_sparse_len=min_sparse_len)
-    note = ""
-    if pattern in ("vertical_slash", "auto"):
-        vs = base.vertical_slash
-
-        def with_lines(n_vertical: int, n_slash: int) -> float:
-            return _vertical_slash_density(length, n_vertical, n_slash, vs, device, seed)
-
-        floor = with_lines(1, 1)
-        n_vertical = max(1, round(vertical_share * max(density - floor, 0.0) * length))
-        n_vertical = min(n_vertical, max(length - vs.sink_tokens, 1))
-        n_slash, predicted = _bisect(lambda s: with_lines(n_vertical, s), density, 1,
-                                     max(length - vs.local_tokens, 1))
-        if floor > density:
-            note = f"target {density:g} below this pattern's floor {floor:.3f} at {length} tokens"
-        cfg = replace(base, pattern="vertical_slash", vertical_slash=replace(
-            vs, vertical_mass=1.0, slash_mass=1.0, max_vertical=n_vertical, max_slash=n_slash))
-        return cfg, predicted, note
-    if pattern == "block_sparse":
-        bs = base.block_sparse
-        n_blocks = -(-length // bs.block_size)
-        top_k, predicted = _bisect(lambda t: _block_sparse_density(length, t, bs, device), density, 0, n_blocks)
-        if top_k == 0 and predicted > density:
-            note = f"target {density:g} below this pattern's floor {predicted:.3f} at {length} tokens"
-        return replace(base, pattern="block_sparse", block_sparse=replace(bs, top_k=top_k)), predicted, note
-    raise ValueError(f"fixed budgets exist for 'vertical_slash' and 'block_sparse', not {pattern!r}")
-
-
-# ----------------------------------------------------------------------------------------- timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int) -> list[float]:
-    """Milliseconds of ``repeats`` calls after ``warmup`` calls (CUDA events on the GPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(float(start.elapsed_time(end)))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-class _StepClock:
-    """A ``generate`` streamer that timestamps the prompt and every new token (synchronising first).
-    ``prefill_context`` is entered before the prompt's forward pass and left once the first token is
-    out, so it governs the prefill alone (e.g. one SDPA backend) and decode runs outside it."""
-
-    def __init__(self, device: torch.device, prefill_context=None, decode_context=None):
-        self.device = device
-        self.stamps: list[float] = []
-        self.stack = contextlib.ExitStack()
-        self.decode_context = decode_context
-        if prefill_context is not None:
-            self.stack.enter_context(prefill_context)
-
-    def put(self, value) -> None:
-        _sync(self.device)
-        self.stamps.append(time.perf_counter())
-        if len(self.stamps) == 2:
-            self.stack.close()
-            if self.decode_context is not None:
-                self.stack.enter_context(self.decode_context)
-
-    def end(self) -> None:
-        self.stack.close()
-
-
-def measure_generate(model, input_ids: torch.Tensor, new_tokens: int, device: torch.device, pad_token_id: int,
-                     prefill_context=None, decode_context=None) -> tuple[float, list[float]]:
-    """One greedy ``generate``: (TTFT with cache in ms, per-decode-step ms)."""
-    _sync(device)
-    start = time.perf_counter()
-    clock = _StepClock(device, prefill_context, decode_context)
-    try:
-        with torch.inference_mode():
-            model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, streamer=clock, pad_token_id=pad_token_id)
-    finally:
-        clock.stack.close()
-    # stamps[0]: the prompt (before prefill); stamps[1]: first new token; then one per decode step.
-    ttft = (clock.stamps[1] - start) * 1e3 if len(clock.stamps) > 1 else float("nan")
-    steps = [(b - a) * 1e3 for a, b in zip(clock.stamps[1:], clock.stamps[2:])]
-    return ttft, steps
-
-
 # ---------------------------------------------------------------------------------------- variants
-
-
-@contextlib.contextmanager
-def _sdpa_backend(device: torch.device, variant: str) -> Iterator[None]:
-    """Only the variant's SDPA backend (CUDA only; the sparse variant's dense fallbacks get the
-    baseline's). Decode runs outside it, under PyTorch's default SDPA dispatch, in every variant."""
-    if device.type != "cuda":
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = SDPBackend.FLASH_ATTENTION if variant == "dense_flash" else SDPBackend.CUDNN_ATTENTION
-    with sdpa_kernel([backend]):
-        yield
-
-
-@contextlib.contextmanager
-def _decode_backends(device: torch.device) -> Iterator[None]:
-    """The same SDPA backends for every variant's (dense) decode steps: flash, efficient, math. cuDNN
-    is left out: on an H200 its single-query path cost ~39 ms per token against flash's ~14 ms (8B
-    model, 4K-64K), apparently a new cuDNN graph for every KV length."""
-    if device.type != "cuda":
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        yield
-
-
-def _environment(device: torch.device) -> dict[str, str]:
-    import transformers
-
-    from .kernels import _commit
-
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return dict(device=device.type, gpu=gpu, torch=torch.__version__, transformers=transformers.__version__,
-                commit=_commit())
-
 
 def _bytes_gib(n: float) -> float:
     return n / GIB
@@ -471,7 +214,7 @@ def run(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("the end-to-end benchmark needs a CUDA GPU (or --device cpu / --dry-run)")
     min_sparse_len = SparseConfig().min_sparse_len if min_sparse_len is None else min_sparse_len
-    env = _environment(dev)
+    env = environment(dev)
     plan: list[_Variant] = []
     for name in variant_names:
         if name == "sparse":
@@ -493,7 +236,7 @@ def run(
         # One short generate first: the first call of generate pays one-off set-up costs.
         warm_ids = torch.randint(0, config.vocab_size, (1, min(128, min(lengths))), generator=torch.Generator().manual_seed(seed)).to(dev)
         if new_tokens > 1:
-            measure_generate(model, warm_ids, 2, dev, pad, decode_context=_decode_backends(dev))
+            measure_generate(model, warm_ids, 2, dev, pad, decode_context=decode_sdpa_backends(dev))
         for length in lengths:
             g = torch.Generator(device="cpu").manual_seed(seed + length)
             ids = torch.randint(0, config.vocab_size, (1, length), generator=g).to(dev)
@@ -559,7 +302,7 @@ def _run_variant(model, ids, variant: _Variant, *, label, env, dev, pattern, min
     rows = []
     common = dict(config=label, length=length, variant=variant.name, pattern=used_pattern, density_target=target,
                   weights_gib=round(weights_gib, 3), mlp_gib_est=round(mlp_gib, 3), **env)
-    with _sdpa_backend(dev, variant.name):
+    with prefill_sdpa_backend(dev, variant.name):
         _release(dev)
         base_alloc = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
         if dev.type == "cuda":
@@ -581,13 +324,13 @@ def _run_variant(model, ids, variant: _Variant, *, label, env, dev, pattern, min
                     speedup_vs_dense_cudnn=float("nan"), repeats=repeats, note=note, **common))
     if new_tokens > 1:
         # The prefill inside generate runs under the variant's backend; decode (dense in every variant)
-        # under the same backends for all (``_decode_backends``).
+        # under the same backends for all (``decode_sdpa_backends``).
         _release(dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         ttft_cache, steps = measure_generate(model, ids, new_tokens, dev, pad,
-                                             prefill_context=_sdpa_backend(dev, variant.name),
-                                             decode_context=_decode_backends(dev))
+                                             prefill_context=prefill_sdpa_backend(dev, variant.name),
+                                             decode_context=decode_sdpa_backends(dev))
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
         gen = dict(peak_gib=_bytes_gib(peak), activation_gib=_bytes_gib(max(peak - base_alloc, 0)), note=note,
                    density=density, speedup_vs_dense_cudnn=float("nan"), **common)
@@ -644,20 +387,9 @@ def _progress(total: int, enabled: bool):
 # ------------------------------------------------------------------------------------------ output
 
 
-def _fmt(value: Any) -> Any:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return value
-
-
 def write_csv(rows: list[Row], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _fmt(v) for k, v in asdict(row).items()})
-    return path
+    """``rows`` under the header ``CSV_FIELDS``; floats to 6 significant digits, NaN empty."""
+    return write_csv_rows(path, CSV_FIELDS, rows, compact_floats=True)
 
 
 def format_table(rows: list[Row]) -> str:

@@ -1,6 +1,7 @@
 """Kernel benchmark: sparse attention vs SDPA (cuDNN, flash) and FlexAttention, on the GPU.
 
-    python -m sparseprefill.bench.kernels --lengths 8192 32768 131072 --densities 0.02 0.05 0.1 0.2 0.5
+    sparseprefill bench kernels --lengths 8192 32768 131072 --densities 0.02 0.05 0.1 0.2 0.5 --out results/
+    python -m sparseprefill.bench.kernels ...     # the same options
 
 Llama-3.1-8B attention shapes by default (32 query heads, 8 KV heads, head_dim 128, bf16). Every
 provider runs in the same process, warm, timed with ``triton.testing.do_bench`` medians. Sparse
@@ -12,11 +13,8 @@ commit, ms, tflops) and prints a table.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ from ..kernels import (
     select_blocks,
 )
 from ..kernels.geometry import causal_pairs_total
+from .common import HEAD_DIM, HEADS, KV_HEADS, bench_ms, git_commit, write_csv
 
 CSV_FIELDS = ("op", "provider", "length", "density", "gpu", "commit", "ms", "tflops")
 
@@ -45,19 +44,13 @@ class Row:
     tflops: float
 
 
-def _commit() -> str:
-    if os.environ.get("SPARSEPREFILL_COMMIT"):
-        return os.environ["SPARSEPREFILL_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+# do_bench budgets (ms) of the kernel rows: longer than the default, the kernels are short.
+BENCH_WARMUP_MS = 100
+BENCH_REP_MS = 400
 
 
 def _bench(fn) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median"))
+    return bench_ms(fn, "cuda", warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS)
 
 
 def random_block_index(batch: int, heads: int, length: int, block: int, density: float, device) -> BlockSparseIndex:
@@ -83,7 +76,9 @@ def structured_qkv(heads: int, kv_heads: int, length: int, head_dim: int, device
     lengths no available real model reaches: an attention sink (first 4 keys), vertical stripes at
     random positions, a local band whose logit decays with distance (cosines at geometric
     frequencies, like RoPE), and noise. The density ``auto`` picks on it says how the estimator and
-    kernels behave on such structure, not what it picks on a given real model."""
+    kernels behave on such structure, not what it picks on a given real model.
+
+    Returns bf16 q ``[1, H, L, D]`` and k, v ``[1, Hkv, L, D]``."""
     g = torch.Generator(device=device).manual_seed(seed)
     scale = head_dim**-0.5
     q = SYNTHETIC_NOISE_STD * torch.randn(1, heads, length, head_dim, generator=g, device=device)
@@ -124,13 +119,13 @@ def flex_block_mask(index: BlockSparseIndex, length: int):
     )
 
 
-def run(lengths, densities, heads=32, kv_heads=8, head_dim=128, block=128, out_dir=None, check=True,
+def run(lengths, densities, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, block=128, out_dir=None, check=True,
         auto_lengths=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     device = torch.device("cuda")
     gpu = torch.cuda.get_device_name(device)
-    commit = _commit()
+    commit = git_commit()
     rows: list[Row] = []
     flex = None
     try:
@@ -179,13 +174,7 @@ def run(lengths, densities, heads=32, kv_heads=8, head_dim=128, block=128, out_d
     except Exception as exc:  # noqa: BLE001 - keep the attention rows if the end-to-end part fails
         print(f"auto estimation+attention failed: {exc!r}", file=sys.stderr)
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "kernels.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow(asdict(row))
+        write_csv(Path(out_dir) / "kernels.csv", CSV_FIELDS, rows)
     print(f"{'op':<22}{'provider':<22}{'length':>8}{'density':>9}{'ms':>10}{'TFLOP/s':>9}")
     for row in rows:
         print(f"{row.op:<22}{row.provider:<22}{row.length:>8}{row.density:>9.3f}{row.ms:>10.3f}{row.tflops:>9.1f}")

@@ -1,0 +1,136 @@
+"""The profiler: blockwise recall equals recall from dense masks; profiles of a tiny random model are
+valid and their recall claims hold when re-measured; patch(profile=...) runs each head's setting."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import sparseprefill
+from sparseprefill import PatternName, SparseConfig
+from sparseprefill.kernels import select_blocks
+from sparseprefill.profiles import HeadSetting, load_profile
+from sparseprefill.calibrate.profiler import (
+    ProfilerOptions,
+    evaluate_settings,
+    profile_model,
+    profile_plan,
+    uniform_plan,
+)
+from sparseprefill.kernels.recall import exact_probs, index_recall
+
+from tests import reference
+from tests.tiny_models import VOCAB, tiny_model
+
+
+def _mask_recall(index, probs):
+    mask = torch.ones_like(probs, dtype=torch.bool) if index is None else index.to_dense_mask()
+    return (probs * mask).sum(-1) / probs.sum(-1)
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,q_len,k_len,d,block,softcap",
+    [(1, 4, 2, 77, 77, 16, 16, None), (2, 3, 1, 50, 130, 8, 8, None), (1, 2, 2, 200, 200, 32, 32, 20.0)],
+)
+def test_blockwise_recall_equals_dense_mask_recall(b, hq, hkv, q_len, k_len, d, block, softcap, monkeypatch):
+    from sparseprefill.kernels import recall as recall_module
+
+    monkeypatch.setattr(recall_module, "CHUNK_BYTES", 4096)  # force many chunks
+    g = torch.Generator().manual_seed(q_len + k_len)
+    q = torch.randn(b, hq, q_len, d, generator=g)
+    k = torch.randn(b, hkv, k_len, d, generator=g) * 2
+    kv = torch.arange(hq) // (hq // hkv)
+    vs = reference.random_vertical_slash_index(random.Random(k_len), b, hq, q_len, k_len, block, 0.3)
+    bs = select_blocks(torch.rand(b, hq, -(-q_len // block), -(-k_len // block), generator=g), q_len=q_len,
+                       k_len=k_len, block_size_q=block, block_size_k=block, mass=0.5)
+    got = index_recall([vs, bs, None], q, k, scale=d**-0.5, softcap=softcap, kv_head_index=kv)
+    probs = exact_probs(q, k, 0, q_len, scale=d**-0.5, softcap=softcap, kv_head_index=kv)
+    for index, recall in zip([vs, bs, None], got):
+        torch.testing.assert_close(recall, _mask_recall(index, probs), atol=1e-5, rtol=0)
+
+
+class CharTokenizer:
+    """Bytes -> ids below the tiny vocab: enough for the pass-key prompt builder and text windows."""
+
+    def __call__(self, text):
+        return {"input_ids": [3 + ord(c) % (VOCAB - 3) for c in text]}
+
+
+TINY_OPTIONS = ProfilerOptions(lengths=(448, 640), samples=2, target_recall=0.9)
+
+
+@pytest.fixture(scope="module")
+def tiny_profile():
+    model = tiny_model("llama", qk_scale=8.0)  # peaked attention: heads differ in what they need
+    result = profile_model(model, CharTokenizer(), TINY_OPTIONS, progress=False)
+    return model, result
+
+
+def test_profiler_writes_a_valid_profile_meeting_its_target(tiny_profile, tmp_path):
+    model, result = tiny_profile
+    profile = result.profile
+    path = tmp_path / "p.json"
+    from sparseprefill.profiles import save_profile
+
+    save_profile(profile, path)
+    assert load_profile(path) == profile
+    assert len(profile.layers) == model.config.num_hidden_layers
+    for layer in profile.layers:
+        assert len(layer) == model.config.num_attention_heads
+        for setting in layer:
+            recall = setting.measured["recall"]
+            assert set(recall) == {"448", "640"}
+            assert all(r >= TINY_OPTIONS.target_recall for r in recall.values()), setting
+    assert "pattern mix" in result.summary_table()
+
+
+def test_profile_recall_claims_hold_when_remeasured(tiny_profile):
+    """Re-measuring the chosen settings on the calibration prompts reproduces each head's claim."""
+    model, result = tiny_profile
+    profile = result.profile
+    rows = evaluate_settings(model, CharTokenizer(), {"profile": profile_plan(profile)}, TINY_OPTIONS, offset=0,
+                             progress=False)["profile"]
+    for row in rows:
+        n = str(row["length"])
+        claimed = [s.measured["recall"][n] for layer in profile.layers for s in layer]
+        assert row["recall_mean"] == pytest.approx(sum(claimed) / len(claimed), abs=1e-5)
+        assert row["recall_min_head"] >= TINY_OPTIONS.target_recall - 1e-6
+
+
+def test_held_out_recall_and_density_are_reported_for_profile_and_auto(tiny_profile):
+    model, result = tiny_profile
+    rows = evaluate_settings(
+        model, CharTokenizer(),
+        {"profile": profile_plan(result.profile), "auto": uniform_plan(SparseConfig())},
+        TINY_OPTIONS, offset=TINY_OPTIONS.samples, progress=False,
+    )
+    for name in ("profile", "auto"):
+        for row in rows[name]:
+            assert 0.0 < row["density"] <= 1.0 and 0.0 < row["recall_mean"] <= 1.0
+
+
+def test_patch_with_profile_runs_each_heads_setting_and_matches_dense_when_lossless():
+    """A profile mixing lossless settings (dense, keep-all vertical-slash) must reproduce dense logits,
+    and the stats must show both patterns ran."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 150))
+    with torch.no_grad():
+        expected = model(ids).logits
+    result = profile_model(model, CharTokenizer(), ProfilerOptions(lengths=(448,), samples=1), progress=False)
+    lossless = [HeadSetting(PatternName.DENSE, {}),
+                HeadSetting(PatternName.VERTICAL_SLASH, {"vertical_mass": 1.0, "slash_mass": 1.0})]
+    layers = tuple(tuple(lossless[h % 2] for h in range(len(layer))) for layer in result.profile.layers)
+    profile = type(result.profile)(model=result.profile.model, calibration=result.profile.calibration, layers=layers)
+    sparseprefill.patch(model, SparseConfig(min_sparse_len=0, min_sparse_query_len=1), profile=profile)
+    try:
+        with torch.no_grad():
+            got = model(ids).logits
+        patterns = sparseprefill.stats(model).layers[0].patterns
+        assert sparseprefill.stats(model).pattern == "profile"
+    finally:
+        sparseprefill.unpatch(model)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert set(patterns) == {"dense", "vertical_slash"}, patterns

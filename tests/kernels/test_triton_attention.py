@@ -1,0 +1,179 @@
+"""Triton kernels vs their fp32 ``naive.py`` twins.
+
+On the CPU the kernels run in Triton's interpreter (small shapes; fp32 and fp16 inputs, since the
+interpreter gets bf16 arithmetic wrong). On the GPU machine the same tests run compiled, bf16
+included. Outputs are pre-filled with NaN so an unwritten tile fails.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not importable on this machine")
+
+from sparseprefill.kernels import build_vertical_slash_index, select_blocks  # noqa: E402
+from sparseprefill.kernels.block_sparse.naive import block_sparse_attention_naive  # noqa: E402
+from sparseprefill.kernels.block_sparse.triton_attention import block_sparse_attention_triton  # noqa: E402
+from sparseprefill.kernels.common import compact  # noqa: E402
+from sparseprefill.kernels.vertical_slash.naive import vertical_slash_attention_naive  # noqa: E402
+from sparseprefill.kernels.vertical_slash.triton_attention import vertical_slash_attention_triton  # noqa: E402
+
+from tests import reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+# Relative error bounds (||out - ref|| / ||ref||): fp32 is ~1e-6 on both devices (the kernels' fp32 dots
+# are full precision, not Triton's default TF32, which gave ~1e-3 here); half precision operands land
+# between 1e-4 (fp16) and 1e-2 (bf16).
+REL_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+# (batch, q heads, kv heads, Lq, Lk, head_dim, block, window, softcap): odd lengths, GQA 1/2/7,
+# chunked (Lq < Lk), head dims 64/80/128/256, window and soft-cap.
+CASES = [
+    (2, 4, 2, 77, 101, 64, 32, None, None),
+    (1, 7, 1, 70, 70, 80, 32, None, None),
+    (1, 2, 2, 100, 100, 128, 32, 17, None),
+    (1, 2, 1, 90, 90, 256, 16, None, 30.0),
+    (1, 3, 3, 33, 150, 64, 16, 40, 20.0),
+    (1, 2, 1, 200, 200, 256, 128, None, None),  # head_dim 256 splits a 128-row block into 64-row programs
+]
+
+
+def _inputs(case, dtype, seed):
+    b, hq, hkv, lq, lk, d, _, _, _ = case
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)  # noqa: E731
+    return make(b, hq, lq, d), make(b, hkv, lk, d), make(b, hkv, lk, d)
+
+
+def _rel_err(out, ref):
+    assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
+    return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}bs{c[6]}w{c[7]}c{c[8]}")
+def test_block_sparse_triton_matches_naive(case, dtype):
+    b, hq, hkv, lq, lk, d, block, window, softcap = case
+    q, k, v = _inputs(case, dtype, seed=CASES.index(case))
+    scores = torch.rand(b, hq, -(-lq // block), -(-lk // block), device=DEVICE)
+    index = select_blocks(scores, q_len=lq, k_len=lk, block_size_q=block, block_size_k=block, mass=0.6)
+    kv_head_index = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    kwargs = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kv_head_index)
+    ref = block_sparse_attention_naive(q, k, v, index, out=torch.full(q.shape, float("nan"), device=DEVICE), **kwargs)
+    out = block_sparse_attention_triton(q, k, v, index, out=torch.full_like(q, float("nan")), **kwargs)
+    assert _rel_err(out, ref) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}bs{c[6]}w{c[7]}c{c[8]}")
+def test_vertical_slash_triton_matches_naive(case, dtype):
+    b, hq, hkv, lq, lk, d, block, window, softcap = case
+    q, k, v = _inputs(case, dtype, seed=CASES.index(case) + 101)
+    g = torch.Generator(device="cpu").manual_seed(7)
+    vertical_count, vertical_index = compact((torch.rand(b, hq, lk, generator=g) < 0.2).to(DEVICE))
+    slash_count, slash_offset = compact((torch.rand(b, hq, lk, generator=g) < 0.1).to(DEVICE))
+    index = build_vertical_slash_index(vertical_index, vertical_count, slash_offset, slash_count,
+                                       q_len=lq, k_len=lk, block_size_q=block)
+    kv_head_index = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    kwargs = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kv_head_index)
+    ref = vertical_slash_attention_naive(q, k, v, index, out=torch.full(q.shape, float("nan"), device=DEVICE), **kwargs)
+    out = vertical_slash_attention_triton(q, k, v, index, out=torch.full_like(q, float("nan")), **kwargs)
+    assert _rel_err(out, ref) < REL_TOL[dtype]
+
+
+def test_triton_writes_into_strided_out_view():
+    case = CASES[0]
+    b, hq, hkv, lq, lk, d, block, _, _ = case
+    q, k, v = _inputs(case, torch.float32, seed=3)
+    index = select_blocks(torch.rand(b, hq, -(-lq // block), -(-lk // block), device=DEVICE), q_len=lq, k_len=lk,
+                          block_size_q=block, block_size_k=block, mass=0.8)
+    kv_head_index = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    buffer = torch.full((b, lq, hq, d), float("nan"), device=DEVICE)
+    out = block_sparse_attention_triton(q, k, v, index, scale=d**-0.5, window=None, softcap=None,
+                                        kv_head_index=kv_head_index, out=buffer.transpose(1, 2))
+    ref = block_sparse_attention_naive(q, k, v, index, scale=d**-0.5, window=None, softcap=None,
+                                       kv_head_index=kv_head_index, out=torch.empty_like(q))
+    assert _rel_err(out, ref) < REL_TOL[torch.float32]
+    assert out.data_ptr() == buffer.data_ptr()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}c{c[8]}")
+@pytest.mark.parametrize("last_queries", [64, 20])
+def test_line_scores_triton_match_naive(case, last_queries):
+    from sparseprefill.kernels.vertical_slash.naive import vertical_slash_scores_naive
+    from sparseprefill.kernels.vertical_slash.triton_estimate import vertical_slash_scores_triton
+
+    b, hq, hkv, lq, lk, d, _, _, softcap = case
+    q, k, _ = _inputs(case, torch.float32, seed=CASES.index(case) + 201)
+    kv_head_index = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    kwargs = dict(scale=d**-0.5, last_queries=last_queries, softcap=softcap, kv_head_index=kv_head_index)
+    vertical_ref, slash_ref = vertical_slash_scores_naive(q, k, **kwargs)
+    vertical, slash = vertical_slash_scores_triton(q, k, **kwargs)
+    # Probabilities (sums of at most 64 rows, each summing to 1): absolute error of fp32 rounding (full
+    # fp32 dots on both devices), plus atomic summation order on the GPU.
+    atol = 1e-6 if DEVICE == "cpu" else 1e-5
+    torch.testing.assert_close(vertical, vertical_ref, atol=atol, rtol=0)
+    torch.testing.assert_close(slash, slash_ref, atol=atol, rtol=0)
+
+
+def _canonical(index):
+    rows = []
+    for b in range(index.range_count.shape[0]):
+        for h in range(index.range_count.shape[1]):
+            for r in range(index.range_count.shape[2]):
+                n, c = int(index.range_count[b, h, r]), int(index.column_count[b, h, r])
+                rows.append((index.range_start[b, h, r, :n].tolist(), index.range_end[b, h, r, :n].tolist(),
+                             index.column_index[b, h, r, :c].tolist()))
+    return rows
+
+
+@pytest.mark.parametrize(
+    "b,h,lq,lk,block,p_vertical,p_slash",
+    [(2, 3, 77, 101, 16, 0.2, 0.1), (1, 2, 130, 200, 32, 0.05, 0.3), (1, 1, 64, 64, 16, 0.0, 0.05),
+     (1, 2, 40, 300, 16, 0.5, 0.02), (2, 2, 100, 100, 32, 0.3, 0.0), (1, 2, 257, 257, 64, 0.1, 0.1)],
+)
+def test_index_conversion_triton_matches_naive(b, h, lq, lk, block, p_vertical, p_slash):
+    from sparseprefill.kernels.vertical_slash.naive import build_vertical_slash_index_naive
+    from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
+
+    g = torch.Generator(device="cpu").manual_seed(lq * 31 + lk)
+    vertical_count, vertical_index = compact((torch.rand(b, h, lk, generator=g) < p_vertical).to(DEVICE))
+    slash_count, slash_offset = compact((torch.rand(b, h, lk, generator=g) < p_slash).to(DEVICE))
+    args = (vertical_index.long(), vertical_count, slash_offset.long(), slash_count)
+    expected = build_vertical_slash_index_naive(*args, q_len=lq, k_len=lk, block_size_q=block)
+    got = build_vertical_slash_index_triton(*args, q_len=lq, k_len=lk, block_size_q=block)
+    assert _canonical(got) == _canonical(expected)
+    # The kernel's own pair count (block_pairs) against the closed form over the naive lists.
+    assert got.block_pairs is not None and expected.block_pairs is None
+    assert torch.equal(got.computed_pairs(), expected.computed_pairs())
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(
+    k_len=st.integers(1, 160),
+    q_frac=st.floats(0.0, 1.0),
+    block=st.sampled_from([1, 3, 8, 16, 32, 64]),
+    n_vertical=st.integers(0, 40),
+    n_slash=st.integers(0, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_index_conversion_triton_matches_naive_on_unsorted_lines(k_len, q_frac, block, n_vertical, n_slash, seed):
+    """Unsorted offsets and garbage padding (the public contract): the launcher must sort them."""
+    from sparseprefill.kernels.vertical_slash.naive import build_vertical_slash_index_naive
+    from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
+
+    q_len = max(1, round(q_frac * k_len))
+    vi, vc, so, sc, _, _ = reference.random_lines(random.Random(seed), 2, 2, k_len, n_vertical, n_slash)
+    args = tuple(t.to(DEVICE) for t in (vi, vc, so, sc))
+    expected = build_vertical_slash_index_naive(*args, q_len=q_len, k_len=k_len, block_size_q=block)
+    got = build_vertical_slash_index_triton(*args, q_len=q_len, k_len=k_len, block_size_q=block)
+    assert _canonical(got) == _canonical(expected)
+    assert got.lists_same_entries(expected) and expected.lists_same_entries(got)
+    assert torch.equal(got.block_pairs.sum(-1), expected.computed_pairs())

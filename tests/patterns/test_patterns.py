@@ -1,0 +1,317 @@
+"""Patterns (estimate -> index -> kernel): keep-everything configs reproduce dense attention
+exactly; on inputs with planted structure (attention sink, a vertical stripe, a local diagonal)
+the estimated index contains the structure, is sparse, and the output stays close to dense."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparseprefill.config import (
+    AntidiagonalConfig,
+    AShapeConfig,
+    BlockSparseConfig,
+    PatternName,
+    SparseConfig,
+    VerticalSlashConfig,
+)
+from sparseprefill.kernels.indices import BlockSparseIndex, VerticalSlashIndex
+from sparseprefill.patterns import (
+    AShapePattern,
+    AntidiagonalPattern,
+    AutoPattern,
+    BlockSparsePattern,
+    DensePattern,
+    VerticalSlashPattern,
+    build_pattern,
+)
+
+from tests import reference as ref
+from tests.reference import torch_single_thread  # noqa: F401  (autouse fixture)
+
+ALL_PATTERNS = [p.value for p in PatternName]
+
+
+def listed_mask(index, b, hq, q_len, k_len) -> torch.Tensor:
+    if index is None:
+        return torch.ones(b, hq, q_len, k_len, dtype=torch.bool)
+    if isinstance(index, BlockSparseIndex):
+        return ref.block_sparse_listed_mask(index)
+    assert isinstance(index, VerticalSlashIndex), type(index)
+    return ref.vertical_slash_listed_mask(index)
+
+
+def run_pattern(name, config, q, k, v, *, scale, softcap=None, kv_head_index=None):
+    hq, hkv = q.shape[1], k.shape[1]
+    if kv_head_index is None:
+        kv_head_index = torch.arange(hq) // (hq // hkv)
+    pattern = build_pattern(name, config)
+    out = torch.full_like(q, float("nan"))
+    result = pattern.run(q, k, v, scale=scale, softcap=softcap, kv_head_index=kv_head_index, out=out)
+    assert not torch.isnan(out).any(), f"{name}: some output rows were never written"
+    return pattern, result, out, kv_head_index
+
+
+def test_build_pattern_returns_the_named_pattern():
+    cfg = SparseConfig()
+    expected = {
+        "auto": AutoPattern, "antidiagonal": AntidiagonalPattern, "vertical_slash": VerticalSlashPattern,
+        "block_sparse": BlockSparsePattern, "a_shape": AShapePattern, "dense": DensePattern,
+    }
+    for name, cls in expected.items():
+        pattern = build_pattern(name, cfg)
+        assert type(pattern) is cls and pattern.name == PatternName(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# keep-everything == dense
+
+
+KEEP_ALL_CASES = {
+    # b, hq, hkv, q_len, k_len, d, softcap, spread, kv_head_index
+    "square_odd_300_gqa2": (2, 4, 2, 300, 300, 64, None, 1.0, None),
+    "chunked_100_of_301": (1, 4, 2, 100, 301, 64, None, 1.0, None),
+    "gqa7_odd_130": (1, 7, 1, 130, 130, 32, None, 1.0, None),
+    "softcap": (1, 2, 1, 150, 170, 32, 5.0, 4.0, None),
+    "head_subset_kv_1_1_0": (2, 3, 2, 140, 140, 32, None, 1.0, [1, 1, 0]),
+    "decode_like_1_of_90": (1, 2, 2, 1, 90, 16, None, 1.0, None),
+}
+
+
+@pytest.mark.parametrize("name", ALL_PATTERNS)
+@pytest.mark.parametrize("case", list(KEEP_ALL_CASES), ids=list(KEEP_ALL_CASES))
+def test_keep_everything_config_equals_dense_attention(name, case):
+    b, hq, hkv, q_len, k_len, d, softcap, spread, kvh = KEEP_ALL_CASES[case]
+    kv_head_index = None if kvh is None else torch.tensor(kvh)
+    q, k, v = ref.make_qkv(q_len + hq, b, hq, hkv, q_len, k_len, d, spread=spread)
+    scale = d**-0.5
+    config = SparseConfig.keep_everything(name)
+    _, result, out, kv_head_index = run_pattern(name, config, q, k, v, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+    expected = ref.attention_reference(q, k, v, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    total = int(ref.pair_count(None, q_len, k_len))
+    assert result.computed_pairs.shape == (b, hq)
+    assert result.computed_pairs.tolist() == [[total] * hq] * b, "keep-everything must compute every causal pair once"
+    if result.index is not None:
+        mask = listed_mask(result.index, b, hq, q_len, k_len)
+        vis = ref.causal_mask(q_len, k_len)
+        assert (mask | ~vis).all(), "keep-everything index misses a causal key"
+
+
+# ------------------------------------------------------------------------------------------------
+# default-ish configs: plumbing and density bounds on random inputs
+
+
+@pytest.mark.parametrize("name", ALL_PATTERNS)
+def test_pattern_output_is_masked_attention_over_its_own_index_and_density_in_unit_interval(name):
+    """Whatever the estimate picks, the output is exact attention over the listed keys, and the
+    reported computed pairs are the listed causal pairs (density in (0, 1])."""
+    b, hq, hkv, q_len, k_len, d = 2, 4, 2, 200, 260, 32
+    q, k, v = ref.make_qkv(77, b, hq, hkv, q_len, k_len, d, spread=2.0)
+    config = SparseConfig(
+        vertical_slash=VerticalSlashConfig(last_queries=32, sink_tokens=4, local_tokens=16, block_size=32),
+        block_sparse=BlockSparseConfig(block_size=32, mass=0.8),
+        antidiagonal=AntidiagonalConfig(block_size=32, stride=8, mass=0.8),
+        a_shape=AShapeConfig(sink_tokens=8, local_tokens=40, block_size=32),
+    )
+    _, result, out, kv_head_index = run_pattern(name, config, q, k, v, scale=d**-0.5)
+    mask = listed_mask(result.index, b, hq, q_len, k_len)
+    expected = ref.attention_reference(q, k, v, scale=d**-0.5, listed=mask, kv_head_index=kv_head_index)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+    total = int(ref.pair_count(None, q_len, k_len))
+    assert torch.equal(result.computed_pairs, ref.pair_count(mask, q_len, k_len)) or result.index is None
+    density = result.computed_pairs.double() / total
+    assert ((density > 0) & (density <= 1)).all(), density
+
+
+# ------------------------------------------------------------------------------------------------
+# planted structure
+
+SINK = range(0, 16)  # the first 16 keys attract every query
+STRIPE = range(288, 304)  # 16 keys every query at or after position 288 attends to
+PLANTED_LOGIT = 12.0
+LOCAL_LOGIT = 8.0
+
+
+def planted_qkv(b, hq, hkv, q_len, k_len, *, stripe: bool = True, d: int = 64, seed: int = 0):
+    """q/k with three planted components, each in its own dimensions:
+
+    dim 0: sink (keys 0..15 score ``PLANTED_LOGIT`` with every query);
+    dim 1: stripe (keys 288..303 score ``PLANTED_LOGIT`` with queries at positions >= 288);
+    dims 2..33: local diagonal, a Dirichlet kernel ``LOCAL_LOGIT * mean_f cos(f pi (p - j) / Lk)``
+    peaked at p = j and about Lk / 16 tokens wide; dims 34..: small noise.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    scale = d**-0.5
+    amp = math.sqrt(PLANTED_LOGIT / scale)
+    q = torch.zeros(b, hq, q_len, d)
+    k = torch.zeros(b, hkv, k_len, d)
+    pos_q = (torch.arange(q_len) + k_len - q_len).double()
+    pos_k = torch.arange(k_len).double()
+    q[..., 0] = amp
+    k[:, :, SINK.start : SINK.stop, 0] = amp
+    if stripe:
+        q[..., 1] = torch.where(pos_q >= STRIPE.start, amp, 0.0).float()
+        k[:, :, STRIPE.start : STRIPE.stop, 1] = amp
+    n_freq = 16
+    c = math.sqrt(LOCAL_LOGIT / scale / n_freq)
+    for f in range(n_freq):
+        w = f * math.pi / k_len
+        q[..., 2 + 2 * f] = (c * torch.cos(w * pos_q)).float()
+        q[..., 3 + 2 * f] = (c * torch.sin(w * pos_q)).float()
+        k[..., 2 + 2 * f] = (c * torch.cos(w * pos_k)).float()
+        k[..., 3 + 2 * f] = (c * torch.sin(w * pos_k)).float()
+    q[..., 34:] = 0.5 * torch.randn(b, hq, q_len, d - 34, generator=gen)
+    k[..., 34:] = 0.5 * torch.randn(b, hkv, k_len, d - 34, generator=gen)
+    v = torch.randn(b, hkv, k_len, d, generator=gen)
+    return q, k, v, scale
+
+
+PLANTED_CONFIGS = {
+    # sink_blocks=0 / sink_tokens=0 so the estimate itself has to find the sink
+    # auto is vertical-slash with per-head mass budgets: same budgets, same bound
+    "auto": (
+        SparseConfig(vertical_slash=VerticalSlashConfig(last_queries=64, vertical_mass=0.95, slash_mass=0.95, sink_tokens=0, local_tokens=8, block_size=32)),
+        0.15,
+    ),
+    "antidiagonal": (SparseConfig(antidiagonal=AntidiagonalConfig(block_size=32, stride=4, mass=0.95, sink_blocks=0)), 0.03),
+    "block_sparse": (SparseConfig(block_sparse=BlockSparseConfig(block_size=16, mass=0.95, sink_blocks=0)), 0.03),
+    "vertical_slash": (
+        SparseConfig(vertical_slash=VerticalSlashConfig(last_queries=64, vertical_mass=0.95, slash_mass=0.95, sink_tokens=0, local_tokens=8, block_size=32)),
+        0.15,  # estimated from the last 64 queries only: a few percent of mass is lost mid-context
+    ),
+    "a_shape": (SparseConfig(a_shape=AShapeConfig(sink_tokens=16, local_tokens=64, block_size=32)), 0.01),
+}
+
+
+
+def planted_structure_misses(probs: torch.Tensor, mask: torch.Tensor, with_stripe: bool):
+    """In every row where a planted structure carries >= 10% of the dense mass, the index must list
+    nearly all of it: >= 80% of the structure's mass in that row on listed keys (a 0.95 mass
+    threshold may legitimately drop the weakest key or two of a 16-key stripe).
+
+    Returns ``({structure: number of heavy rows}, [problem descriptions])``."""
+    heavy_rows, problems = {}, []
+    structures = {"sink": SINK} | ({"stripe": STRIPE} if with_stripe else {})
+    for label, keys in structures.items():
+        part = probs[..., keys.start : keys.stop]  # [B, H, Lq, |keys|]
+        structure_mass = part.sum(-1)
+        heavy = structure_mass >= 0.1
+        listed_mass = (part * mask[..., keys.start : keys.stop]).sum(-1)
+        missing = heavy & (listed_mass < 0.8 * structure_mass)
+        heavy_rows[label] = int(heavy.sum())
+        if missing.any():
+            problems.append(
+                f"{label} not listed for {int(missing.sum())} of {int(heavy.sum())} rows where it holds >= 10% of the "
+                f"mass (first [b, h, row]: {missing.nonzero()[0].tolist()})"
+            )
+    return heavy_rows, problems
+
+
+@pytest.mark.parametrize("q_len,k_len", [(512, 512), (256, 512)], ids=["prefill_512", "chunk_256_of_512"])
+@pytest.mark.parametrize("name", list(PLANTED_CONFIGS))
+def test_estimated_index_contains_planted_structure_and_is_sparse(name, q_len, k_len):
+    b, hq, hkv = 1, 4, 2
+    # A-shape is static and blind to mid-context stripes, so its input has sink + local only.
+    with_stripe = name != "a_shape"
+    q, k, v, scale = planted_qkv(b, hq, hkv, q_len, k_len, stripe=with_stripe)
+    config, max_rel_error = PLANTED_CONFIGS[name]
+    _, result, out, kv_head_index = run_pattern(name, config, q, k, v, scale=scale)
+    expected, probs = ref.attention_reference(q, k, v, scale=scale, kv_head_index=kv_head_index, return_probs=True)
+    mask = listed_mask(result.index, b, hq, q_len, k_len)
+    positions = [ref.query_position(i, q_len, k_len) for i in range(q_len)]
+
+    # 1) the planted structure is listed wherever it matters
+    heavy_rows, problems = planted_structure_misses(probs, mask, with_stripe)
+    assert not problems, f"{name}: " + "; ".join(problems)
+    assert heavy_rows["sink"] >= hq * q_len // 4, heavy_rows  # the planted structure really matters
+    if with_stripe:
+        assert heavy_rows["stripe"] >= hq * 100, heavy_rows
+    # the local diagonal: each query sees its own key
+    for i, p in enumerate(positions):
+        assert mask[..., i, p].all(), f"{name}: diagonal key missing at row {i}"
+
+    # 2) sparse: density strictly inside (0, 1)
+    total = int(ref.pair_count(None, q_len, k_len))
+    assert torch.equal(result.computed_pairs, ref.pair_count(mask, q_len, k_len))
+    density = result.computed_pairs.double() / total
+    assert ((density > 0) & (density < 0.6)).all(), f"{name}: density {density.tolist()}"
+
+    # 3) close to dense
+    rel = float((out.double() - expected).norm() / expected.norm())
+    assert rel < max_rel_error, f"{name}: relative error vs dense {rel:.4f} >= {max_rel_error}"
+
+
+def test_planted_structure_is_not_found_by_a_structure_blind_index():
+    """Control for the test above: the local window alone (no sink, no stripe) is far from dense on
+    the planted input, so the error bounds there are meaningful."""
+    q, k, v, scale = planted_qkv(1, 2, 1, 512, 512)
+    config = SparseConfig(a_shape=AShapeConfig(sink_tokens=0, local_tokens=64, block_size=32))
+    _, _, out, _ = run_pattern("a_shape", config, q, k, v, scale=scale)
+    expected = ref.attention_reference(q, k, v, scale=scale)
+    rel = float((out.double() - expected).norm() / expected.norm())
+    assert rel > 0.3, rel
+
+
+BLIND_CONFIGS = {
+    # mass 0 keeps only the forced structure (diagonal blocks / local diagonals): no sink, no stripe
+    "antidiagonal": SparseConfig(antidiagonal=AntidiagonalConfig(block_size=32, stride=4, mass=0.0, sink_blocks=0)),
+    "block_sparse": SparseConfig(block_sparse=BlockSparseConfig(block_size=16, mass=0.0, sink_blocks=0)),
+    "vertical_slash": SparseConfig(vertical_slash=VerticalSlashConfig(vertical_mass=0.0, slash_mass=0.0, sink_tokens=0, local_tokens=8, block_size=32)),
+}
+
+
+@pytest.mark.parametrize("name", list(BLIND_CONFIGS))
+def test_planted_structure_check_flags_an_index_that_keeps_only_forced_structure(name):
+    """Control for the containment check: the same patterns with mass 0 miss sink and stripe."""
+    q, k, v, scale = planted_qkv(1, 2, 1, 512, 512)
+    _, result, out, kv_head_index = run_pattern(name, BLIND_CONFIGS[name], q, k, v, scale=scale)
+    expected, probs = ref.attention_reference(q, k, v, scale=scale, kv_head_index=kv_head_index, return_probs=True)
+    _, problems = planted_structure_misses(probs, listed_mask(result.index, 1, 2, 512, 512), with_stripe=True)
+    assert any(p.startswith("sink") for p in problems) and any(p.startswith("stripe") for p in problems), problems
+    rel = float((out.double() - expected).norm() / expected.norm())
+    assert rel > 0.3, rel
+
+
+# ------------------------------------------------------------------------------------------------
+# budgets and dtypes
+
+
+@pytest.mark.parametrize("name", ALL_PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_keep_everything_half_precision_matches_dense_reference(name, dtype):
+    q, k, v = ref.make_qkv(12, 2, 4, 2, 90, 150, 32, dtype)
+    _, result, out, kv_head_index = run_pattern(name, SparseConfig.keep_everything(name), q, k, v, scale=32**-0.5)
+    assert out.dtype == dtype
+    expected = ref.attention_reference(q, k, v, scale=32**-0.5, kv_head_index=kv_head_index)
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_vertical_slash_max_vertical_caps_the_columns():
+    q, k, v = ref.make_qkv(13, 1, 2, 1, 200, 200, 32, spread=3.0)
+    config = SparseConfig(vertical_slash=VerticalSlashConfig(
+        last_queries=32, vertical_mass=1.0 - 1e-9, slash_mass=0.0, sink_tokens=0, local_tokens=4, max_vertical=3, block_size=32,
+    ))
+    _, result, _, _ = run_pattern("vertical_slash", config, q, k, v, scale=32**-0.5)
+    index = result.index
+    assert int(index.column_count.max()) <= 3
+    # every column listed anywhere belongs to one set of at most 3 verticals per head
+    for h in range(2):
+        cols = {c for r in range(index.column_count.shape[2]) for c in index.column_index[0, h, r, : index.column_count[0, h, r]].tolist()}
+        assert len(cols) <= 3, cols
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 3])
+def test_block_sparse_top_k_budget(top_k):
+    q_len = k_len = 300
+    q, k, v = ref.make_qkv(14, 1, 2, 1, q_len, k_len, 32, spread=3.0)
+    config = SparseConfig(block_sparse=BlockSparseConfig(block_size=32, top_k=top_k, sink_blocks=1))
+    _, result, out, _ = run_pattern("block_sparse", config, q, k, v, scale=32**-0.5)
+    for r, (valid, diag, sink) in enumerate(ref.causal_block_sets(q_len, k_len, 32, 32, 1)):
+        for h in range(2):
+            kept = set(result.index.block_index[0, h, r, : result.index.block_count[0, h, r]].tolist())
+            assert diag | sink <= kept <= valid
+            assert len(kept - diag - sink) == min(top_k, len(valid - diag - sink)), (r, h, kept)
