@@ -44,19 +44,10 @@ from typing import Any
 
 from .._version import __version__
 from ..config import DEFAULT_BLOCK_SIZE, KEEP_ALL_MASS, PatternName
-from .schema import (
-    Calibration,
-    HeadSetting,
-    Profile,
-    ProfileError,
-    _read_json_file,
-    _req_array,
-    _req_int,
-    _req_number,
-    _req_object,
-    _show,
-    model_identity,
-)
+from .fields import ProfileError, _req_array, _req_int, _req_number, _req_object, _show
+from .identity import model_identity
+from .io import _read_json_file
+from .schema import Calibration, HeadSetting, Profile
 
 __all__ = ["import_minference", "MINFERENCE_PATTERNS", "MINFERENCE_SEARCH_LENGTH"]
 

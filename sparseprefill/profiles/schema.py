@@ -26,6 +26,12 @@ Example (one layer of two heads)::
       ]
     }
 
+This module holds the settings dataclasses (``Calibration``, ``HeadSetting``, ``LayerDecodeSetting``,
+``Profile``), ``load_profile`` and ``save_profile``; the rest of the format lives next to it and is
+re-exported here: ``fields`` (``ProfileError`` and the field validators), ``params`` (each
+pattern's parameters and their domains), ``identity`` (``ModelIdentity``, ``model_identity``,
+``check_profile_matches``) and ``io`` (the strict JSON parser and the file layout).
+
 No transformers import: model configs are duck-typed objects with attributes.
 """
 
@@ -33,20 +39,46 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import enum
-import hashlib
-import json
-import math
 import os
 import re
-import types
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import PatternName, SparseConfig
+from .fields import (
+    ProfileError,
+    _check_keys,
+    _join,
+    _req_array,
+    _req_fraction,
+    _req_int,
+    _req_object,
+    _req_str,
+    _show,
+    _type_name,
+)
+from .identity import (
+    _MODEL_FIELDS,
+    ModelIdentity,
+    ProfileMismatchError,
+    ProfileMismatchWarning,
+    check_profile_matches,
+    model_identity,
+)
+from .io import _dumps, _read_json_file, parse_profile_json
+from .params import (
+    ALLOWED_PATTERNS,
+    MEASURED_KEYS,
+    PATTERN_CONFIG_SECTION,
+    PATTERN_PARAMS,
+    ParamKind,
+    ParamSpec,
+    _check_measured,
+    _check_params,
+    _check_pattern,
+)
 
 __all__ = [
     "LayerDecodeSetting",
@@ -78,311 +110,16 @@ PROFILE_VERSION = 1
 # Shipped as package data (pyproject.toml) so editors and other tools can find it next to the code.
 PROFILE_SCHEMA_PATH = Path(__file__).with_name("profile.schema.json")
 
-FINGERPRINT_PREFIX = "sha256:"
-_FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _ISO_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-# Keys of ``measured`` maps are token lengths written as canonical decimal strings ("4096"):
-# JSON object keys must be strings, and one spelling per length keeps round trips exact.
-_LENGTH_KEY_RE = re.compile(r"[1-9][0-9]*")
-
-# Error messages quote offending values; a fuzzed or corrupted file can hold huge ones.
-_MAX_SHOWN_CHARS = 60
-
-# The rope type transformers assumes when none is named; dropped from the fingerprint so that a
-# config that spells it out and one that leaves it implicit fingerprint the same.
-_DEFAULT_ROPE_TYPE = "default"
-
-
-class ProfileError(ValueError):
-    """A malformed profile (or MInference file). ``path`` names the exact place of the problem."""
-
-    def __init__(self, path: str, problem: str, source: str | None = None):
-        self.path = path
-        self.problem = problem
-        self.source = source
-        suffix = f" (in {source})" if source else ""
-        super().__init__(f"{path}: {problem}{suffix}")
-
-    def __reduce__(self):  # keep picklable across processes despite the 3-argument constructor
-        return (type(self), (self.path, self.problem, self.source))
-
-
-class ProfileMismatchError(ValueError):
-    """A well-formed profile that does not fit the model it is applied to."""
-
-
-class ProfileMismatchWarning(UserWarning):
-    """A profile applied to a model that differs from its own, because ``allow_mismatch=True``."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Small validators. Each raises ProfileError(path, ...) and returns the normalised value.
-# ----------------------------------------------------------------------------------------------
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    if len(text) > _MAX_SHOWN_CHARS:
-        text = text[: _MAX_SHOWN_CHARS - 3] + "..."
-    return f"{type(value).__name__} {text}" if isinstance(value, bool) else text
-
-
-def _type_name(value: Any) -> str:
-    # JSON vocabulary for JSON values, Python's for anything else that slipped into a dict source.
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
-             int: "integer", float: "number", tuple: "array"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _req_int(value: Any, path: str, minimum: int) -> int:
-    # bool is a subclass of int in Python; ``true`` where a count belongs is a bug, not 1.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ProfileError(path, f"must be an integer >= {minimum}, got {_type_name(value)} {_show(value)}")
-    if value < minimum:
-        raise ProfileError(path, f"must be an integer >= {minimum}, got {value}")
-    return int(value)
-
-
-def _req_number(value: Any, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ProfileError(path, f"must be a number, got {_type_name(value)} {_show(value)}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ProfileError(path, f"must be a finite number, got {value!r}")
-    return value
-
-
-def _req_fraction(value: Any, path: str, *, allow_zero: bool) -> float:
-    number = _req_number(value, path)
-    lower_ok = number >= 0.0 if allow_zero else number > 0.0
-    if not (lower_ok and number <= 1.0):
-        raise ProfileError(path, f"must be in {'[0, 1]' if allow_zero else '(0, 1]'}, got {number!r}")
-    return number
-
-
-def _req_str(value: Any, path: str, *, allow_empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise ProfileError(path, f"must be a string, got {_type_name(value)} {_show(value)}")
-    if not allow_empty and not value.strip():
-        raise ProfileError(path, "must be a non-empty string")
-    return value
-
-
-def _req_object(value: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ProfileError(path, f"must be an object, got {_type_name(value)} {_show(value)}")
-    for key in value:
-        if not isinstance(key, str):
-            raise ProfileError(path, f"object keys must be strings, got {_type_name(key)} {_show(key)}")
-    return value
-
-
-def _req_array(value: Any, path: str) -> Sequence[Any]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        raise ProfileError(path, f"must be an array, got {_type_name(value)} {_show(value)}")
-    return value
-
-
-def _check_keys(obj: Mapping[str, Any], path: str, required: Sequence[str], optional: Sequence[str] = ()) -> None:
-    for key in required:
-        if key not in obj:
-            raise ProfileError(_join(path, key), "missing (required)")
-    allowed = (*required, *optional)
-    for key in obj:
-        if key not in allowed:
-            listed = ", ".join(repr(k) for k in allowed) or "none"
-            raise ProfileError(path or "<profile>", f"unknown key {key!r} (allowed: {listed})")
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-pattern parameters
-# ----------------------------------------------------------------------------------------------
-
-
-class ParamKind(str, enum.Enum):
-    """Value domains of head parameters."""
-
-    FRACTION = "fraction"  # [0, 1]
-    POSITIVE_FRACTION = "positive_fraction"  # (0, 1]
-    COUNT = "count"  # integer >= 0
-    POSITIVE_COUNT = "positive_count"  # integer >= 1
-    OPTIONAL_POSITIVE_COUNT = "optional_positive_count"  # integer >= 1, or null for "no cap"
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One allowed head parameter: its domain, whether a profile must give it, and the field of the
-    pattern's sub-config (``SparseConfig.<section>.<config_field>``) it sets."""
-
-    kind: ParamKind
-    required: bool
-    config_field: str
-
-
-# The SparseConfig section each pattern's parameters live in (dense has none).
-PATTERN_CONFIG_SECTION: Mapping[PatternName, str] = types.MappingProxyType({
-    PatternName.VERTICAL_SLASH: "vertical_slash",
-    PatternName.BLOCK_SPARSE: "block_sparse",
-    PatternName.ANTIDIAGONAL: "antidiagonal",
-    PatternName.A_SHAPE: "a_shape",
-})
-
-# Vertical/slash masses may be 0: "keep only the always-kept sink columns / local diagonals" is a
-# real setting (MInference heads with vertical_size 30 keep exactly their 30 sink columns). Block
-# masses may not: a block mass of 0 keeps only the sink and diagonal blocks, which a profile writes
-# as a_shape; a 0 there is far likelier a failed calibration than an intent. For the same reason
-# top_k must be >= 1 although BlockSparseConfig accepts 0.
-PATTERN_PARAMS: Mapping[PatternName, Mapping[str, ParamSpec]] = types.MappingProxyType({
-    PatternName.VERTICAL_SLASH: types.MappingProxyType({
-        "vertical_mass": ParamSpec(ParamKind.FRACTION, True, "vertical_mass"),
-        "slash_mass": ParamSpec(ParamKind.FRACTION, True, "slash_mass"),
-        "max_vertical": ParamSpec(ParamKind.OPTIONAL_POSITIVE_COUNT, False, "max_vertical"),
-        "max_slash": ParamSpec(ParamKind.OPTIONAL_POSITIVE_COUNT, False, "max_slash"),
-        "sink_tokens": ParamSpec(ParamKind.COUNT, False, "sink_tokens"),
-        "local_tokens": ParamSpec(ParamKind.POSITIVE_COUNT, False, "local_tokens"),
-    }),
-    PatternName.BLOCK_SPARSE: types.MappingProxyType({
-        "mass": ParamSpec(ParamKind.POSITIVE_FRACTION, True, "mass"),
-        "top_k": ParamSpec(ParamKind.OPTIONAL_POSITIVE_COUNT, False, "top_k"),
-    }),
-    PatternName.ANTIDIAGONAL: types.MappingProxyType({
-        "mass": ParamSpec(ParamKind.POSITIVE_FRACTION, True, "mass"),
-    }),
-    PatternName.A_SHAPE: types.MappingProxyType({
-        "sink_tokens": ParamSpec(ParamKind.COUNT, True, "sink_tokens"),
-        "local_tokens": ParamSpec(ParamKind.POSITIVE_COUNT, True, "local_tokens"),
-    }),
-    PatternName.DENSE: types.MappingProxyType({}),
-})
-
-# ``auto`` decides per head at run time; a profile is the explicit alternative, so it is excluded.
-ALLOWED_PATTERNS: tuple[PatternName, ...] = tuple(PATTERN_PARAMS)
-assert PatternName.AUTO not in ALLOWED_PATTERNS
-
-MEASURED_KEYS = ("recall", "density")
 
 # Keys a head object holds besides its parameters.
 _HEAD_PATTERN_KEY = "pattern"
 _HEAD_MEASURED_KEY = "measured"
 
 
-def _check_param(kind: ParamKind, value: Any, path: str) -> Any:
-    if kind is ParamKind.FRACTION:
-        return _req_fraction(value, path, allow_zero=True)
-    if kind is ParamKind.POSITIVE_FRACTION:
-        return _req_fraction(value, path, allow_zero=False)
-    if kind is ParamKind.COUNT:
-        return _req_int(value, path, 0)
-    if kind is ParamKind.POSITIVE_COUNT:
-        return _req_int(value, path, 1)
-    if value is None:
-        return None
-    return _req_int(value, path, 1)
-
-
-def _check_pattern(value: Any, path: str) -> PatternName:
-    allowed = ", ".join(repr(p.value) for p in ALLOWED_PATTERNS)
-    if isinstance(value, PatternName):
-        name = value
-    elif isinstance(value, str):
-        try:
-            name = PatternName(value)
-        except ValueError:
-            raise ProfileError(path, f"unknown pattern {value!r}; allowed: {allowed}") from None
-    else:
-        raise ProfileError(path, f"must be a pattern name string, got {_type_name(value)} {_show(value)}")
-    if name is PatternName.AUTO:
-        raise ProfileError(
-            path, f"'auto' is not allowed in a profile (a profile names each head's pattern); allowed: {allowed}"
-        )
-    return name
-
-
-def _check_params(pattern: PatternName, params: Any, path: str) -> Mapping[str, Any]:
-    params = _req_object(params, path)
-    specs = PATTERN_PARAMS[pattern]
-    for key in params:
-        if key not in specs:
-            listed = ", ".join(repr(k) for k in specs) or "none"
-            raise ProfileError(_join(path, key), f"unknown parameter for pattern {pattern.value!r} (allowed: {listed})")
-    out: dict[str, Any] = {}
-    for key, spec in specs.items():  # spec order: one canonical order for files and for key()
-        if key in params:
-            out[key] = _check_param(spec.kind, params[key], _join(path, key))
-        elif spec.required:
-            raise ProfileError(_join(path, key), f"missing (required for pattern {pattern.value!r})")
-    return types.MappingProxyType(out)
-
-
-def _check_measured(measured: Any, path: str) -> Mapping[str, Mapping[str, float]] | None:
-    if measured is None:
-        return None
-    measured = _req_object(measured, path)
-    for key in measured:
-        if key not in MEASURED_KEYS:
-            listed = ", ".join(repr(k) for k in MEASURED_KEYS)
-            raise ProfileError(path, f"unknown key {key!r} (allowed: {listed})")
-    out: dict[str, Mapping[str, float]] = {}
-    for key in MEASURED_KEYS:
-        if key not in measured:
-            continue
-        sub_path = f"{path}.{key}"
-        per_length = _req_object(measured[key], sub_path)
-        values: dict[str, float] = {}
-        for length in per_length:
-            item_path = f"{sub_path}[{json.dumps(length)}]"
-            if not _LENGTH_KEY_RE.fullmatch(length):
-                raise ProfileError(item_path, "keys must be token lengths as decimal strings, e.g. \"4096\"")
-            values[length] = _req_fraction(per_length[length], item_path, allow_zero=True)
-        out[key] = types.MappingProxyType(dict(sorted(values.items(), key=lambda kv: int(kv[0]))))
-    return types.MappingProxyType(out)
-
-
 # ----------------------------------------------------------------------------------------------
 # The dataclasses
 # ----------------------------------------------------------------------------------------------
-
-_MODEL_FIELDS = ("architecture", "model_type", "num_layers", "num_query_heads", "num_kv_heads", "head_dim", "fingerprint")
-# Fields that decide the shape of ``Profile.layers``: a profile can never be applied across them.
-_LAYOUT_FIELDS = ("num_layers", "num_query_heads")
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a profile was made for. ``architecture`` may be "" (configs built in code name none)."""
-
-    architecture: str
-    model_type: str
-    num_layers: int
-    num_query_heads: int
-    num_kv_heads: int
-    head_dim: int
-    fingerprint: str
-
-    def __post_init__(self) -> None:
-        p = "model"
-        _req_str(self.architecture, f"{p}.architecture", allow_empty=True)
-        _req_str(self.model_type, f"{p}.model_type")
-        for name in ("num_layers", "num_query_heads", "num_kv_heads", "head_dim"):
-            _req_int(getattr(self, name), f"{p}.{name}", 1)
-        if self.num_query_heads % self.num_kv_heads:
-            raise ProfileError(
-                f"{p}.num_kv_heads",
-                f"must divide num_query_heads ({self.num_query_heads}), got {self.num_kv_heads}",
-            )
-        _req_str(self.fingerprint, f"{p}.fingerprint")
-        if not _FINGERPRINT_RE.fullmatch(self.fingerprint):
-            raise ProfileError(
-                f"{p}.fingerprint", f"must be 'sha256:' and 64 lowercase hex digits, got {_show(self.fingerprint)}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _MODEL_FIELDS}
-
 
 _CALIBRATION_FIELDS = ("source", "lengths", "samples", "objective", "target", "tool_version", "date")
 
@@ -615,156 +352,6 @@ def _check_head_count(layer: int, found: int, model: ModelIdentity) -> None:
         raise ProfileError(f"layers[{layer}]", f"has {found} heads, the model section says {model.num_query_heads}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Model identity
-# ----------------------------------------------------------------------------------------------
-
-
-def _json_safe(value: Any) -> Any:
-    """A deterministic JSON-ready copy of a config value (dicts sorted by key, tuples as lists)."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, enum.Enum):
-        return _json_safe(value.value)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)  # JSON has no NaN/Infinity
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted((_json_safe(v) for v in value), key=repr)
-    to_dict = getattr(value, "to_dict", None)
-    if callable(to_dict):
-        return _json_safe(to_dict())
-    return f"{type(value).__name__}:{value}"
-
-
-def _rope_fingerprint(config: Any) -> Any:
-    """One canonical RoPE description from whichever of rope_parameters (transformers 5),
-    rope_scaling and rope_theta (transformers 4) the config has, so the same model fingerprints the
-    same under both spellings."""
-    merged: dict[str, Any] = {}
-    for name in ("rope_scaling", "rope_parameters"):
-        value = getattr(config, name, None)
-        if isinstance(value, Mapping):
-            merged.update(value)
-    theta = getattr(config, "rope_theta", None)
-    if theta is not None and "rope_theta" not in merged:
-        merged["rope_theta"] = theta
-    if "type" in merged and "rope_type" not in merged:  # the key's pre-4.45 spelling
-        merged["rope_type"] = merged.pop("type")
-    if merged.get("rope_type") == _DEFAULT_ROPE_TYPE:
-        del merged["rope_type"]
-    # 500000 and 500000.0 are the same theta; configs on the Hub spell both.
-    merged = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in merged.items()}
-    return _json_safe(merged) if merged else None
-
-
-def model_identity(model_config: Any) -> ModelIdentity:
-    """The identity of a (duck-typed) transformers config, as a profile records it.
-
-    The fingerprint hashes the fields that decide which attention pattern each head needs: the
-    head layout (layers, query and KV heads, head_dim, hidden_size) fixes which head is which; RoPE
-    (theta, scaling) and max_position_embeddings shape how attention decays with distance, i.e.
-    how much mass sits on local diagonals versus distant columns; sliding_window and layer_types
-    make some layers local by construction; model_type and vocab_size tell apart models that share
-    a shape but not weights lineage (e.g. a base model and an unrelated one of the same size).
-    Weights are not hashed: fine-tunes of one base model share it, and their heads keep their
-    patterns closely enough that a base profile is the right default (``check_profile_matches``
-    still refuses models whose fingerprint differs unless told otherwise).
-    """
-    architectures = getattr(model_config, "architectures", None)
-    architecture = str(architectures[0]) if isinstance(architectures, (list, tuple)) and architectures else ""
-    # Multimodal configs keep the language model's fields in a text config; text-only ones return self.
-    get_text_config = getattr(model_config, "get_text_config", None)
-    text = get_text_config() if callable(get_text_config) else model_config
-
-    def required_int(name: str) -> int:
-        value = getattr(text, name, None)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"model config {type(text).__name__}: {name} must be a positive int, got {value!r}")
-        return value
-
-    model_type = getattr(text, "model_type", None)
-    if not isinstance(model_type, str) or not model_type:
-        raise ValueError(f"model config {type(text).__name__}: model_type must be a non-empty string, got {model_type!r}")
-    num_layers = required_int("num_hidden_layers")
-    num_heads = required_int("num_attention_heads")
-    num_kv_heads = getattr(text, "num_key_value_heads", None)
-    num_kv_heads = num_heads if num_kv_heads is None else required_int("num_key_value_heads")
-    head_dim = getattr(text, "head_dim", None)
-    hidden_size = getattr(text, "hidden_size", None)
-    if head_dim is None:  # several configs carry head_dim=None meaning "hidden_size // heads"
-        hidden_size = required_int("hidden_size")
-        if hidden_size % num_heads:
-            raise ValueError(
-                f"model config {type(text).__name__}: head_dim is unset and hidden_size {hidden_size} is not "
-                f"a multiple of num_attention_heads {num_heads}"
-            )
-        head_dim = hidden_size // num_heads
-    else:
-        head_dim = required_int("head_dim")
-    layer_types = getattr(text, "layer_types", None)
-    decisive = {
-        "model_type": model_type,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "head_dim": head_dim,
-        "hidden_size": hidden_size,
-        "rope": _rope_fingerprint(text),
-        "max_position_embeddings": getattr(text, "max_position_embeddings", None),
-        "sliding_window": getattr(text, "sliding_window", None),
-        "layer_types": list(layer_types) if layer_types is not None else None,
-        "vocab_size": getattr(text, "vocab_size", None),
-    }
-    canonical = json.dumps(_json_safe(decisive), sort_keys=True, separators=(",", ":"), allow_nan=False)
-    fingerprint = FINGERPRINT_PREFIX + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-    return ModelIdentity(
-        architecture=architecture,
-        model_type=model_type,
-        num_layers=num_layers,
-        num_query_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        fingerprint=fingerprint,
-    )
-
-
-def check_profile_matches(profile: Profile, model_config: Any, *, allow_mismatch: bool = False) -> tuple[str, ...]:
-    """Check that ``profile`` was made for the model of ``model_config``.
-
-    Differences raise ``ProfileMismatchError`` listing every differing field (model vs profile);
-    with ``allow_mismatch=True`` they are reported as a ``ProfileMismatchWarning`` instead, except
-    for the layer and head counts, which always raise: the profile has one setting per (layer,
-    query head) and cannot be applied to another layout. An empty architecture on either side means
-    "unknown" and is not compared. Returns the names of the differing fields.
-    """
-    mine = profile.model
-    found = model_identity(model_config)
-    differing = []
-    for name in _MODEL_FIELDS:
-        ours, theirs = getattr(found, name), getattr(mine, name)
-        if name == "architecture" and (not ours or not theirs):
-            continue
-        if ours != theirs:
-            differing.append(name)
-    if not differing:
-        return ()
-    lines = [f"  {name}: model has {getattr(found, name)!r}, profile says {getattr(mine, name)!r}" for name in differing]
-    layout = [name for name in differing if name in _LAYOUT_FIELDS]
-    head = f"the profile (from {profile.calibration.source!r}) does not match the model:\n"
-    if layout:
-        raise ProfileMismatchError(
-            head + "\n".join(lines) + "\na profile holds one setting per layer and query head, so a different "
-            f"{' and '.join(layout)} can never be applied (allow_mismatch does not cover this)"
-        )
-    if not allow_mismatch:
-        raise ProfileMismatchError(head + "\n".join(lines) + "\npass allow_mismatch=True to apply it anyway")
-    warnings.warn(head + "\n".join(lines) + "\napplying it anyway (allow_mismatch=True)", ProfileMismatchWarning, stacklevel=2)
-    return tuple(differing)
-
 
 # ----------------------------------------------------------------------------------------------
 # Loading and saving
@@ -772,50 +359,6 @@ def check_profile_matches(profile: Profile, model_config: Any, *, allow_mismatch
 
 _TOP_LEVEL_KEYS = ("format", "version", "model", "calibration", "layers")
 _OPTIONAL_TOP_LEVEL_KEYS = ("decode",)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name} (JSON has no NaN/Infinity; profiles must hold finite numbers)")
-
-
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999 parses to inf
-        raise ValueError(f"number {text} overflows a double")
-    return value
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:  # json would silently keep the last one
-            raise ValueError(f"duplicate key {key!r} in one JSON object")
-        out[key] = value
-    return out
-
-
-def parse_profile_json(text: str, source: str) -> Any:
-    """Strict JSON parse: NaN/Infinity literals, overflowing numbers and duplicate keys are errors.
-
-    Errors raise ProfileError naming ``source`` and, where the decoder knows it, the position.
-    """
-    try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float, object_pairs_hook=_no_duplicate_keys)
-    except json.JSONDecodeError as exc:
-        raise ProfileError(source, f"invalid JSON at line {exc.lineno} column {exc.colno} (char {exc.pos}): {exc.msg}") from None
-    except (ValueError, RecursionError) as exc:
-        raise ProfileError(source, f"invalid JSON: {exc}") from None
-
-
-def _read_json_file(path: str | os.PathLike[str]) -> Any:
-    name = os.fspath(path)
-    try:
-        with open(name, "rb") as f:
-            raw = f.read()
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ProfileError(name, f"not UTF-8 text (byte {exc.start}): {exc.reason}") from None
-    return parse_profile_json(text, name)
 
 
 def _profile_from_dict(data: Any) -> Profile:
@@ -871,31 +414,6 @@ def load_profile(source: str | os.PathLike[str] | Mapping[str, Any]) -> Profile:
             raise ProfileError(exc.path, exc.problem, os.fspath(source)) from None
     raise TypeError(f"load_profile takes a path or a dict, got {type(source).__name__}")
 
-
-def _dumps(data: Mapping[str, Any]) -> str:
-    """Indented JSON, one field or head per line: readable, and diffs show which heads changed."""
-
-    def compact(value: Any) -> str:
-        return json.dumps(value, allow_nan=False, separators=(", ", ": "))
-
-    def block(lines: list[str], indent: str) -> str:
-        return "[\n" + ",\n".join(lines) + f"\n{indent}]" if lines else "[]"
-
-    entries = []
-    for key, value in data.items():
-        if key == "decode":
-            body = block(["    " + compact(entry) for entry in value], "  ")
-        elif key == "layers":
-            rendered = [
-                "    " + block(["      " + compact(head) for head in layer], "    ") for layer in value
-            ]
-            body = block(rendered, "  ")
-        elif isinstance(value, Mapping) and value:
-            body = "{\n" + ",\n".join(f"    {json.dumps(k)}: {compact(v)}" for k, v in value.items()) + "\n  }"
-        else:
-            body = compact(value)
-        entries.append(f"  {json.dumps(key)}: {body}")
-    return "{\n" + ",\n".join(entries) + "\n}\n"
 
 
 def save_profile(profile: Profile, path: str | os.PathLike[str]) -> None:
