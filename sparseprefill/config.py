@@ -210,7 +210,7 @@ class DecodeMethod(str, enum.Enum):
 DEFAULT_DECODE_DENSE_LAYERS = (0, 1)
 # Reuse one selection for this many decode steps (new tokens are always appended to it). Measured on
 # SmolLM2-135M, CPU fp32, 4K natural text, budget 512, page 16, 256 greedy tokens
-# (scripts/decode_accuracy.py): teacher-forced argmax agreement with dense 0.980 for both 1 and 4
+# (experiments/decode_accuracy.py): teacher-forced argmax agreement with dense 0.980 for both 1 and 4
 # (250/255 steps), mean KL 0.0089 vs 0.0112 nats, page recall 0.905 vs 0.901, pass-key 2/2 both. On
 # the GPU the selection (score + top-k, 0.155 ms of a 0.18 ms sparse step at 128K) dominates a batch-1
 # step, so amortising it over 4 steps is what makes the step faster than dense (LServe/HiP reuse too).

@@ -1,10 +1,10 @@
 """Top-k KV page retrieval for decode (``SparseConfig.decode``): the ``Lq == 1`` phase.
 
 Per layer, the cached keys ``k [B, Hkv, L, D]`` (HF DynamicCache layout, the full cache: the module
-updated it before calling us) are summarised per ``page_size``-token page (``kernels/page_summary``).
+updated it before calling us) are summarised per ``page_size``-token page (``kernels/decode/pages.py``).
 Every ``reselect_every`` steps each KV head scores its pages against its query heads' current queries
 and keeps the top ``budget_tokens // page_size`` (sink and recent pages forced in,
-``kernels/page_score``); attention is exact over the kept pages (``kernels/sparse_decode_attention``).
+``kernels/decode/scores.py``); attention is exact over the kept pages (``kernels/decode/attention.py``).
 
 Cache tracking (the attention function never sees the cache object, only its tensors):
 

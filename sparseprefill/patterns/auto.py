@@ -6,7 +6,7 @@ columns and diagonals in decreasing estimated mass until 95% of that mass is cov
 streaming head little more than sink and window. No profile is needed.
 
 Why this and not XAttention's antidiagonal threshold (the first default): on real SmolLM2-135M
-q/k at 8K (scripts/estimator_study.py, 9 of 30 layers, every head) the antidiagonal rule at
+q/k at 8K (experiments/estimator_study.py, 9 of 30 layers, every head) the antidiagonal rule at
 threshold 0.95 kept 0.914 of the true attention mass on average (one head's 5th-percentile row
 0.09), because averaging S logits dilutes sharp key spikes, while this rule at 0.95 kept 0.973
 (worst head p5 0.64) at density 0.47. End to end at 8K the antidiagonal default gave next-token KL

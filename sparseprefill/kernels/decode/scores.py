@@ -72,7 +72,7 @@ DEFAULT_METHOD = METHOD_MEAN_STD
 # c in q . mean + c * |q| . std. Two limits bracket it: a page whose keys sit at the mean except one
 # outlier k* has |q| . std ~= |q . (k* - mean)| / sqrt(P - 1), so a needle is recovered at c ~ sqrt(P - 1)
 # (~4 for P = 16); for Gaussian pages |q| . std over-estimates the spread of q . k by ~sqrt(2 D / pi),
-# asking for c < 1. Measured (scripts/bench_topk_decode.py structured keys, 32K, budget 2048, P 16/32/64):
+# asking for c < 1. Measured (sparseprefill bench decode, structured keys, 32K, budget 2048, P 16/32/64):
 # mean recall vs the exact top-k was best at c = 0.5-1 (0.69-0.71; Quest 0.65-0.68), c = 2 and 4 lost
 # 0.02-0.09. c = 1 keeps the better tail (p5/min) of the two at P = 32/64. Re-tune on real activations.
 DEFAULT_SPREAD_WEIGHT = 1.0

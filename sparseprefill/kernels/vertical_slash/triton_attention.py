@@ -75,7 +75,7 @@ def _vertical_slash_fwd_kernel(
 # Keys per tile for ranges and columns. Measured on an H200 (head_dim 128, bf16, 64-row blocks, auto
 # index on structured input): 32-key tiles ran 8% faster than 64 at 128K (180 vs 195 ms) and 9% at
 # 32K, since merged ranges are short (median ~80 keys) and a 64-key grid wastes their last tile;
-# 128-key column tiles and 8 warps were slower (scripts/profile_vertical_slash.py --sweep).
+# 128-key column tiles and 8 warps were slower (experiments/vertical_slash_tiles.py --sweep).
 VERTICAL_SLASH_KEY_TILE = 32
 
 
