@@ -13,9 +13,7 @@ import contextlib
 import datetime as _dt
 import json
 import math
-import os
 import platform
-import subprocess
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .._version import __version__
+from ..bench.common import git_commit
 from ..config import SparseConfig
 from .paired import DEFAULT_CONFIDENCE, paired_bootstrap
 
@@ -172,16 +171,6 @@ class SampleScore:
         return out
 
 
-def _git_commit() -> str:
-    if os.environ.get("SPARSEPREFILL_COMMIT"):
-        return os.environ["SPARSEPREFILL_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL, cwd=Path(__file__).parent).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run_metadata(model: Any | None = None) -> dict[str, Any]:
     """Where and with what a report was produced."""
     import torch
@@ -196,7 +185,7 @@ def run_metadata(model: Any | None = None) -> dict[str, Any]:
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "sparseprefill": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

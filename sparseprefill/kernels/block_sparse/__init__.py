@@ -90,10 +90,6 @@ def pooled_block_probs(
     )
 
 
-
-
-
-
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -92,10 +92,6 @@ def build_vertical_slash_index(
     )
 
 
-
-
-
-
 def vertical_slash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
