@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .geometry import visible
 
-__all__ = ["check_qkv", "check_triton_query_block", "default_kv_head_index", "resolve_kv_head_index", "prepare_out", "masked_softmax_attend", "attend_gathered", "qk_scores", "compact"]
+__all__ = ["check_qkv", "prepare_sparse_attention", "check_triton_query_block", "default_kv_head_index", "resolve_kv_head_index", "prepare_out", "masked_softmax_attend", "attend_gathered", "qk_scores", "compact"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -161,3 +163,22 @@ def check_triton_query_block(block_size_q: int) -> None:
         raise ValueError(
             f"the GPU kernel needs a power-of-two query block size >= {MIN_TRITON_QUERY_BLOCK}, got {block_size_q}"
         )
+
+
+def prepare_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: Any, index_batch_heads: tuple[int, int],
+    kv_head_index: torch.Tensor | None, out: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checks every sparse attention op makes before its kernel: q/k/v layout, an index built for
+    these inputs (``index_batch_heads`` = its counts' ``[B, H]``; ``index.q_len``/``k_len``), the GQA
+    head map, the output buffer, and on CUDA the Triton query-block limit. Returns
+    ``(kv_head_index [Hq], out [B, Hq, Lq, D])``."""
+    b, hq, lq, hkv, lk, _ = check_qkv(q, k, v)
+    if tuple(index_batch_heads) != (b, hq) or index.q_len != lq or index.k_len != lk:
+        raise ValueError(
+            f"index is for [B={index_batch_heads[0]}, H={index_batch_heads[1]}, Lq={index.q_len}, "
+            f"Lk={index.k_len}], inputs are [B={b}, Hq={hq}, Lq={lq}, Lk={lk}]"
+        )
+    if q.device.type == "cuda":
+        check_triton_query_block(index.block_size_q)
+    return resolve_kv_head_index(kv_head_index, hq, hkv, q.device), prepare_out(out, q)

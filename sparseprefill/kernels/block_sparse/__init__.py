@@ -11,9 +11,8 @@ import torch
 
 from ..common import (
     check_qkv,
-    check_triton_query_block,
     compact,
-    prepare_out,
+    prepare_sparse_attention,
     resolve_kv_head_index,
 )
 from ..geometry import causal_block_layout
@@ -116,19 +115,11 @@ def block_sparse_attention(
     Returns:
         ``[B, Hq, Lq, D]`` in q's dtype (``out`` if given).
     """
-    b, hq, lq, hkv, lk, _ = check_qkv(q, k, v)
-    if index.block_count.shape[:2] != (b, hq) or index.q_len != lq or index.k_len != lk:
-        raise ValueError(
-            f"index is for [B={index.block_count.shape[0]}, H={index.block_count.shape[1]}, Lq={index.q_len}, "
-            f"Lk={index.k_len}], inputs are [B={b}, Hq={hq}, Lq={lq}, Lk={lk}]"
-        )
-    kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
-    out = prepare_out(out, q)
+    kv_head_index, out = prepare_sparse_attention(q, k, v, index, index.block_count.shape[:2], kv_head_index, out)
     if q.device.type == "cuda":
         # Imported here so the CPU path never needs Triton; on CUDA it is a dependency, not an option.
         from .triton_attention import block_sparse_attention_triton
 
-        check_triton_query_block(index.block_size_q)
         return block_sparse_attention_triton(
             q, k, v, index, scale=scale, window=window, softcap=softcap, kv_head_index=kv_head_index, out=out
         )
