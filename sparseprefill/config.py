@@ -19,6 +19,7 @@ from .kernels.decode import DEFAULT_SINK_TOKENS as DEFAULT_DECODE_SINK_TOKENS
 from .kernels.decode import MAX_PAGE_SIZE as DECODE_MAX_PAGE_SIZE
 from .kernels.decode import METHOD_MEAN_STD, METHOD_QUEST
 from .kernels.decode import MIN_PAGE_SIZE as DECODE_MIN_PAGE_SIZE
+from .kernels.common import MIN_TRITON_QUERY_BLOCK
 from .kernels.mass_select import KEEP_ALL_MASS
 
 __all__ = [
@@ -81,13 +82,6 @@ DEFAULT_SINK_BLOCKS = 1
 DEFAULT_A_SHAPE_SINK = 128
 DEFAULT_A_SHAPE_LOCAL = 3968
 
-# Below this key length a fresh prefill runs dense, exactly as before patching. Measured on an H200
-# (`sparseprefill bench kernels`, Llama-3.1-8B attention shapes, the default `auto` on structured
-# input, estimation included, vs SDPA cuDNN): 0.44x at 8K, where the estimate's ~1.7 ms of launches
-# and host reads outweigh a 1 ms dense call; 1.21x at 16K, 1.38x at 24K, 0.99x at 32K (where that
-# input's density jumps to 0.34), 1.17-1.30x from 48K to 128K. 16K is the first measured length
-# from which sparse is never slower than dense by more than 1%. The CPU path has no speed claim.
-DEFAULT_MIN_SPARSE_LEN = 16384
 
 # A chunk with fewer queries than one query block gains nothing from sparsity (its cost is one
 # row of tiles either way), so it runs dense.
@@ -95,6 +89,8 @@ DEFAULT_MIN_SPARSE_QUERY_LEN = 64
 
 
 def _check_fraction(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__} {value!r}")
     lower_ok = value >= 0.0 if allow_zero else value > 0.0
     if not (lower_ok and value <= 1.0):
         bound = "[0, 1]" if allow_zero else "(0, 1]"
@@ -103,9 +99,17 @@ def _check_fraction(name: str, value: float, *, allow_zero: bool = False) -> Non
 
 def _check_positive_int(name: str, value: int, *, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_block_size(name: str, value: int) -> None:
+    """Query/key block sizes: the GPU kernels tile them with power-of-two row counts (``tl.dot``'s
+    minimum is ``MIN_TRITON_QUERY_BLOCK``); refused here rather than at the first long prompt."""
+    _check_positive_int(name, value)
+    if value < MIN_TRITON_QUERY_BLOCK or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {MIN_TRITON_QUERY_BLOCK}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ class VerticalSlashConfig:
             value = getattr(self, name)
             if value is not None:
                 _check_positive_int(f"vertical_slash.{name}", value)
-        _check_positive_int("vertical_slash.block_size", self.block_size)
+        _check_block_size("vertical_slash.block_size", self.block_size)
 
 
 @dataclass(frozen=True)
@@ -154,10 +158,11 @@ class BlockSparseConfig:
     sink_blocks: int = DEFAULT_SINK_BLOCKS
 
     def __post_init__(self) -> None:
-        _check_positive_int("block_sparse.block_size", self.block_size)
+        _check_block_size("block_sparse.block_size", self.block_size)
         _check_fraction("block_sparse.mass", self.mass, allow_zero=True)
         if self.top_k is not None:
-            _check_positive_int("block_sparse.top_k", self.top_k, allow_zero=True)
+            # 0 would keep only the forced sink and diagonal blocks: ask for a_shape instead.
+            _check_positive_int("block_sparse.top_k", self.top_k)
         _check_positive_int("block_sparse.sink_blocks", self.sink_blocks, allow_zero=True)
 
 
@@ -171,7 +176,7 @@ class AntidiagonalConfig:
     sink_blocks: int = DEFAULT_SINK_BLOCKS
 
     def __post_init__(self) -> None:
-        _check_positive_int("antidiagonal.block_size", self.block_size)
+        _check_block_size("antidiagonal.block_size", self.block_size)
         _check_positive_int("antidiagonal.stride", self.stride)
         if self.block_size % self.stride:
             raise ValueError(
@@ -193,7 +198,7 @@ class AShapeConfig:
     def __post_init__(self) -> None:
         _check_positive_int("a_shape.sink_tokens", self.sink_tokens, allow_zero=True)
         _check_positive_int("a_shape.local_tokens", self.local_tokens)
-        _check_positive_int("a_shape.block_size", self.block_size)
+        _check_block_size("a_shape.block_size", self.block_size)
 
 
 class DecodeMethod(str, enum.Enum):
@@ -324,7 +329,11 @@ class SparseConfig:
             see ``patterns/auto.py`` for why) or one pattern forced
             for every head (``"vertical_slash"``, ``"block_sparse"``, ``"antidiagonal"``,
             ``"a_shape"``, ``"dense"``).
-        min_sparse_len: key length below which a prefill runs dense, exactly as unpatched.
+        min_sparse_len: ``None`` (default): a prefill runs sparse only where the measured cost model
+            (``patterns/cost.py``) predicts it faster than dense for this model's head counts,
+            head_dim, patterns and length; elsewhere dense, exactly as unpatched (stats record
+            ``cost_model``). An int forces the old rule: sparse at every key length from this one
+            up (0: always), dense below it (``short_prompt``).
         min_sparse_query_len: chunks with fewer new queries than this run dense.
         vertical_slash, block_sparse, antidiagonal, a_shape: per-pattern budgets.
         decode: top-k KV page retrieval for decode (``DecodeRetrievalConfig``, its dict, or ``"topk"`` for
@@ -332,7 +341,7 @@ class SparseConfig:
     """
 
     pattern: PatternName | str = PatternName.AUTO
-    min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN
+    min_sparse_len: int | None = None
     min_sparse_query_len: int = DEFAULT_MIN_SPARSE_QUERY_LEN
     vertical_slash: VerticalSlashConfig = field(default_factory=VerticalSlashConfig)
     block_sparse: BlockSparseConfig = field(default_factory=BlockSparseConfig)
@@ -347,7 +356,8 @@ class SparseConfig:
             valid = ", ".join(repr(p.value) for p in PatternName)
             raise ValueError(f"unknown pattern {self.pattern!r}; expected one of {valid}") from None
         object.__setattr__(self, "pattern", pattern)
-        _check_positive_int("min_sparse_len", self.min_sparse_len, allow_zero=True)
+        if self.min_sparse_len is not None:
+            _check_positive_int("min_sparse_len", self.min_sparse_len, allow_zero=True)
         _check_positive_int("min_sparse_query_len", self.min_sparse_query_len)
         expected = {
             "vertical_slash": VerticalSlashConfig,

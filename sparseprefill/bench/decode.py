@@ -58,6 +58,7 @@ from ..kernels.decode import (
     sparse_decode_attention,
     update_page_summary,
 )
+from ..patchers.support import cache_keyword, output_cache
 from .common import (
     HEAD_DIM,
     HEADS,
@@ -263,8 +264,8 @@ def e2e_rows(context, batch, page, budget, reselects, steps, warmup, device, gpu
             for i in range(steps + warmup):
                 sync(device)
                 t0 = time.perf_counter()
-                out = model(input_ids=tokens[:, i: i + 1], past_key_values=step_cache, use_cache=True)
-                step_cache = out.past_key_values
+                out = model(input_ids=tokens[:, i: i + 1], use_cache=True, **{cache_keyword(model): step_cache})
+                step_cache = output_cache(out)
                 sync(device)
                 if i >= warmup:  # the first top-k step builds the page summaries
                     times.append((time.perf_counter() - t0) * 1e3)

@@ -28,7 +28,9 @@ The default 0.1 sits in the range the kernel benchmark measured for ``auto`` on 
 (README: density 0.05 at mass 0.80, 0.12-0.18 at mass 0.90, 0.12-0.34 at the default 0.95, 16K-128K).
 The density actually computed is measured with ``sparseprefill.stats`` and written to every row next
 to the target. ``--density dynamic`` runs the default estimator instead (meaningful with ``--model``).
-Below ``--min-sparse-len`` (default: the library's 16K) the patched model runs dense, as a user's would.
+``--density dynamic`` follows the library default (``min_sparse_len=None``: the cost model decides
+where sparse pays); a fixed budget forces the sparse path (``min_sparse_len=0``), since the cost model
+prices the densities real attention needs, not the forced one. ``--min-sparse-len`` overrides both.
 
 CSV columns: see ``CSV_FIELDS``. ``ms`` is TTFT for ``e2e_ttft*`` rows and the median time per new
 token for ``e2e_decode``; ``tokens_per_s`` is prefill throughput (length / TTFT) or decode rate.
@@ -213,7 +215,6 @@ def run(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("the end-to-end benchmark needs a CUDA GPU (or --device cpu / --dry-run)")
-    min_sparse_len = SparseConfig().min_sparse_len if min_sparse_len is None else min_sparse_len
     env = environment(dev)
     plan: list[_Variant] = []
     for name in variant_names:
@@ -279,8 +280,9 @@ def _run_variant(model, ids, variant: _Variant, *, label, env, dev, pattern, min
             target = DYNAMIC
             note = "dynamic estimator (default auto config)"
         else:
+            forced = 0 if min_sparse_len is None else min_sparse_len
             cfg, predicted, floor_note = fixed_budget_config(pattern, length, float(variant.density),
-                                                             min_sparse_len=min_sparse_len, device=dev,
+                                                             min_sparse_len=forced, device=dev,
                                                              vertical_share=vertical_share, seed=seed)
             target = f"{float(variant.density):g}"
             budget = (f"max_vertical={cfg.vertical_slash.max_vertical} max_slash={cfg.vertical_slash.max_slash}"
@@ -315,7 +317,8 @@ def _run_variant(model, ids, variant: _Variant, *, label, env, dev, pattern, min
     if variant.name == "sparse":
         measured = sparseprefill.stats(model).density
         if measured is None:
-            note = (note + "; " if note else "") + f"ran dense: length {length} < min_sparse_len {min_sparse_len}"
+            reasons = ", ".join(sorted(sparseprefill.stats(model).fallbacks))
+            note = (note + "; " if note else "") + f"ran dense ({reasons})"
         else:
             density = measured
     ms = statistics.median(times)
@@ -433,7 +436,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help="comma-separated subset of dense_cudnn,dense_flash,sparse")
     parser.add_argument("--min-sparse-len", type=int, default=None,
-                        help="below this length the patched model runs dense (default: the library's)")
+                        help="below this length the patched model runs dense (default: the library's cost "
+                             "model for --density dynamic, 0 for a fixed budget)")
     parser.add_argument("--repeats", type=int, default=None, help=f"timed prefills per point (default {DEFAULT_REPEATS})")
     parser.add_argument("--warmup", type=int, default=None, help=f"untimed prefills first (default {DEFAULT_WARMUP})")
     parser.add_argument("--new-tokens", type=int, default=None,

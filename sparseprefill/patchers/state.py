@@ -13,8 +13,12 @@ import torch
 
 from ..config import SparseConfig
 from ..patterns import SparsePattern
+from ..patterns.cost import MIN_PREDICTED_SPEEDUP, predicted_speedup
 
 logger = logging.getLogger("sparseprefill")
+
+# Cost-model decisions remembered per (Lq, Lk, device): one per prompt length in practice.
+MAX_COST_DECISIONS = 4096
 
 __all__ = ["Phase", "FallbackReason", "HeadGroup", "LayerPlan", "LayerStats", "PatchStats", "PatchState"]
 
@@ -35,6 +39,7 @@ class FallbackReason(str, enum.Enum):
 
     DECODE = "decode"  # Lq == 1
     SHORT = "short_prompt"  # Lk < min_sparse_len
+    COST_MODEL = "cost_model"  # min_sparse_len=None and the cost model predicts no gain (patterns/cost.py)
     UNALIGNED = "unaligned_cache"  # keys run past the queries (static cache) or a custom mask overlay
     SHORT_QUERY = "short_query_chunk"  # Lq < min_sparse_query_len
     TRAINING = "training_or_dropout"
@@ -223,6 +228,28 @@ class PatchState:
     # rank's slice under tensor parallelism (``plans`` then index local heads; see tensor_parallel.py).
     head_counts: dict[int, tuple[int, int]] = field(default_factory=dict)
     tensor_parallel: Any = None  # a tensor_parallel.TensorParallel, or None for an unsharded model
+    # Per layer, the head_dim the cost model prices; sliding-window layers are left out (they compute
+    # their exact window whether or not the prompt runs sparse).
+    head_dims: dict[int, int] = field(default_factory=dict)
+    _cost_decisions: dict[tuple[int, int, str], FallbackReason | None] = field(default_factory=dict)
+
+    def prefill_dense_reason(self, q_len: int, k_len: int, device_type: str) -> FallbackReason | None:
+        """Why a plain prefill of ``q_len`` queries over ``k_len`` keys runs dense, or None (sparse):
+        ``min_sparse_len`` when set, else the cost model over every priced layer's head groups."""
+        min_len = self.config.min_sparse_len
+        if min_len is not None:
+            return FallbackReason.SHORT if k_len < min_len else None
+        key = (q_len, k_len, device_type)
+        if key not in self._cost_decisions:
+            if len(self._cost_decisions) >= MAX_COST_DECISIONS:  # chunked prefill sees many lengths
+                self._cost_decisions.clear()
+            groups = [(group.pattern.name, len(group.heads), head_dim)
+                      for layer, head_dim in self.head_dims.items() for group in self.plans[layer].groups]
+            speedup = predicted_speedup(groups, q_len, k_len, device_type)
+            self._cost_decisions[key] = None if speedup >= MIN_PREDICTED_SPEEDUP else FallbackReason.COST_MODEL
+            logger.debug("cost model: Lq=%d Lk=%d on %s predicts %.2fx -> %s", q_len, k_len, device_type, speedup,
+                         "sparse" if self._cost_decisions[key] is None else "dense")
+        return self._cost_decisions[key]
 
     def reset_stats(self) -> None:
         for layer in list(self.stats):

@@ -8,11 +8,21 @@ honours exactly (see ``attention.py``).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-__all__ = ["SUPPORTED_FAMILIES", "FamilySupport", "UnsupportedModelError", "find_attention_modules", "check_supported"]
+__all__ = [
+    "SUPPORTED_FAMILIES",
+    "FamilySupport",
+    "UnsupportedModelError",
+    "find_attention_modules",
+    "check_supported",
+    "cache_keyword",
+    "output_cache",
+]
 
 
 class UnsupportedModelError(ValueError):
@@ -78,3 +88,14 @@ def check_supported(model: nn.Module) -> tuple[str, list[nn.Module]]:
         if not getattr(module, "is_causal", True):
             raise UnsupportedModelError(f"layer {module.layer_idx} attention is not causal")
     return model_type, modules
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward keyword that takes a KV cache: ``cache`` where transformers renamed it (5.24 warns
+    that ``past_key_values`` is deprecated), ``past_key_values`` on releases before (5.17)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def output_cache(outputs: Any) -> Any:
+    """The KV cache a forward returned, under either release's field name."""
+    return outputs["cache"] if "cache" in outputs else outputs.past_key_values

@@ -50,10 +50,17 @@ def parse_profile_json(text: str, source: str) -> Any:
 
 def _read_json_file(path: str | os.PathLike[str]) -> Any:
     name = os.fspath(path)
+    expected = "expected a profile JSON file (sparseprefill profile ... --out FILE, or shipped_profile(name))"
+    if os.path.isdir(name):
+        raise ProfileError(name, f"is a directory; {expected}")
     try:
         with open(name, "rb") as f:
             raw = f.read()
         text = raw.decode("utf-8")
+    except FileNotFoundError:
+        raise ProfileError(name, f"no such file; {expected}") from None
+    except PermissionError:
+        raise ProfileError(name, f"not readable (permission denied); {expected}") from None
     except UnicodeDecodeError as exc:
         raise ProfileError(name, f"not UTF-8 text (byte {exc.start}): {exc.reason}") from None
     return parse_profile_json(text, name)

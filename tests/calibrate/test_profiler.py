@@ -19,7 +19,7 @@ from sparseprefill.calibrate.profiler import (
     profile_plan,
     uniform_plan,
 )
-from sparseprefill.kernels.recall import exact_probs, index_recall
+from sparseprefill.kernels.recall import exact_probs, index_recall, window_recall
 
 from tests import reference
 from tests.tiny_models import VOCAB, tiny_model
@@ -49,6 +49,24 @@ def test_blockwise_recall_equals_dense_mask_recall(b, hq, hkv, q_len, k_len, d, 
     probs = exact_probs(q, k, 0, q_len, scale=d**-0.5, softcap=softcap, kv_head_index=kv)
     for index, recall in zip([vs, bs, None], got):
         torch.testing.assert_close(recall, _mask_recall(index, probs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("r0,r1", [(0, 13), (37, 101), (150, 200), (199, 200)])
+def test_window_recall_is_the_slice_of_full_recall(r0, r1):
+    # Windows start anywhere, not only on query-block boundaries: the index rows come from r0.
+    b, hq, hkv, length, d, block = 1, 4, 2, 200, 16, 16
+    g = torch.Generator().manual_seed(r0 * 1000 + r1)
+    q = torch.randn(b, hq, length, d, generator=g)
+    k = torch.randn(b, hkv, length, d, generator=g) * 2
+    kv = torch.arange(hq) // (hq // hkv)
+    vs = reference.random_vertical_slash_index(random.Random(r0), b, hq, length, length, block, 0.3)
+    bs = select_blocks(torch.rand(b, hq, -(-length // block), -(-length // block), generator=g), q_len=length,
+                       k_len=length, block_size_q=block, block_size_k=block, mass=0.5)
+    full = index_recall([vs, bs], q, k, scale=d**-0.5, softcap=None, kv_head_index=kv)
+    part = window_recall([vs, bs], q, k, r0, r1, scale=d**-0.5, softcap=None, kv_head_index=kv)
+    for whole, window in zip(full, part):
+        assert window.shape == (b, hq, r1 - r0)
+        torch.testing.assert_close(window, whole[:, :, r0:r1], atol=1e-6, rtol=0)
 
 
 class CharTokenizer:

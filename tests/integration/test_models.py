@@ -256,7 +256,14 @@ def test_short_prompt_runs_previous_implementation_bit_identically():
     model = tiny_model("gemma3_text", qk_scale=PEAKED_QK)
     ids = random_ids(ODD_LENGTH)
     before = _logits(model, ids)
-    sparseprefill.patch(model)  # default min_sparse_len is far above 333 tokens
+    sparseprefill.patch(model)  # the default cost model predicts no gain at 333 tokens (or on a CPU)
+    after = _logits(model, ids)
+    stats = sparseprefill.stats(model)
+    sparseprefill.unpatch(model)
+    assert torch.equal(after, before)
+    assert stats.fallbacks["cost_model"] == model.config.num_hidden_layers
+    # The length rule, when asked for, records its own reason and is just as exact.
+    sparseprefill.patch(model, sparseprefill.SparseConfig(min_sparse_len=16384))
     after = _logits(model, ids)
     stats = sparseprefill.stats(model)
     sparseprefill.unpatch(model)
@@ -287,7 +294,16 @@ def test_bad_config_values_are_refused():
     with pytest.raises(ValueError, match=r"antidiagonal.mass must be in \[0, 1\]"):
         AntidiagonalConfig(mass=1.5)
     with pytest.raises(ValueError, match="multiple of antidiagonal.stride"):
-        AntidiagonalConfig(block_size=100, stride=8)
+        AntidiagonalConfig(block_size=64, stride=48)
+    # Each refusal names the field, what was given and what is allowed.
+    with pytest.raises(TypeError, match=r"vertical_slash.vertical_mass must be a number in \[0, 1\], got str '0.9'"):
+        VerticalSlashConfig(vertical_mass="0.9")
+    with pytest.raises(ValueError, match="vertical_slash.block_size must be a power of two >= 16, got 7"):
+        VerticalSlashConfig(block_size=7)
+    with pytest.raises(ValueError, match="block_sparse.top_k must be > 0, got 0"):
+        BlockSparseConfig(top_k=0)
+    with pytest.raises(TypeError, match="min_sparse_len must be an int, got str '8k'"):
+        SparseConfig(min_sparse_len="8k")
 
 
 def test_selecting_the_implementation_without_patch_is_an_error():

@@ -177,3 +177,32 @@ def test_index_conversion_triton_matches_naive_on_unsorted_lines(k_len, q_frac, 
     assert _canonical(got) == _canonical(expected)
     assert got.lists_same_entries(expected) and expected.lists_same_entries(got)
     assert torch.equal(got.block_pairs.sum(-1), expected.computed_pairs())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (the table alone is 11 GB)")
+def test_vertical_slash_index_past_two_billion_entries():
+    # At 128K a head that keeps ~100K columns makes a [B, H, blocks, columns] table of 14 x 2048 x
+    # 100K = 2.9e9 entries: int32 head offsets overflowed there (an illegal memory access on the real
+    # model's pass-key prompts). Heads 11-13 lie past 2^31 entries; check their rows exactly.
+    hq, hkv, length, d, block, n_columns, local = 14, 2, 131072 - 37, 64, 64, 100_000, 64
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(1, h, length, d, generator=g).to(DEVICE, torch.bfloat16) for h in (hq, hkv, hkv))
+    columns = torch.arange(n_columns, device=DEVICE, dtype=torch.int32).expand(1, hq, -1).contiguous()
+    diagonals = torch.arange(local, device=DEVICE, dtype=torch.int32).expand(1, hq, -1).contiguous()
+    index = build_vertical_slash_index(
+        columns, torch.full((1, hq), n_columns, device=DEVICE), diagonals, torch.full((1, hq), local, device=DEVICE),
+        q_len=length, k_len=length, block_size_q=block)
+    assert index.column_index.numel() > 2**31
+    kv_head = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    out = torch.full_like(q, float("nan"))
+    vertical_slash_attention_triton(q, k, v, index, scale=d**-0.5, window=None, softcap=None, kv_head_index=kv_head,
+                                    out=out)
+    for head in (0, 11, 13):
+        for row in (5, 70_000, length - 1):
+            band = torch.arange(max(0, row - local + 1), row + 1)
+            keys = torch.unique(torch.cat([torch.arange(min(row + 1, n_columns)), band])).to(DEVICE)
+            kh = int(kv_head[head])
+            s = (q[0, head, row].float() @ k[0, kh, keys].float().T) * d**-0.5
+            ref = torch.softmax(s, -1) @ v[0, kh, keys].float()
+            assert _rel_err(out[0, head, row], ref) < REL_TOL[torch.bfloat16], (head, row)

@@ -653,3 +653,11 @@ def test_schema_validates_round_tripped_profile():
 def test_model_identity_round_trip_type():
     identity = ModelIdentity(**valid_dict()["model"])
     assert identity.to_dict() == valid_dict()["model"]
+
+
+def test_a_missing_or_directory_profile_path_is_a_profile_error(tmp_path):
+    missing = tmp_path / "nope.json"
+    with pytest.raises(ProfileError, match="nope.json: no such file; expected a profile JSON file"):
+        load_profile(missing)
+    with pytest.raises(ProfileError, match="is a directory; expected a profile JSON file"):
+        load_profile(tmp_path)

@@ -30,10 +30,10 @@ def _line_scores_kernel(
     HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PASS: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # int64 head offsets, as in triton_common.query_tile
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    kv_h = tl.load(KvHeadIndex + h)
+    kv_h = tl.load(KvHeadIndex + h).to(tl.int64)
     rows = tl.arange(0, ROWS)
     row_ok = rows < n_rows
     q_rows = q_len - n_rows + rows  # local query row of each of the last n queries

@@ -62,14 +62,15 @@ def _vs_index_kernel(
     BLOCK_Q: tl.constexpr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     r = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # int64: out_row x max_columns passes 2^31 at 128K when a head keeps tens of thousands of columns.
+    pid_bh = tl.program_id(1).to(tl.int64)
     p0 = r * BLOCK_Q + q_offset
     p1 = tl.minimum(r * BLOCK_Q + BLOCK_Q, q_len) - 1 + q_offset
     p0_wide = p0.to(tl.int64)
     p1_wide = p1.to(tl.int64)
     width = p1 - p0 + 1
     n_blocks = tl.num_programs(0)
-    out_row = pid_bh * n_blocks + r
+    out_row = pid_bh * n_blocks + r  # int64 (pid_bh is)
     slash_base = SlashOffset + pid_bh * n_slash_slots
     prefix_base = SlashPrefix + pid_bh * (k_len + 2)
     # Offsets are sorted, so the visible ones (d <= p1) are a prefix of the list.
