@@ -78,13 +78,27 @@ def causal_pairs_in_columns(p0: torch.Tensor, p1: torch.Tensor, columns: torch.T
 
 
 def causal_pairs_total(q_len: int, k_len: int, window: int | None = None) -> int:
-    """All causally visible pairs of a ``[Lq, Lk]`` attention (the denominator of density)."""
-    offset = query_offset(q_len, k_len)
-    zero = torch.tensor(0)
-    pairs = causal_pairs_in_rects(
-        torch.tensor(offset), torch.tensor(k_len - 1), zero, torch.tensor(k_len), window
-    )
-    return int(pairs)
+    """All causally visible pairs of a ``[Lq, Lk]`` attention (the denominator of density).
+
+    Plain integer arithmetic (no tensor, no ``.item()``), so that routing on it neither syncs a
+    device nor breaks a ``torch.compile`` graph: query row at key position ``p`` sees
+    ``min(p + 1, window)`` keys.
+    """
+    first, last = query_offset(q_len, k_len), k_len - 1
+    if last < first:
+        return 0
+
+    def keys_up_to(n: int) -> int:  # 1 + 2 + ... + n
+        return n * (n + 1) // 2
+
+    if window is None or window > last:
+        return keys_up_to(last + 1) - keys_up_to(first)
+    growing_end = min(last, window - 1)  # rows whose whole prefix fits in the window
+    total = keys_up_to(growing_end + 1) - keys_up_to(first) if first <= growing_end else 0
+    full_start = max(first, window)
+    if full_start <= last:
+        total += window * (last - full_start + 1)
+    return total
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:

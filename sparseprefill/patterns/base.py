@@ -68,6 +68,25 @@ class SparsePattern(abc.ABC):
         kv_head_index: torch.Tensor,
         out: torch.Tensor,
     ) -> PatternOutput:
-        index = self.estimate(q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+        index = _estimate_outside_compile(self, q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
         self.attend(q, k, v, index, scale=scale, softcap=softcap, kv_head_index=kv_head_index, out=out)
         return PatternOutput(computed_pairs=index.computed_pairs(), index=index)
+
+
+# Estimates size their indices on the host (a few reads per layer), which torch.compile cannot trace:
+# run them eagerly, so a compiled patched model breaks its graph there once per sparse layer with this
+# one reason instead of dynamo's data-dependent-shape traces, and fullgraph=True fails saying why.
+ESTIMATE_COMPILE_REASON = (
+    "sparseprefill: sparse estimation reads index sizes on the host, so it runs outside torch.compile "
+    "(fullgraph=True cannot compile a patched model's sparse layers yet)"
+)
+
+
+def _estimate(pattern: SparsePattern, q, k, **kwargs) -> SparseIndex:
+    return pattern.estimate(q, k, **kwargs)
+
+
+try:
+    _estimate_outside_compile = torch.compiler.disable(_estimate, reason=ESTIMATE_COMPILE_REASON)
+except TypeError:  # torch releases before disable(reason=...) existed
+    _estimate_outside_compile = torch.compiler.disable(_estimate)

@@ -13,7 +13,7 @@ import math
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .fields import ProfileError, _req_int, _req_str, _show
@@ -46,6 +46,9 @@ class ProfileMismatchWarning(UserWarning):
 
 
 _MODEL_FIELDS = ("architecture", "model_type", "num_layers", "num_query_heads", "num_kv_heads", "head_dim", "fingerprint")
+# Optional: the config fields the fingerprint hashes, so a mismatch can name each one that differs
+# (profiles written before it was recorded still load; their mismatches name only the fingerprint).
+_OPTIONAL_MODEL_FIELDS = ("fingerprinted",)
 # Fields that decide the shape of ``Profile.layers``: a profile can never be applied across them.
 _LAYOUT_FIELDS = ("num_layers", "num_query_heads")
 
@@ -61,6 +64,7 @@ class ModelIdentity:
     num_kv_heads: int
     head_dim: int
     fingerprint: str
+    fingerprinted: Mapping[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         p = "model"
@@ -78,9 +82,17 @@ class ModelIdentity:
             raise ProfileError(
                 f"{p}.fingerprint", f"must be 'sha256:' and 64 lowercase hex digits, got {_show(self.fingerprint)}"
             )
+        if self.fingerprinted is not None:
+            if not isinstance(self.fingerprinted, Mapping) or not all(isinstance(k, str) for k in self.fingerprinted):
+                raise ProfileError(f"{p}.fingerprinted", f"must be an object of config fields, got {_show(self.fingerprinted)}")
+            if _fingerprint_of(self.fingerprinted) != self.fingerprint:
+                raise ProfileError(f"{p}.fingerprinted", "does not hash to model.fingerprint (edited by hand?)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _MODEL_FIELDS}
+        out = {name: getattr(self, name) for name in _MODEL_FIELDS}
+        if self.fingerprinted is not None:
+            out["fingerprinted"] = dict(self.fingerprinted)
+        return out
 
 
 
@@ -188,8 +200,7 @@ def model_identity(model_config: Any) -> ModelIdentity:
         "layer_types": list(layer_types) if layer_types is not None else None,
         "vocab_size": getattr(text, "vocab_size", None),
     }
-    canonical = json.dumps(_json_safe(decisive), sort_keys=True, separators=(",", ":"), allow_nan=False)
-    fingerprint = FINGERPRINT_PREFIX + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    fingerprinted = _json_safe(decisive)
     return ModelIdentity(
         architecture=architecture,
         model_type=model_type,
@@ -197,8 +208,24 @@ def model_identity(model_config: Any) -> ModelIdentity:
         num_query_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        fingerprint=fingerprint,
+        fingerprint=_fingerprint_of(fingerprinted),
+        fingerprinted=fingerprinted,
     )
+
+
+def _fingerprint_of(fingerprinted: Mapping[str, Any]) -> str:
+    canonical = json.dumps(_json_safe(fingerprinted), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return FINGERPRINT_PREFIX + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _fingerprinted_differences(found: ModelIdentity, mine: ModelIdentity) -> list[str]:
+    """One line per config field behind a fingerprint difference, where the profile recorded them."""
+    if mine.fingerprinted is None or found.fingerprinted is None:
+        return ["  (this profile does not record the fingerprinted config fields; re-profile the model to see "
+                "which ones differ)"]
+    names = sorted(set(found.fingerprinted) | set(mine.fingerprinted))
+    return [f"  config.{name}: model has {found.fingerprinted.get(name)!r}, profile says {mine.fingerprinted.get(name)!r}"
+            for name in names if found.fingerprinted.get(name) != mine.fingerprinted.get(name)]
 
 
 def check_profile_matches(profile: Profile, model_config: Any, *, allow_mismatch: bool = False) -> tuple[str, ...]:
@@ -222,6 +249,8 @@ def check_profile_matches(profile: Profile, model_config: Any, *, allow_mismatch
     if not differing:
         return ()
     lines = [f"  {name}: model has {getattr(found, name)!r}, profile says {getattr(mine, name)!r}" for name in differing]
+    if "fingerprint" in differing:
+        lines += _fingerprinted_differences(found, mine)
     layout = [name for name in differing if name in _LAYOUT_FIELDS]
     head = f"the profile (from {profile.calibration.source!r}) does not match the model:\n"
     if layout:

@@ -61,6 +61,7 @@ from .fields import (
 )
 from .identity import (
     _MODEL_FIELDS,
+    _OPTIONAL_MODEL_FIELDS,
     ModelIdentity,
     ProfileMismatchError,
     ProfileMismatchWarning,
@@ -377,7 +378,7 @@ def _profile_from_dict(data: Any) -> Profile:
     _check_keys(data, "", _TOP_LEVEL_KEYS, _OPTIONAL_TOP_LEVEL_KEYS)
 
     model_obj = _req_object(data["model"], "model")
-    _check_keys(model_obj, "model", _MODEL_FIELDS)
+    _check_keys(model_obj, "model", _MODEL_FIELDS, _OPTIONAL_MODEL_FIELDS)
     model = ModelIdentity(**model_obj)
 
     calibration_obj = _req_object(data["calibration"], "calibration")

@@ -417,3 +417,20 @@ def test_layer_stats_read_device_counts_only_when_read():
     assert len(stats._pending) < MAX_PENDING_COUNTS
     assert stats.computed_pairs == 12 + MAX_PENDING_COUNTS + 3
     assert stats.to_dict()["computed_pairs"] == stats.computed_pairs
+
+
+def test_torch_compile_of_a_patched_model_runs_and_fullgraph_says_why_not():
+    model = tiny_model("llama", qk_scale=PEAKED_QK)
+    ids = random_ids(ODD_LENGTH)
+    sparseprefill.patch(model, SparseConfig(min_sparse_len=0))
+    try:
+        eager = _logits(model, ids)
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="sparse estimation reads index sizes on the host"):
+            torch.compile(model, fullgraph=True)(ids)
+        torch._dynamo.reset()
+        compiled = torch.compile(model)(ids).logits
+    finally:
+        torch._dynamo.reset()
+        sparseprefill.unpatch(model)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)

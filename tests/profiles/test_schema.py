@@ -625,7 +625,9 @@ def test_schema_file_matches_validator():
     assert schema["properties"]["format"]["const"] == PROFILE_FORMAT
     assert schema["properties"]["version"]["const"] == PROFILE_VERSION
     assert set(schema["required"]) == set(valid_dict())
-    assert set(schema["properties"]["model"]["required"]) == set(valid_dict()["model"])
+    model = schema["properties"]["model"]
+    assert set(model["required"]) == set(valid_dict()["model"]) - {"fingerprinted"}
+    assert set(model["properties"]) == set(valid_dict()["model"])
     assert set(schema["properties"]["calibration"]["required"]) == set(valid_dict()["calibration"])
     assert list(schema["$defs"]["measured"]["properties"]) == list(MEASURED_KEYS)
     for pattern, specs in PATTERN_PARAMS.items():
@@ -661,3 +663,33 @@ def test_a_missing_or_directory_profile_path_is_a_profile_error(tmp_path):
         load_profile(missing)
     with pytest.raises(ProfileError, match="is a directory; expected a profile JSON file"):
         load_profile(tmp_path)
+
+
+def test_a_fingerprint_mismatch_names_each_differing_config_field():
+    profile = load_profile(valid_dict())
+    other = llama_config(max_position_embeddings=77, vocab_size=101)
+    with pytest.raises(ProfileMismatchError) as error:
+        check_profile_matches(profile, other)
+    message = str(error.value)
+    assert "fingerprint: model has 'sha256:" in message
+    assert "config.max_position_embeddings: model has 77, profile says 2048" in message
+    assert "config.vocab_size: model has 101, profile says 100" in message
+    assert "config.num_hidden_layers" not in message  # only the fields that differ
+    with pytest.warns(ProfileMismatchWarning, match="config.max_position_embeddings: model has 77"):
+        check_profile_matches(profile, other, allow_mismatch=True)
+
+
+def test_a_profile_without_fingerprinted_fields_still_loads_and_says_so():
+    data = valid_dict()
+    del data["model"]["fingerprinted"]
+    profile = load_profile(data)
+    other = llama_config(max_position_embeddings=77)
+    with pytest.raises(ProfileMismatchError, match="does not record the fingerprinted config fields"):
+        check_profile_matches(profile, other)
+
+
+def test_fingerprinted_fields_must_hash_to_the_fingerprint():
+    data = valid_dict()
+    data["model"]["fingerprinted"]["vocab_size"] = 1
+    with pytest.raises(ProfileError, match=r"model.fingerprinted: does not hash to model.fingerprint"):
+        load_profile(data)
