@@ -198,7 +198,8 @@ def mass_part(args, models, lengths, out_dir: Path):
             log(f"{length}: layer {li} done; oracle key density at 0.95 {orc['oracle_key_0.95'].mean():.3f}, "
                 f"block {orc['oracle_block_0.95'].mean():.3f}")
         del layers
-        torch.cuda.empty_cache() if args.device == "cuda" else None
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
         summary += summarise(rows, length)
         write_csv(out_dir / "mass_rows.csv", list(rows[0]), rows)
         (out_dir / "mass_summary.json").write_text(json.dumps(summary, indent=1))

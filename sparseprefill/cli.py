@@ -152,6 +152,33 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model weights and activations (default float32)")
 
 
+class _LayerProgress:
+    """A progress bar that moves once per attention layer of each prefill (a CPU prefill of a 4K
+    prompt takes tens of seconds), through forward hooks on the model's attention modules."""
+
+    def __init__(self, model, description: str):
+        from tqdm.auto import tqdm
+
+        from .patchers.support import find_attention_modules
+
+        modules = find_attention_modules(model)
+        self._bar = tqdm(total=len(modules), desc=description, unit="layer", leave=False)
+        self._handles = [m.register_forward_hook(self._on_layer, with_kwargs=True) for m in modules]
+
+    def _on_layer(self, module, args, kwargs, output) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is not None and hidden.dim() == 3 and hidden.shape[1] > 1:  # prefill, not decode steps
+            self._bar.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._bar.close()
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -174,13 +201,15 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"\nprompt: {prompt.num_tokens} tokens, pass key {prompt.key} at depth {prompt.depth:.2f}")
 
     print("running dense prefill and decode (unpatched) ...", flush=True)
-    dense = answer_passkey(model, tokenizer, prompt, scored_positions=DEMO_SCORED_POSITIONS)
+    with _LayerProgress(model, "dense prefill"):
+        dense = answer_passkey(model, tokenizer, prompt, scored_positions=DEMO_SCORED_POSITIONS)
     # min_sparse_len=0 forces the sparse path: the default cost model would run a 4K prompt dense.
     config = sparseprefill.SparseConfig(pattern=args.pattern, min_sparse_len=0)
     sparseprefill.patch(model, config=config)
     try:
         print(f"running sparse prefill ({config.pattern.value}) and decode (patched) ...", flush=True)
-        sparse = answer_passkey(model, tokenizer, prompt, scored_positions=DEMO_SCORED_POSITIONS)
+        with _LayerProgress(model, "sparse prefill"):
+            sparse = answer_passkey(model, tokenizer, prompt, scored_positions=DEMO_SCORED_POSITIONS)
         stats = sparseprefill.stats(model)
     finally:
         sparseprefill.unpatch(model)

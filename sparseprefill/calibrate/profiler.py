@@ -173,18 +173,25 @@ def _run_prompts(model, prompts_by_length, plans_for_layer, measurements, progre
 
     total = sum(len(p) for p in prompts_by_length.values())
     bar = _progress_bar(total, description, progress)
+    # The bar moves per measured layer (a long prompt takes minutes on the CPU): each layer advances
+    # it by 1 / layers, and the prompt's end tops it up to the next whole prompt.
+    layers = max(1, int(getattr(model.config.get_text_config(), "num_hidden_layers", 1)))
     start = time.perf_counter()
     exact = SparseConfig.keep_everything(pattern=PatternName.DENSE)
     sparseprefill.patch(model, exact)
     try:
+        done = 0
         for length, prompts in prompts_by_length.items():
             for ids in prompts:
                 def observer(layer, q, k, *, scale, softcap, _length=length):
                     _measure(plans_for_layer(layer, q.shape[1]), q, k, scale, softcap, measurements, layer, _length)
+                    bar.set_postfix_str(f"{_length} tokens, layer {layer + 1}/{layers}", refresh=False)
+                    bar.update(min(1 / layers, done + 1 - bar.n))
 
                 with observe_prefill(model, observer), torch.inference_mode():
                     model(input_ids=ids.to(model.device), use_cache=False, logits_to_keep=1)
-                bar.update(1)
+                done += 1
+                bar.update(done - bar.n)
     finally:
         sparseprefill.unpatch(model)
         bar.close()
