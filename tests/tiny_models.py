@@ -80,16 +80,21 @@ def tiny_model(family: str, *, windowed: bool = True, qk_scale: float = 1.0, see
         # (5.23 defaults to eager). Compare against what the model defines on every version.
         model.set_attn_implementation("eager")
     if qk_scale != 1.0:
-        with torch.no_grad():
-            for layer in model.model.layers:
-                attn = layer.self_attn
-                if hasattr(attn, "qkv_proj"):  # Phi-3 fuses q, k, v: scale the q and k rows only
-                    q_and_k = attn.config.num_attention_heads * attn.head_dim + attn.config.num_key_value_heads * attn.head_dim
-                    attn.qkv_proj.weight[:q_and_k].mul_(qk_scale)
-                else:
-                    attn.q_proj.weight.mul_(qk_scale)
-                    attn.k_proj.weight.mul_(qk_scale)
+        peak_attention(model, qk_scale)
     return model
+
+
+def peak_attention(model, qk_scale: float) -> None:
+    """Multiply every layer's q and k projections by ``qk_scale`` (logits by its square), in place."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            if hasattr(attn, "qkv_proj"):  # Phi-3 fuses q, k, v: scale the q and k rows only
+                q_and_k = attn.config.num_attention_heads * attn.head_dim + attn.config.num_key_value_heads * attn.head_dim
+                attn.qkv_proj.weight[:q_and_k].mul_(qk_scale)
+            else:
+                attn.q_proj.weight.mul_(qk_scale)
+                attn.k_proj.weight.mul_(qk_scale)
 
 
 def random_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:

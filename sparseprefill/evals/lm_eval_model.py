@@ -133,10 +133,10 @@ def summarize(report: Mapping[str, Any]) -> str:
     if fallbacks:
         line += "; dense calls: " + ", ".join(f"{reason}={count}" for reason, count in sorted(fallbacks.items()))
     if not sparse_calls:
-        line += (
-            f" (no call took the sparse path: prompts shorter than min_sparse_len="
-            f"{report['config']['min_sparse_len']} run dense)"
-        )
+        min_len = report["config"]["min_sparse_len"]
+        why = ("the cost model predicted no gain at these prompt lengths (set min_sparse_len to force sparse)"
+               if min_len is None else f"prompts shorter than min_sparse_len={min_len} run dense")
+        line += f" (no call took the sparse path: {why})"
     return line
 
 
