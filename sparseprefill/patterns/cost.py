@@ -102,11 +102,12 @@ def dense_attention_ms(q_len: int, k_len: int, heads: int, head_dim: int) -> flo
 
 
 def sparse_attention_ms(pattern: PatternName, q_len: int, k_len: int, heads: int, head_dim: int) -> float:
-    """Predicted estimate + sparse attention time; ``inf`` for a pattern that never runs sparse."""
+    """Predicted estimate + sparse attention time; the dense time for the dense pattern (such heads
+    run dense either way, so they weigh the same on both sides of the comparison)."""
+    dense = dense_attention_ms(q_len, k_len, heads, head_dim)
     cost = PATTERN_COSTS.get(PatternName(pattern))
     if cost is None:  # the dense pattern
-        return float("inf")
-    dense = dense_attention_ms(q_len, k_len, heads, head_dim)
+        return dense
     efficiency = cost.efficiency_small_head if head_dim <= SMALL_HEAD_DIM else cost.efficiency_large_head
     estimate = (cost.estimate_fixed_ms + cost.estimate_ms_per_head_key * heads * k_len
                 + cost.estimate_dense_fraction * dense)
