@@ -388,11 +388,13 @@ def test_fuzz_mutations_raise_only_profile_error(data):
             if op == "delete":
                 container.pop(key)
             else:
-                container[key] = data.draw(json_values if op == "replace" else boundary_values, label="value")
+                # A copy: sampled_from hands out the same [] / {} objects, which later mutations would change.
+                container[key] = copy.deepcopy(data.draw(json_values if op == "replace" else boundary_values,
+                                                         label="value"))
         else:
             containers = _containers(doc, [])
             container = containers[data.draw(st.integers(0, len(containers) - 1), label="container")]
-            value = data.draw(json_values | boundary_values, label="value")
+            value = copy.deepcopy(data.draw(json_values | boundary_values, label="value"))
             if isinstance(container, dict):
                 container[data.draw(st.text(max_size=12), label="key")] = value
             elif op == "append" and container:
