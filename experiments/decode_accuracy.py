@@ -46,6 +46,7 @@ import sparseprefill
 from sparseprefill.config import DecodeRetrievalConfig, SparseConfig
 from sparseprefill.kernels.decode import attention_mass_recall, sparse_decode_attention
 from sparseprefill.patchers import inspect_decode
+from sparseprefill.patchers.support import cache_keyword, output_cache
 
 # Prefill must stay dense whatever the prompt length: only the decode path is measured.
 DENSE_PREFILL_LEN = 2**62
@@ -81,8 +82,9 @@ class DecodeProbe:
 
 
 def _step(model, token: int, cache):
-    out = model(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True)
-    return out.logits[0, -1].float(), out.past_key_values
+    out = model(input_ids=torch.tensor([[token]], device=model.device), use_cache=True,
+                **{cache_keyword(model): cache})
+    return out.logits[0, -1].float(), output_cache(out)
 
 
 @torch.inference_mode()
@@ -90,7 +92,7 @@ def greedy(model, input_ids: torch.Tensor, new_tokens: int, forced: list[int] | 
     """Greedy decode ``new_tokens`` tokens; with ``forced`` feed those tokens instead of the argmax
     (teacher forcing). Returns (argmax per step, log-softmax per step)."""
     out = model(input_ids=input_ids.to(model.device), use_cache=True, logits_to_keep=1)
-    logits, cache = out.logits[0, -1].float(), out.past_key_values
+    logits, cache = out.logits[0, -1].float(), output_cache(out)
     argmax, logps = [], []
     for i in range(new_tokens):
         argmax.append(int(logits.argmax()))

@@ -19,6 +19,7 @@ import sparseprefill
 from sparseprefill import DecodeRetrievalConfig, SparseConfig
 from sparseprefill.evals.harness import load_model
 from sparseprefill.evals.logits import compare_logits, reference_input_ids
+from sparseprefill.patchers.support import cache_keyword
 
 QUESTION = "\nQuestion: which built-in function returns the length of a sequence, and what does it call? Answer:"
 
@@ -29,11 +30,11 @@ def _chunk_logits(model, context_ids, chunk_ids, config):
     cache = DynamicCache(config=model.config)
     device = next(model.parameters()).device
     with torch.inference_mode():
-        model(context_ids.to(device), past_key_values=cache, use_cache=True)  # dense: patched below
+        model(context_ids.to(device), use_cache=True, **{cache_keyword(model): cache})  # dense: patched below
         if config is not None:
             sparseprefill.patch(model, config)
         try:
-            logits = model(chunk_ids.to(device), past_key_values=cache, use_cache=True).logits.float().cpu()
+            logits = model(chunk_ids.to(device), use_cache=True, **{cache_keyword(model): cache}).logits.float().cpu()
             density = None
             if config is not None:
                 layers = [layer for layer in sparseprefill.stats(model).layers if layer.last_density is not None]

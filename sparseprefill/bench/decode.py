@@ -253,7 +253,7 @@ def e2e_rows(context, batch, page, budget, reselects, steps, warmup, device, gpu
     ids = torch.randint(3, config.vocab_size, (batch, context), generator=g).to(device)
     with torch.inference_mode():
         prefill = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache = prefill.past_key_values
+    cache = output_cache(prefill)
     del prefill
     tokens = torch.randint(3, config.vocab_size, (batch, steps + warmup), generator=g).to(device)
 

@@ -8,6 +8,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import sparseprefill
 from sparseprefill import AntidiagonalConfig, BlockSparseConfig, SparseConfig, VerticalSlashConfig
+from sparseprefill.patchers.support import cache_keyword
 
 from tests.tiny_models import FAMILIES, SLIDING_WINDOW, random_ids, static_cache_generate, tiny_model
 
@@ -169,8 +170,8 @@ def test_chunked_prefill_equals_one_shot(family):
     sparseprefill.patch(model, KEEP_ALL)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        first = model(ids[:, :split], past_key_values=cache, use_cache=True).logits
-        second = model(ids[:, split:], past_key_values=cache, use_cache=True).logits
+        first = model(ids[:, :split], use_cache=True, **{cache_keyword(model): cache}).logits
+        second = model(ids[:, split:], use_cache=True, **{cache_keyword(model): cache}).logits
     stats = sparseprefill.stats(model)
     sparseprefill.unpatch(model)
     torch.testing.assert_close(torch.cat([first, second], dim=1), one_shot, atol=EXACT_ATOL, rtol=0)
@@ -186,8 +187,8 @@ def test_chunked_sparse_prefill_stays_close_to_dense(family):
     sparseprefill.patch(model, SPARSE_DEFAULT)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        first = model(ids[:, :600], past_key_values=cache, use_cache=True).logits
-        second = model(ids[:, 600:], past_key_values=cache, use_cache=True).logits
+        first = model(ids[:, :600], use_cache=True, **{cache_keyword(model): cache}).logits
+        second = model(ids[:, 600:], use_cache=True, **{cache_keyword(model): cache}).logits
     stats = sparseprefill.stats(model)
     sparseprefill.unpatch(model)
     chunked = torch.cat([first, second], dim=1)

@@ -16,6 +16,7 @@ import torch
 
 import sparseprefill
 from sparseprefill.config import DecodeMethod, DecodeRetrievalConfig, SparseConfig
+from sparseprefill.patchers.support import cache_keyword
 from sparseprefill.patterns import retrieval as retrieval_module
 
 from tests.tiny_models import random_ids, static_cache_generate, tiny_model
@@ -395,8 +396,8 @@ def _chunk_logits(model, prompt, chunk, config=None):
     try:
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(prompt, past_key_values=cache, use_cache=True)
-            logits = model(chunk, past_key_values=cache, use_cache=True).logits
+            model(prompt, use_cache=True, **{cache_keyword(model): cache})
+            logits = model(chunk, use_cache=True, **{cache_keyword(model): cache}).logits
         return logits, (sparseprefill.stats(model) if config is not None else None)
     finally:
         if config is not None:
