@@ -69,7 +69,16 @@ CANDIDATES = {
     "antidiag_m90": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(mass=0.9)),
     "antidiag_m95": SparseConfig(pattern="antidiagonal"),
     "a_shape": SparseConfig(pattern="a_shape"),
+    "vs_q256": SparseConfig(pattern="vertical_slash", vertical_slash=VerticalSlashConfig(last_queries=256)),
+    "vs_v98_s90": SparseConfig(pattern="vertical_slash",
+                               vertical_slash=VerticalSlashConfig(vertical_mass=0.98, slash_mass=0.9)),
+    "vs_v90_s98": SparseConfig(pattern="vertical_slash",
+                               vertical_slash=VerticalSlashConfig(vertical_mass=0.9, slash_mass=0.98)),
+    # The shipped default as a user gets it: the cost model decides per prefill whether to run sparse
+    # (every other candidate is forced sparse at every length). End-to-end part only.
+    "default": SparseConfig(),
 }
+ROUTED = ("default",)
 QUICK = ("auto_m95", "block_m95", "antidiag_m95")
 
 
@@ -176,6 +185,8 @@ def mass_part(args, models, lengths, out_dir: Path):
                             rep=TIMING_REP_MS)
                 del kr, vr
             for name in args.candidates:
+                if name in ROUTED:  # the same estimator as auto_m95; its routing only shows end to end
+                    continue
                 cfg = CANDIDATES[name]
                 pattern = build_pattern(cfg.pattern, cfg)
                 index = pattern.estimate(q, k, scale=scale, softcap=None, kv_head_index=kvh)
@@ -287,14 +298,16 @@ def e2e_part(args, models, lengths, out_dir: Path):
         rows.append(dense)
         log(f"{length}: dense {dense}")
         for name in args.candidates:
-            cfg = replace(CANDIDATES[name], min_sparse_len=0)
+            cfg = CANDIDATES[name] if name in ROUTED else replace(CANDIDATES[name], min_sparse_len=0)
             sparseprefill.patch(model, cfg)
             try:
                 with torch.no_grad(), prefill_sdpa_backend(torch.device(args.device), "dense_cudnn"):
                     logits = model(ids, logits_to_keep=SCORED_POSITIONS + 1).logits.float()
                 st = sparseprefill.stats(model)
                 cmp = compare_logits(dense_logits[:, :-1], logits[:, :-1])
-                row = dict(length=length, candidate=name, density=st.density, nll=_nll(logits, ids),
+                row = dict(length=length, candidate=name, density=st.density,
+                           fallbacks=";".join(f"{k}:{v}" for k, v in sorted(st.fallbacks.items())) or None,
+                           nll=_nll(logits, ids),
                            top1=cmp.top1_agreement, kl=cmp.kl_mean, kl_max=cmp.kl_max,
                            sparse_ms=_prefill_ms(model, ids, args.device, "dense_cudnn"))
                 row["nll_delta"] = row["nll"] - dense["nll"]

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import VerticalSlashConfig
 from ..kernels.decode import page_scores, page_summary, select_pages, top_k_pages
+from ..kernels.geometry import causal_pairs_total
 from ..patterns.vertical_slash import VerticalSlashPattern
 from .budget import fixed_budget_config
 from .common import HEAD_DIM, HEADS, KV_HEADS, append_csv, bench_ms, git_commit, gpu_name, sync
@@ -77,18 +79,26 @@ def report(name: str, fn, rows: int, device: torch.device, shape: LayerShape) ->
     return wall, median
 
 
-def profile_prefill(length: int, density: float, rows: int, device: torch.device,
+def profile_prefill(length: int, density: float | None, rows: int, device: torch.device,
                     shape: LayerShape) -> list[tuple[str, float, float]]:
-    """Estimate, attend, run and SDPA of one layer at ``length`` tokens: ``(op, wall_ms, median_ms)``."""
+    """Estimate, attend, run and SDPA of one layer at ``length`` tokens: ``(op, wall_ms, median_ms)``.
+    ``density`` None profiles the default vertical-slash config (the mass rule) instead of a fixed budget."""
     kv_head_index = torch.arange(shape.heads, device=device) // (shape.heads // shape.kv_heads)
     scale = shape.head_dim**-0.5
-    config, predicted, _ = fixed_budget_config("vertical_slash", length, density, min_sparse_len=0, device=device)
-    vs = config.vertical_slash
-    print(f"L={length} max_vertical={vs.max_vertical} max_slash={vs.max_slash} predicted density {predicted:.3f}")
+    if density is None:
+        vs = VerticalSlashConfig()
+        print(f"L={length} default vertical-slash config (mass {vs.vertical_mass} / {vs.slash_mass})")
+    else:
+        config, predicted, _ = fixed_budget_config("vertical_slash", length, density, min_sparse_len=0,
+                                                   device=device)
+        vs = config.vertical_slash
+        print(f"L={length} max_vertical={vs.max_vertical} max_slash={vs.max_slash} predicted density {predicted:.3f}")
     q, k, v = structured_qkv(shape.heads, shape.kv_heads, length, shape.head_dim, device)  # [B, H(kv), L, D]
     pattern = VerticalSlashPattern(vs)
     common = dict(scale=scale, softcap=None, kv_head_index=kv_head_index)
     index = pattern.estimate(q, k, **common)
+    kept = float(index.computed_pairs().sum()) / (causal_pairs_total(length, length) * shape.heads)
+    print(f"L={length} {shape.heads}/{shape.kv_heads} heads, head_dim {shape.head_dim}: density {kept:.3f}")
     out = torch.empty_like(q)
     ops = {
         "estimate": lambda: pattern.estimate(q, k, **common),
@@ -121,7 +131,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help=f"prompt lengths (default {' '.join(map(str, DEFAULT_LENGTHS))}; "
                              f"{' '.join(map(str, DRY_RUN_LENGTHS))} in --dry-run)")
-    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--density", type=float, default=0.1,
+                        help="fixed vertical-slash budget (share of causal pairs); 0 profiles the default "
+                             "config's mass rule instead")
+    parser.add_argument("--heads", type=int, default=HEADS, help="query heads (default: Llama-3.1-8B's)")
+    parser.add_argument("--kv-heads", type=int, default=KV_HEADS)
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
     parser.add_argument("--rows", type=int, default=18, help="profiler table rows")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode selection part")
     parser.add_argument("--dry-run", action="store_true",
@@ -136,10 +151,15 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("error: the layer profile needs a CUDA GPU; pass --dry-run without one", file=sys.stderr)
         return 1
     else:
-        device, shape, lengths = torch.device("cuda"), LayerShape(), args.lengths or DEFAULT_LENGTHS
+        if args.heads % args.kv_heads:
+            print(f"error: --heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}", file=sys.stderr)
+            return 2
+        device, lengths = torch.device("cuda"), args.lengths or DEFAULT_LENGTHS
+        shape = LayerShape(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim)
+    density = args.density or None
     timings: list[tuple[int, str, float, float]] = []
     for length in lengths:
-        timings += [(length, *t) for t in profile_prefill(length, args.density, args.rows, device, shape)]
+        timings += [(length, *t) for t in profile_prefill(length, density, args.rows, device, shape)]
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if not args.no_decode:

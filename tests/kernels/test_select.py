@@ -233,3 +233,8 @@ def test_select_lines_on_line_prefix_forced_and_long_rows():
         got = select_lines(scores, forced, mass, max_count=max_count)
         want = select_lines_naive(scores, forced, mass, max_count=max_count)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), (mass, max_count)
+        # Untrimmed (the GPU estimate's form, no host read): the same lines, padded with -1 to N slots.
+        count, full = select_lines(scores, forced, mass, max_count=max_count, trim=False)
+        assert torch.equal(count, want[0]) and full.shape[-1] == scores.shape[-1], (mass, max_count)
+        width = want[1].shape[-1]
+        assert torch.equal(full[..., :width], want[1]) and bool((full[..., width:] == -1).all()), (mass, max_count)

@@ -149,6 +149,10 @@ def test_index_conversion_triton_matches_naive(b, h, lq, lk, block, p_vertical, 
     expected = build_vertical_slash_index_naive(*args, q_len=lq, k_len=lk, block_size_q=block)
     got = build_vertical_slash_index_triton(*args, q_len=lq, k_len=lk, block_size_q=block)
     assert _canonical(got) == _canonical(expected)
+    # compact() lists ascending lines, as select_lines does: the builder may skip its sort then.
+    presorted = build_vertical_slash_index_triton(*args, q_len=lq, k_len=lk, block_size_q=block, slashes_sorted=True)
+    assert _canonical(presorted) == _canonical(expected)
+    assert torch.equal(presorted.block_pairs, got.block_pairs)
     # The kernel's own pair count (block_pairs) against the closed form over the naive lists.
     assert got.block_pairs is not None and expected.block_pairs is None
     assert torch.equal(got.computed_pairs(), expected.computed_pairs())
@@ -205,4 +209,10 @@ def test_vertical_slash_index_past_two_billion_entries():
             kh = int(kv_head[head])
             s = (q[0, head, row].float() @ k[0, kh, keys].float().T) * d**-0.5
             ref = torch.softmax(s, -1) @ v[0, kh, keys].float()
-            assert _rel_err(out[0, head, row], ref) < REL_TOL[torch.bfloat16], (head, row)
+            # A row averaging ~100K random values has a norm near 1/sqrt(100K), so bf16 rounding of the
+            # probabilities alone exceeds 1e-2 relative error there: bound by dense bf16 SDPA's own error
+            # on the same keys (a wrong offset reads another row's keys and errs by O(1)).
+            dense = torch.nn.functional.scaled_dot_product_attention(
+                q[0, head, row][None, None, None], k[0, kh, keys][None, None], v[0, kh, keys][None, None])
+            bound = max(REL_TOL[torch.bfloat16], 2 * _rel_err(dense[0, 0, 0], ref))
+            assert _rel_err(out[0, head, row], ref) < bound, (head, row, bound)

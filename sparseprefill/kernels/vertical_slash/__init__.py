@@ -67,6 +67,7 @@ def build_vertical_slash_index(
     q_len: int,
     k_len: int,
     block_size_q: int,
+    slashes_sorted: bool = False,
 ) -> VerticalSlashIndex:
     """Build the per-query-block index from per-head lines.
 
@@ -76,6 +77,8 @@ def build_vertical_slash_index(
         vertical_count: ``[B, H]``.
         slash_offset: ``[B, H, Ns]`` diagonals ``d = query_pos - key_pos >= 0``, first ``slash_count`` real.
         slash_count: ``[B, H]``.
+        slashes_sorted: the caller guarantees the real offsets ascend (as ``select_lines`` returns
+            them), which spares the GPU builder a sort.
     """
     if vertical_index.shape[:2] != vertical_count.shape or slash_offset.shape[:2] != slash_count.shape:
         raise ValueError("line tensors and their counts disagree on [B, H]")
@@ -84,7 +87,7 @@ def build_vertical_slash_index(
 
         return build_vertical_slash_index_triton(
             vertical_index, vertical_count, slash_offset, slash_count, q_len=q_len, k_len=k_len,
-            block_size_q=block_size_q,
+            block_size_q=block_size_q, slashes_sorted=slashes_sorted,
         )
     return build_vertical_slash_index_naive(
         vertical_index, vertical_count, slash_offset, slash_count, q_len=q_len, k_len=k_len, block_size_q=block_size_q

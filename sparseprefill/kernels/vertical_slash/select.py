@@ -13,7 +13,7 @@ _EMPTY_SLOT = torch.iinfo(torch.int32).max
 
 
 def select_lines(
-    scores: torch.Tensor, forced: torch.Tensor, mass: float, max_count: int | None = None
+    scores: torch.Tensor, forced: torch.Tensor, mass: float, max_count: int | None = None, *, trim: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lines (key columns or diagonals) kept by the cumulative-mass rule, as a compact sorted list.
 
@@ -28,10 +28,13 @@ def select_lines(
         mass: fraction of the total to cover; ``>= KEEP_ALL_MASS`` keeps every line (or, with
             ``max_count``, the forced lines plus exactly the ``max_count`` best others).
         max_count: cap on the non-forced lines kept.
+        trim: cut the list to the longest kept count, which reads that count on the host. ``False``
+            keeps all ``N`` slots and never waits for the device (the GPU estimate reads its sizes
+            once, in the index builder, instead of once per line kind).
 
     Returns:
         ``(count [...] int32, index [..., W] int32)``: kept line ids ascending, slots ``>= count`` -1,
-        ``W = max(count)`` (at least 1).
+        ``W = max(count)`` (at least 1) when trimmed, else ``W = N``.
     """
     n = scores.shape[-1]
     forced = forced.expand_as(scores)
@@ -54,7 +57,7 @@ def select_lines(
         if max_count is not None:
             others = torch.clamp(others, max=max_count)
     count = (n_forced + others)[..., 0].to(torch.int32)
-    width = max(int(count.max()) if count.numel() else 0, 1)
+    width = max(int(count.max()) if count.numel() else 0, 1) if trim else max(n, 1)
     slots = torch.arange(width, device=scores.device)
     head = order[..., :width].to(torch.int32)
     head = torch.where(slots < count[..., None], head, _EMPTY_SLOT)

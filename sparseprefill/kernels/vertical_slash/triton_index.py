@@ -153,9 +153,11 @@ def build_vertical_slash_index_triton(
     q_len: int,
     k_len: int,
     block_size_q: int,
+    slashes_sorted: bool = False,
 ) -> VerticalSlashIndex:
     """GPU ``build_vertical_slash_index``: per-head lines (``vertical_index [B, H, Nv]``, ``slash_offset
-    [B, H, Ns]`` and their ``[B, H]`` counts) -> ``VerticalSlashIndex`` ``[B, H, ceil(q_len / block_size_q), ...]``."""
+    [B, H, Ns]`` and their ``[B, H]`` counts) -> ``VerticalSlashIndex`` ``[B, H, ceil(q_len / block_size_q), ...]``.
+    ``slashes_sorted``: the real offsets already ascend (``select_lines`` output), so the sort is skipped."""
     b, h = vertical_count.shape
     device = vertical_index.device
     n_blocks = triton.cdiv(q_len, block_size_q)
@@ -163,14 +165,15 @@ def build_vertical_slash_index_triton(
     n_vertical_slots, n_slash_slots = verticals.shape[-1], slash_offset.shape[-1]
     slash_count = slash_count.to(torch.int32)
     slot_is_real = torch.arange(n_slash_slots, device=device) < slash_count[..., None]
-    # The contract allows unsorted, repeated offsets; the kernel needs them ascending.
-    slashes = torch.where(slot_is_real, slash_offset.to(torch.int32), _UNUSED_SLOT).sort(dim=-1).values.contiguous()
+    slashes = torch.where(slot_is_real, slash_offset.to(torch.int32), _UNUSED_SLOT)
+    if not slashes_sorted:  # the contract allows unsorted, repeated offsets; the kernel needs them ascending
+        slashes = slashes.sort(dim=-1).values
+    slashes = slashes.contiguous()
     # prefix[t] = kept offsets < t for t <= k_len (repeats counted; the kernel only asks "any in
-    # [lo, hi]?"). Offsets >= k_len touch no key; they land in the extra last slot, never read.
-    prefix = torch.zeros(b, h, k_len + 2, dtype=torch.int32, device=device)
-    prefix.scatter_add_(-1, (torch.where(slot_is_real, slashes, k_len) + 1).long().clamp_(1, k_len + 1),
-                        slot_is_real.to(torch.int32))
-    prefix = prefix.cumsum(-1, dtype=torch.int32).contiguous()
+    # [lo, hi]?"), one binary search per t in the ascending list; padding slots sort after every t.
+    # Slot k_len + 1 is never read.
+    thresholds = torch.arange(k_len + 2, dtype=torch.int32, device=device).expand(b, h, k_len + 2).contiguous()
+    prefix = torch.searchsorted(slashes, thresholds, out_int32=True)
     # One host read sizes the outputs by the true maxima (run bound at the full and the last block's width).
     last_width = q_len - (n_blocks - 1) * block_size_q
     max_runs, max_vertical = (int(x) for x in torch.stack([
