@@ -10,7 +10,8 @@ the estimators to find. Checked per prefill: no error, finite last-position logi
 memory not above the unpatched peak at the same shape except for ``stats()``'s device-side pair
 counters (one 0-d int64 per sparse layer call, which the allocator rounds to ``COUNTER_BYTES``: kept
 on the device so the forward never waits for the host); after the loop, allocated memory back where it
-started (measured after one warm-up prefill, which allocates cuBLAS's workspace). An unpatched run
+started (measured after one unpatched and one patched warm-up prefill, which allocate cuBLAS's
+workspace and the patcher's cached head-id tensors). An unpatched run
 that fails (transformers materialises a ``[B, 1, L, L]`` mask for padded batches: 90 GiB at 3 x 127K)
 is recorded and the patched run still goes ahead. Rows go to ``soak.csv`` (one per prefill), the
 verdict to ``soak.json``.
@@ -125,6 +126,13 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     warm_ids, _, _ = draw_inputs(random.Random(-1), args.min_length, args.min_length, shape["vocab_size"], device, 1)
     prefill(model, warm_ids, None, device)
+    # One patched prefill too: the patcher keeps a bounded cache of small head-id tensors per device
+    # (patchers.state.heads_tensor), built on first use and kept across patch / unpatch.
+    sparseprefill.patch(model, config)
+    try:
+        prefill(model, warm_ids, None, device)
+    finally:
+        sparseprefill.unpatch(model)
     del warm_ids
     if device.type == "cuda":
         torch.cuda.synchronize()

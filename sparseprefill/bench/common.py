@@ -158,16 +158,21 @@ def decode_sdpa_backends(device: torch.device) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------- metadata
 
 
-def git_commit() -> str:
-    """``$SPARSEPREFILL_COMMIT`` if set, else the short commit of the checkout holding this package,
-    else ``"unknown"`` (an installed wheel)."""
+def git_commit(checkout: Path | None = None) -> str:
+    """``$SPARSEPREFILL_COMMIT`` if set, else the short commit of the checkout holding this package
+    (``-dirty`` appended when tracked files differ from it, so a row never names a commit that is not
+    what ran), else ``"unknown"`` (an installed wheel). ``checkout``: another folder to ask instead."""
     if os.environ.get("SPARSEPREFILL_COMMIT"):
         return os.environ["SPARSEPREFILL_COMMIT"]
+    here = checkout or Path(__file__).parent
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL, cwd=Path(__file__).parent).strip()
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                         stderr=subprocess.DEVNULL, cwd=here).strip()
+        changed = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True,
+                                          stderr=subprocess.DEVNULL, cwd=here).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{commit}-dirty" if changed else commit
 
 
 def gpu_name(device: torch.device | str | None = None) -> str:

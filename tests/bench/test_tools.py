@@ -93,6 +93,25 @@ def test_commit_honours_environment(monkeypatch):
     assert common.environment(torch.device("cpu"))["commit"] == "abc1234"
 
 
+def test_commit_is_marked_dirty_when_tracked_files_changed(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    monkeypatch.delenv("SPARSEPREFILL_COMMIT", raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run(git + ["add", "a.py"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "one"], check=True)
+    head = subprocess.check_output(git + ["rev-parse", "--short", "HEAD"], text=True).strip()
+    (tmp_path / "untracked.txt").write_text("ignored\n")
+    assert common.git_commit(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert common.git_commit(tmp_path) == f"{head}-dirty"
+
+
 def test_cpu_timing_helpers():
     calls = []
     assert common.bench_ms(lambda: calls.append(1), "cpu") >= 0 and len(calls) == 1 + common.CPU_TIMED_CALLS
