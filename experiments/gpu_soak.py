@@ -161,7 +161,9 @@ def main(argv=None) -> int:
                 row["max_abs_logit_diff"] = float((logits - dense_logits).abs().max())
                 row["peak_excess_bytes"] = row["sparse_peak_bytes"] - row["dense_peak_bytes"]
                 row["memory_ok"] = row["peak_excess_bytes"] <= counters * COUNTER_BYTES
-            del logits
+            # The stats hold the last call's device-side pair counts (512 B per layer): drop them, or the
+            # final memory reading counts them.
+            del logits, st
         except Exception as exc:  # the soak records every failure and goes on
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         finally:

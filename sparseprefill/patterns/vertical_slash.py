@@ -12,7 +12,7 @@ import torch
 from ..config import PatternName, VerticalSlashConfig
 from ..kernels import build_vertical_slash_index, vertical_slash_scores
 from ..kernels.indices import VerticalSlashIndex
-from ..kernels.vertical_slash import select_lines
+from ..kernels.vertical_slash import select_line_kinds
 from .base import SparsePattern
 
 
@@ -29,15 +29,19 @@ class VerticalSlashPattern(SparsePattern):
             q, k, scale=scale, last_queries=cfg.last_queries, softcap=softcap, kv_head_index=kv_head_index
         )
         lines = torch.arange(k_len, device=q.device)
-        # On the GPU the line lists stay full width, so the index builder's one size read is the only
-        # host wait of the estimate (each wait idles the GPU while the host catches up). The CPU
-        # reference builder is O(blocks x lines) in memory, so there the lists are cut to size.
-        trim = q.device.type != "cuda"
-        vertical_count, vertical_index = select_lines(vertical, lines < cfg.sink_tokens, cfg.vertical_mass,
-                                                      max_count=cfg.max_vertical, trim=trim)
-        slash_count, slash_offset = select_lines(slash, lines < cfg.local_tokens, cfg.slash_mass,
-                                                 max_count=cfg.max_slash, trim=trim)
+        # Columns and diagonals in one batched selection (the estimate is bound by host time per torch
+        # op, not by the device). On the GPU the line lists stay full width, so the index builder's one
+        # size read is the only host wait of the estimate (each wait idles the GPU while the host
+        # catches up). The CPU reference builder is O(blocks x lines) in memory: there they are cut to size.
+        count, index = select_line_kinds(
+            torch.stack([vertical, slash]), torch.stack([lines < cfg.sink_tokens, lines < cfg.local_tokens])[:, None, None],
+            [cfg.vertical_mass, cfg.slash_mass], [cfg.max_vertical, cfg.max_slash], trim=q.device.type != "cuda",
+        )
+        vertical_index, slash_offset = index[0], index[1]
+        if q.device.type != "cuda":  # each kind to its own width (the host read is free on the CPU)
+            vertical_index = vertical_index[..., :max(int(count[0].max()), 1)]
+            slash_offset = slash_offset[..., :max(int(count[1].max()), 1)]
         return build_vertical_slash_index(
-            vertical_index, vertical_count, slash_offset, slash_count,
+            vertical_index, count[0], slash_offset, count[1],
             q_len=q_len, k_len=k_len, block_size_q=cfg.block_size, slashes_sorted=True,
         )

@@ -253,6 +253,26 @@ def test_unpatch_is_bit_identical():
     assert not sparseprefill.is_patched(model)
 
 
+def test_unpatch_releases_every_tensor_the_sparse_path_kept():
+    """After unpatch, once the caller drops its stats, nothing the sparse prefill created stays alive
+    (the GPU soak's "memory back where it started"): the stats' device-side pair counts are the only
+    tensors the patch keeps between calls, and only the stats object holds them."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama", qk_scale=PEAKED_QK)
+    sparseprefill.patch(model, LOSSY)
+    _logits(model, random_ids(ODD_LENGTH))
+    st = sparseprefill.stats(model)
+    assert st.density is not None and st.density < 1.0
+    counters = [weakref.ref(layer._last[0]) for layer in st.layers if isinstance(layer._last[0], torch.Tensor)]
+    assert counters, "the sparse layers should have kept their pair counts on the device"
+    sparseprefill.unpatch(model)
+    del st
+    gc.collect()
+    assert all(ref() is None for ref in counters), "a pair count outlived unpatch and the caller's stats"
+
+
 def test_short_prompt_runs_previous_implementation_bit_identically():
     model = tiny_model("gemma3_text", qk_scale=PEAKED_QK)
     ids = random_ids(ODD_LENGTH)

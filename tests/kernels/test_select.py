@@ -238,3 +238,28 @@ def test_select_lines_on_line_prefix_forced_and_long_rows():
         assert torch.equal(count, want[0]) and full.shape[-1] == scores.shape[-1], (mass, max_count)
         width = want[1].shape[-1]
         assert torch.equal(full[..., :width], want[1]) and bool((full[..., width:] == -1).all()), (mass, max_count)
+
+
+@pytest.mark.parametrize("masses,caps", [
+    ((0.9, 0.9), (None, None)), ((0.95, 0.6), (None, 40)), ((KEEP_ALL_MASS, 0.8), (None, None)),
+    ((KEEP_ALL_MASS, KEEP_ALL_MASS), (7, None)), ((0.5, KEEP_ALL_MASS), (3, 11)), ((0.0, 0.99), (None, 0)),
+])
+@pytest.mark.parametrize("trim", [True, False])
+def test_select_line_kinds_equals_one_select_per_kind(masses, caps, trim):
+    """Columns and diagonals selected in one batched pass (the vertical-slash estimate's call) equal two
+    separate ``select_lines`` calls, each with its own forced prefix, mass and cap."""
+    from sparseprefill.kernels.vertical_slash import select_line_kinds, select_lines
+
+    g = torch.Generator().manual_seed(7)
+    scores = torch.rand(2, 2, 3, 300, generator=g) ** 6
+    scores[1, 0, 1, 50:80] = 0.0  # exact zeros and ties
+    scores[0, 1, 2, 10:20] = 0.25
+    lines = torch.arange(300)
+    forced = torch.stack([lines < 4, lines < 33])[:, None, None, :]
+    count, index = select_line_kinds(scores, forced, list(masses), list(caps), trim=trim)
+    for kind in range(2):
+        want_count, want_index = select_lines(scores[kind], forced[kind], masses[kind], caps[kind])
+        assert torch.equal(count[kind], want_count), (kind, masses, caps)
+        width = want_index.shape[-1]
+        assert torch.equal(index[kind, ..., :width], want_index), (kind, masses, caps)
+        assert bool((index[kind, ..., width:] == -1).all())

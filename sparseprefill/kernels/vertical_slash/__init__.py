@@ -21,9 +21,9 @@ from .naive import (
     vertical_slash_attention_naive,
     vertical_slash_scores_naive,
 )
-from .select import select_lines
+from .select import select_line_kinds, select_lines
 
-__all__ = ["vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "vertical_slash_attention", "vertical_slash_attention_naive"]
+__all__ = ["vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_line_kinds", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "vertical_slash_attention", "vertical_slash_attention_naive"]
 
 def vertical_slash_scores(
     q: torch.Tensor,
