@@ -35,10 +35,10 @@ class VerticalSlashPattern(SparsePattern):
         # catches up). The CPU reference builder is O(blocks x lines) in memory: there they are cut to size.
         count, index = select_line_kinds(
             torch.stack([vertical, slash]), torch.stack([lines < cfg.sink_tokens, lines < cfg.local_tokens])[:, None, None],
-            [cfg.vertical_mass, cfg.slash_mass], [cfg.max_vertical, cfg.max_slash], trim=q.device.type != "cuda",
+            [cfg.vertical_mass, cfg.slash_mass], [cfg.max_vertical, cfg.max_slash], trim=False,
         )
         vertical_index, slash_offset = index[0], index[1]
-        if q.device.type != "cuda":  # each kind to its own width (the host read is free on the CPU)
+        if q.device.type != "cuda":  # each kind to its own width (a host read costs nothing on the CPU)
             vertical_index = vertical_index[..., :max(int(count[0].max()), 1)]
             slash_offset = slash_offset[..., :max(int(count[1].max()), 1)]
         return build_vertical_slash_index(
