@@ -12,9 +12,17 @@ above the native 32K (dense and sparse alike):
 * ``e2e``: each candidate config patched into the model: NLL over the last 512 positions (delta vs
   dense), KL and top-1 agreement vs dense there, the density ``stats()`` reports, prefill time
   against unpatched cuDNN / flash, and pass-key retrieval at five depths.
+* ``rules``: which rule should turn the last queries' line scores into vertical-slash lines. Their
+  scores count every (row, key) entry twice, on its column and on its diagonal, so the shipped rule
+  (each kind to 0.95 of its own mass) covers far more than 0.95 of that window. Compared with it, on
+  every other layer: ``colfirst_<mv>_<M>`` (columns to ``mv`` of their mass, then diagonals scored on
+  the window's residual probabilities until the window's coverage reaches ``M``), ``ratio_<m>`` (each
+  kind ranked by mass per causal pair the line costs) and ``spread4_<m>`` (the scores of four windows
+  spread over the prompt, ``VerticalSlashConfig.query_windows=4``). Native lengths only.
 
     python experiments/real_density.py --part mass --lengths 16384 32768 65536 131072 --out DIR
     python experiments/real_density.py --part e2e --lengths 16384 32768 65536 131072 --out DIR
+    python experiments/real_density.py --part rules --lengths 8192 --device cpu --dtype float32 --out DIR
 
 On a machine without PyPI, ``--gguf FILE --metadata DIR`` install a carried GGUF file and a
 tokenizer/config folder (``offline_models.export_metadata``) into the cache first.
@@ -46,7 +54,9 @@ from sparseprefill.kernels.common import default_kv_head_index
 from sparseprefill.kernels.geometry import causal_pairs_total
 from sparseprefill.kernels.recall import exact_probs, window_recall
 from sparseprefill.patchers import inspect_prefill
-from sparseprefill.patterns import build_pattern
+from sparseprefill.kernels import build_vertical_slash_index, vertical_slash_scores
+from sparseprefill.kernels.vertical_slash import select_lines
+from sparseprefill.patterns import VerticalSlashPattern, build_pattern
 
 NATIVE_CONTEXT = offline_models.QWEN_NATIVE_CONTEXT
 ORACLE_MASSES = (0.90, 0.95, 0.98)
@@ -57,6 +67,8 @@ SCORED_POSITIONS = 512
 NEEDLE_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 TIMING_REP_MS = 40
 TIMED_LAYER_STRIDE = 4  # kernel timings on every 4th layer: the GPU time of a full sweep is scarce
+RULES_LAYER_STRIDE = 2  # the rules part scores every other layer (each rule re-reads the window)
+VS_DEFAULTS = VerticalSlashConfig()
 
 CANDIDATES = {
     "auto_m95": SparseConfig(),
@@ -74,6 +86,10 @@ CANDIDATES = {
                                vertical_slash=VerticalSlashConfig(vertical_mass=0.98, slash_mass=0.9)),
     "vs_v90_s98": SparseConfig(pattern="vertical_slash",
                                vertical_slash=VerticalSlashConfig(vertical_mass=0.9, slash_mass=0.98)),
+    # Four scoring windows spread over the prompt instead of the last 64 rows alone.
+    "vs_w4": SparseConfig(pattern="vertical_slash", vertical_slash=VerticalSlashConfig(query_windows=4)),
+    "vs_w4_m90": SparseConfig(pattern="vertical_slash",
+                              vertical_slash=VerticalSlashConfig(query_windows=4, vertical_mass=0.9, slash_mass=0.9)),
     # The shipped default as a user gets it: the cost model decides per prefill whether to run sparse
     # (every other candidate is forced sparse at every length). End-to-end part only.
     "default": SparseConfig(),
@@ -256,7 +272,9 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), targets, reduction="mean"))
 
 
-def _prefill_ms(model, ids, device, variant: str) -> float:
+def _prefill_ms(model, ids, device, variant: str, timed: bool = True) -> float | None:
+    if not timed:
+        return None
     with prefill_sdpa_backend(torch.device(device), variant), torch.no_grad():
         return bench_ms(lambda: model(ids, logits_to_keep=1), device, warmup=1, rep=1) if device != "cuda" else \
             _timed(lambda: model(ids, logits_to_keep=1))
@@ -283,6 +301,95 @@ def _needles(model, tok, length) -> list[bool]:
     return hits
 
 
+# (column mass, total window coverage) of the columns-first rule.
+COLFIRST = ((0.95, 0.95), (0.9, 0.95), (0.8, 0.95), (0.9, 0.98))
+
+
+def _select_by_key(score, key, forced, mass):
+    """Lines in decreasing ``key`` (forced first) until ``mass`` of ``score``'s total: ``(count, index)``
+    with kept ids ascending and -1 past the count, one row per head."""
+    n = score.shape[-1]
+    order = torch.sort(torch.where(forced, float("inf"), key), dim=-1, descending=True, stable=True).indices
+    ranked = torch.gather(score, -1, order)
+    before = ranked.cumsum(-1) - ranked
+    n_forced = forced.expand_as(score).sum(-1, keepdim=True)
+    keep = (before < mass * score.sum(-1, keepdim=True)) | (torch.arange(n) < n_forced)
+    count = keep.sum(-1)
+    width = int(count.max())
+    ids = torch.where(torch.arange(width) < count[..., None], order[..., :width], n).sort(-1).values
+    return count.int(), torch.where(ids == n, -1, ids).int()
+
+
+def _slash_sums(probs, length):
+    """``probs [B, H, W, L]`` of the last W rows -> mean mass per diagonal ``[B, H, L]``."""
+    rows = probs.shape[2]
+    diag = (torch.arange(length - rows, length)[:, None] - torch.arange(length)[None, :]).clamp(0, length - 1)
+    return torch.zeros_like(probs).scatter_add_(-1, diag.expand_as(probs), probs).sum(-2) / rows
+
+
+def line_rules(q, k, scale, kvh):
+    """Indices of each line rule (module docstring, ``rules`` part) for one layer."""
+    length = q.shape[2]
+    index = lambda vc, vi, sc, si: build_vertical_slash_index(  # noqa: E731
+        vi, vc, si, sc, q_len=length, k_len=length, block_size_q=VS_DEFAULTS.block_size)
+    lines = torch.arange(length)
+    sink, local = lines < VS_DEFAULTS.sink_tokens, lines < VS_DEFAULTS.local_tokens
+    vertical, slash = vertical_slash_scores(q, k, scale=scale, last_queries=WINDOW_ROWS, softcap=None, kv_head_index=kvh)
+    out = {}
+    for mass in (0.95, 0.90):
+        out[f"shipped_{mass}"] = index(*select_lines(vertical, sink, mass), *select_lines(slash, local, mass))
+    window = exact_probs(q, k, length - WINDOW_ROWS, length, scale=scale, softcap=None, kv_head_index=kvh)
+    for column_mass, total in COLFIRST:
+        vc, vi = select_lines(vertical, sink, column_mass)
+        on_column = torch.zeros_like(vertical, dtype=torch.bool).scatter_(-1, vi.clamp_min(0).long(), vi >= 0)
+        covered = (vertical * on_column).sum(-1)
+        residual = _slash_sums(window * (~on_column)[:, :, None, :], length)
+        need = ((total - covered) / residual.sum(-1).clamp_min(1e-12)).clamp(0, 1)
+        per_head = [_select_by_key(residual[:, h], residual[:, h], local, float(need[0, h])) for h in range(q.shape[1])]
+        width = max(ids.shape[-1] for _, ids in per_head)
+        si = torch.stack([torch.nn.functional.pad(ids, (0, width - ids.shape[-1]), value=-1) for _, ids in per_head], 1)
+        sc = torch.stack([count for count, _ in per_head], 1)
+        out[f"colfirst_{column_mass}_{total}"] = index(vc, vi, sc, si)
+    pairs = (length - lines).float()  # causal pairs on column j, and on diagonal j
+    out["ratio_0.95"] = index(*_select_by_key(vertical, vertical / pairs, sink, 0.95),
+                              *_select_by_key(slash, slash / pairs, local, 0.95))
+    for mass in (0.95, 0.90):
+        pattern = VerticalSlashPattern(VerticalSlashConfig(query_windows=4, vertical_mass=mass, slash_mass=mass))
+        out[f"spread4_{mass}"] = pattern.estimate(q, k, scale=scale, softcap=None, kv_head_index=kvh)
+    return out
+
+
+def rules_part(args, models, lengths, out_dir: Path):
+    rows = []
+    for length in lengths:
+        if length > NATIVE_CONTEXT:
+            raise SystemExit("--part rules runs at native lengths only (<= 32K)")
+        model, tok = models[False]
+        layers = capture(model, reference_input_ids(tok, length).to(args.device))
+        windows = _windows(length)
+        causal = causal_pairs_total(length, length)
+        for li in range(0, len(layers), RULES_LAYER_STRIDE):
+            q, k, _, scale = layers[li]
+            kvh = default_kv_head_index(q.shape[1], k.shape[1], q.device)
+            indices = line_rules(q, k, scale, kvh)
+            recalls = [window_recall(list(indices.values()), q, k, r0, r0 + WINDOW_ROWS, scale=scale, softcap=None,
+                                     kv_head_index=kvh) for r0 in windows]
+            for j, (name, ix) in enumerate(indices.items()):
+                recall = torch.cat([per_window[j][0] for per_window in recalls], -1)  # [H, rows]
+                density = ix.computed_pairs()[0].double() / causal
+                rows += [dict(length=length, layer=li, head=h, rule=name, density=float(density[h]),
+                              recall_mean=float(recall[h].mean()), recall_p5=float(recall[h].quantile(0.05)))
+                         for h in range(q.shape[1])]
+            log(f"{length}: layer {li} done")
+        write_csv(out_dir / "rules_rows.csv", list(rows[0]), rows)
+    for length in lengths:
+        for name in dict.fromkeys(r["rule"] for r in rows):
+            sel = [r for r in rows if r["rule"] == name and r["length"] == length]
+            print(f"{length} {name:20s} density {_mean(sel, 'density'):.3f}  recall {_mean(sel, 'recall_mean'):.4f}  "
+                  f"p5 {_mean(sel, 'recall_p5'):.3f}  worst head's p5 {min(r['recall_p5'] for r in sel):.3f}", flush=True)
+    return rows
+
+
 def e2e_part(args, models, lengths, out_dir: Path):
     rows = []
     for length in lengths:
@@ -291,8 +398,9 @@ def e2e_part(args, models, lengths, out_dir: Path):
         with torch.no_grad(), prefill_sdpa_backend(torch.device(args.device), "dense_cudnn"):
             dense_logits = model(ids, logits_to_keep=SCORED_POSITIONS + 1).logits.float()
         dense = dict(length=length, candidate="dense", nll=_nll(dense_logits, ids),
-                     cudnn_ms=_prefill_ms(model, ids, args.device, "dense_cudnn"),
-                     flash_ms=_prefill_ms(model, ids, args.device, "dense_flash") if args.device == "cuda" else None)
+                     cudnn_ms=_prefill_ms(model, ids, args.device, "dense_cudnn", not args.skip_timing),
+                     flash_ms=_prefill_ms(model, ids, args.device, "dense_flash", not args.skip_timing)
+                     if args.device == "cuda" else None)
         if not args.skip_needles:
             dense["needles"] = sum(_needles(model, tok, length))
         rows.append(dense)
@@ -309,9 +417,10 @@ def e2e_part(args, models, lengths, out_dir: Path):
                            fallbacks=";".join(f"{k}:{v}" for k, v in sorted(st.fallbacks.items())) or None,
                            nll=_nll(logits, ids),
                            top1=cmp.top1_agreement, kl=cmp.kl_mean, kl_max=cmp.kl_max,
-                           sparse_ms=_prefill_ms(model, ids, args.device, "dense_cudnn"))
+                           sparse_ms=_prefill_ms(model, ids, args.device, "dense_cudnn", not args.skip_timing))
                 row["nll_delta"] = row["nll"] - dense["nll"]
-                row["speedup_vs_cudnn"] = dense["cudnn_ms"] / row["sparse_ms"]
+                if row["sparse_ms"] is not None:
+                    row["speedup_vs_cudnn"] = dense["cudnn_ms"] / row["sparse_ms"]
                 if not args.skip_needles:
                     row["needles"] = sum(_needles(model, tok, length))
             finally:
@@ -326,7 +435,7 @@ def e2e_part(args, models, lengths, out_dir: Path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("mass", "e2e"), required=True)
+    ap.add_argument("--part", choices=("mass", "e2e", "rules"), required=True)
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
@@ -335,6 +444,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gguf", help="a carried GGUF file to install into the cache first")
     ap.add_argument("--metadata", help="tokenizer/config folder from offline_models.export_metadata")
     ap.add_argument("--skip-needles", action="store_true")
+    ap.add_argument("--skip-timing", action="store_true",
+                    help="no prefill timings (on the CPU they time the fp32 reference path, not the product)")
     ap.add_argument("--out", default=".cache/real_density")
     args = ap.parse_args(argv)
     if any(n < WINDOW_ROWS * 2 or n > offline_models.QWEN_CODER.long_context_positions for n in args.lengths):
@@ -347,7 +458,7 @@ def main(argv=None) -> int:
         dict(commit=git_commit(), gpu=gpu_name(args.device) if args.device == "cuda" else "cpu", dtype=args.dtype,
              lengths=args.lengths, candidates={n: CANDIDATES[n].to_dict() for n in args.candidates}), indent=1))
     models = load_models(args, args.lengths)
-    (mass_part if args.part == "mass" else e2e_part)(args, models, args.lengths, out_dir)
+    {"mass": mass_part, "e2e": e2e_part, "rules": rules_part}[args.part](args, models, args.lengths, out_dir)
     return 0
 
 

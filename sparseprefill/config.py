@@ -120,6 +120,11 @@ class VerticalSlashConfig:
     ("slashes") are kept, in order of estimated mass, until ``vertical_mass`` / ``slash_mass`` of
     the estimated mass is covered. ``sink_tokens`` first columns and ``local_tokens`` nearest
     diagonals are always kept. ``max_vertical`` / ``max_slash`` optionally cap the counts.
+
+    ``query_windows > 1`` scores that many windows of ``last_queries`` rows, ending at evenly spaced
+    points of the prompt (the last at its end), each against the keys it can see, and averages their
+    line scores: heads whose middle rows attend elsewhere than the last rows are then judged on more
+    than the end of the prompt (experiments/real_density.py, ``vs_w4``).
     """
 
     last_queries: int = DEFAULT_LAST_QUERIES
@@ -130,9 +135,11 @@ class VerticalSlashConfig:
     max_vertical: int | None = None
     max_slash: int | None = None
     block_size: int = 64
+    query_windows: int = 1
 
     def __post_init__(self) -> None:
         _check_positive_int("vertical_slash.last_queries", self.last_queries)
+        _check_positive_int("vertical_slash.query_windows", self.query_windows)
         _check_fraction("vertical_slash.vertical_mass", self.vertical_mass, allow_zero=True)
         _check_fraction("vertical_slash.slash_mass", self.slash_mass, allow_zero=True)
         _check_positive_int("vertical_slash.sink_tokens", self.sink_tokens, allow_zero=True)

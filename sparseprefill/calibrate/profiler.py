@@ -3,9 +3,12 @@
 Dense prefills run on calibration prompts with the model patched to exact attention; a hook sees
 every layer's post-RoPE ``q``/``k`` (``patchers.observe_prefill``). There, each candidate setting
 estimates its index for all heads of the layer and ``recall.index_recall`` measures, per head, the
-share of exact attention mass each index keeps (blockwise, no ``L x L`` matrix). A head gets the
-candidate with the lowest density at the longest calibration length among those whose mean recall
-reaches the target at every calibration length; dense when none does.
+share of exact attention mass each index keeps (blockwise, no ``L x L`` matrix). Among the candidates
+whose mean recall reaches the target at every calibration length, a head gets the one predicted
+fastest at the longest calibration length: density over its kernel's rate relative to cuDNN
+(``patterns.cost.kernel_time_ratio``), so a head that must keep more pairs than its kernel's
+break-even runs dense. Density alone would pick vertical-slash at density 0.9 over dense, which on
+the H200 runs such a head 1.2x (head_dim 64) to 2x (head_dim 128) slower. Dense when none qualifies.
 
 Sliding-window layers never reach the hook (their exact window path is already cheap): they are
 recorded as ``dense``, which for them means exact window attention.
@@ -31,6 +34,7 @@ from ..kernels.geometry import causal_pairs_total
 from ..kernels.recall import index_recall
 from ..patchers import observe_prefill
 from ..patterns import build_pattern
+from ..patterns.cost import kernel_time_ratio
 from ..profiles.schema import (
     Calibration,
     HeadSetting,
@@ -252,18 +256,17 @@ def profile_model(model: Any, tokenizer: Any, options: ProfilerOptions | None = 
             if layer not in measurements.layers_seen:
                 settings.append(HeadSetting(PatternName.DENSE, {}, None))
                 continue
-            best = None
-            for name, candidate in zip(names, candidates):
-                recall = {n: _mean(measurements, "recall", (layer, name, n, head)) for n in lengths}
-                if any(r < options.target_recall for r in recall.values()):
-                    continue
-                cost = _mean(measurements, "density", (layer, name, lengths[-1], head))
-                if best is None or cost < best[0]:
-                    best = (cost, name, candidate, recall)
-            if best is None:  # dense is not among the candidates and none reached the target
+            measured_by_name = {
+                name: ({n: _mean(measurements, "recall", (layer, name, n, head)) for n in lengths},
+                       _mean(measurements, "density", (layer, name, lengths[-1], head)))
+                for name in names
+            }
+            chosen = choose_candidate(names, candidates, measured_by_name, options.target_recall, identity.head_dim)
+            if chosen is None:  # dense is not among the candidates and none reached the target
                 settings.append(HeadSetting(PatternName.DENSE, {}, None))
                 continue
-            _, name, candidate, recall = best
+            name, candidate = chosen
+            recall = measured_by_name[name][0]
             measured = {
                 "recall": {str(n): round(recall[n], 6) for n in lengths},
                 "density": {str(n): round(_mean(measurements, "density", (layer, name, n, head)), 6) for n in lengths},
@@ -280,6 +283,28 @@ def profile_model(model: Any, tokenizer: Any, options: ProfilerOptions | None = 
     profile = Profile(model=identity, calibration=calibration, layers=tuple(layers))
     summary = _summarise(profile, measurements, names, candidates, lengths)
     return ProfileResult(profile=profile, seconds=seconds, summary=summary)
+
+
+def choose_candidate(
+    names: Sequence[str],
+    candidates: Sequence[HeadSetting],
+    measured: dict[str, tuple[dict[int, float], float]],
+    target_recall: float,
+    head_dim: int,
+) -> tuple[str, HeadSetting] | None:
+    """One head's setting: among candidates whose recall (``measured[name][0]``, per length) reaches
+    ``target_recall`` at every length, the lowest predicted kernel time at the density
+    ``measured[name][1]``; ties go to dense (exact), then to the lower density. ``None`` when none
+    qualifies."""
+    best = None
+    for name, candidate in zip(names, candidates):
+        recall, density = measured[name]
+        if any(r < target_recall for r in recall.values()):
+            continue
+        key = (kernel_time_ratio(candidate.pattern, density, head_dim), candidate.pattern != PatternName.DENSE, density)
+        if best is None or key < best[0]:
+            best = (key, name, candidate)
+    return None if best is None else (best[1], best[2])
 
 
 def _mean(measurements: _Measurements, what: str, key) -> float:

@@ -38,6 +38,7 @@ __all__ = [
     "PatternCost",
     "PATTERN_COSTS",
     "dense_attention_ms",
+    "kernel_time_ratio",
     "sparse_attention_ms",
     "predicted_speedup",
 ]
@@ -112,6 +113,19 @@ def sparse_attention_ms(pattern: PatternName, q_len: int, k_len: int, heads: int
     estimate = (cost.estimate_fixed_ms + cost.estimate_ms_per_head_key * heads * k_len
                 + cost.estimate_dense_fraction * dense)
     return estimate + cost.typical_density * dense / efficiency
+
+
+def kernel_time_ratio(pattern: PatternName | str, density: float, head_dim: int) -> float:
+    """Predicted time of one head's sparse kernel at ``density`` over the same head's dense time (1.0 for
+    the dense pattern). Above 1 the head is faster dense even with its estimate for free: the sparse
+    kernels compute a pair at ``efficiency`` of cuDNN's rate, so a head keeping more than that share of
+    its pairs loses. The estimate is left out: it is paid once per layer, shrinks relative to attention
+    as the prompt grows, and the per-prefill cost model above charges it."""
+    cost = PATTERN_COSTS.get(PatternName(pattern))
+    if cost is None:
+        return 1.0
+    efficiency = cost.efficiency_small_head if head_dim <= SMALL_HEAD_DIM else cost.efficiency_large_head
+    return density / efficiency
 
 
 def predicted_speedup(groups: Sequence[tuple[PatternName, int, int]], q_len: int, k_len: int, device_type: str) -> float:

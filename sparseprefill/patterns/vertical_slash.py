@@ -16,18 +16,49 @@ from ..kernels.vertical_slash import select_line_kinds
 from .base import SparsePattern
 
 
+def query_window_ends(q_len: int, window_rows: int, windows: int) -> list[int]:
+    """End rows (exclusive) of ``windows`` query windows of ``window_rows`` rows spread evenly over
+    ``q_len`` rows, the last ending at ``q_len``; fewer where the rows cannot hold them apart (the
+    windows never overlap, so no row is counted twice)."""
+    count = max(1, min(windows, q_len // max(window_rows, 1)))
+    return [q_len * (i + 1) // count for i in range(count)]
+
+
 class VerticalSlashPattern(SparsePattern):
     name = PatternName.VERTICAL_SLASH
 
     def __init__(self, config: VerticalSlashConfig):
         self.config = config
 
+    def line_scores(self, q, k, *, scale, softcap, kv_head_index) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(vertical [B, H, Lk], slash [B, H, Lk])``: the mean line scores of the query windows, each
+        summing to 1 (a window's lines past the keys it sees score 0)."""
+        cfg = self.config
+        q_len, k_len = q.shape[2], k.shape[2]
+        ends = query_window_ends(q_len, cfg.last_queries, cfg.query_windows)
+        if len(ends) == 1:
+            return vertical_slash_scores(
+                q, k, scale=scale, last_queries=cfg.last_queries, softcap=softcap, kv_head_index=kv_head_index
+            )
+        offset = k_len - q_len
+        vertical = torch.zeros(q.shape[0], q.shape[1], k_len, dtype=torch.float32, device=q.device)
+        slash = torch.zeros_like(vertical)
+        for end in ends:
+            # The window's rows see keys [0, offset + end): its scores on that prefix (causal as a chunk).
+            start = max(0, end - cfg.last_queries)
+            seen = offset + end
+            v, s = vertical_slash_scores(
+                q[:, :, start:end], k[:, :, :seen], scale=scale, last_queries=cfg.last_queries,
+                softcap=softcap, kv_head_index=kv_head_index,
+            )
+            vertical[..., :seen] += v
+            slash[..., :seen] += s
+        return vertical / len(ends), slash / len(ends)
+
     def estimate(self, q, k, *, scale, softcap, kv_head_index) -> VerticalSlashIndex:
         cfg = self.config
         q_len, k_len = q.shape[2], k.shape[2]
-        vertical, slash = vertical_slash_scores(
-            q, k, scale=scale, last_queries=cfg.last_queries, softcap=softcap, kv_head_index=kv_head_index
-        )
+        vertical, slash = self.line_scores(q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
         lines = torch.arange(k_len, device=q.device)
         # Columns and diagonals in one batched selection (the estimate is bound by host time per torch
         # op, not by the device). On the GPU the line lists stay full width, so the index builder's one

@@ -19,7 +19,9 @@ from sparseprefill.calibrate.profiler import (
     profile_plan,
     uniform_plan,
 )
+from sparseprefill.calibrate import profiler as profiler_module
 from sparseprefill.kernels.recall import exact_probs, index_recall, window_recall
+from sparseprefill.patterns import cost
 
 from tests import reference
 from tests.tiny_models import VOCAB, tiny_model
@@ -152,3 +154,43 @@ def test_patch_with_profile_runs_each_heads_setting_and_matches_dense_when_lossl
         sparseprefill.unpatch(model)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert set(patterns) == {"dense", "vertical_slash"}, patterns
+
+
+VS_LOOSE = HeadSetting(PatternName.VERTICAL_SLASH, {"vertical_mass": 0.9, "slash_mass": 0.9})
+VS_TIGHT = HeadSetting(PatternName.VERTICAL_SLASH, {"vertical_mass": 0.98, "slash_mass": 0.98})
+DENSE = HeadSetting(PatternName.DENSE, {})
+CHOICES = (["loose", "tight", "dense"], [VS_LOOSE, VS_TIGHT, DENSE])
+
+
+def _measured(loose, tight, dense=(1.0, 1.0)):
+    """(recall at one length, density) per candidate name."""
+    return {name: ({4096: recall}, density) for name, (recall, density) in
+            zip(CHOICES[0], (loose, tight, dense))}
+
+
+def test_a_head_keeps_the_cheapest_setting_that_reaches_the_target():
+    got = profiler_module.choose_candidate(*CHOICES, _measured((0.96, 0.2), (0.99, 0.3)), 0.95, 64)
+    assert got[0] == "loose"
+    got = profiler_module.choose_candidate(*CHOICES, _measured((0.90, 0.2), (0.99, 0.3)), 0.95, 64)
+    assert got[0] == "tight"  # the cheaper one misses the recall target
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_a_head_past_its_kernels_break_even_density_runs_dense(head_dim):
+    """Vertical-slash computes a pair at a fraction of cuDNN's rate: a head that must keep more than
+    that share of its pairs is faster dense, and the profile says dense."""
+    efficiency = cost.PATTERN_COSTS[PatternName.VERTICAL_SLASH]
+    efficiency = efficiency.efficiency_small_head if head_dim <= cost.SMALL_HEAD_DIM else efficiency.efficiency_large_head
+    below, above = efficiency * 0.95, min(efficiency * 1.05, 0.999)
+    got = profiler_module.choose_candidate(*CHOICES, _measured((0.99, below), (0.99, 0.999)), 0.95, head_dim)
+    assert got[0] == "loose"
+    got = profiler_module.choose_candidate(*CHOICES, _measured((0.99, above), (0.99, 0.999)), 0.95, head_dim)
+    assert got[0] == "dense"
+    assert cost.kernel_time_ratio(PatternName.VERTICAL_SLASH, above, head_dim) > 1.0
+    assert cost.kernel_time_ratio(PatternName.DENSE, 1.0, head_dim) == 1.0
+
+
+def test_no_qualifying_candidate_gives_none():
+    names, settings = CHOICES[0][:2], CHOICES[1][:2]
+    measured = _measured((0.5, 0.1), (0.6, 0.2))
+    assert profiler_module.choose_candidate(names, settings, measured, 0.95, 64) is None
