@@ -22,6 +22,7 @@ import torch
 from ..kernels import (
     BlockSparseIndex,
     antidiagonal_block_mass,
+    library,
     block_sparse_attention,
     pooled_block_probs,
     select_blocks,
@@ -239,6 +240,18 @@ def run_auto(lengths, heads, kv_heads, head_dim, gpu, commit, masses=AUTO_MASSES
                             flops / att_ms / 1e9))
             rows.append(Row("estimation+attention", provider, length, density, gpu, commit, est_ms + att_ms,
                             flops / (est_ms + att_ms) / 1e9))
+            print(rows[-1], flush=True)
+            # The path patch() takes: lines straight into the fused kernel (no per-block index, no host
+            # read), timed as the attention alone and as the whole pattern.run.
+            common = dict(scale=scale, softcap=None, kv_head_index=kv_head_index)
+            lines = pattern.estimate_lines(q, k, **common)
+            fused_ms = _bench(lambda: library.call_vertical_slash_lines(q, k, v, lines, window=None, out=out,
+                                                                        lines_sorted=True, **common))
+            run_ms = _bench(lambda: pattern.run(q, k, v, out=out, **common))
+            rows.append(Row("attention", "triton_vertical_slash_lines" + provider[4:], length, density, gpu, commit,
+                            fused_ms, flops / fused_ms / 1e9))
+            rows.append(Row("estimation+attention", provider + "_lines", length, density, gpu, commit, run_ms,
+                            flops / run_ms / 1e9))
             print(rows[-1], flush=True)
     return rows
 

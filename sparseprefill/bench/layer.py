@@ -100,9 +100,13 @@ def profile_prefill(length: int, density: float | None, rows: int, device: torch
     kept = float(index.computed_pairs().sum()) / (causal_pairs_total(length, length) * shape.heads)
     print(f"L={length} {shape.heads}/{shape.kv_heads} heads, head_dim {shape.head_dim}: density {kept:.3f}")
     out = torch.empty_like(q)
+    # "estimate" + "attend" is the per-block index path (the index builder sizes its tables with one
+    # host read); "run" is what patch() takes: the lines ("estimate_lines") straight into the fused
+    # kernel, with no host wait.
     ops = {
         "estimate": lambda: pattern.estimate(q, k, **common),
         "attend": lambda: pattern.attend(q, k, v, index, out=out, **common),
+        "estimate_lines": lambda: pattern.estimate_lines(q, k, **common),
         "run": lambda: pattern.run(q, k, v, out=out, **common),
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
     }

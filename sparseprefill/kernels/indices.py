@@ -20,6 +20,17 @@ causal and sliding-window masks themselves, so an index may list keys a row cann
                                         counted by the builder; whoever changes the lists drops it
     Disjointness is an invariant the converter guarantees: a kernel sums over ranges and columns
     and would count a duplicated key twice.
+
+``VerticalSlashLines`` (per head, not per query block; what the fused GPU kernel reads):
+    vertical_index [B, H, Nv] int32     key columns, ascending and unique in the first count
+    vertical_count [B, H] int32
+    slash_offset   [B, H, Ns] int32     diagonals d = query_pos - key_pos >= 0, ascending in the first count
+    slash_count    [B, H] int32
+    block_pairs    [B, H, Rq] int64     written by the attention that consumes the lines: causal pairs
+                                        each query block computed (read it after that attention ran)
+    It describes exactly the keys of the ``VerticalSlashIndex`` that ``build_vertical_slash_index``
+    makes from the same lines (``to_index``), in O(lines) memory instead of O(blocks x lines), and a
+    kernel can consume it without the host learning any size first.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import torch
 
 from .geometry import causal_pairs_in_columns, causal_pairs_in_rects, query_block_bounds
 
-__all__ = ["BlockSparseIndex", "VerticalSlashIndex"]
+__all__ = ["BlockSparseIndex", "VerticalSlashIndex", "VerticalSlashLines"]
 
 
 def _check_int_tensor(name: str, t: torch.Tensor, ndim: int) -> None:
@@ -132,14 +143,18 @@ class VerticalSlashIndex:
 
     def computed_pairs(self, window: int | None = None) -> torch.Tensor:
         """``[B, H]`` int64: causal (query, key) pairs the index makes a kernel compute."""
+        return self.block_pair_counts(window).sum(-1)
+
+    def block_pair_counts(self, window: int | None = None) -> torch.Tensor:
+        """``[B, H, Rq]`` int64: causal (query, key) pairs each query block lists."""
         if window is None and self.block_pairs is not None:
-            return self.block_pairs.sum(-1)
+            return self.block_pairs
         p0, p1 = query_block_bounds(self.q_len, self.k_len, self.block_size_q, self.range_start.device)
         p0, p1 = p0[:, None], p1[:, None]
         rects = causal_pairs_in_rects(p0, p1, self.range_start, self.range_end, window)
         cols = causal_pairs_in_columns(p0, p1, self.column_index, window)
-        rects = torch.where(self.range_valid(), rects, 0).sum(dim=(-1, -2))
-        cols = torch.where(self.column_valid(), cols, 0).sum(dim=(-1, -2))
+        rects = torch.where(self.range_valid(), rects, 0).sum(dim=-1)
+        cols = torch.where(self.column_valid(), cols, 0).sum(dim=-1)
         return rects + cols
 
     def lists_same_entries(self, other: "VerticalSlashIndex") -> bool:
@@ -171,3 +186,45 @@ class VerticalSlashIndex:
         col_mask.scatter_add_(-1, cols, self.column_valid().to(torch.int32))
         per_block = per_block | (col_mask > 0)
         return per_block.repeat_interleave(self.block_size_q, dim=2)[:, :, : self.q_len]
+
+
+@dataclass(frozen=True)
+class VerticalSlashLines:
+    vertical_index: torch.Tensor
+    vertical_count: torch.Tensor
+    slash_offset: torch.Tensor
+    slash_count: torch.Tensor
+    block_size_q: int
+    q_len: int
+    k_len: int
+    block_pairs: torch.Tensor
+
+    def __post_init__(self) -> None:
+        for name, ndim in (("vertical_index", 3), ("vertical_count", 2), ("slash_offset", 3), ("slash_count", 2)):
+            _check_int_tensor(name, getattr(self, name), ndim)
+        for lines, count in (("vertical_index", "vertical_count"), ("slash_offset", "slash_count")):
+            if getattr(self, lines).shape[:2] != getattr(self, count).shape:
+                raise ValueError(f"{lines} {tuple(getattr(self, lines).shape)} and {count} "
+                                 f"{tuple(getattr(self, count).shape)} disagree on [B, H]")
+        if self.slash_count.shape != self.vertical_count.shape:
+            raise ValueError("vertical and slash lines must cover the same [B, H]")
+        n_q_blocks = -(-self.q_len // self.block_size_q)
+        if tuple(self.block_pairs.shape) != (*self.vertical_count.shape, n_q_blocks):
+            raise ValueError(f"block_pairs {tuple(self.block_pairs.shape)} must be "
+                             f"{(*self.vertical_count.shape, n_q_blocks)}")
+
+    def computed_pairs(self, window: int | None = None) -> torch.Tensor:
+        """``[B, H]`` int64 causal pairs computed, as counted by the attention that read the lines
+        (``window`` other than None is refused: the kernel counts unwindowed pairs)."""
+        if window is not None:
+            raise ValueError("VerticalSlashLines counts pairs without a window; use to_index().computed_pairs(window)")
+        return self.block_pairs.sum(-1)
+
+    def to_index(self) -> VerticalSlashIndex:
+        """The per-query-block ``VerticalSlashIndex`` of the same keys (inspection, recall, profiles)."""
+        from .vertical_slash import build_vertical_slash_index
+
+        return build_vertical_slash_index(
+            self.vertical_index, self.vertical_count, self.slash_offset, self.slash_count,
+            q_len=self.q_len, k_len=self.k_len, block_size_q=self.block_size_q,
+        )

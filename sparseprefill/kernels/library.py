@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .indices import BlockSparseIndex, VerticalSlashIndex
+from .indices import BlockSparseIndex, VerticalSlashIndex, VerticalSlashLines
 
 NAMESPACE = "sparseprefill"
 
@@ -59,6 +59,28 @@ def _(q, k, v, range_count, range_start, range_end, column_count, column_index, 
     return None
 
 
+@torch.library.custom_op(f"{NAMESPACE}::vertical_slash_lines_attention", mutates_args=("out", "block_pairs"))
+def vertical_slash_lines_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vertical_index: torch.Tensor, vertical_count: torch.Tensor,
+    slash_offset: torch.Tensor, slash_count: torch.Tensor, block_pairs: torch.Tensor, kv_head_index: torch.Tensor,
+    out: torch.Tensor, block_size_q: int, scale: float, window: int, softcap: float, lines_sorted: bool,
+) -> None:
+    from .vertical_slash import vertical_slash_lines_attention
+
+    lines = VerticalSlashLines(vertical_index=vertical_index, vertical_count=vertical_count, slash_offset=slash_offset,
+                               slash_count=slash_count, block_size_q=block_size_q, q_len=q.shape[2], k_len=k.shape[2],
+                               block_pairs=block_pairs)
+    vertical_slash_lines_attention(q, k, v, lines, scale=scale, window=_none_if_zero(window),
+                                   softcap=_none_if_zero(softcap), kv_head_index=kv_head_index, out=out,
+                                   lines_sorted=lines_sorted)
+
+
+@vertical_slash_lines_attention_op.register_fake
+def _(q, k, v, vertical_index, vertical_count, slash_offset, slash_count, block_pairs, kv_head_index, out,
+      block_size_q, scale, window, softcap, lines_sorted):
+    return None
+
+
 def call_block_sparse(q, k, v, index: BlockSparseIndex, *, scale, window, softcap, kv_head_index, out):
     torch.ops.sparseprefill.block_sparse_attention(
         q, k, v, index.block_count, index.block_index, kv_head_index, out, index.block_size_q,
@@ -71,5 +93,15 @@ def call_vertical_slash(q, k, v, index: VerticalSlashIndex, *, scale, window, so
     torch.ops.sparseprefill.vertical_slash_attention(
         q, k, v, index.range_count, index.range_start, index.range_end, index.column_count, index.column_index,
         kv_head_index, out, index.block_size_q, float(scale), int(window or 0), float(softcap or 0.0),
+    )
+    return out
+
+
+def call_vertical_slash_lines(q, k, v, lines: VerticalSlashLines, *, scale, window, softcap, kv_head_index, out,
+                              lines_sorted: bool = False):
+    torch.ops.sparseprefill.vertical_slash_lines_attention(
+        q, k, v, lines.vertical_index, lines.vertical_count, lines.slash_offset, lines.slash_count,
+        lines.block_pairs, kv_head_index, out, lines.block_size_q, float(scale), int(window or 0),
+        float(softcap or 0.0), bool(lines_sorted),
     )
     return out

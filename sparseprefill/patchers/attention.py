@@ -24,7 +24,7 @@ from torch import nn
 from ..kernels import dense_attention
 from ..kernels.common import default_kv_head_index
 from ..kernels.geometry import causal_pairs_total
-from ..patterns import window_attention
+from ..patterns import inspectable_index, window_attention
 from .decode import decode_attention, follow_up_attention, invalidate_layer
 from .masks import SparsePrefillMask
 from .state import FallbackReason, LayerStats, PatchState, Phase, heads_tensor
@@ -120,7 +120,8 @@ def _run_span(
         computed.append(result.computed_pairs.sum())
         selections.append((group.heads, result.index))
     if state.inspector is not None:
-        state.inspector(layer, q, k, v, out, selections, scale=scale, softcap=softcap)
+        state.inspector(layer, q, k, v, out, [(heads, inspectable_index(index)) for heads, index in selections],
+                        scale=scale, softcap=softcap)
     stats.record(Phase.SPARSE_PREFILL if q_len == k_len else Phase.SPARSE_CHUNK, torch.stack(computed) if computed else 0, causal)
 
 

@@ -6,7 +6,7 @@ from ..config import PatternName, SparseConfig
 from .a_shape import AShapePattern, window_index
 from .antidiagonal import AntidiagonalPattern
 from .auto import AutoPattern
-from .base import PatternOutput, SparseIndex, SparsePattern
+from .base import LinePattern, PatternOutput, SparseIndex, SparsePattern, inspectable_index
 from .block_sparse import BlockSparsePattern
 from .dense import DensePattern
 from .vertical_slash import VerticalSlashPattern
@@ -18,11 +18,13 @@ __all__ = [
     "AutoPattern",
     "BlockSparsePattern",
     "DensePattern",
+    "LinePattern",
     "PatternOutput",
     "SparseIndex",
     "SparsePattern",
     "VerticalSlashPattern",
     "build_pattern",
+    "inspectable_index",
     "WINDOW_BLOCK_SIZE",
     "window_attention",
     "window_index",

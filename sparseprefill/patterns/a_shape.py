@@ -7,8 +7,9 @@ import torch
 
 from ..config import AShapeConfig, PatternName
 from ..kernels import build_vertical_slash_index
-from ..kernels.indices import VerticalSlashIndex
-from .base import SparsePattern
+from ..kernels.indices import VerticalSlashIndex, VerticalSlashLines
+from ..kernels.vertical_slash import vertical_slash_lines
+from .base import LinePattern
 
 
 def window_index(
@@ -16,26 +17,27 @@ def window_index(
     device: torch.device,
 ) -> VerticalSlashIndex:
     """Sink columns + the ``local_tokens`` nearest diagonals, as a vertical-slash index."""
-    n_sink = min(sink_tokens, k_len)
-    n_local = min(local_tokens, k_len)
-    columns = torch.arange(n_sink, device=device).expand(batch, heads, n_sink)
-    diagonals = torch.arange(n_local, device=device).expand(batch, heads, n_local)
-    return build_vertical_slash_index(
-        columns, torch.full((batch, heads), n_sink, device=device),
-        diagonals, torch.full((batch, heads), n_local, device=device),
-        q_len=q_len, k_len=k_len, block_size_q=block_size,
-    )
+    return build_vertical_slash_index(*_window_lines(batch, heads, k_len, sink_tokens, local_tokens, device),
+                                      q_len=q_len, k_len=k_len, block_size_q=block_size)
 
 
-class AShapePattern(SparsePattern):
+def _window_lines(batch, heads, k_len, sink_tokens, local_tokens, device):
+    """``(columns, column count, diagonals, diagonal count)`` of sink + window, ascending."""
+    n_sink = max(min(sink_tokens, k_len), 1)  # a zero-width line list cannot be indexed: count 0 instead
+    n_local = max(min(local_tokens, k_len), 1)
+    columns = torch.arange(n_sink, dtype=torch.int32, device=device).expand(batch, heads, n_sink).contiguous()
+    diagonals = torch.arange(n_local, dtype=torch.int32, device=device).expand(batch, heads, n_local).contiguous()
+    return (columns, torch.full((batch, heads), min(sink_tokens, k_len), dtype=torch.int32, device=device),
+            diagonals, torch.full((batch, heads), min(local_tokens, k_len), dtype=torch.int32, device=device))
+
+
+class AShapePattern(LinePattern):
     name = PatternName.A_SHAPE
 
     def __init__(self, config: AShapeConfig):
         self.config = config
 
-    def estimate(self, q, k, *, scale, softcap, kv_head_index) -> VerticalSlashIndex:
+    def estimate_lines(self, q, k, *, scale, softcap, kv_head_index) -> VerticalSlashLines:
         cfg = self.config
-        return window_index(
-            q.shape[0], q.shape[1], q.shape[2], k.shape[2], sink_tokens=cfg.sink_tokens,
-            local_tokens=cfg.local_tokens, block_size=cfg.block_size, device=q.device,
-        )
+        lines = _window_lines(q.shape[0], q.shape[1], k.shape[2], cfg.sink_tokens, cfg.local_tokens, q.device)
+        return vertical_slash_lines(*lines, q_len=q.shape[2], k_len=k.shape[2], block_size_q=cfg.block_size)

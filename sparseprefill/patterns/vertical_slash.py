@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from ..config import PatternName, VerticalSlashConfig
-from ..kernels import build_vertical_slash_index, vertical_slash_scores
-from ..kernels.indices import VerticalSlashIndex
-from ..kernels.vertical_slash import select_line_kinds
-from .base import SparsePattern
+from ..kernels import vertical_slash_scores
+from ..kernels.indices import VerticalSlashLines
+from ..kernels.vertical_slash import select_line_kinds, vertical_slash_lines
+from .base import LinePattern
 
 
 def query_window_ends(q_len: int, window_rows: int, windows: int) -> list[int]:
@@ -24,7 +24,7 @@ def query_window_ends(q_len: int, window_rows: int, windows: int) -> list[int]:
     return [q_len * (i + 1) // count for i in range(count)]
 
 
-class VerticalSlashPattern(SparsePattern):
+class VerticalSlashPattern(LinePattern):
     name = PatternName.VERTICAL_SLASH
 
     def __init__(self, config: VerticalSlashConfig):
@@ -55,15 +55,16 @@ class VerticalSlashPattern(SparsePattern):
             slash[..., :seen] += s
         return vertical / len(ends), slash / len(ends)
 
-    def estimate(self, q, k, *, scale, softcap, kv_head_index) -> VerticalSlashIndex:
+    def estimate_lines(self, q, k, *, scale, softcap, kv_head_index) -> VerticalSlashLines:
         cfg = self.config
         q_len, k_len = q.shape[2], k.shape[2]
         vertical, slash = self.line_scores(q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
         lines = torch.arange(k_len, device=q.device)
         # Columns and diagonals in one batched selection (the estimate is bound by host time per torch
-        # op, not by the device). On the GPU the line lists stay full width, so the index builder's one
-        # size read is the only host wait of the estimate (each wait idles the GPU while the host
-        # catches up). The CPU reference builder is O(blocks x lines) in memory: there they are cut to size.
+        # op, not by the device). On the GPU the line lists stay full width and the fused kernel reads
+        # them as they are, so the estimate never waits for the device (a wait idles the GPU while the
+        # host catches up). The CPU reference expands lines to an O(blocks x lines) index: there they
+        # are cut to size.
         count, index = select_line_kinds(
             torch.stack([vertical, slash]), torch.stack([lines < cfg.sink_tokens, lines < cfg.local_tokens])[:, None, None],
             [cfg.vertical_mass, cfg.slash_mass], [cfg.max_vertical, cfg.max_slash], trim=False,
@@ -72,7 +73,6 @@ class VerticalSlashPattern(SparsePattern):
         if q.device.type != "cuda":  # each kind to its own width (a host read costs nothing on the CPU)
             vertical_index = vertical_index[..., :max(int(count[0].max()), 1)]
             slash_offset = slash_offset[..., :max(int(count[1].max()), 1)]
-        return build_vertical_slash_index(
-            vertical_index, count[0], slash_offset, count[1],
-            q_len=q_len, k_len=k_len, block_size_q=cfg.block_size, slashes_sorted=True,
+        return vertical_slash_lines(
+            vertical_index, count[0], slash_offset, count[1], q_len=q_len, k_len=k_len, block_size_q=cfg.block_size,
         )

@@ -43,7 +43,7 @@ def test_layer_dry_run_profiles_every_op(tmp_path, capsys):
     printed = capsys.readouterr().out
     fields, rows = _csv_rows(tmp_path / "layer.csv")
     assert fields == layer.CSV_FIELDS
-    expected = ["estimate", "attend", "run", "sdpa", "top_k_pages", "page_scores", "select_pages"]
+    expected = ["estimate", "attend", "estimate_lines", "run", "sdpa", "top_k_pages", "page_scores", "select_pages"]
     assert [r["op"] for r in rows] == expected
     assert all(r["length"] == str(layer.DRY_RUN_LENGTHS[0]) and float(r["median_ms"]) > 0 for r in rows)
     assert printed.count("=====") == len(expected) and "predicted density" in printed

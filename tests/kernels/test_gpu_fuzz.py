@@ -27,11 +27,14 @@ from sparseprefill.kernels.block_sparse.triton_attention import block_sparse_att
 from sparseprefill.kernels.common import compact  # noqa: E402
 from sparseprefill.kernels.vertical_slash.naive import vertical_slash_attention_naive  # noqa: E402
 from sparseprefill.kernels.vertical_slash.triton_attention import vertical_slash_attention_triton  # noqa: E402
+from sparseprefill.kernels.vertical_slash import vertical_slash_lines  # noqa: E402
+from sparseprefill.kernels.vertical_slash.naive import vertical_slash_lines_attention_naive  # noqa: E402
+from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton  # noqa: E402
 
 EXAMPLES = reference.FUZZ_EXAMPLES
 REL_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 FUZZ = reference.gpu_fuzz
-COUNTS = {"block_sparse": 0, "vertical_slash": 0}
+COUNTS = {"block_sparse": 0, "vertical_slash": 0, "vertical_slash_lines": 0}
 
 
 @st.composite
@@ -65,7 +68,9 @@ def _compare(naive, fast, q, k, v, index, window, softcap):
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[3]
     kw = dict(scale=d**-0.5, window=window, softcap=softcap,
               kv_head_index=torch.arange(hq, device="cuda") // (hq // hkv))
-    ref = naive(q, k, v, index, out=torch.full(q.shape, float("nan"), device="cuda"), **kw)
+    # ``index`` may be a (reference, tested) pair when each side records into its own copy.
+    ref_index, index = index if isinstance(index, tuple) else (index, index)
+    ref = naive(q, k, v, ref_index, out=torch.full(q.shape, float("nan"), device="cuda"), **kw)
     out = fast(q, k, v, index, out=torch.full_like(q, float("nan")), **kw)
     _check(out, ref, q.dtype)
 
@@ -101,6 +106,24 @@ def test_vertical_slash_fuzz(shape):
         build_vertical_slash_index_naive(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block))
     _compare(vertical_slash_attention_naive, vertical_slash_attention_triton, q, k, v, index, window, softcap)
     COUNTS["vertical_slash"] += 1
+
+
+@FUZZ
+@given(shapes())
+def test_vertical_slash_lines_fuzz(shape):
+    """The fused kernel (ranges and columns derived from per-head lines) vs the per-block index of the
+    same lines attended in fp32, pair counts included."""
+    batch, hq, hkv, q_len, k_len, d, block, dtype, window, softcap, density, seed = shape
+    q, k, v, g = _inputs(batch, hq, hkv, q_len, k_len, d, dtype, seed)
+    vc, vi = compact(torch.rand(batch, hq, k_len, generator=g, device="cuda") < density * 0.3)
+    sc, so = compact(torch.rand(batch, hq, k_len, generator=g, device="cuda") < density * 0.2)
+    make = lambda: vertical_slash_lines(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block)  # noqa: E731
+    ref_lines, lines = make(), make()
+    lines.block_pairs.fill_(-1)
+    _compare(vertical_slash_lines_attention_naive, vertical_slash_lines_attention_triton, q, k, v,
+             (ref_lines, lines), window, softcap)
+    assert torch.equal(lines.block_pairs, ref_lines.block_pairs)
+    COUNTS["vertical_slash_lines"] += 1
 
 
 def test_fuzz_ran_the_requested_number_of_cases():

@@ -63,3 +63,32 @@ def test_ops_compile_without_graph_breaks():
     compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v, index.block_count, index.block_index),
                                attend(q, k, v, index.block_count, index.block_index))
+
+
+def test_vertical_slash_lines_op_passes_opcheck_matches_and_compiles():
+    from sparseprefill.kernels.vertical_slash import vertical_slash_lines, vertical_slash_lines_attention
+
+    q, k, v = _qkv(seed=3)
+    vc, vi = compact((torch.rand(1, 4, 90) < 0.2).to(DEVICE))
+    sc, so = compact((torch.rand(1, 4, 90) < 0.1).to(DEVICE))
+    lines = vertical_slash_lines(vi, vc, so, sc, q_len=70, k_len=90, block_size_q=32)
+    kvh = torch.arange(4, device=DEVICE) // 2
+    out = torch.full_like(q, float("nan"))
+    args = (q, k, v, vi, vc, so, sc, lines.block_pairs, kvh, out, 32, 0.2, 0, 0.0, True)
+    torch.library.opcheck(torch.ops.sparseprefill.vertical_slash_lines_attention.default, args)
+    library.call_vertical_slash_lines(q, k, v, lines, scale=0.2, window=None, softcap=None, kv_head_index=kvh,
+                                      out=out, lines_sorted=True)
+    expected_lines = vertical_slash_lines(vi, vc, so, sc, q_len=70, k_len=90, block_size_q=32)
+    torch.testing.assert_close(out, vertical_slash_lines_attention(q, k, v, expected_lines, scale=0.2))
+    assert torch.equal(lines.block_pairs, expected_lines.block_pairs)
+
+    def attend(q, k, v, pairs):
+        out = torch.empty_like(q)
+        torch.ops.sparseprefill.vertical_slash_lines_attention(q, k, v, vi, vc, so, sc, pairs, kvh, out, 32, 0.2,
+                                                               0, 0.0, True)
+        return out * 2, pairs.sum()
+
+    pairs = torch.empty_like(lines.block_pairs)
+    compiled_out, compiled_pairs = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v, pairs)
+    torch.testing.assert_close(compiled_out, 2 * out)
+    assert int(compiled_pairs) == int(lines.block_pairs.sum())

@@ -26,6 +26,7 @@ from sparseprefill.patterns import (
     DensePattern,
     VerticalSlashPattern,
     build_pattern,
+    inspectable_index,
 )
 
 from tests import reference as ref
@@ -35,6 +36,7 @@ ALL_PATTERNS = [p.value for p in PatternName]
 
 
 def listed_mask(index, b, hq, q_len, k_len) -> torch.Tensor:
+    index = inspectable_index(index)  # line patterns hand per-head lines to their fused kernel
     if index is None:
         return torch.ones(b, hq, q_len, k_len, dtype=torch.bool)
     if isinstance(index, BlockSparseIndex):
@@ -296,7 +298,7 @@ def test_vertical_slash_max_vertical_caps_the_columns():
         last_queries=32, vertical_mass=1.0 - 1e-9, slash_mass=0.0, sink_tokens=0, local_tokens=4, max_vertical=3, block_size=32,
     ))
     _, result, _, _ = run_pattern("vertical_slash", config, q, k, v, scale=32**-0.5)
-    index = result.index
+    index = inspectable_index(result.index)
     assert int(index.column_count.max()) <= 3
     # every column listed anywhere belongs to one set of at most 3 verticals per head
     for h in range(2):

@@ -14,16 +14,17 @@ from ..common import (
     prepare_sparse_attention,
     resolve_kv_head_index,
 )
-from ..indices import VerticalSlashIndex
+from ..indices import VerticalSlashIndex, VerticalSlashLines
 from .naive import (
     build_vertical_slash_index_naive,
     select_lines_naive,
     vertical_slash_attention_naive,
+    vertical_slash_lines_attention_naive,
     vertical_slash_scores_naive,
 )
 from .select import select_line_kinds, select_lines
 
-__all__ = ["vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_line_kinds", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "vertical_slash_attention", "vertical_slash_attention_naive"]
+__all__ = ["vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_line_kinds", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "vertical_slash_attention", "vertical_slash_attention_naive", "vertical_slash_lines", "vertical_slash_lines_attention", "vertical_slash_lines_attention_naive"]
 
 def vertical_slash_scores(
     q: torch.Tensor,
@@ -121,4 +122,58 @@ def vertical_slash_attention(
         )
     return vertical_slash_attention_naive(
         q, k, v, index, scale=scale, window=window, softcap=softcap, kv_head_index=kv_head_index, out=out
+    )
+
+
+def vertical_slash_lines(
+    vertical_index: torch.Tensor,
+    vertical_count: torch.Tensor,
+    slash_offset: torch.Tensor,
+    slash_count: torch.Tensor,
+    *,
+    q_len: int,
+    k_len: int,
+    block_size_q: int,
+) -> VerticalSlashLines:
+    """Per-head lines (as ``build_vertical_slash_index`` takes them) packaged for
+    ``vertical_slash_lines_attention``, with an empty ``block_pairs [B, H, Rq]`` for its pair counts.
+    Nothing is read back to the host."""
+    n_blocks = -(-q_len // block_size_q)
+    block_pairs = torch.empty(*vertical_count.shape, n_blocks, dtype=torch.int64, device=vertical_index.device)
+    return VerticalSlashLines(
+        vertical_index=vertical_index, vertical_count=vertical_count, slash_offset=slash_offset,
+        slash_count=slash_count, block_size_q=block_size_q, q_len=q_len, k_len=k_len, block_pairs=block_pairs,
+    )
+
+
+def vertical_slash_lines_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lines: VerticalSlashLines,
+    *,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+    kv_head_index: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    lines_sorted: bool = False,
+) -> torch.Tensor:
+    """Causal attention over the keys of ``lines.to_index()`` without building that index: the GPU
+    kernel derives each query block's ranges and columns from the per-head lines (O(lines) memory, no
+    host wait), and writes each block's computed causal pairs into ``lines.block_pairs``.
+
+    Args as ``vertical_slash_attention``; ``lines_sorted``: each line list already ascends in its
+    first count (``select_lines`` output), which spares the GPU path two sorts.
+    """
+    kv_head_index, out = prepare_sparse_attention(q, k, v, lines, lines.vertical_count.shape, kv_head_index, out)
+    if q.device.type == "cuda":
+        from .triton_lines import vertical_slash_lines_attention_triton
+
+        return vertical_slash_lines_attention_triton(
+            q, k, v, lines, scale=scale, window=window, softcap=softcap, kv_head_index=kv_head_index, out=out,
+            lines_sorted=lines_sorted,
+        )
+    return vertical_slash_lines_attention_naive(
+        q, k, v, lines, scale=scale, window=window, softcap=softcap, kv_head_index=kv_head_index, out=out
     )

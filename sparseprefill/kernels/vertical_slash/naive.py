@@ -8,7 +8,7 @@ import torch
 
 from ..common import attend_gathered, compact, qk_scores
 from ..geometry import query_block_bounds, query_offset
-from ..indices import VerticalSlashIndex
+from ..indices import VerticalSlashIndex, VerticalSlashLines
 from ..mass_select import keep_by_cumulative_mass
 
 # MInference's last-queries estimate: softmax of the last ``n`` queries against every key, summed
@@ -177,6 +177,30 @@ def vertical_slash_attention_naive(
             q[:, :, row0:row1], k, v, positions, valid, q_positions, kv_head_index, scale, window, softcap
         )
         out[:, :, row0:row1] = block_out.to(out.dtype)
+    return out
+
+
+def vertical_slash_lines_attention_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lines: VerticalSlashLines,
+    *,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    kv_head_index: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Reference of ``vertical_slash_lines_attention``: the per-block index of the same lines
+    (``build_vertical_slash_index_naive``), attended exactly; fills ``lines.block_pairs``."""
+    index = build_vertical_slash_index_naive(
+        lines.vertical_index, lines.vertical_count, lines.slash_offset, lines.slash_count,
+        q_len=lines.q_len, k_len=lines.k_len, block_size_q=lines.block_size_q,
+    )
+    vertical_slash_attention_naive(q, k, v, index, scale=scale, window=window, softcap=softcap,
+                                   kv_head_index=kv_head_index, out=out)
+    lines.block_pairs.copy_(index.block_pair_counts())
     return out
 
 

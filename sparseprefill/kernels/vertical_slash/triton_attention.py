@@ -88,6 +88,24 @@ def vertical_slash_tile_sizes(head_dim: int, block_q: int, element_bytes: int) -
     return block_m, key_tile, key_tile, num_warps, num_stages, block_d
 
 
+def vertical_slash_launch(q: torch.Tensor, block_q: int, scale: float, window: int | None,
+                          softcap: float | None) -> tuple[int, tuple, dict]:
+    """What both vertical-slash attention kernels are launched with: ``(BLOCK_M, trailing scalars
+    (scale, softcap, window), tile constexprs and launch options)``."""
+    head_dim = q.shape[-1]
+    block_m, range_n, column_n, num_warps, num_stages, block_d = vertical_slash_tile_sizes(
+        head_dim, block_q, q.element_size()
+    )
+    scalars = (float(scale), float(softcap) if softcap is not None else 1.0, int(window) if window is not None else 0)
+    options = dict(
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, RANGE_N=range_n, COLUMN_N=column_n, BLOCK_Q=block_q,
+        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
+        UPCAST=q.device.type == "cpu" or q.dtype == torch.float32,  # the CPU interpreter gets bf16 wrong
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return block_m, scalars, options
+
+
 def vertical_slash_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -102,12 +120,9 @@ def vertical_slash_attention_triton(
 ) -> torch.Tensor:
     """GPU ``vertical_slash_attention``: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, ``index``
     ``[B, Hq, ceil(Lq / block_size_q), ...]`` -> ``out [B, Hq, Lq, D]`` (written in place)."""
-    b, hq, q_len, head_dim = q.shape
+    b, hq, q_len, _ = q.shape
     k_len = k.shape[2]
-    block_m, range_n, column_n, num_warps, num_stages, block_d = vertical_slash_tile_sizes(
-        head_dim, index.block_size_q, q.element_size()
-    )
-    interpret = q.device.type == "cpu"
+    block_m, scalars, options = vertical_slash_launch(q, index.block_size_q, scale, window, softcap)
     grid = (index.range_count.shape[2] * (index.block_size_q // block_m), b * hq)
     _vertical_slash_fwd_kernel[grid](
         q, k, v, out, index.range_count, index.range_start, index.range_end, index.column_count,
@@ -115,15 +130,9 @@ def vertical_slash_attention_triton(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *index.range_count.stride(), *index.range_start.stride(),
         *index.column_count.stride(), *index.column_index.stride(),
-        hq, q_len, k_len, k_len - q_len,
-        float(scale), float(softcap) if softcap is not None else 1.0, int(window) if window is not None else 0,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, RANGE_N=range_n, COLUMN_N=column_n,
-        BLOCK_Q=index.block_size_q,
-        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
-        UPCAST=interpret or q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        hq, q_len, k_len, k_len - q_len, *scalars, **options,
     )
     return out
 
 
-__all__ = ["vertical_slash_attention_triton", "vertical_slash_tile_sizes"]
+__all__ = ["vertical_slash_attention_triton", "vertical_slash_launch", "vertical_slash_tile_sizes"]
