@@ -47,13 +47,21 @@ from sparseprefill import (
     VerticalSlashConfig,
 )
 from sparseprefill.bench.common import bench_ms, git_commit, gpu_name, prefill_sdpa_backend, write_csv
+from sparseprefill.bench.real_model import (
+    capture_layers,
+    describe_row,
+    load_qwen_models,
+    log,
+    next_token_nll,
+    passkey_hits,
+    prefill_ms,
+    write_rows,
+)
 from sparseprefill.evals import offline_models
 from sparseprefill.evals.logits import compare_logits, reference_input_ids
-from sparseprefill.evals.passkey import answer_passkey, build_passkey_prompt
 from sparseprefill.kernels.common import default_kv_head_index
 from sparseprefill.kernels.geometry import causal_pairs_total
 from sparseprefill.kernels.recall import exact_probs, window_recall
-from sparseprefill.patchers import inspect_prefill
 from sparseprefill.kernels import build_vertical_slash_index, vertical_slash_scores
 from sparseprefill.kernels.vertical_slash import select_lines
 from sparseprefill.patterns import VerticalSlashPattern, build_pattern
@@ -64,7 +72,6 @@ WINDOW_ROWS = 64  # one query block of every estimator's index
 SAMPLED_WINDOWS = 12  # query windows per layer, spread over the prompt (see _windows)
 ORACLE_BLOCK = 64
 SCORED_POSITIONS = 512
-NEEDLE_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 TIMING_REP_MS = 40
 TIMED_LAYER_STRIDE = 4  # kernel timings on every 4th layer: the GPU time of a full sweep is scarce
 RULES_LAYER_STRIDE = 2  # the rules part scores every other layer (each rule re-reads the window)
@@ -98,22 +105,6 @@ ROUTED = ("default",)
 QUICK = ("auto_m95", "block_m95", "antidiag_m95")
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def load_models(args, lengths):
-    """{long_context: (model, tokenizer)} for the rope settings the lengths need."""
-    if args.gguf:
-        offline_models.install_gguf(offline_models.QWEN_CODER, args.gguf)
-    dtype = getattr(torch, args.dtype)
-    models = {}
-    for long in sorted({length > NATIVE_CONTEXT for length in lengths}):
-        model, tok = offline_models.load_qwen_coder(dtype=dtype, long_context=long, metadata=args.metadata)
-        models[long] = (model.to(args.device), tok)
-    return models
-
-
 def _windows(length: int) -> list[int]:
     """Start rows of the sampled query windows: evenly over the prompt past its first eighth (rows
     near the start see few keys and are cheap for every estimator), plus the last window."""
@@ -122,22 +113,6 @@ def _windows(length: int) -> list[int]:
     step = max(WINDOW_ROWS, (last - first) // max(SAMPLED_WINDOWS - 1, 1) // WINDOW_ROWS * WINDOW_ROWS)
     starts = sorted({min(last, first + i * step) for i in range(SAMPLED_WINDOWS)} | {last})
     return [s for s in starts if s >= 0]
-
-
-def capture(model, ids):
-    """Post-RoPE (q, k, v, scale) of every layer from one forward whose attention is exact."""
-    got = {}
-
-    def inspector(layer, q, k, v, out, selections, *, scale, softcap=None):
-        got[layer] = (q.clone(), k.clone(), v.clone(), scale)
-
-    sparseprefill.patch(model, SparseConfig.keep_everything(pattern="dense"))
-    try:
-        with inspect_prefill(model, inspector), torch.no_grad():
-            model(ids, logits_to_keep=1)
-    finally:
-        sparseprefill.unpatch(model)
-    return [got[i] for i in sorted(got)]
 
 
 def oracle(probs: torch.Tensor, r0: int) -> dict[str, torch.Tensor]:
@@ -174,7 +149,7 @@ def mass_part(args, models, lengths, out_dir: Path):
         model, tok = models[length > NATIVE_CONTEXT]
         ids = reference_input_ids(tok, length).to(args.device)
         t0 = time.time()
-        layers = capture(model, ids)
+        layers = list(capture_layers(model, ids).values())
         log(f"{length}: captured {len(layers)} layers in {time.time() - t0:.1f} s")
         windows = _windows(length)
         causal = causal_pairs_total(length, length)
@@ -266,41 +241,6 @@ def print_table(entries):
         print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in e.items()), flush=True)
 
 
-def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    """Mean next-token NLL of the last P positions: ``logits [1, P+1, V]`` predict ``ids``' last P."""
-    targets = ids[0, -(logits.shape[1] - 1):]
-    return float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), targets, reduction="mean"))
-
-
-def _prefill_ms(model, ids, device, variant: str, timed: bool = True) -> float | None:
-    if not timed:
-        return None
-    with prefill_sdpa_backend(torch.device(device), variant), torch.no_grad():
-        return bench_ms(lambda: model(ids, logits_to_keep=1), device, warmup=1, rep=1) if device != "cuda" else \
-            _timed(lambda: model(ids, logits_to_keep=1))
-
-
-def _timed(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return sorted(times)[len(times) // 2]
-
-
-def _needles(model, tok, length) -> list[bool]:
-    hits = []
-    for i, depth in enumerate(NEEDLE_DEPTHS):
-        prompt = build_passkey_prompt(tok, length, depth=depth, seed=i)
-        with prefill_sdpa_backend(model.device, "dense_cudnn"):
-            hits.append(answer_passkey(model, tok, prompt, free_tokens=8).forced_correct)
-    return hits
-
-
 # (column mass, total window coverage) of the columns-first rule.
 COLFIRST = ((0.95, 0.95), (0.9, 0.95), (0.8, 0.95), (0.9, 0.98))
 
@@ -365,7 +305,7 @@ def rules_part(args, models, lengths, out_dir: Path):
         if length > NATIVE_CONTEXT:
             raise SystemExit("--part rules runs at native lengths only (<= 32K)")
         model, tok = models[False]
-        layers = capture(model, reference_input_ids(tok, length).to(args.device))
+        layers = list(capture_layers(model, reference_input_ids(tok, length).to(args.device)).values())
         windows = _windows(length)
         causal = causal_pairs_total(length, length)
         for li in range(0, len(layers), RULES_LAYER_STRIDE):
@@ -397,12 +337,12 @@ def e2e_part(args, models, lengths, out_dir: Path):
         ids = reference_input_ids(tok, length).to(args.device)
         with torch.no_grad(), prefill_sdpa_backend(torch.device(args.device), "dense_cudnn"):
             dense_logits = model(ids, logits_to_keep=SCORED_POSITIONS + 1).logits.float()
-        dense = dict(length=length, candidate="dense", nll=_nll(dense_logits, ids),
-                     cudnn_ms=_prefill_ms(model, ids, args.device, "dense_cudnn", not args.skip_timing),
-                     flash_ms=_prefill_ms(model, ids, args.device, "dense_flash", not args.skip_timing)
-                     if args.device == "cuda" else None)
+        timed = not args.skip_timing
+        dense = dict(length=length, candidate="dense", nll=next_token_nll(dense_logits, ids),
+                     cudnn_ms=prefill_ms(model, ids, "dense_cudnn") if timed else None,
+                     flash_ms=prefill_ms(model, ids, "dense_flash") if timed and args.device == "cuda" else None)
         if not args.skip_needles:
-            dense["needles"] = sum(_needles(model, tok, length))
+            dense["needles"] = sum(passkey_hits(model, tok, length))
         rows.append(dense)
         log(f"{length}: dense {dense}")
         for name in args.candidates:
@@ -415,21 +355,19 @@ def e2e_part(args, models, lengths, out_dir: Path):
                 cmp = compare_logits(dense_logits[:, :-1], logits[:, :-1])
                 row = dict(length=length, candidate=name, density=st.density,
                            fallbacks=";".join(f"{k}:{v}" for k, v in sorted(st.fallbacks.items())) or None,
-                           nll=_nll(logits, ids),
+                           nll=next_token_nll(logits, ids),
                            top1=cmp.top1_agreement, kl=cmp.kl_mean, kl_max=cmp.kl_max,
-                           sparse_ms=_prefill_ms(model, ids, args.device, "dense_cudnn", not args.skip_timing))
+                           sparse_ms=prefill_ms(model, ids, "dense_cudnn") if timed else None)
                 row["nll_delta"] = row["nll"] - dense["nll"]
                 if row["sparse_ms"] is not None:
                     row["speedup_vs_cudnn"] = dense["cudnn_ms"] / row["sparse_ms"]
                 if not args.skip_needles:
-                    row["needles"] = sum(_needles(model, tok, length))
+                    row["needles"] = sum(passkey_hits(model, tok, length))
             finally:
                 sparseprefill.unpatch(model)
             rows.append(row)
-            log(f"{length}: {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in row.items()))
-        fields = list(dict.fromkeys(key for r in rows for key in r))
-        write_csv(out_dir / "e2e.csv", fields, [{f: r.get(f) for f in fields} for r in rows])
+            log(f"{length}: {name}: {describe_row(row)}")
+        write_rows(out_dir / "e2e.csv", rows)
     return rows
 
 
@@ -457,7 +395,8 @@ def main(argv=None) -> int:
     (out_dir / f"{args.part}_meta.json").write_text(json.dumps(
         dict(commit=git_commit(), gpu=gpu_name(args.device) if args.device == "cuda" else "cpu", dtype=args.dtype,
              lengths=args.lengths, candidates={n: CANDIDATES[n].to_dict() for n in args.candidates}), indent=1))
-    models = load_models(args, args.lengths)
+    models = load_qwen_models(args.lengths, device=args.device, dtype=args.dtype, gguf=args.gguf,
+                              metadata=args.metadata)
     {"mass": mass_part, "e2e": e2e_part, "rules": rules_part}[args.part](args, models, args.lengths, out_dir)
     return 0
 

@@ -56,6 +56,15 @@ DEFAULT_LAST_QUERIES = 64
 DEFAULT_SINK_TOKENS = 64
 DEFAULT_LOCAL_TOKENS = 128
 
+# Query windows whose line scores the vertical-slash estimate averages (spread over the prompt, the last
+# ending at its end). On Qwen2.5-Coder-0.5B on an H100 (experiments/real_speed.py, docs/benchmarks.md),
+# 4 windows against the last 64 rows alone: KL to dense 0.0045 / 0.036 / 0.019 instead of 0.0075 /
+# 0.117 / 0.034 at 32K / 64K / 128K, top-1 0.969 / 0.938 / 0.963 instead of 0.955 / 0.912 / 0.947, for
+# 0.04-0.08 more density and 1.1-1.8 ms more estimate per layer (1.48x instead of 1.63x dense's speed at
+# 128K). One window misjudges heads whose middle rows look elsewhere than the last rows (YaRN layers 9
+# and 16 at 64K); the accuracy-first choice is 4.
+DEFAULT_QUERY_WINDOWS = 4
+
 # Mass targets for vertical-slash (and so for the default "auto"): FlexPrefill's gamma (0.9 in its
 # README, 0.95 in its Llama-3.1 RULER scripts). On SmolLM2 at 8K, 0.95 kept 0.973 of the true
 # attention mass (0.90: 0.947); we take the accuracy-first value.
@@ -104,6 +113,21 @@ def _check_positive_int(name: str, value: int, *, allow_zero: bool = False) -> N
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _layer_indices(name: str, value: Any) -> tuple[int, ...]:
+    """A collection of layer indices as a sorted tuple without repeats (checked: ints >= 0)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a tuple of layer indices, got {value!r}")
+    layers = tuple(value)
+    for layer in layers:
+        _check_positive_int(f"{name}[]", layer, allow_zero=True)
+    return tuple(sorted(set(layers)))
+
+
 def _check_block_size(name: str, value: int) -> None:
     """Query/key block sizes: the GPU kernels tile them with power-of-two row counts (``tl.dot``'s
     minimum is ``MIN_TRITON_QUERY_BLOCK``); refused here rather than at the first long prompt."""
@@ -121,10 +145,17 @@ class VerticalSlashConfig:
     the estimated mass is covered. ``sink_tokens`` first columns and ``local_tokens`` nearest
     diagonals are always kept. ``max_vertical`` / ``max_slash`` optionally cap the counts.
 
-    ``query_windows > 1`` scores that many windows of ``last_queries`` rows, ending at evenly spaced
-    points of the prompt (the last at its end), each against the keys it can see, and averages their
-    line scores: heads whose middle rows attend elsewhere than the last rows are then judged on more
-    than the end of the prompt (experiments/real_density.py, ``vs_w4``).
+    ``query_windows`` (default 4) scores that many windows of ``last_queries`` rows, ending at evenly
+    spaced points of the prompt (the last at its end), each against the keys it can see, and averages
+    their line scores: heads whose middle rows attend elsewhere than the last rows are then judged on
+    more than the end of the prompt. 1 is MInference's estimate (the last rows alone).
+
+    ``fused=True`` hands the selected lines straight to the fused kernel (no per-block index, no host
+    read between estimate and attention, so a patched layer can be captured in a CUDA graph) instead
+    of building the per-block index. It is off by default because it is slower: on real
+    Qwen2.5-Coder-0.5B q/k on an H100 its attention took 1.4-1.9x the index kernel's time (every
+    block walks all of its head's columns, masking those a diagonal covers, where the index lists only
+    the rest; experiments/real_speed.py, docs/benchmarks.md). Fused heads are never routed dense.
     """
 
     last_queries: int = DEFAULT_LAST_QUERIES
@@ -135,9 +166,11 @@ class VerticalSlashConfig:
     max_vertical: int | None = None
     max_slash: int | None = None
     block_size: int = 64
-    query_windows: int = 1
+    query_windows: int = DEFAULT_QUERY_WINDOWS
+    fused: bool = False
 
     def __post_init__(self) -> None:
+        _check_bool("vertical_slash.fused", self.fused)
         _check_positive_int("vertical_slash.last_queries", self.last_queries)
         _check_positive_int("vertical_slash.query_windows", self.query_windows)
         _check_fraction("vertical_slash.vertical_mass", self.vertical_mass, allow_zero=True)
@@ -305,12 +338,7 @@ class DecodeRetrievalConfig:
             raise ValueError(
                 f"decode.budget_tokens={self.budget_tokens} is {pages} pages of {self.page_size}, fewer than the "
                 f"{forced} pages the {self.sink_tokens} sink and {self.recent_tokens} recent tokens always take")
-        if isinstance(self.dense_layers, (str, bytes)) or not hasattr(self.dense_layers, "__iter__"):
-            raise TypeError(f"decode.dense_layers must be a tuple of layer indices, got {self.dense_layers!r}")
-        layers = tuple(self.dense_layers)
-        for layer in layers:
-            _check_positive_int("decode.dense_layers[]", layer, allow_zero=True)
-        object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
+        object.__setattr__(self, "dense_layers", _layer_indices("decode.dense_layers", self.dense_layers))
 
     @classmethod
     def keep_everything(cls, **overrides: Any) -> DecodeRetrievalConfig:
@@ -342,6 +370,17 @@ class SparseConfig:
             ``cost_model``). An int forces the old rule: sparse at every key length from this one
             up (0: always), dense below it (``short_prompt``).
         min_sparse_query_len: chunks with fewer new queries than this run dense.
+        route_dense_heads: on the GPU, a head whose estimate keeps at least its sparse kernel's
+            break-even share of causal pairs (``patterns.cost.dense_break_even``: about 0.7 at head_dim
+            64, where the kernel computes a pair at about 0.7 of cuDNN's rate) runs dense attention
+            (SDPA) instead; costs one host read per layer; ``stats()`` counts these heads. Not on the
+            CPU (no cost model there) nor on the fused vertical-slash path. On Qwen2.5-Coder-0.5B (H100,
+            4 query windows) it made 128K faster and closer to dense (1.48x instead of 1.41x of cuDNN,
+            KL 0.019 instead of 0.025; its most diffuse layer 76 instead of 88 ms) and changed nothing at
+            64K; at 32K and below it costs 1-3 ms per layer, but there the default runs dense anyway.
+        dense_layers: layer indices whose every head runs dense (pattern ``"dense"``: SDPA on the GPU),
+            whatever the pattern or profile says for them; the peers keep the first layers of some
+            models dense for accuracy. ``patch`` refuses an index past the model's layers.
         vertical_slash, block_sparse, antidiagonal, a_shape: per-pattern budgets.
         decode: top-k KV page retrieval for decode (``DecodeRetrievalConfig``, its dict, or ``"topk"`` for
             the defaults); None (default) decodes dense, exactly as unpatched.
@@ -350,6 +389,8 @@ class SparseConfig:
     pattern: PatternName | str = PatternName.AUTO
     min_sparse_len: int | None = None
     min_sparse_query_len: int = DEFAULT_MIN_SPARSE_QUERY_LEN
+    route_dense_heads: bool = True
+    dense_layers: tuple[int, ...] = ()
     vertical_slash: VerticalSlashConfig = field(default_factory=VerticalSlashConfig)
     block_sparse: BlockSparseConfig = field(default_factory=BlockSparseConfig)
     antidiagonal: AntidiagonalConfig = field(default_factory=AntidiagonalConfig)
@@ -366,6 +407,8 @@ class SparseConfig:
         if self.min_sparse_len is not None:
             _check_positive_int("min_sparse_len", self.min_sparse_len, allow_zero=True)
         _check_positive_int("min_sparse_query_len", self.min_sparse_query_len)
+        _check_bool("route_dense_heads", self.route_dense_heads)
+        object.__setattr__(self, "dense_layers", _layer_indices("dense_layers", self.dense_layers))
         expected = {
             "vertical_slash": VerticalSlashConfig,
             "block_sparse": BlockSparseConfig,
@@ -413,6 +456,8 @@ class SparseConfig:
                 value = value.value
             elif isinstance(value, DecodeRetrievalConfig):
                 value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
             elif hasattr(value, "__dataclass_fields__"):
                 value = {g.name: getattr(value, g.name) for g in fields(value)}
             out[f.name] = value

@@ -83,8 +83,18 @@ def _convert(name: str, value: Any, annotation: Any) -> Any:
     """``value`` (text from the inline form, or a JSON value) as the type ``annotation`` declares.
 
     Raises ValueError naming the field, what was found and what it requires."""
+    if typing.get_origin(annotation) is tuple:  # ``tuple[int, ...]``: layer indices
+        return _convert_int_tuple(name, value)
     members = _union_members(annotation)
     expected = _type_label(annotation)
+    if bool in members:
+        if isinstance(value, bool):
+            return value
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise ValueError(f"sparse_config: {name}={value!r} is not valid; it requires a bool "
+                         f"({', '.join(sorted(TRUE_WORDS))} or {', '.join(sorted(FALSE_WORDS))})")
     if value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS):
         if type(None) in members:
             return None
@@ -117,6 +127,20 @@ def _convert(name: str, value: Any, annotation: Any) -> Any:
     if str in members and isinstance(value, str):
         return text
     raise ValueError(f"sparse_config: {name}={value!r} is not valid; it requires {expected}")
+
+
+def _convert_int_tuple(name: str, value: Any) -> tuple[int, ...]:
+    """A JSON list of ints, or inline text of ints separated by commas or spaces (empty: none)."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    if isinstance(items, (list, tuple)) and all(_is_int(item) for item in items):
+        return tuple(int(item) for item in items)
+    raise ValueError(f"sparse_config: {name}={value!r} is not valid; it requires integers (e.g. {name}=0,1)")
+
+
+def _is_int(item: Any) -> bool:
+    if isinstance(item, str):
+        return item.lstrip("-").isdigit()
+    return isinstance(item, int) and not isinstance(item, bool)
 
 
 def _unknown_field(name: str, cls: type, prefix: str = "") -> ValueError:

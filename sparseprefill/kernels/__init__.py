@@ -20,7 +20,7 @@ from .block_sparse import (
     pooled_block_probs,
     select_blocks,
 )
-from .dense import dense_attention
+from .dense import dense_attention, fast_dense_attention
 from .indices import BlockSparseIndex, VerticalSlashIndex
 from .mass_select import KEEP_ALL_MASS, keep_by_cumulative_mass
 from .vertical_slash import (
@@ -38,6 +38,7 @@ __all__ = [
     "block_sparse_attention",
     "build_vertical_slash_index",
     "dense_attention",
+    "fast_dense_attention",
     "keep_by_cumulative_mass",
     "library",
     "pooled_block_probs",

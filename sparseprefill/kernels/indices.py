@@ -35,7 +35,7 @@ causal and sliding-window masks themselves, so an index may list keys a row cann
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -89,6 +89,11 @@ class BlockSparseIndex:
         c1 = torch.clamp(c0 + self.block_size_k, max=self.k_len)
         pairs = causal_pairs_in_rects(p0[:, None], p1[:, None], c0, c1, window)
         return torch.where(self.slot_valid(), pairs, 0).sum(dim=(-1, -2))
+
+    def without_heads(self, heads: torch.Tensor) -> "BlockSparseIndex":
+        """The same index with every query block of the ``heads [B, H]`` (bool) rows emptied: a kernel
+        writes zeros there (no listed key) and computes nothing."""
+        return replace(self, block_count=torch.where(heads[..., None], 0, self.block_count))
 
     def to_dense_mask(self) -> torch.Tensor:
         """``[B, H, Lq, Lk]`` bool of listed keys (no causal mask applied). Debugging and plots only."""
@@ -156,6 +161,14 @@ class VerticalSlashIndex:
         rects = torch.where(self.range_valid(), rects, 0).sum(dim=-1)
         cols = torch.where(self.column_valid(), cols, 0).sum(dim=-1)
         return rects + cols
+
+    def without_heads(self, heads: torch.Tensor) -> "VerticalSlashIndex":
+        """The same index with every query block of the ``heads [B, H]`` (bool) rows emptied: a kernel
+        writes zeros there (no listed key) and computes nothing."""
+        emptied = heads[..., None]
+        return replace(self, range_count=torch.where(emptied, 0, self.range_count),
+                       column_count=torch.where(emptied, 0, self.column_count),
+                       block_pairs=None if self.block_pairs is None else torch.where(emptied, 0, self.block_pairs))
 
     def lists_same_entries(self, other: "VerticalSlashIndex") -> bool:
         """Same counts, and the same real ranges and columns in the same order (padding and the

@@ -21,10 +21,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..kernels import dense_attention
+from ..kernels import dense_attention, fast_dense_attention
 from ..kernels.common import default_kv_head_index
 from ..kernels.geometry import causal_pairs_total
 from ..patterns import inspectable_index, window_attention
+from ..patterns.cost import dense_break_even
 from .decode import decode_attention, follow_up_attention, invalidate_layer
 from .masks import SparsePrefillMask
 from .state import FallbackReason, LayerStats, PatchState, Phase, heads_tensor
@@ -61,8 +62,13 @@ def _binding(module: nn.Module) -> tuple[PatchState, int]:
 def _dense(
     q, k, v, out, *, scale, window, softcap, padding=None, weights=False
 ) -> torch.Tensor | None:
+    """Dense attention of a call that arrived with the sparse-path mask: the fp32 reference when the
+    weights are returned, else the fast dense path (SDPA on the GPU where it can express the call)."""
+    if not weights:
+        fast_dense_attention(q, k, v, scale=scale, window=window, softcap=softcap, key_padding_mask=padding, out=out)
+        return None
     _, w = dense_attention(q, k, v, scale=scale, window=window, softcap=softcap, key_padding_mask=padding,
-                           out=out, return_weights=weights)
+                           out=out, return_weights=True)
     return w
 
 
@@ -106,17 +112,20 @@ def _run_span(
         state.observer(layer, q, k, scale=scale, softcap=softcap)
     computed = []  # device tensors, summed without a host read (LayerStats.record)
     selections = []
+    # Heads whose estimate keeps past their kernel's break-even run dense (the GPU has a cost model).
+    route = cfg.route_dense_heads and q.device.type == "cuda"
     for group in state.plans[layer].groups:
         stats.patterns[group.pattern.name.value] += len(group.heads)
+        common = dict(scale=scale, softcap=softcap,
+                      dense_above=dense_break_even(group.pattern.name, q.shape[-1]) if route else None)
         if len(group.heads) == hq:
-            result = group.pattern.run(q, k, v, scale=scale, softcap=softcap, kv_head_index=kv_of_head, out=out)
+            result = group.pattern.run(q, k, v, kv_head_index=kv_of_head, out=out, **common)
         else:
             heads = heads_tensor(group.heads, q.device)
             part = torch.empty_like(q[:, heads])
-            result = group.pattern.run(
-                q[:, heads], k, v, scale=scale, softcap=softcap, kv_head_index=kv_of_head[heads], out=part
-            )
+            result = group.pattern.run(q[:, heads], k, v, kv_head_index=kv_of_head[heads], out=part, **common)
             out[:, heads] = part
+        stats.estimated_dense_heads += result.dense_heads
         computed.append(result.computed_pairs.sum())
         selections.append((group.heads, result.index))
     if state.inspector is not None:

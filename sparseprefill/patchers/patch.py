@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..config import SparseConfig
+from ..config import PatternName, SparseConfig
 from ..patterns import build_pattern
 from ..profiles import Profile, ProfileError, check_profile_matches, load_profile
 from .attention import IMPLEMENTATION_NAME, sparseprefill_attention
@@ -151,6 +151,7 @@ def patch(
     else:
         pattern = build_pattern(config.pattern, config)
         plans = {module.layer_idx: full_plan(pattern, module.config.num_attention_heads) for module in modules}
+    plans = _with_dense_layers(plans, config, modules)
     # The profile and the plans above speak of the config's (global) heads.
     head_counts = {module.layer_idx: _global_head_counts(module) for module in modules}
     if tensor_parallel is not None and tensor_parallel.heads_sharded:
@@ -232,6 +233,20 @@ def _decode_configs(profile: Profile | None, config: SparseConfig) -> dict[int, 
         except ValueError as exc:
             raise ProfileError(f"decode[{layer}].budget_tokens", f"{exc} (with this SparseConfig.decode)") from None
     return configs
+
+
+def _with_dense_layers(plans: dict[int, LayerPlan], config: SparseConfig, modules: list[nn.Module]) -> dict[int, LayerPlan]:
+    """``plans`` with every layer of ``config.dense_layers`` run dense (all heads, one group)."""
+    if not config.dense_layers:
+        return plans
+    heads = {module.layer_idx: module.config.num_attention_heads for module in modules}
+    unknown = [layer for layer in config.dense_layers if layer not in heads]
+    if unknown:
+        raise ValueError(f"SparseConfig.dense_layers lists layer(s) {unknown}, but the model's attention layers "
+                         f"are {min(heads)}-{max(heads)}")
+    dense = build_pattern(PatternName.DENSE, config)
+    return {layer: full_plan(dense, heads[layer]) if layer in config.dense_layers else plan
+            for layer, plan in plans.items()}
 
 
 def _plans_from_profile(profile: Profile, config: SparseConfig, modules: list[nn.Module]) -> dict[int, LayerPlan]:

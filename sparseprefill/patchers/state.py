@@ -78,6 +78,9 @@ class LayerStats:
     fallbacks: Counter = field(default_factory=Counter)
     patterns: Counter = field(default_factory=Counter)
     causal_pairs: int = 0
+    # (batch row, head) pairs of sparse calls whose estimate kept past the kernel's break-even, so they
+    # ran dense attention instead (SparseConfig.route_dense_heads); their pairs count as computed.
+    estimated_dense_heads: int = 0
     # Computed-pair counts recorded as device tensors, read back when the stats are read: an int() per
     # layer in the forward pass would stall the host until the GPU caught up, once per layer.
     _computed_total: int = field(default=0, repr=False)
@@ -134,6 +137,7 @@ class LayerStats:
             "phases": dict(self.phases),
             "fallbacks": dict(self.fallbacks),
             "patterns": dict(self.patterns),
+            "estimated_dense_heads": self.estimated_dense_heads,
             "density": self.density,
             "last_density": self.last_density,
             "computed_pairs": self.computed_pairs,
@@ -159,6 +163,11 @@ class PatchStats:
         return sum(s.computed_pairs for s in self.layers) / causal if causal else None
 
     @property
+    def estimated_dense_heads(self) -> int:
+        """Head calls that ran dense because their estimate kept past the kernel's break-even."""
+        return sum(s.estimated_dense_heads for s in self.layers)
+
+    @property
     def fallbacks(self) -> Counter:
         total: Counter = Counter()
         for s in self.layers:
@@ -181,6 +190,7 @@ class PatchStats:
             "density": self.density,
             "phases": dict(self.phases),
             "fallbacks": dict(self.fallbacks),
+            "estimated_dense_heads": self.estimated_dense_heads,
             "layers": [s.to_dict() for s in self.layers],
         }
 
@@ -193,7 +203,8 @@ class PatchStats:
             d = "-" if s.density is None else f"{s.density:.3f}"
             phases = ", ".join(f"{k}={v}" for k, v in sorted(s.phases.items())) or "no calls"
             falls = ", ".join(f"{k}={v}" for k, v in sorted(s.fallbacks.items()))
-            lines.append(f"{s.layer_idx:>5}  {d:>7}  {phases}" + (f" [dense: {falls}]" if falls else ""))
+            routed = f" [{s.estimated_dense_heads} head calls dense by estimate]" if s.estimated_dense_heads else ""
+            lines.append(f"{s.layer_idx:>5}  {d:>7}  {phases}" + (f" [dense: {falls}]" if falls else "") + routed)
         return "\n".join(lines)
 
 
@@ -243,7 +254,7 @@ class PatchState:
         if key not in self._cost_decisions:
             if len(self._cost_decisions) >= MAX_COST_DECISIONS:  # chunked prefill sees many lengths
                 self._cost_decisions.clear()
-            groups = [(group.pattern.name, len(group.heads), head_dim)
+            groups = [(group.pattern.name, len(group.heads), head_dim, group.pattern.query_windows)
                       for layer, head_dim in self.head_dims.items() for group in self.plans[layer].groups]
             speedup = predicted_speedup(groups, q_len, k_len, device_type)
             self._cost_decisions[key] = None if speedup >= MIN_PREDICTED_SPEEDUP else FallbackReason.COST_MODEL

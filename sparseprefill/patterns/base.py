@@ -13,21 +13,25 @@ from typing import ClassVar, Union
 import torch
 
 from ..config import PatternName
-from ..kernels import BlockSparseIndex, VerticalSlashIndex, library
+from ..kernels import BlockSparseIndex, VerticalSlashIndex, fast_dense_attention, library
+from ..kernels.geometry import causal_pairs_total
 from ..kernels.indices import VerticalSlashLines
 
 SparseIndex = Union[BlockSparseIndex, VerticalSlashIndex, None]
 
-__all__ = ["LinePattern", "SparsePattern", "PatternOutput", "SparseIndex", "inspectable_index"]
+__all__ = ["LinePattern", "SparsePattern", "PatternOutput", "SparseIndex", "attend_heads_dense", "inspectable_index"]
 
 
 @dataclass(frozen=True)
 class PatternOutput:
     """``computed_pairs [B, H]``: causal pairs the kernel computed (density numerator); ``index`` what
-    the kernel read (``VerticalSlashLines`` for line patterns on their fused path)."""
+    the kernel read (``VerticalSlashLines`` for line patterns on their fused path; heads routed dense
+    keep their estimated entries); ``dense_heads``: (batch row, head) pairs whose estimate kept at least
+    ``dense_above`` of their pairs and that therefore ran dense attention."""
 
     computed_pairs: torch.Tensor
     index: Union[SparseIndex, VerticalSlashLines]
+    dense_heads: int = 0
 
 
 def inspectable_index(index: Union[SparseIndex, VerticalSlashLines]) -> SparseIndex:
@@ -38,6 +42,8 @@ def inspectable_index(index: Union[SparseIndex, VerticalSlashLines]) -> SparseIn
 
 class SparsePattern(abc.ABC):
     name: ClassVar[PatternName]
+    # Query windows whose scores the estimate averages (the cost model prices each one past the first).
+    query_windows: int = 1
 
     @abc.abstractmethod
     def estimate(
@@ -75,17 +81,33 @@ class SparsePattern(abc.ABC):
         softcap: float | None,
         kv_head_index: torch.Tensor,
         out: torch.Tensor,
+        dense_above: float | None = None,
     ) -> PatternOutput:
-        index = _estimate_outside_compile(self, q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
-        self.attend(q, k, v, index, scale=scale, softcap=softcap, kv_head_index=kv_head_index, out=out)
-        return PatternOutput(computed_pairs=index.computed_pairs(), index=index)
+        """Estimate, then attend. With ``dense_above`` (a share of causal pairs), a head whose index
+        lists at least that share runs dense attention instead (``fast_dense_attention``: SDPA on the
+        GPU), which costs one host read of the per-head pair counts."""
+        kwargs = dict(scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+        index = _estimate_outside_compile(self, q, k, **kwargs)
+        pairs = index.computed_pairs()
+        causal = causal_pairs_total(q.shape[2], k.shape[2])
+        dense = None if dense_above is None else pairs >= dense_above * causal
+        dense_host = None if dense is None else dense.cpu()  # the one host read routing costs
+        if dense_host is None or not dense_host.any():
+            self.attend(q, k, v, index, out=out, **kwargs)
+            return PatternOutput(computed_pairs=pairs, index=index)
+        if not dense_host.all():
+            self.attend(q, k, v, index.without_heads(dense), out=out, **kwargs)
+        attend_heads_dense(q, k, v, dense_host, kv_head_index, scale=scale, softcap=softcap, out=out)
+        return PatternOutput(computed_pairs=torch.where(dense, causal, pairs), index=index,
+                             dense_heads=int(dense_host.sum()))
 
 
 class LinePattern(SparsePattern):
-    """A pattern whose estimate is per-head vertical-slash lines. ``run`` hands them straight to the
-    fused kernel (``vertical_slash_lines_attention``: no per-block index, no host read between the
-    estimate and the attention); ``estimate`` expands them to the per-block index for inspection,
-    recall and profiling (the same keys)."""
+    """A pattern whose estimate is per-head vertical-slash lines. ``estimate`` expands them to the
+    per-block index (the same keys), which ``run`` attends by default; where ``uses_fused_kernel``,
+    ``run`` hands the lines straight to the fused kernel instead (``vertical_slash_lines_attention``:
+    no per-block index, no host read between the estimate and the attention, so capturable in a CUDA
+    graph; on real Qwen q/k on an H100 its attention took 1.4-1.9x the index kernel's time)."""
 
     # The lines ``estimate_lines`` returns ascend in their counts (spares the kernel's plan two sorts).
     lines_sorted: ClassVar[bool] = True
@@ -99,12 +121,38 @@ class LinePattern(SparsePattern):
     def estimate(self, q, k, *, scale, softcap, kv_head_index) -> VerticalSlashIndex:
         return self.estimate_lines(q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index).to_index()
 
-    def run(self, q, k, v, *, scale, softcap, kv_head_index, out) -> PatternOutput:
+    def uses_fused_kernel(self) -> bool:
+        """Whether ``run`` takes the fused path (the lines straight into the fused kernel: no host read,
+        no per-block index, no dense routing) instead of the per-block index and its kernel."""
+        return False
+
+    def run(self, q, k, v, *, scale, softcap, kv_head_index, out, dense_above=None) -> PatternOutput:
+        if not self.uses_fused_kernel():
+            return super().run(q, k, v, scale=scale, softcap=softcap, kv_head_index=kv_head_index, out=out,
+                               dense_above=dense_above)
         lines = _estimate_outside_compile(self, q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index,
                                           as_lines=True)
         library.call_vertical_slash_lines(q, k, v, lines, scale=scale, window=None, softcap=softcap,
                                           kv_head_index=kv_head_index, out=out, lines_sorted=self.lines_sorted)
         return PatternOutput(computed_pairs=lines.computed_pairs(), index=lines)
+
+
+def attend_heads_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor, kv_head_index: torch.Tensor, *,
+    scale: float, softcap: float | None, out: torch.Tensor,
+) -> None:
+    """Dense attention for the (batch row, query head) pairs set in ``heads [B, H]`` (bool, on the
+    host), written into their slices of ``out [B, H, Lq, D]``; one call per batch row and KV head, so
+    GQA needs no repeated K/V (``kv_head_index`` maps query heads to KV heads)."""
+    kv_of_head = kv_head_index.tolist()
+    for b in range(heads.shape[0]):
+        by_kv: dict[int, list[int]] = {}
+        for h in torch.nonzero(heads[b]).flatten().tolist():
+            by_kv.setdefault(kv_of_head[h], []).append(h)
+        for kv, group in by_kv.items():
+            rows = slice(b, b + 1)
+            out[rows, group] = fast_dense_attention(q[rows, group], k[rows, kv:kv + 1], v[rows, kv:kv + 1],
+                                                    scale=scale, softcap=softcap)
 
 
 # Estimates launch Triton kernels directly and some (block selection) size their indices on the host,

@@ -14,10 +14,13 @@ Per layer and head group, on the GPU::
                 + estimate_dense_fraction * dense_ms                  # estimators that score blocks
                 + typical_density * dense_ms / kernel_efficiency     # the sparse kernel
 
-All constants were measured on one H200 (bf16, warm, ``triton.testing.do_bench`` medians) by
-``experiments/real_density.py --part mass`` on Qwen2.5-Coder-0.5B q/k/v at 32K and by ``sparseprefill
-bench kernels`` on Llama-3.1-8B shapes (docs/benchmarks.md); ``typical_density`` is what each
-estimator kept on the real model's natural text at 16K-64K. Other GPUs shift the fixed costs (launch
+All constants were measured on one H200 or H100 (bf16, warm, ``triton.testing.do_bench`` medians) by
+``experiments/real_speed.py --parts timing`` and ``experiments/real_density.py --part mass`` on
+Qwen2.5-Coder-0.5B q/k/v at 32K-128K and by ``sparseprefill bench kernels`` on Llama-3.1-8B shapes
+(docs/benchmarks.md); ``typical_density`` is what each estimator kept on the real model's natural text
+at 16K-128K. The prefill-level decision is made before any estimate, so it prices a typical density;
+inside a sparse prefill each head whose own estimate keeps past its kernel's break-even runs dense
+(``dense_break_even``), which bounds a layer's loss to the estimate's cost. Other GPUs shift the fixed costs (launch
 overhead) and the rates; the model is deliberately conservative (sparse must be predicted
 ``MIN_PREDICTED_SPEEDUP`` faster). There is no cost model for the CPU: its sparse path is the fp32
 reference, slower than dense at every measured density, so the default runs dense there.
@@ -38,6 +41,7 @@ __all__ = [
     "PatternCost",
     "PATTERN_COSTS",
     "dense_attention_ms",
+    "dense_break_even",
     "kernel_time_ratio",
     "sparse_attention_ms",
     "predicted_speedup",
@@ -66,7 +70,9 @@ class PatternCost:
             fraction of the dense time.
         efficiency_small_head / efficiency_large_head: the sparse kernel's rate per computed pair as a
             fraction of cuDNN's, for head_dim <= ``SMALL_HEAD_DIM`` and above.
-        typical_density: share of causal pairs the pattern keeps on real attention.
+        typical_density: share of causal pairs the pattern keeps on real attention (one scoring window).
+        extra_window_ms_per_head_key / extra_window_density: what each query window past the first
+            adds (vertical-slash ``query_windows``): estimate time per head and key, kept density.
     """
 
     estimate_fixed_ms: float
@@ -75,12 +81,19 @@ class PatternCost:
     efficiency_small_head: float
     efficiency_large_head: float
     typical_density: float
+    extra_window_ms_per_head_key: float = 0.0
+    extra_window_density: float = 0.0
 
 
-# Vertical-slash (and auto): 3.0 ms per layer at 32K on Qwen (14 heads), 1.75 / 2.60 / 9.75 ms at
-# 8K / 32K / 128K on 32 heads; kernel at 0.76 of cuDNN per pair at head_dim 64, 0.45 at 128; density
-# 0.36-0.43 on Qwen's natural text at 16K-64K (auto, mass 0.95).
-_VERTICAL_SLASH = PatternCost(2.0, 2.1e-6, 0.0, 0.75, 0.45, 0.40)
+# Vertical-slash (and auto), estimate + per-block index: 1.61-1.73 ms per layer at 32K and 2.5-4.5 ms
+# at 128K on Qwen's real q/k (14 heads, H100; 8.9 ms on its most diffuse layer), 1.75 / 2.60 / 9.75 ms
+# at 8K / 32K / 128K on 32 heads (H200); the index kernel computes a pair at 0.65-0.73 of cuDNN's rate
+# at head_dim 64 on real q/k (H100; 0.76 on the H200), 0.45 at 128 (H200); density 0.31-0.43 on Qwen's
+# natural text at 16K-128K (auto, mass 0.95). experiments/real_speed.py, docs/benchmarks.md.
+# Each extra query window: 4 windows against 1 cost 1.1 / 1.8 ms more estimate per layer at 64K / 128K
+# (end to end, less the extra density's attention) and kept 0.03-0.08 more of the pairs.
+_VERTICAL_SLASH = PatternCost(0.75, 2.0e-6, 0.0, 0.70, 0.45, 0.37, extra_window_ms_per_head_key=3.7e-7,
+                              extra_window_density=0.02)
 PATTERN_COSTS: dict[PatternName, PatternCost] = {
     PatternName.AUTO: _VERTICAL_SLASH,
     PatternName.VERTICAL_SLASH: _VERTICAL_SLASH,
@@ -102,17 +115,22 @@ def dense_attention_ms(q_len: int, k_len: int, heads: int, head_dim: int) -> flo
     return 4.0 * heads * head_dim * causal_pairs_total(q_len, k_len) / rate
 
 
-def sparse_attention_ms(pattern: PatternName, q_len: int, k_len: int, heads: int, head_dim: int) -> float:
+def sparse_attention_ms(pattern: PatternName, q_len: int, k_len: int, heads: int, head_dim: int,
+                        query_windows: int = 1) -> float:
     """Predicted estimate + sparse attention time; the dense time for the dense pattern (such heads
-    run dense either way, so they weigh the same on both sides of the comparison)."""
+    run dense either way, so they weigh the same on both sides of the comparison). ``query_windows``:
+    the vertical-slash estimate's scoring windows (each past the first adds its cost and density)."""
     dense = dense_attention_ms(q_len, k_len, heads, head_dim)
     cost = PATTERN_COSTS.get(PatternName(pattern))
     if cost is None:  # the dense pattern
         return dense
     efficiency = cost.efficiency_small_head if head_dim <= SMALL_HEAD_DIM else cost.efficiency_large_head
-    estimate = (cost.estimate_fixed_ms + cost.estimate_ms_per_head_key * heads * k_len
+    extra_windows = max(query_windows, 1) - 1
+    estimate = (cost.estimate_fixed_ms
+                + (cost.estimate_ms_per_head_key + extra_windows * cost.extra_window_ms_per_head_key) * heads * k_len
                 + cost.estimate_dense_fraction * dense)
-    return estimate + cost.typical_density * dense / efficiency
+    density = min(cost.typical_density + extra_windows * cost.extra_window_density, 1.0)
+    return estimate + density * dense / efficiency
 
 
 def kernel_time_ratio(pattern: PatternName | str, density: float, head_dim: int) -> float:
@@ -128,12 +146,23 @@ def kernel_time_ratio(pattern: PatternName | str, density: float, head_dim: int)
     return density / efficiency
 
 
-def predicted_speedup(groups: Sequence[tuple[PatternName, int, int]], q_len: int, k_len: int, device_type: str) -> float:
+def dense_break_even(pattern: PatternName | str, head_dim: int) -> float | None:
+    """The density from which one head of ``pattern`` is faster dense than on its sparse kernel (the
+    kernel's rate per computed pair relative to cuDNN's: ``kernel_time_ratio`` reaches 1 there), or
+    None for the dense pattern. The sparse path routes heads whose estimate keeps at least this share
+    of their causal pairs to dense attention (``SparseConfig.route_dense_heads``)."""
+    cost = PATTERN_COSTS.get(PatternName(pattern))
+    if cost is None:
+        return None
+    return cost.efficiency_small_head if head_dim <= SMALL_HEAD_DIM else cost.efficiency_large_head
+
+
+def predicted_speedup(groups: Sequence[tuple], q_len: int, k_len: int, device_type: str) -> float:
     """Predicted dense time / sparse time of one prefill: ``groups`` lists (pattern, query heads,
-    head_dim) of every head group, over all layers, that would run sparse. 0 on devices without a cost
-    model (the CPU) and when no group would run sparse."""
+    head_dim[, query_windows]) of every head group, over all layers, that would run sparse. 0 on devices
+    without a cost model (the CPU) and when no group would run sparse."""
     if device_type != "cuda" or not groups:
         return 0.0
-    dense = sum(dense_attention_ms(q_len, k_len, heads, head_dim) for _, heads, head_dim in groups)
-    sparse = sum(sparse_attention_ms(pattern, q_len, k_len, heads, head_dim) for pattern, heads, head_dim in groups)
+    dense = sum(dense_attention_ms(q_len, k_len, group[1], group[2]) for group in groups)
+    sparse = sum(sparse_attention_ms(group[0], q_len, k_len, group[1], group[2], *group[3:]) for group in groups)
     return dense / sparse

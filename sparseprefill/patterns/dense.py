@@ -1,13 +1,14 @@
-"""Dense: every causal key. Used when a head is forced dense (``pattern="dense"``, a profile)."""
+"""Dense: every causal key. Used when a head is forced dense (``pattern="dense"``, a profile,
+``SparseConfig.dense_layers``); on the GPU it runs SDPA (``fast_dense_attention``), as unpatched."""
 
 from __future__ import annotations
 
 import torch
 
 from ..config import PatternName
-from ..kernels import dense_attention
+from ..kernels import fast_dense_attention
 from ..kernels.geometry import causal_pairs_total
-from .base import PatternOutput, SparsePattern
+from .base import PatternOutput, SparsePattern, attend_heads_dense
 
 
 class DensePattern(SparsePattern):
@@ -19,16 +20,13 @@ class DensePattern(SparsePattern):
     def attend(self, q, k, v, index, *, scale, softcap, kv_head_index, out):
         default = torch.arange(q.shape[1], device=q.device) // max(q.shape[1] // k.shape[1], 1)
         if q.shape[1] % k.shape[1] or not torch.equal(kv_head_index, default):
-            # A head subset: attend per KV head so the grouped layout of dense_attention holds.
-            for kv_head in torch.unique(kv_head_index).tolist():
-                heads = torch.nonzero(kv_head_index == kv_head).flatten()
-                part, _ = dense_attention(q[:, heads], k[:, kv_head, None], v[:, kv_head, None], scale=scale, softcap=softcap)
-                out[:, heads] = part
+            # A head subset: attend per KV head so the grouped layout of the dense kernels holds.
+            every_head = torch.ones(q.shape[:2], dtype=torch.bool)
+            attend_heads_dense(q, k, v, every_head, kv_head_index, scale=scale, softcap=softcap, out=out)
             return out
-        dense_attention(q, k, v, scale=scale, softcap=softcap, out=out)
-        return out
+        return fast_dense_attention(q, k, v, scale=scale, softcap=softcap, out=out)
 
-    def run(self, q, k, v, *, scale, softcap, kv_head_index, out) -> PatternOutput:
+    def run(self, q, k, v, *, scale, softcap, kv_head_index, out, dense_above=None) -> PatternOutput:
         self.attend(q, k, v, None, scale=scale, softcap=softcap, kv_head_index=kv_head_index, out=out)
         pairs = causal_pairs_total(q.shape[2], k.shape[2])
         return PatternOutput(torch.full(q.shape[:2], pairs, dtype=torch.int64, device=q.device), None)

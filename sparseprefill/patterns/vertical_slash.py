@@ -30,6 +30,13 @@ class VerticalSlashPattern(LinePattern):
     def __init__(self, config: VerticalSlashConfig):
         self.config = config
 
+    def uses_fused_kernel(self) -> bool:
+        return self.config.fused
+
+    @property
+    def query_windows(self) -> int:
+        return self.config.query_windows
+
     def line_scores(self, q, k, *, scale, softcap, kv_head_index) -> tuple[torch.Tensor, torch.Tensor]:
         """``(vertical [B, H, Lk], slash [B, H, Lk])``: the mean line scores of the query windows, each
         summing to 1 (a window's lines past the keys it sees score 0)."""

@@ -263,6 +263,19 @@ def test_inline_items_are_typed_and_nested():
     assert config.vertical_slash.max_slash is None
 
 
+def test_inline_bools_and_layer_lists():
+    config = lem.parse_sparse_config("route_dense_heads=off;dense_layers=0, 2;vertical_slash.fused=yes;"
+                                     "vertical_slash.query_windows=1")
+    assert config.route_dense_heads is False and config.dense_layers == (0, 2)
+    assert config.vertical_slash.fused is True and config.vertical_slash.query_windows == 1
+    assert lem.parse_sparse_config({"dense_layers": [1], "route_dense_heads": True}).dense_layers == (1,)
+    assert lem.parse_sparse_config("dense_layers=").dense_layers == ()
+    with pytest.raises(ValueError, match="route_dense_heads='maybe' is not valid; it requires a bool"):
+        lem.parse_sparse_config("route_dense_heads=maybe")
+    with pytest.raises(ValueError, match=r"dense_layers='0,x' is not valid; it requires integers \(e.g. dense_layers=0,1\)"):
+        lem.parse_sparse_config("dense_layers=0,x")
+
+
 def test_inline_items_after_a_preset_override_it():
     config = lem.parse_sparse_config("keep_everything;pattern=a_shape;a_shape.local_tokens=512")
     expected = SparseConfig.keep_everything(pattern="a_shape")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
@@ -398,12 +400,45 @@ def test_stats_table_and_dict():
     stats = sparseprefill.stats(model)
     as_dict = stats.to_dict()
     assert as_dict["model_type"] == "qwen2" and len(as_dict["layers"]) == 2
+    # Heads routed dense by their estimate: counted per layer (only the GPU routes, so none here).
+    assert as_dict["estimated_dense_heads"] == stats.estimated_dense_heads == 0
+    assert all(layer["estimated_dense_heads"] == 0 for layer in as_dict["layers"])
     text = str(stats)
     assert "overall density" in text and "sparse_prefill" in text
     sparseprefill.reset_stats(model)
     assert sparseprefill.stats(model).density is None
     sparseprefill.unpatch(model)
 
+
+
+def test_dense_layers_run_all_their_heads_dense_and_the_others_sparse():
+    model = tiny_model("llama", windowed=False, qk_scale=PEAKED_QK)
+    ids = random_ids(SPARSE_LENGTH)
+    reference = _logits(model, ids)
+    layers = model.config.num_hidden_layers
+    heads = model.config.num_attention_heads
+    # Every layer listed: exact, whatever the lossy budgets would have kept.
+    sparseprefill.patch(model, replace(LOSSY, dense_layers=tuple(range(layers))))
+    patched = _logits(model, ids)
+    stats = sparseprefill.stats(model)
+    sparseprefill.unpatch(model)
+    torch.testing.assert_close(patched, reference, atol=EXACT_ATOL, rtol=0)
+    assert stats.density == 1.0
+    assert all(dict(layer.patterns) == {"dense": heads} for layer in stats.layers)
+    # Only layer 0 listed: it stays exact and dense, the others follow the lossy config.
+    sparseprefill.patch(model, replace(LOSSY, dense_layers=[0, 0]))
+    _logits(model, ids)
+    stats = sparseprefill.stats(model)
+    sparseprefill.unpatch(model)
+    assert stats.layers[0].density == 1.0 and dict(stats.layers[0].patterns) == {"dense": heads}
+    assert all(layer.density < 0.9 and "dense" not in layer.patterns for layer in stats.layers[1:])
+    with pytest.raises(ValueError, match=r"dense_layers lists layer\(s\) \[7\], but the model's attention layers are 0-1"):
+        sparseprefill.patch(model, SparseConfig(dense_layers=(0, 7)))
+    assert not sparseprefill.is_patched(model)
+    with pytest.raises(TypeError, match="dense_layers must be a tuple of layer indices, got '0'"):
+        SparseConfig(dense_layers="0")
+    with pytest.raises(ValueError, match=r"dense_layers\[\] must be >= 0, got -1"):
+        SparseConfig(dense_layers=(-1,))
 
 
 def test_softcap_model_on_sdpa_falls_back_to_eager_and_unpatch_restores_sdpa():

@@ -13,8 +13,11 @@ from sparseprefill.kernels import (
     block_sparse_attention,
     build_vertical_slash_index,
     dense_attention,
+    fast_dense_attention,
     vertical_slash_attention,
 )
+from sparseprefill.kernels.dense import dense_attention_sdpa
+from sparseprefill.kernels.dense.sdpa import sdpa_supports
 from sparseprefill.kernels.indices import BlockSparseIndex, VerticalSlashIndex
 
 from tests import reference as ref
@@ -388,6 +391,50 @@ def test_dense_attention_chunking_over_many_query_rows():
     out = torch.full_like(q, float("nan"))
     dense_attention(q, k, v, scale=0.3, window=100, out=out)
     assert_matches_reference(out, ref.attention_reference(q, k, v, scale=0.3, window=100), torch.float32, "dense")
+
+
+@pytest.mark.parametrize(
+    "hkv,group,q_len,k_len,d",
+    [(1, 1, 77, 77, 64), (2, 7, 90, 90, 64), (2, 2, 33, 90, 80), (1, 4, 1, 31, 128), (3, 1, 129, 200, 256)],
+    ids=["odd_len_d64", "gqa7_d64", "chunk_gqa2_d80", "one_query_d128", "chunk_d256"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dense_attention_sdpa_matches_reference(hkv, group, q_len, k_len, d, dtype):
+    """The GPU's fast dense path (SDPA) computes the reference's attention, bottom-right aligned, with
+    GQA, into a strided out (CPU SDPA here: the same function the GPU path calls)."""
+    b = 2
+    q, k, v = ref.make_qkv(q_len * 7 + d, b, hkv * group, hkv, q_len, k_len, d, dtype)
+    scale = d**-0.5
+    buf = torch.full((b, q_len, hkv * group, d), float("nan"), dtype=dtype)
+    result = dense_attention_sdpa(q, k, v, scale=scale, out=buf.transpose(1, 2))
+    assert result.data_ptr() == buf.data_ptr()
+    assert_matches_reference(buf.transpose(1, 2), ref.attention_reference(q, k, v, scale=scale), dtype,
+                             "dense_attention_sdpa")
+
+
+def test_fast_dense_attention_keeps_the_reference_where_sdpa_cannot_express_the_call():
+    """Soft-cap, a window shorter than the keys and key padding are not SDPA calls: ``sdpa_supports``
+    refuses them, and ``fast_dense_attention`` (the reference on the CPU anyway) equals the reference."""
+    assert sdpa_supports(64, 64, window=None, softcap=None, key_padding_mask=None)
+    assert sdpa_supports(64, 64, window=64, softcap=None, key_padding_mask=None)  # the window sees every key
+    assert not sdpa_supports(64, 64, window=63, softcap=None, key_padding_mask=None)
+    assert not sdpa_supports(64, 64, window=None, softcap=30.0, key_padding_mask=None)
+    assert not sdpa_supports(64, 64, window=None, softcap=None, key_padding_mask=torch.ones(1, 64, dtype=torch.bool))
+    assert not sdpa_supports(1 << 14, 1 << 15, window=None, softcap=None, key_padding_mask=None)  # mask too big
+    q, k, v = ref.make_qkv(3, 1, 4, 2, 40, 50, 32)
+    out = torch.full_like(q, float("nan"))
+    fast_dense_attention(q, k, v, scale=0.2, window=9, softcap=5.0, out=out)
+    assert_matches_reference(out, ref.attention_reference(q, k, v, scale=0.2, window=9, softcap=5.0), torch.float32,
+                             "fast_dense_attention")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_dense_attention_on_the_gpu_runs_sdpa_and_matches_reference():
+    q, k, v = (t.cuda() for t in ref.make_qkv(11, 1, 8, 2, 300, 300, 64, torch.bfloat16))
+    out = torch.full_like(q, float("nan"))
+    fast_dense_attention(q, k, v, scale=0.125, out=out)
+    assert_matches_reference(out.cpu(), ref.attention_reference(q.cpu(), k.cpu(), v.cpu(), scale=0.125), torch.bfloat16,
+                             "fast_dense_attention cuda")
 
 
 # ------------------------------------------------------------------------------------------------

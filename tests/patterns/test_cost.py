@@ -18,8 +18,8 @@ QWEN = {"heads": 14, "head_dim": 64, "layers": 24}
 LLAMA_8B = {"heads": 32, "head_dim": 128, "layers": 32}
 
 
-def _speedup(shape, length, pattern=PatternName.AUTO, device="cuda"):
-    groups = [(pattern, shape["heads"], shape["head_dim"])] * shape["layers"]
+def _speedup(shape, length, pattern=PatternName.AUTO, device="cuda", windows=1):
+    groups = [(pattern, shape["heads"], shape["head_dim"], windows)] * shape["layers"]
     return cost.predicted_speedup(groups, length, length, device)
 
 
@@ -31,17 +31,46 @@ def test_dense_time_matches_the_measured_cudnn_layer():
 
 
 def test_sparse_time_matches_the_measured_vertical_slash_layer():
-    # Qwen at 32K, auto: estimate 3.03 ms + attention 1.86 ms per layer at density 0.345.
-    predicted = cost.sparse_attention_ms(PatternName.AUTO, 32768, 32768, 14, 64)
-    assert predicted == pytest.approx(3.03 + 1.86 * 0.40 / 0.345, rel=0.2)
+    # Qwen's real q/k on an H100 (experiments/real_speed.py --parts timing), auto, estimate + per-block
+    # index then the index kernel, per layer: 32K layer 6, 1.61 + 1.83 ms at density 0.258; 128K layer
+    # 6, 4.49 + 17.61 ms at density 0.169. Scaled to the model's typical density.
+    typical = cost.PATTERN_COSTS[PatternName.AUTO].typical_density
+    for length, estimate, attend, density in ((32768, 1.61, 1.83, 0.258), (131072, 4.49, 17.61, 0.169)):
+        predicted = cost.sparse_attention_ms(PatternName.AUTO, length, length, 14, 64)
+        assert predicted == pytest.approx(estimate + attend * typical / density, rel=0.2), length
 
 
-def test_the_measured_real_model_slowdowns_are_predicted():
-    # Measured end to end on the H200 with auto forced: 0.61x at 16K and 0.85x at 32K, 1.18x at 64K.
+def test_the_crossover_on_the_real_model():
+    # Per layer on the H100 at the typical density: the estimate (1.6 ms at 32K) eats the gain below
+    # ~48K, while at 64K and 128K sparse is predicted well ahead.
     assert _speedup(QWEN, 16384) < 1.0
-    assert _speedup(QWEN, 32768) < 1.0
+    assert _speedup(QWEN, 32768) < cost.MIN_PREDICTED_SPEEDUP
     assert _speedup(QWEN, 65536) >= cost.MIN_PREDICTED_SPEEDUP
     assert _speedup(QWEN, 131072) > _speedup(QWEN, 65536)
+
+
+def test_four_query_windows_move_the_crossover_past_64k():
+    # The default's 4 windows (H100, forced sparse end to end): 1.07x of cuDNN at 64K, 1.48x at 128K;
+    # attention alone about 1.11x and 1.64x. The model charges their estimate and density: dense at 64K
+    # (inside the 1.25 margin), sparse at 128K.
+    assert _speedup(QWEN, 65536, windows=4) < cost.MIN_PREDICTED_SPEEDUP <= _speedup(QWEN, 131072, windows=4)
+    assert _speedup(QWEN, 131072, windows=4) < _speedup(QWEN, 131072)
+    # The patch prices each group with its own pattern's windows.
+    model = tiny_model("llama")
+    sparseprefill.patch(model, SparseConfig())
+    try:
+        assert all(group.pattern.query_windows == 4 for plan in _state(model).plans.values() for group in plan.groups)
+    finally:
+        sparseprefill.unpatch(model)
+
+
+def test_dense_break_even_is_the_kernel_rate():
+    for pattern, cfg in cost.PATTERN_COSTS.items():
+        for head_dim, efficiency in ((64, cfg.efficiency_small_head), (128, cfg.efficiency_large_head)):
+            break_even = cost.dense_break_even(pattern, head_dim)
+            assert break_even == efficiency
+            assert cost.kernel_time_ratio(pattern, break_even, head_dim) == pytest.approx(1.0)
+    assert cost.dense_break_even(PatternName.DENSE, 64) is None
 
 
 def test_the_speedup_grows_with_length_for_every_sparse_pattern():

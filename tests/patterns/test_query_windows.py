@@ -74,7 +74,7 @@ def test_one_window_is_the_last_queries_estimate():
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(1, 4, 200, 16, generator=g), torch.randn(1, 2, 200, 16, generator=g)
     kv = default_kv_head_index(4, 2, q.device)
-    got = VerticalSlashPattern(VerticalSlashConfig(last_queries=48)).line_scores(q, k, scale=0.25, softcap=None,
+    got = VerticalSlashPattern(VerticalSlashConfig(last_queries=48, query_windows=1)).line_scores(q, k, scale=0.25, softcap=None,
                                                                                  kv_head_index=kv)
     want = vertical_slash_scores(q, k, scale=0.25, last_queries=48, softcap=None, kv_head_index=kv)
     for a, b in zip(got, want):

@@ -1,4 +1,6 @@
-"""Dense causal attention with window, soft-cap and key padding: the exact fallback."""
+"""Dense causal attention with window, soft-cap and key padding: the exact fallback
+(``dense_attention``, fp32 on every device) and the fast dense path (``fast_dense_attention``: SDPA on
+the GPU wherever it computes the same thing)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,9 @@ import torch
 
 from ..common import check_qkv, prepare_out
 from .naive import dense_attention_naive
+from .sdpa import dense_attention_sdpa, sdpa_supports
 
-__all__ = ["dense_attention", "dense_attention_naive"]
+__all__ = ["dense_attention", "dense_attention_naive", "dense_attention_sdpa", "fast_dense_attention"]
 
 
 def dense_attention(
@@ -42,3 +45,29 @@ def dense_attention(
         q, k, v, scale=scale, window=window, softcap=softcap, key_padding_mask=key_padding_mask,
         out=out, return_weights=return_weights,
     )
+
+
+def fast_dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The same attention as ``dense_attention`` (``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]`` ->
+    ``out [B, Hq, Lq, D]``), at dense speed on the GPU: SDPA in the inputs' dtype where it can express
+    the call (no soft-cap, window shorter than the keys or key padding: ``sdpa.sdpa_supports``), the
+    fp32 reference elsewhere and on the CPU (where the whole package runs the reference)."""
+    b, hq, lq, hkv, lk, _ = check_qkv(q, k, v)
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    out = prepare_out(out, q)
+    if q.device.type == "cuda" and sdpa_supports(lq, lk, window=window, softcap=softcap,
+                                                 key_padding_mask=key_padding_mask):
+        return dense_attention_sdpa(q, k, v, scale=scale, out=out)
+    dense_attention(q, k, v, scale=scale, window=window, softcap=softcap, key_padding_mask=key_padding_mask, out=out)
+    return out
