@@ -48,6 +48,7 @@ from sparseprefill import (
 )
 from sparseprefill.bench.common import bench_ms, git_commit, gpu_name, prefill_sdpa_backend, write_csv
 from sparseprefill.bench.real_model import (
+    agreement,
     capture_layers,
     describe_row,
     load_qwen_models,
@@ -55,10 +56,12 @@ from sparseprefill.bench.real_model import (
     next_token_nll,
     passkey_hits,
     prefill_ms,
+    scored_logits,
+    stats_columns,
     write_rows,
 )
 from sparseprefill.evals import offline_models
-from sparseprefill.evals.logits import compare_logits, reference_input_ids
+from sparseprefill.evals.logits import reference_input_ids
 from sparseprefill.kernels.common import default_kv_head_index
 from sparseprefill.kernels.geometry import causal_pairs_total
 from sparseprefill.kernels.recall import exact_probs, window_recall
@@ -335,8 +338,7 @@ def e2e_part(args, models, lengths, out_dir: Path):
     for length in lengths:
         model, tok = models[length > NATIVE_CONTEXT]
         ids = reference_input_ids(tok, length).to(args.device)
-        with torch.no_grad(), prefill_sdpa_backend(torch.device(args.device), "dense_cudnn"):
-            dense_logits = model(ids, logits_to_keep=SCORED_POSITIONS + 1).logits.float()
+        dense_logits = scored_logits(model, ids, SCORED_POSITIONS)
         timed = not args.skip_timing
         dense = dict(length=length, candidate="dense", nll=next_token_nll(dense_logits, ids),
                      cudnn_ms=prefill_ms(model, ids, "dense_cudnn") if timed else None,
@@ -349,16 +351,10 @@ def e2e_part(args, models, lengths, out_dir: Path):
             cfg = CANDIDATES[name] if name in ROUTED else replace(CANDIDATES[name], min_sparse_len=0)
             sparseprefill.patch(model, cfg)
             try:
-                with torch.no_grad(), prefill_sdpa_backend(torch.device(args.device), "dense_cudnn"):
-                    logits = model(ids, logits_to_keep=SCORED_POSITIONS + 1).logits.float()
-                st = sparseprefill.stats(model)
-                cmp = compare_logits(dense_logits[:, :-1], logits[:, :-1])
-                row = dict(length=length, candidate=name, density=st.density,
-                           fallbacks=";".join(f"{k}:{v}" for k, v in sorted(st.fallbacks.items())) or None,
-                           nll=next_token_nll(logits, ids),
-                           top1=cmp.top1_agreement, kl=cmp.kl_mean, kl_max=cmp.kl_max,
+                logits = scored_logits(model, ids, SCORED_POSITIONS)
+                row = dict(length=length, candidate=name, **stats_columns(sparseprefill.stats(model)),
+                           **agreement(dense_logits, logits, ids),
                            sparse_ms=prefill_ms(model, ids, "dense_cudnn") if timed else None)
-                row["nll_delta"] = row["nll"] - dense["nll"]
                 if row["sparse_ms"] is not None:
                     row["speedup_vs_cudnn"] = dense["cudnn_ms"] / row["sparse_ms"]
                 if not args.skip_needles:

@@ -42,17 +42,19 @@ from sparseprefill import SparseConfig, VerticalSlashConfig
 from sparseprefill.bench.common import bench_ms, git_commit, gpu_name, prefill_sdpa_backend, write_csv
 from sparseprefill.bench.plot import plot_beside_csv, pyplot, save_figure
 from sparseprefill.bench.real_model import (
+    agreement,
     capture_layers,
     describe_row,
     load_qwen_models,
     log,
-    next_token_nll,
     passkey_hits,
     prefill_ms,
+    scored_logits,
+    stats_columns,
     write_rows,
 )
 from sparseprefill.evals import offline_models
-from sparseprefill.evals.logits import compare_logits, reference_input_ids
+from sparseprefill.evals.logits import reference_input_ids
 from sparseprefill.kernels import fast_dense_attention
 from sparseprefill.kernels.common import default_kv_head_index
 from sparseprefill.kernels.geometry import causal_pairs_total
@@ -109,16 +111,21 @@ def _graph_ms(fn) -> tuple[float | None, str | None]:
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
 
 
+def prompts(args, models, lengths, budget, reserve_s: float, part: str):
+    """``(length, model, tokenizer, ids)`` per length while at least ``reserve_s`` of the budget is left."""
+    for length in lengths:
+        if budget.left() < reserve_s:
+            log(f"{part}: budget spent, skipping {length} and longer")
+            return
+        model, tok = models[length > NATIVE_CONTEXT]
+        yield length, model, tok, reference_input_ids(tok, length).to(args.device)
+
+
 def timing_part(args, models, budget, out_dir):
     rows, commit = [], git_commit()
     gpu = gpu_name(args.device) if args.device == "cuda" else "cpu"
     timed_ms = lambda fn: bench_ms(fn, args.device, rep=TIMING_REP_MS)  # noqa: E731
-    for length in args.timing_lengths:
-        if budget.left() < 60:
-            log(f"timing: budget spent, skipping {length}")
-            break
-        model, tok = models[length > NATIVE_CONTEXT]
-        ids = reference_input_ids(tok, length).to(args.device)
+    for length, model, _, ids in prompts(args, models, args.timing_lengths, budget, 60, "timing"):
         layers = capture_layers(model, ids, TIMED_LAYERS)
         causal = causal_pairs_total(length, length)
         for layer, (q, k, v, scale) in layers.items():
@@ -171,40 +178,22 @@ def timing_part(args, models, budget, out_dir):
     return rows
 
 
-def _forward_logits(model, ids):
-    with torch.no_grad(), prefill_sdpa_backend(ids.device, "dense_cudnn"):
-        return model(ids, logits_to_keep=SCORED_POSITIONS + 1).logits.float()
-
-
-def _compare(reference, logits, ids, reference_nll):
-    cmp = compare_logits(reference[:, :-1], logits[:, :-1])
-    nll = next_token_nll(logits, ids)
-    return dict(nll=nll, nll_delta=nll - reference_nll, top1=cmp.top1_agreement, kl=cmp.kl_mean, kl_max=cmp.kl_max)
-
-
 def e2e_part(args, models, budget, out_dir):
     rows = []
-    for length in args.lengths:
-        if budget.left() < 30:
-            log(f"e2e: budget spent, skipping {length}")
-            break
-        model, tok = models[length > NATIVE_CONTEXT]
-        ids = reference_input_ids(tok, length).to(args.device)
-        timed = not args.skip_timing
-        reference = _forward_logits(model, ids)
-        reference_nll = next_token_nll(reference, ids)
-        dense = dict(length=length, candidate="dense_cudnn", nll=reference_nll, nll_delta=0.0, density=1.0,
+    timed = not args.skip_timing
+    for length, model, tok, ids in prompts(args, models, args.lengths, budget, 30, "e2e"):
+        reference = scored_logits(model, ids, SCORED_POSITIONS)
+        dense = dict(length=length, candidate="dense_cudnn", **agreement(reference, reference, ids), density=1.0,
                      ms=prefill_ms(model, ids, "dense_cudnn") if timed else None)
         if "dense" in args.needle_candidates:
             dense["needles"] = sum(passkey_hits(model, tok, length))
         rows.append(dense)
         flash_ms = None
         if args.device == "cuda":
-            with torch.no_grad(), prefill_sdpa_backend(ids.device, "dense_flash"):
-                flash = model(ids, logits_to_keep=SCORED_POSITIONS + 1).logits.float()
+            flash = scored_logits(model, ids, SCORED_POSITIONS, "dense_flash")
             flash_ms = prefill_ms(model, ids, "dense_flash") if timed else None
             rows.append(dict(length=length, candidate="dense_flash", density=1.0, ms=flash_ms,
-                             **_compare(reference, flash, ids, reference_nll)))
+                             **agreement(reference, flash, ids)))
         log(f"{length}: dense cuDNN {dense.get('ms')} ms, flash {flash_ms} ms, needles {dense.get('needles')}")
         for name in args.candidates:
             if budget.left() < 20:
@@ -212,11 +201,9 @@ def e2e_part(args, models, budget, out_dir):
                 break
             sparseprefill.patch(model, CANDIDATES[name])
             try:
-                logits = _forward_logits(model, ids)
-                stats = sparseprefill.stats(model)
-                row = dict(length=length, candidate=name, density=stats.density,
-                           fallbacks=";".join(f"{k}:{v}" for k, v in sorted(stats.fallbacks.items())) or None,
-                           **_compare(reference, logits, ids, reference_nll))
+                logits = scored_logits(model, ids, SCORED_POSITIONS)
+                row = dict(length=length, candidate=name, **stats_columns(sparseprefill.stats(model)),
+                           **agreement(reference, logits, ids))
                 if timed:
                     row["ms"] = prefill_ms(model, ids, "dense_cudnn")
                     row["vs_cudnn"] = dense["ms"] / row["ms"]
@@ -233,11 +220,8 @@ def e2e_part(args, models, budget, out_dir):
 
 def layers_part(args, models, budget, out_dir):
     rows = []
-    for length in args.layer_lengths:
-        model, tok = models[length > NATIVE_CONTEXT]
-        ids = reference_input_ids(tok, length).to(args.device)
-        reference = _forward_logits(model, ids)
-        reference_nll = next_token_nll(reference, ids)
+    for length, model, _, ids in prompts(args, models, args.layer_lengths, budget, 10, "layers"):
+        reference = scored_logits(model, ids, SCORED_POSITIONS)
         n_layers = model.config.num_hidden_layers
         for layer in range(n_layers):
             if budget.left() < 10:
@@ -246,13 +230,13 @@ def layers_part(args, models, budget, out_dir):
             others = tuple(i for i in range(n_layers) if i != layer)
             sparseprefill.patch(model, replace(CANDIDATES["auto"], dense_layers=others))
             try:
-                logits = _forward_logits(model, ids)
+                logits = scored_logits(model, ids, SCORED_POSITIONS)
                 density = sparseprefill.stats(model).layers[layer].density
             finally:
                 sparseprefill.unpatch(model)
-            rows.append(dict(length=length, layer=layer, density=density, **_compare(reference, logits, ids, reference_nll)))
+            rows.append(dict(length=length, layer=layer, density=density, **agreement(reference, logits, ids)))
             log(f"layers {length}: layer {layer} density {density:.3f} kl {rows[-1]['kl']:.5f} top1 {rows[-1]['top1']:.4f}")
-        write_csv(out_dir / "layers.csv", list(rows[0]), rows)
+        write_rows(out_dir / "layers.csv", rows)
     return rows
 
 

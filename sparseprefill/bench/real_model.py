@@ -5,6 +5,8 @@
 - ``capture_layers``: post-RoPE q/k/v of chosen layers from one exact forward (the patch's inspector
   hook on a keep-everything dense plan), to time or study attention on real inputs;
 - ``next_token_nll``: mean next-token NLL of the scored positions;
+- ``scored_logits`` / ``agreement`` / ``stats_columns``: the logits of the last positions under one SDPA
+  backend, how a candidate's agree with a reference's (NLL delta, top-1, KL), and what ``stats()`` says;
 - ``prefill_ms``: wall-clock median of warm prefills (``model(ids)``) under one SDPA backend;
 - ``passkey_hits``: the digit-forced pass key at several depths;
 - ``describe_row`` / ``write_rows``: a result row as one log line, and rows with differing keys as one
@@ -23,12 +25,13 @@ import torch
 
 from ..config import SparseConfig
 from ..evals import offline_models
+from ..evals.logits import compare_logits
 from ..evals.passkey import answer_passkey, build_passkey_prompt
-from ..patchers import inspect_prefill, patch, unpatch
+from ..patchers import PatchStats, inspect_prefill, patch, unpatch
 from .common import bench_ms, prefill_sdpa_backend, sync, write_csv
 
-__all__ = ["NEEDLE_DEPTHS", "capture_layers", "describe_row", "load_qwen_models", "log", "next_token_nll",
-           "prefill_ms", "passkey_hits", "write_rows"]
+__all__ = ["NEEDLE_DEPTHS", "agreement", "capture_layers", "describe_row", "load_qwen_models", "log",
+           "next_token_nll", "prefill_ms", "passkey_hits", "scored_logits", "stats_columns", "write_rows"]
 
 NEEDLE_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # Warm prefills timed per measurement (after one untimed call): whole prefills take 0.05-2 s, so a few
@@ -79,6 +82,28 @@ def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
     predict the last P tokens of ``ids [1, L]``."""
     targets = ids[0, -(logits.shape[1] - 1):]
     return float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), targets, reduction="mean"))
+
+
+def scored_logits(model: Any, ids: torch.Tensor, positions: int, variant: str = "dense_cudnn") -> torch.Tensor:
+    """fp32 logits ``[1, positions + 1, V]`` of the last ``positions + 1`` positions of ``ids [1, L]``
+    (the last predicts nothing scored), prefilled with only ``variant``'s SDPA backend."""
+    with torch.no_grad(), prefill_sdpa_backend(ids.device, variant):
+        return model(ids, logits_to_keep=positions + 1).logits.float()
+
+
+def agreement(reference: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:
+    """How ``logits`` agree with ``reference`` (both from ``scored_logits``) on the scored positions:
+    NLL and its delta, top-1 agreement, mean and max KL(reference || logits)."""
+    comparison = compare_logits(reference[:, :-1], logits[:, :-1])
+    nll = next_token_nll(logits, ids)
+    return dict(nll=nll, nll_delta=nll - next_token_nll(reference, ids), top1=comparison.top1_agreement,
+                kl=comparison.kl_mean, kl_max=comparison.kl_max)
+
+
+def stats_columns(stats: PatchStats) -> dict[str, Any]:
+    """A patched prefill's density and dense fallbacks (``reason:count;...``, None when there were none)."""
+    fallbacks = ";".join(f"{reason}:{count}" for reason, count in sorted(stats.fallbacks.items())) or None
+    return dict(density=stats.density, fallbacks=fallbacks)
 
 
 def prefill_ms(model: Any, ids: torch.Tensor, variant: str, repeats: int = TIMED_PREFILLS) -> float:

@@ -13,6 +13,15 @@ from .sdpa import dense_attention_sdpa, sdpa_supports
 __all__ = ["dense_attention", "dense_attention_naive", "dense_attention_sdpa", "fast_dense_attention"]
 
 
+def _check_dense_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_padding_mask: torch.Tensor | None) -> None:
+    b, hq, _, hkv, lk, _ = check_qkv(q, k, v)
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, lk):
+        raise ValueError(f"key_padding_mask must be [B, Lk] = [{b}, {lk}], got {tuple(key_padding_mask.shape)}")
+
+
 def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -35,11 +44,7 @@ def dense_attention(
     Returns:
         ``(out [B, Hq, Lq, D], weights or None)``.
     """
-    b, hq, lq, hkv, lk, _ = check_qkv(q, k, v)
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
-    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, lk):
-        raise ValueError(f"key_padding_mask must be [B, Lk] = [{b}, {lk}], got {tuple(key_padding_mask.shape)}")
+    _check_dense_inputs(q, k, v, key_padding_mask)
     out = prepare_out(out, q)
     return dense_attention_naive(
         q, k, v, scale=scale, window=window, softcap=softcap, key_padding_mask=key_padding_mask,
@@ -62,12 +67,9 @@ def fast_dense_attention(
     ``out [B, Hq, Lq, D]``), at dense speed on the GPU: SDPA in the inputs' dtype where it can express
     the call (no soft-cap, window shorter than the keys or key padding: ``sdpa.sdpa_supports``), the
     fp32 reference elsewhere and on the CPU (where the whole package runs the reference)."""
-    b, hq, lq, hkv, lk, _ = check_qkv(q, k, v)
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
-    out = prepare_out(out, q)
-    if q.device.type == "cuda" and sdpa_supports(lq, lk, window=window, softcap=softcap,
+    if q.device.type == "cuda" and sdpa_supports(q.shape[2], k.shape[2], window=window, softcap=softcap,
                                                  key_padding_mask=key_padding_mask):
-        return dense_attention_sdpa(q, k, v, scale=scale, out=out)
-    dense_attention(q, k, v, scale=scale, window=window, softcap=softcap, key_padding_mask=key_padding_mask, out=out)
-    return out
+        _check_dense_inputs(q, k, v, key_padding_mask)
+        return dense_attention_sdpa(q, k, v, scale=scale, out=prepare_out(out, q))
+    return dense_attention(q, k, v, scale=scale, window=window, softcap=softcap, key_padding_mask=key_padding_mask,
+                           out=out)[0]
