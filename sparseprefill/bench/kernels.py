@@ -121,7 +121,7 @@ def flex_block_mask(index: BlockSparseIndex, length: int):
 
 
 def run(lengths, densities, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, block=128, out_dir=None, check=True,
-        auto_lengths=None):
+        auto_lengths=None, minference_src=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     device = torch.device("cuda")
@@ -170,6 +170,18 @@ def run(lengths, densities, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, b
                 except Exception as exc:  # noqa: BLE001
                     print(f"flex failed at {length}/{density}: {exc!r}", file=sys.stderr)
             print(rows[-1] if rows else "", flush=True)
+        if out_dir is not None:
+            write_csv(Path(out_dir) / "kernels.csv", CSV_FIELDS, rows)
+    try:
+        from .peers import PeerUnavailable, load_minference
+
+        minference = load_minference(minference_src)
+        print(f"MInference: {minference.source}", flush=True)
+        rows.extend(run_peers(lengths, minference, heads, kv_heads, head_dim, gpu, commit))
+        if out_dir is not None:  # written as each part ends: a run cut short keeps what it measured
+            write_csv(Path(out_dir) / "kernels.csv", CSV_FIELDS, rows)
+    except PeerUnavailable as exc:
+        print(f"MInference rows skipped: {exc}", file=sys.stderr)
     try:
         rows.extend(run_auto(auto_lengths or lengths, heads, kv_heads, head_dim, gpu, commit))
     except Exception as exc:  # noqa: BLE001 - keep the attention rows if the end-to-end part fails
@@ -256,6 +268,93 @@ def run_auto(lengths, heads, kv_heads, head_dim, gpu, commit, masses=AUTO_MASSES
     return rows
 
 
+# The peers' rows. Line sets: what ``auto`` keeps on the structured input, and MInference's own fixed
+# budget for its Llama-3 configs (1000 columns + 6096 diagonals, the best by the same estimate).
+MINFERENCE_BUDGET = (1000, 6096)
+# Query blocks checked against the fp32 reference before timing: first, middle, last full and the last.
+PEER_CHECK_BLOCKS = 4
+# bf16 outputs against an fp32 reference (the kernel tests' bf16 tolerance).
+PEER_CHECK_ATOL = 1.6e-2
+
+
+def _peer_line_sets(default) -> dict:
+    from dataclasses import replace
+
+    from ..kernels.mass_select.naive import KEEP_ALL_MASS
+
+    vertical, slash = MINFERENCE_BUDGET
+    budget = replace(default.vertical_slash, vertical_mass=KEEP_ALL_MASS, slash_mass=KEEP_ALL_MASS,
+                     max_vertical=vertical, max_slash=slash)
+    return {"auto": default.vertical_slash, f"budget{vertical}+{slash}": budget}
+
+
+def run_peers(lengths, minference, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, gpu="", commit="",
+              device="cuda") -> list[Row]:
+    """Vertical-slash index conversion and attention, ours beside MInference's, on the same lines
+    (``peers.minference_lines``) of the structured input. Each output is first checked against an fp32
+    reference over the keys its own index lists (``PEER_CHECK_BLOCKS`` query blocks); a provider that
+    fails the check is reported and not timed. Densities are each index's own computed pairs (the
+    converters round diagonals to different key tiles). Lengths must be multiples of 64 (MInference)."""
+    from ..config import SparseConfig
+    from ..kernels import build_vertical_slash_index, library
+    from ..patterns import VerticalSlashPattern
+    from . import peers
+
+    device = torch.device(device)
+    scale = head_dim**-0.5
+    kv_head_index = torch.arange(heads, device=device) // (heads // kv_heads)
+    rows: list[Row] = []
+    for length in lengths:
+        if length % peers.MINFERENCE_BLOCK:
+            raise ValueError(f"peer rows need lengths that are multiples of {peers.MINFERENCE_BLOCK}, got {length}")
+        q, k, v = structured_qkv(heads, kv_heads, length, head_dim, device)
+        k_rep, v_rep = (t.repeat_interleave(heads // kv_heads, 1).contiguous() for t in (k, v))
+        total = causal_pairs_total(length, length) * heads
+        n_blocks = length // peers.MINFERENCE_BLOCK
+        blocks = torch.tensor(sorted({0, n_blocks // 2, n_blocks - 2, n_blocks - 1}), device=device)
+        seqlens = torch.tensor([length], dtype=torch.int32, device=device)
+        for name, vs_config in _peer_line_sets(SparseConfig()).items():
+            pattern = VerticalSlashPattern(vs_config)
+            lines = pattern.estimate_lines(q, k, scale=scale, softcap=None, kv_head_index=kv_head_index)
+            args = (lines.vertical_index, lines.vertical_count, lines.slash_offset, lines.slash_count)
+            build = lambda: build_vertical_slash_index(*args, q_len=length, k_len=length,  # noqa: E731
+                                                       block_size_q=lines.block_size_q, slashes_sorted=True)
+            index = build()
+            out = torch.full_like(q, float("nan"))
+            attend = lambda: library.call_vertical_slash(q, k, v, index, scale=scale, window=None,  # noqa: E731
+                                                          softcap=None, kv_head_index=kv_head_index, out=out)
+            v_idx, s_idx = peers.minference_lines(lines)
+            convert = lambda: minference.convert(seqlens, v_idx, s_idx, length,  # noqa: E731
+                                                 peers.MINFERENCE_BLOCK, peers.MINFERENCE_BLOCK)
+            theirs = convert()
+            their_attend = lambda: minference.attend(q, k_rep, v_rep, seqlens, *theirs, scale,  # noqa: E731
+                                                     peers.MINFERENCE_BLOCK, peers.MINFERENCE_BLOCK)
+            cases = (
+                ("sparseprefill", index.block_size_q, build, attend,
+                 peers.index_block_keys(index, blocks), int(index.computed_pairs().sum())),
+                ("minference", peers.MINFERENCE_BLOCK, convert, their_attend,
+                 peers.minference_block_keys(*theirs, blocks, length), int(peers.minference_pairs(*theirs, length).sum())),
+            )
+            for provider, block_q, index_fn, attend_fn, keys, pairs in cases:
+                produced = attend_fn()
+                reference = peers.block_rows_reference(q, k, v, keys, blocks, block_q, scale, kv_head_index)
+                error = float((peers.gather_block_rows(produced, blocks, block_q) - reference).abs().max())
+                label, density = f"{provider}:{name}", pairs / total
+                if not error <= PEER_CHECK_ATOL:  # NaN fails too
+                    print(f"{label} at {length}: max error {error:.3g} against the fp32 reference "
+                          f"(tolerance {PEER_CHECK_ATOL}); not timed", file=sys.stderr)
+                    continue
+                index_ms, attend_ms = (bench_ms(fn, device, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS)
+                                       for fn in (index_fn, attend_fn))
+                flops = 4 * pairs * head_dim
+                rows.append(Row("vertical_slash_index", label, length, density, gpu, commit, index_ms, 0.0))
+                rows.append(Row("vertical_slash_attention", label, length, density, gpu, commit, attend_ms,
+                                flops / attend_ms / 1e9))
+                print(f"{label:<34}{length:>8} density {density:.3f} max err {error:.2e} index {index_ms:.2f} ms "
+                      f"attention {attend_ms:.2f} ms ({flops / attend_ms / 1e9:.0f} TFLOP/s)", flush=True)
+    return rows
+
+
 DEFAULT_AUTO_LENGTHS = [8192, 16384, 24576, 32768, 49152, 65536, 98304, 131072]
 
 
@@ -264,6 +363,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--densities", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.5])
     parser.add_argument("--auto-lengths", type=int, nargs="+", default=DEFAULT_AUTO_LENGTHS,
                         help="lengths of the auto (estimation + attention) vs dense rows: the crossover search")
+    parser.add_argument("--minference-src", default=None, metavar="DIR",
+                        help="unpacked minference sdist whose CUDA converter is compiled here (else an installed "
+                             "minference is used if there is one)")
     parser.add_argument("--out", default=None, help="directory for kernels.csv and kernels.png")
 
 
@@ -271,7 +373,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("error: the kernel benchmark needs a CUDA GPU", file=sys.stderr)
         return 1
-    run(args.lengths, args.densities, out_dir=args.out, auto_lengths=args.auto_lengths)
+    if args.minference_src is not None and not Path(args.minference_src, "csrc").is_dir():
+        print(f"error: --minference-src {args.minference_src} has no csrc/ (expected an unpacked minference sdist)",
+              file=sys.stderr)
+        return 2
+    run(args.lengths, args.densities, out_dir=args.out, auto_lengths=args.auto_lengths,
+        minference_src=args.minference_src)
     if args.out is not None:
         from .plot import plot_beside_csv, plot_kernel_speedups
 

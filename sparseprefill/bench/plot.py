@@ -64,8 +64,10 @@ def plot_command(plot: Callable[[str, str], Path], description: str, argv=None) 
 def plot_kernel_speedups(csv_path: str | Path, png_path: str | Path) -> Path:
     """Left: speedup over cuDNN dense vs density, one line per (provider, length), random indices.
     Middle: TFLOP/s on computed pairs vs density, with the dense backends as horizontal references.
-    Right: the ``auto`` pattern end to end (estimation + attention) on structured input, speedup over
-    cuDNN vs length, one line per mass target, each point labelled with its density."""
+    Third: the ``auto`` pattern end to end (estimation + attention) on structured input, speedup over
+    cuDNN vs length, one line per mass target, each point labelled with its density.
+    Right (when the run had a peer): vertical-slash index conversion and attention, ours beside
+    MInference's on the same lines, ms per (length, line set)."""
     plt = pyplot()
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -73,7 +75,12 @@ def plot_kernel_speedups(csv_path: str | Path, png_path: str | Path) -> Path:
     series = defaultdict(list)
     dense_tflops = defaultdict(dict)
     end_to_end = defaultdict(list)
+    peer_ms = defaultdict(dict)
     for r in rows:
+        if r["op"].startswith("vertical_slash_"):
+            provider, _, lines = r["provider"].partition(":")
+            peer_ms[(int(r["length"]), lines)][f"{provider} {r['op'][len('vertical_slash_'):]}"] = float(r["ms"])
+            continue
         length, provider = int(r["length"]), r["provider"]
         if r["op"] == "attention" and provider.startswith("sdpa"):
             dense_tflops[provider][length] = float(r["tflops"])
@@ -82,7 +89,9 @@ def plot_kernel_speedups(csv_path: str | Path, png_path: str | Path) -> Path:
                                                float(r["tflops"])))
         elif r["op"] == "estimation+attention" and provider.startswith("auto") and length in dense_ms:
             end_to_end[provider].append((length, dense_ms[length] / float(r["ms"]), float(r["density"])))
-    fig, (left, right, auto_axis) = plt.subplots(1, 3, figsize=(18, 4.5))
+    panels = 4 if peer_ms else 3
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
+    left, right, auto_axis = axes[:3]
     styles = {"triton_block_sparse": "-o", "flex_attention": "--s", "triton_vertical_slash": ":^"}
     for (provider, length), points in sorted(series.items()):
         points.sort()
@@ -115,11 +124,26 @@ def plot_kernel_speedups(csv_path: str | Path, png_path: str | Path) -> Path:
                   title="auto: estimation + attention (labels: density)")
     if end_to_end:
         auto_axis.legend(fontsize=7)
+    if peer_ms:
+        _plot_peer_bars(axes[3], peer_ms)
     gpu = rows[0]["gpu"] if rows else "?"
     commit = rows[0]["commit"] if rows else "?"
     fig.suptitle(f"{gpu}, commit {commit}: 32 q / 8 kv heads, head_dim 128, bf16, causal")
     left.legend(fontsize=7, ncol=2)
     return save_figure(fig, png_path)
+
+
+def _plot_peer_bars(axis, peer_ms: dict) -> None:
+    cases = sorted(peer_ms)
+    series = sorted({name for by_name in peer_ms.values() for name in by_name})
+    width = 0.8 / max(len(series), 1)
+    for i, name in enumerate(series):
+        values = [peer_ms[case].get(name, 0.0) for case in cases]
+        axis.bar([c + i * width for c in range(len(cases))], values, width, label=name)
+    axis.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))],
+                    [f"{length // 1024}K\n{lines}" for length, lines in cases], fontsize=7)
+    axis.set(yscale="log", ylabel="ms (do_bench median)", title="vertical-slash: ours vs MInference, same lines")
+    axis.legend(fontsize=7)
 
 
 def main(argv=None) -> None:
