@@ -330,14 +330,15 @@ def run_peers(lengths, minference, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD
             their_attend = lambda: minference.attend(q, k_rep, v_rep, seqlens, *theirs, scale,  # noqa: E731
                                                      peers.MINFERENCE_BLOCK, peers.MINFERENCE_BLOCK)
             cases = (
-                ("sparseprefill", index.block_size_q, build, attend,
+                ("sparseprefill", index.block_size_q, build, attend, False,
                  peers.index_block_keys(index, blocks), int(index.computed_pairs().sum())),
-                ("minference", peers.MINFERENCE_BLOCK, convert, their_attend,
+                ("minference", peers.MINFERENCE_BLOCK, convert, their_attend, True,
                  peers.minference_block_keys(*theirs, blocks, length), int(peers.minference_pairs(*theirs, length).sum())),
             )
-            for provider, block_q, index_fn, attend_fn, keys, pairs in cases:
+            for provider, block_q, index_fn, attend_fn, rounds_queries, keys, pairs in cases:
                 produced = attend_fn()
-                reference = peers.block_rows_reference(q, k, v, keys, blocks, block_q, scale, kv_head_index)
+                reference = peers.block_rows_reference(q, k, v, keys, blocks, block_q, scale, kv_head_index,
+                                                       round_scaled_queries=rounds_queries)
                 error = float((peers.gather_block_rows(produced, blocks, block_q) - reference).abs().max())
                 label, density = f"{provider}:{name}", pairs / total
                 if not error <= PEER_CHECK_ATOL:  # NaN fails too

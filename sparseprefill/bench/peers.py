@@ -42,6 +42,7 @@ from ..kernels.indices import VerticalSlashIndex, VerticalSlashLines
 
 MINFERENCE_BLOCK = 64  # the converter asserts 64-row query blocks and 64-key tiles
 PEER_PAD = 1 << 30  # a line position past any prompt (see the module docstring)
+LOG2_E = 1.44269504  # MInference's kernel works in base 2: exp2(q * scale * log2(e) . k)
 _MINFERENCE_KERNEL_MODULE = "minference.ops.pit_sparse_flash_attention_v2"
 
 
@@ -177,11 +178,14 @@ def index_block_keys(index: VerticalSlashIndex, blocks: torch.Tensor) -> torch.T
 
 def block_rows_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
                          blocks: torch.Tensor, block_q: int, scale: float,
-                         kv_head_index: torch.Tensor) -> torch.Tensor:
+                         kv_head_index: torch.Tensor, round_scaled_queries: bool = False) -> torch.Tensor:
     """fp32 causal attention of the query blocks ``blocks`` over the listed ``keys [B, H, nb, Lk]``.
 
     q ``[B, H, L, D]`` (self-attention), k/v ``[B, Hkv, L, D]``; returns ``[B, H, nb, block_q, D]``
-    (rows past the prompt are zero)."""
+    (rows past the prompt are zero). ``round_scaled_queries``: round ``q * scale * log2(e)`` to q's
+    dtype first, as MInference's kernel does before its dot product. On logits of 10-15 (sinks) that
+    rounding alone moves bf16 outputs by about 0.025, more than the kernel tests' tolerance, so a
+    check of which keys a kernel attends must model it rather than loosen the tolerance."""
     length = q.shape[2]
     rows = blocks[:, None] * block_q + torch.arange(block_q, device=q.device)  # [nb, block_q]
     row_ok = rows < length
@@ -191,7 +195,11 @@ def block_rows_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys
     for head in range(q.shape[1]):  # one head at a time: [nb, block_q, Lk] fp32 logits at 128K
         qf = q[:, head, rows].float()  # [B, nb, block_q, D]
         kf, vf = k[:, kv_head_index[head]].float(), v[:, kv_head_index[head]].float()  # [B, Lk, D]
-        logits = torch.einsum("bnqd,bkd->bnqk", qf, kf) * scale
+        if round_scaled_queries:
+            qf = (qf * (scale * LOG2_E)).to(q.dtype).float()
+            logits = torch.einsum("bnqd,bkd->bnqk", qf, kf) / LOG2_E
+        else:
+            logits = torch.einsum("bnqd,bkd->bnqk", qf, kf) * scale
         logits = logits.masked_fill(~(keys[:, head, :, None, :] & causal), float("-inf"))
         heads.append(torch.einsum("bnqk,bkd->bnqd", torch.softmax(logits, dim=-1).nan_to_num(0.0), vf))
     return torch.stack(heads, dim=1) * row_ok[..., None]

@@ -172,7 +172,7 @@ def test_load_minference_says_what_it_looked_for(tmp_path):
 
 def _fake_minference(wrong: bool = False) -> peers.MInferenceKernels:
     """MInference's two entry points modelled on the CPU: the converter above and an fp32 attention
-    over the keys its index lists (``wrong`` drops the last listed key of every row's tile run)."""
+    over the keys its index lists, from queries rounded as its kernel rounds them (``wrong`` drops the last listed key of every row's tile run)."""
     def convert(seqlens, v_idx, s_idx, context, block_m, block_n):
         assert (block_m, block_n) == (BLOCK, BLOCK) and int(seqlens[0]) == context
         return _convert_like_minference(v_idx.cpu(), s_idx.cpu(), context)
@@ -183,7 +183,8 @@ def _fake_minference(wrong: bool = False) -> peers.MInferenceKernels:
         keys = peers.minference_block_keys(block_count, block_offset, column_count, column_index, blocks, length)
         if wrong:
             keys = keys.roll(1, dims=-1)
-        rows = peers.block_rows_reference(q, k, v, keys, blocks, BLOCK, sm_scale, torch.arange(q.shape[1]))
+        rows = peers.block_rows_reference(q, k, v, keys, blocks, BLOCK, sm_scale, torch.arange(q.shape[1]),
+                                          round_scaled_queries=True)
         return rows.reshape(q.shape).to(q.dtype)
 
     return peers.MInferenceKernels(convert=convert, attend=attend, source="CPU model")
@@ -203,3 +204,24 @@ def test_bench_kernels_peer_rows_check_before_timing(wrong, capsys):
     if wrong:
         assert "not timed" in capsys.readouterr().err
     assert all(0.0 < row.density <= 1.0 and row.ms > 0 for row in rows)
+
+
+def test_reference_with_rounded_scaled_queries():
+    """Rounding q * scale * log2(e) to bf16 is what the option models: with fp32 inputs it is a no-op
+    up to float error, with bf16 inputs it reproduces an attention computed from the rounded queries."""
+    length, heads, head_dim = 192, 2, 64
+    g = torch.Generator().manual_seed(11)
+    q = 3 * torch.randn(1, heads, length, head_dim, generator=g)
+    k, v = torch.randn(2, 1, 1, length, head_dim, generator=g)
+    keys = torch.ones(1, heads, 2, length, dtype=torch.bool)
+    blocks, kv_head_index, scale = torch.tensor([0, 2]), torch.zeros(heads, dtype=torch.long), head_dim**-0.5
+    plain = peers.block_rows_reference(q, k, v, keys, blocks, BLOCK, scale, kv_head_index)
+    rounded = peers.block_rows_reference(q, k, v, keys, blocks, BLOCK, scale, kv_head_index, round_scaled_queries=True)
+    torch.testing.assert_close(rounded, plain, atol=1e-5, rtol=1e-5)
+    q16 = q.bfloat16()
+    rounded16 = peers.block_rows_reference(q16, k, v, keys, blocks, BLOCK, scale, kv_head_index,
+                                           round_scaled_queries=True)
+    manual_q = (q16.float() * scale * peers.LOG2_E).bfloat16().float() / (scale * peers.LOG2_E)
+    manual = peers.block_rows_reference(manual_q, k, v, keys, blocks, BLOCK, scale, kv_head_index)
+    torch.testing.assert_close(rounded16, manual, atol=1e-5, rtol=1e-5)
+    assert (rounded16 - peers.block_rows_reference(q16, k, v, keys, blocks, BLOCK, scale, kv_head_index)).abs().max() > 0
