@@ -142,7 +142,7 @@ def timing_part(args, models, budget, out_dir):
             with prefill_sdpa_backend(q.device, "dense_cudnn"):
                 dense["fast_dense_cudnn"] = timed_ms(lambda: fast_dense_attention(q, k, v, scale=scale, out=out))
             rows += [dict(base, op=name, ms=ms, density=1.0) for name, ms in dense.items()]
-            for name in TIMING_CANDIDATES:
+            for name in args.timing_candidates:
                 cfg = CANDIDATES[name]
                 pattern = build_pattern(cfg.pattern, cfg)
                 kw = dict(scale=scale, softcap=None, kv_head_index=kvh)
@@ -275,6 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", nargs="+", choices=("timing", "e2e", "layers"), default=["timing", "e2e", "layers"])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     ap.add_argument("--timing-lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--timing-candidates", nargs="+", default=list(TIMING_CANDIDATES), choices=list(CANDIDATES))
     ap.add_argument("--layer-lengths", type=int, nargs="+", default=[32768])
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     ap.add_argument("--needle-candidates", nargs="*", default=["dense", "default", "auto"],

@@ -82,6 +82,13 @@ def plan_lines(lines: VerticalSlashLines, lines_sorted: bool) -> dict[str, torch
     device = lines.vertical_index.device
     q_len, k_len, block = lines.q_len, lines.k_len, lines.block_size_q
     verticals = _padded_sorted(lines.vertical_index, lines.vertical_count, lines_sorted)
+    if not lines_sorted:
+        # Unsorted input may repeat a column; the kernel reads each listed slot once, so repeats go
+        # here (sorted lists, as select_lines makes them, are unique by the lines contract). Checking
+        # each slot against its neighbour inside the column loop cost 10-20% of the kernel at 128K.
+        repeats = torch.zeros_like(verticals, dtype=torch.bool)
+        repeats[..., 1:] = verticals[..., 1:] == verticals[..., :-1]
+        verticals = torch.where(repeats, _UNUSED_SLOT, verticals).sort(dim=-1).values.contiguous()
     slashes = _padded_sorted(lines.slash_offset, lines.slash_count, lines_sorted)
     thresholds = torch.arange(k_len + 2, dtype=torch.int32, device=device).expand(b, h, k_len + 2).contiguous()
     prefix = torch.searchsorted(slashes, thresholds, out_int32=True)  # prefix[t] = kept diagonals < t
@@ -141,8 +148,14 @@ def _lines_fwd_kernel(
     bh = b * num_heads + h  # int64 (query_tile widens b and h)
     block_row = bh * n_blocks + r
     # The index block's key positions (a block of BLOCK_Q rows may span several BLOCK_M programs).
-    p0 = r * BLOCK_Q + q_offset
-    p1 = tl.minimum(r * BLOCK_Q + BLOCK_Q, q_len) - 1 + q_offset
+    # int32 positions: ``r`` is int64 (query_tile widens it for table offsets), and int64 range bounds
+    # would make every key offset, address and mask of the range and column loops 64-bit. On the H100
+    # that made this kernel 1.6x (ranges only) to 2.7x (columns only) slower than the index kernel on
+    # the same keys at 128K. Pair counts, which can pass 2^31, use the widened copies.
+    p0 = (r * BLOCK_Q + q_offset).to(tl.int32)
+    p1 = (tl.minimum(r * BLOCK_Q + BLOCK_Q, q_len) - 1 + q_offset).to(tl.int32)
+    p0_wide = p0.to(tl.int64)
+    p1_wide = p1.to(tl.int64)
     grouping = (r == n_blocks - 1).to(tl.int64)  # LAST_BLOCK_GROUPING for the last block
     runs = (grouping * n_heads_total + bh) * n_slash_slots
     prefix = Prefix + bh * (k_len + 2)
@@ -158,7 +171,7 @@ def _lines_fwd_kernel(
         m_i, l_i, acc = _attend_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd, stride_vn,
                                       stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale,
                                       softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
-        pairs += _keys_below_pairs(end, p0, p1) - _keys_below_pairs(start, p0, p1)
+        pairs += _keys_below_pairs(end, p0_wide, p1_wide) - _keys_below_pairs(start, p0_wide, p1_wide)
 
     # --- then the visible bands clipped at key 0 (or cut by visibility), merged into one range
     has_more = n_plain < tl.load(RunCount + grouping * n_heads_total + bh)
@@ -170,26 +183,31 @@ def _lines_fwd_kernel(
     m_i, l_i, acc = _attend_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd, stride_vn,
                                   stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale,
                                   softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
-    pairs += _keys_below_pairs(end, p0, p1) - _keys_below_pairs(start, p0, p1)
+    pairs += _keys_below_pairs(end, p0_wide, p1_wide) - _keys_below_pairs(start, p0_wide, p1_wide)
 
     # --- the head's columns up to p1 that no band covers
     n_candidates = tl.load(VisibleColumns + block_row)
     column_base = Verticals + bh * n_vertical_slots
+    # Rows each kept column adds, per tile lane, reduced once after the loop: a reduction per tile
+    # sat on the loop's critical path (5-10% of the kernel at 128K).
+    column_rows = tl.zeros([COLUMN_N], dtype=tl.int32)
     for c0 in range(0, n_candidates, COLUMN_N):
         slots = c0 + tl.arange(0, COLUMN_N)
         slot_ok = slots < n_candidates
         cols = tl.load(column_base + slots, mask=slot_ok, other=0)
-        before = tl.load(column_base + slots - 1, mask=slot_ok & (slots > 0), other=-1)
         # Diagonals covering column c for this block lie in [max(p0 - c, 0), p1 - c] (c <= p1 here).
         low = tl.maximum(p0 - cols, 0)
         high = p1 - cols
         in_band = tl.load(prefix + high + 1, mask=slot_ok, other=0) - tl.load(prefix + low, mask=slot_ok, other=0)
-        keep = slot_ok & (cols != before) & (in_band == 0) & (cols < k_len)
-        k = load_rows(k_base, cols, keep, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
-        v = load_rows(v_base, cols, keep, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
+        keep = slot_ok & (in_band == 0) & (cols < k_len)
+        # K/V rows load under the slot mask, not ``keep``: a masked column's row is read for nothing,
+        # but the loads no longer wait on the two prefix gathers.
+        k = load_rows(k_base, cols, slot_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
+        v = load_rows(v_base, cols, slot_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
         s = mask_scores(log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP), cols, keep, q_pos, window, HAS_WINDOW)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST)
-        pairs += tl.sum(tl.where(keep, p1 - tl.maximum(p0, cols) + 1, 0).to(tl.int64), 0)
+        column_rows += tl.where(keep, p1 - tl.maximum(p0, cols) + 1, 0)
+    pairs += tl.sum(column_rows.to(tl.int64), 0)
 
     store_rows(Out + b * stride_ob + h * stride_oh, offs_m, m_ok, stride_om, offs_d, d_ok, stride_od, acc, l_i)
     first_program_of_block = (tl.program_id(0) % (BLOCK_Q // BLOCK_M)) == 0
