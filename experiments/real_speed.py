@@ -78,6 +78,10 @@ CANDIDATES = {
     "auto_dense01": SparseConfig(min_sparse_len=0, dense_layers=(0, 1)),
     "auto_m98": SparseConfig(min_sparse_len=0, vertical_slash=VerticalSlashConfig(vertical_mass=0.98, slash_mass=0.98)),
     "vs_m90": SparseConfig(min_sparse_len=0, vertical_slash=VerticalSlashConfig(vertical_mass=0.9, slash_mass=0.9)),
+    # auto, and heads whose selection keeps less than 0.9 / 0.8 of the exact mass on the held-out
+    # query windows (the midpoints between the scored ones) routed dense.
+    "auto_hr90": SparseConfig(min_sparse_len=0, vertical_slash=VerticalSlashConfig(heldout_recall=0.9)),
+    "auto_hr80": SparseConfig(min_sparse_len=0, vertical_slash=VerticalSlashConfig(heldout_recall=0.8)),
     # Every pair computed by the sparse kernel: the sparse path's own bf16 noise against cuDNN.
     "keep_all": SparseConfig.keep_everything(),
 }

@@ -153,9 +153,16 @@ class VerticalSlashConfig:
     ``fused=True`` hands the selected lines straight to the fused kernel (no per-block index, no host
     read between estimate and attention, so a patched layer can be captured in a CUDA graph) instead
     of building the per-block index. It is off by default because it is slower: on real
-    Qwen2.5-Coder-0.5B q/k on an H100 its attention took 1.4-1.9x the index kernel's time (every
-    block walks all of its head's columns, masking those a diagonal covers, where the index lists only
-    the rest; experiments/real_speed.py, docs/benchmarks.md). Fused heads are never routed dense.
+    Qwen2.5-Coder-0.5B q/k at 128K on an H100 a fused layer took 1.13-1.21x the index path's time
+    (every block checks each of its head's columns against its bands, where the index lists only the
+    uncovered ones; experiments/real_speed.py, docs/benchmarks.md). Fused heads are never routed dense.
+
+    ``heldout_recall`` (off by default): where heads are routed dense (``SparseConfig.route_dense_heads``,
+    GPU), also route a head whose selected keys hold less than this share of the exact attention mass
+    on query windows the estimate did not score (the midpoints between its windows, ``last_queries``
+    rows each): a head whose attention there differs from the scored rows is one the estimate cannot
+    predict, and it runs exact. Costs one exact pass over those rows per layer (about two windows' worth
+    of ``last_queries x Lk`` scores per head, and that much fp32 memory twice over).
     """
 
     last_queries: int = DEFAULT_LAST_QUERIES
@@ -168,9 +175,12 @@ class VerticalSlashConfig:
     block_size: int = 64
     query_windows: int = DEFAULT_QUERY_WINDOWS
     fused: bool = False
+    heldout_recall: float | None = None
 
     def __post_init__(self) -> None:
         _check_bool("vertical_slash.fused", self.fused)
+        if self.heldout_recall is not None:
+            _check_fraction("vertical_slash.heldout_recall", self.heldout_recall)
         _check_positive_int("vertical_slash.last_queries", self.last_queries)
         _check_positive_int("vertical_slash.query_windows", self.query_windows)
         _check_fraction("vertical_slash.vertical_mass", self.vertical_mass, allow_zero=True)

@@ -253,8 +253,8 @@ def run_auto(lengths, heads, kv_heads, head_dim, gpu, commit, masses=AUTO_MASSES
             rows.append(Row("estimation+attention", provider, length, density, gpu, commit, est_ms + att_ms,
                             flops / (est_ms + att_ms) / 1e9))
             print(rows[-1], flush=True)
-            # The path patch() takes: lines straight into the fused kernel (no per-block index, no host
-            # read), timed as the attention alone and as the whole pattern.run.
+            # The fused kernel on the same lines (no per-block index, no host read; the attention alone),
+            # and the whole pattern.run as patch() runs it (estimate, index, index kernel by default).
             common = dict(scale=scale, softcap=None, kv_head_index=kv_head_index)
             lines = pattern.estimate_lines(q, k, **common)
             fused_ms = _bench(lambda: library.call_vertical_slash_lines(q, k, v, lines, window=None, out=out,
@@ -262,7 +262,7 @@ def run_auto(lengths, heads, kv_heads, head_dim, gpu, commit, masses=AUTO_MASSES
             run_ms = _bench(lambda: pattern.run(q, k, v, out=out, **common))
             rows.append(Row("attention", "triton_vertical_slash_lines" + provider[4:], length, density, gpu, commit,
                             fused_ms, flops / fused_ms / 1e9))
-            rows.append(Row("estimation+attention", provider + "_lines", length, density, gpu, commit, run_ms,
+            rows.append(Row("estimation+attention", provider + "_run", length, density, gpu, commit, run_ms,
                             flops / run_ms / 1e9))
             print(rows[-1], flush=True)
     return rows

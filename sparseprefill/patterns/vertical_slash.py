@@ -12,6 +12,7 @@ import torch
 from ..config import PatternName, VerticalSlashConfig
 from ..kernels import vertical_slash_scores
 from ..kernels.indices import VerticalSlashLines
+from ..kernels.recall import window_recall
 from ..kernels.vertical_slash import select_line_kinds, vertical_slash_lines
 from .base import LinePattern
 
@@ -22,6 +23,14 @@ def query_window_ends(q_len: int, window_rows: int, windows: int) -> list[int]:
     windows never overlap, so no row is counted twice)."""
     count = max(1, min(windows, q_len // max(window_rows, 1)))
     return [q_len * (i + 1) // count for i in range(count)]
+
+
+def heldout_window_ends(q_len: int, window_rows: int, windows: int) -> list[int]:
+    """End rows (exclusive) of query windows the estimate's ``windows`` windows do not score: those of
+    twice as many evenly spread windows that are not among the scored ones (the midpoints between
+    the scored ends, and the point before the first)."""
+    scored = set(query_window_ends(q_len, window_rows, windows))
+    return [end for end in query_window_ends(q_len, window_rows, 2 * windows) if end not in scored]
 
 
 class VerticalSlashPattern(LinePattern):
@@ -36,6 +45,22 @@ class VerticalSlashPattern(LinePattern):
     @property
     def query_windows(self) -> int:
         return self.config.query_windows
+
+    def unpredictable_heads(self, q, k, index, *, scale, softcap, kv_head_index) -> torch.Tensor | None:
+        """``[B, H]`` bool: heads whose ``index`` keeps less than ``heldout_recall`` of the exact mass on
+        the held-out windows (mean over a window's rows, worst window); None when the check is off or
+        the prompt has no room for a held-out window."""
+        cfg = self.config
+        if cfg.heldout_recall is None:
+            return None
+        worst = None
+        for end in heldout_window_ends(q.shape[2], cfg.last_queries, cfg.query_windows):
+            start = max(0, end - cfg.last_queries)
+            (recall,) = window_recall([index], q, k, start, end, scale=scale, softcap=softcap,
+                                      kv_head_index=kv_head_index)
+            recall = recall.mean(-1)
+            worst = recall if worst is None else torch.minimum(worst, recall)
+        return None if worst is None else worst < cfg.heldout_recall
 
     def line_scores(self, q, k, *, scale, softcap, kv_head_index) -> tuple[torch.Tensor, torch.Tensor]:
         """``(vertical [B, H, Lk], slash [B, H, Lk])``: the mean line scores of the query windows, each
