@@ -159,10 +159,10 @@ class VerticalSlashConfig:
 
     ``heldout_recall`` (off by default): where heads are routed dense (``SparseConfig.route_dense_heads``,
     GPU), also route a head whose selected keys hold less than this share of the exact attention mass
-    on query windows the estimate did not score (the midpoints between its windows, ``last_queries``
-    rows each): a head whose attention there differs from the scored rows is one the estimate cannot
-    predict, and it runs exact. Costs one exact pass over those rows per layer (about two windows' worth
-    of ``last_queries x Lk`` scores per head, and that much fp32 memory twice over).
+    on query blocks the estimate did not score (those ending at the midpoints between its windows):
+    a head whose attention there differs from the scored rows is one the estimate cannot predict, and
+    it runs exact. Costs two passes over those blocks' keys per head (about four 64-row attention
+    passes per layer; ``kernels/vertical_slash/triton_recall.py``).
     """
 
     last_queries: int = DEFAULT_LAST_QUERIES

@@ -12,8 +12,7 @@ import torch
 from ..config import PatternName, VerticalSlashConfig
 from ..kernels import vertical_slash_scores
 from ..kernels.indices import VerticalSlashLines
-from ..kernels.recall import window_recall
-from ..kernels.vertical_slash import select_line_kinds, vertical_slash_lines
+from ..kernels.vertical_slash import select_line_kinds, vertical_slash_block_recall, vertical_slash_lines
 from .base import LinePattern
 
 
@@ -48,19 +47,18 @@ class VerticalSlashPattern(LinePattern):
 
     def unpredictable_heads(self, q, k, index, *, scale, softcap, kv_head_index) -> torch.Tensor | None:
         """``[B, H]`` bool: heads whose ``index`` keeps less than ``heldout_recall`` of the exact mass on
-        the held-out windows (mean over a window's rows, worst window); None when the check is off or
+        the held-out query blocks (mean over a block's rows, worst block); None when the check is off or
         the prompt has no room for a held-out window."""
         cfg = self.config
         if cfg.heldout_recall is None:
             return None
-        worst = None
-        for end in heldout_window_ends(q.shape[2], cfg.last_queries, cfg.query_windows):
-            start = max(0, end - cfg.last_queries)
-            (recall,) = window_recall([index], q, k, start, end, scale=scale, softcap=softcap,
-                                      kv_head_index=kv_head_index)
-            recall = recall.mean(-1)
-            worst = recall if worst is None else torch.minimum(worst, recall)
-        return None if worst is None else worst < cfg.heldout_recall
+        ends = heldout_window_ends(q.shape[2], cfg.last_queries, cfg.query_windows)
+        blocks = sorted({(end - 1) // index.block_size_q for end in ends})
+        if not blocks:
+            return None
+        recall = vertical_slash_block_recall(q, k, index, torch.tensor(blocks, device=q.device), scale=scale,
+                                             softcap=softcap, kv_head_index=kv_head_index)
+        return recall.amin(dim=-1) < cfg.heldout_recall
 
     def line_scores(self, q, k, *, scale, softcap, kv_head_index) -> tuple[torch.Tensor, torch.Tensor]:
         """``(vertical [B, H, Lk], slash [B, H, Lk])``: the mean line scores of the query windows, each

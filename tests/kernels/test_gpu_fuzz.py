@@ -30,11 +30,13 @@ from sparseprefill.kernels.vertical_slash.triton_attention import vertical_slash
 from sparseprefill.kernels.vertical_slash import vertical_slash_lines  # noqa: E402
 from sparseprefill.kernels.vertical_slash.naive import vertical_slash_lines_attention_naive  # noqa: E402
 from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton  # noqa: E402
+from sparseprefill.kernels.vertical_slash.triton_recall import block_recall_triton  # noqa: E402
+from sparseprefill.kernels.recall import window_recall  # noqa: E402
 
 EXAMPLES = reference.FUZZ_EXAMPLES
 REL_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 FUZZ = reference.gpu_fuzz
-COUNTS = {"block_sparse": 0, "vertical_slash": 0, "vertical_slash_lines": 0}
+COUNTS = {"block_sparse": 0, "vertical_slash": 0, "vertical_slash_lines": 0, "block_recall": 0}
 
 
 @st.composite
@@ -124,6 +126,29 @@ def test_vertical_slash_lines_fuzz(shape):
              (ref_lines, lines), window, softcap)
     assert torch.equal(lines.block_pairs, ref_lines.block_pairs)
     COUNTS["vertical_slash_lines"] += 1
+
+
+RECALL_ABS_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@FUZZ
+@given(shapes())
+def test_block_recall_fuzz(shape):
+    """The held-out recall kernel vs ``window_recall`` (fp32 probabilities) on every query block of
+    random indices (windows do not apply: the check runs on unwindowed layers)."""
+    batch, hq, hkv, q_len, k_len, d, block, dtype, _, softcap, density, seed = shape
+    q, k, _, g = _inputs(batch, hq, hkv, q_len, k_len, d, dtype, seed)
+    vc, vi = compact(torch.rand(batch, hq, k_len, generator=g, device="cuda") < density * 0.3)
+    sc, so = compact(torch.rand(batch, hq, k_len, generator=g, device="cuda") < density * 0.2)
+    index = build_vertical_slash_index(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block)
+    kw = dict(scale=d**-0.5, softcap=softcap, kv_head_index=torch.arange(hq, device="cuda") // (hq // hkv))
+    blocks = torch.arange(-(-q_len // block), device="cuda")
+    got = block_recall_triton(q, k, index, blocks, **kw)
+    expected = torch.stack([window_recall([index], q.float(), k.float(), r * block, min(r * block + block, q_len),
+                                          **kw)[0].mean(-1) for r in blocks.tolist()], dim=-1)
+    assert not torch.isnan(got).any()
+    assert float((got - expected).abs().max()) <= RECALL_ABS_TOL[dtype]
+    COUNTS["block_recall"] += 1
 
 
 def test_fuzz_ran_the_requested_number_of_cases():

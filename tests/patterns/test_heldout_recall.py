@@ -89,3 +89,21 @@ def test_heldout_recall_is_validated():
         VerticalSlashConfig(heldout_recall=0.0)
     with pytest.raises(ValueError, match="heldout_recall"):
         VerticalSlashConfig(heldout_recall=1.5)
+
+
+def test_block_recall_matches_window_recall_per_block():
+    """The dispatching function's CPU path against ``window_recall`` directly, on the index's blocks."""
+    from sparseprefill.kernels.recall import window_recall
+    from sparseprefill.kernels.vertical_slash import vertical_slash_block_recall
+
+    q, k, v, scale = _two_heads()
+    kv_head_index = default_kv_head_index(2, 2, q.device)
+    kw = dict(scale=scale, softcap=None, kv_head_index=kv_head_index)
+    index = _pattern(0.9).estimate(q, k, **kw)
+    blocks = torch.tensor([0, 7, 55, LENGTH // 64 - 1])
+    got = vertical_slash_block_recall(q, k, index, blocks, **kw)
+    for i, block in enumerate(blocks.tolist()):
+        (expected,) = window_recall([index], q, k, block * 64, block * 64 + 64, **kw)
+        torch.testing.assert_close(got[..., i], expected.mean(-1))
+    with pytest.raises(ValueError, match="query blocks of the index"):
+        vertical_slash_block_recall(q, k, index, torch.tensor([LENGTH // 64]), **kw)

@@ -24,7 +24,7 @@ from .naive import (
 )
 from .select import select_line_kinds, select_lines
 
-__all__ = ["vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_line_kinds", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "vertical_slash_attention", "vertical_slash_attention_naive", "vertical_slash_lines", "vertical_slash_lines_attention", "vertical_slash_lines_attention_naive"]
+__all__ = ["vertical_slash_block_recall", "vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_line_kinds", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "vertical_slash_attention", "vertical_slash_attention_naive", "vertical_slash_lines", "vertical_slash_lines_attention", "vertical_slash_lines_attention_naive"]
 
 def vertical_slash_scores(
     q: torch.Tensor,
@@ -177,3 +177,47 @@ def vertical_slash_lines_attention(
     return vertical_slash_lines_attention_naive(
         q, k, v, lines, scale=scale, window=window, softcap=softcap, kv_head_index=kv_head_index, out=out
     )
+
+
+def vertical_slash_block_recall(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    index: VerticalSlashIndex,
+    blocks: torch.Tensor,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    kv_head_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean recall of ``index`` on whole query blocks: for each query block ``blocks[i]`` (an index row),
+    the share of each row's exact causal attention mass that the block's listed keys hold, averaged
+    over the block's rows.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; index: ``VerticalSlashIndex`` over ``Hq`` heads.
+        blocks: ``[nb]`` int query-block numbers (rows of the index).
+
+    Returns:
+        ``[B, Hq, nb]`` fp32 in [0, 1]. The GPU kernel never holds the ``rows x Lk`` probabilities; the
+        reference (``recall.window_recall`` per block) does.
+    """
+    _, hq, q_len, hkv, _, _ = check_qkv(q, k, k)
+    kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
+    n_blocks = -(-q_len // index.block_size_q)
+    if blocks.numel() and not (0 <= int(blocks.min()) and int(blocks.max()) < n_blocks):
+        raise ValueError(f"blocks must be query blocks of the index (0..{n_blocks - 1}), got {blocks.tolist()}")
+    if q.device.type == "cuda":
+        from .triton_recall import block_recall_triton
+
+        return block_recall_triton(q, k, index, blocks, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+    from ..recall import window_recall
+
+    per_block = []
+    for block in blocks.tolist():
+        r0 = block * index.block_size_q
+        r1 = min(r0 + index.block_size_q, q_len)
+        (recall,) = window_recall([index], q, k, r0, r1, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+        per_block.append(recall.mean(-1))
+    if not per_block:
+        return torch.empty(q.shape[0], hq, 0, dtype=torch.float32, device=q.device)
+    return torch.stack(per_block, dim=-1)
