@@ -78,8 +78,9 @@ class LayerStats:
     fallbacks: Counter = field(default_factory=Counter)
     patterns: Counter = field(default_factory=Counter)
     causal_pairs: int = 0
-    # (batch row, head) pairs of sparse calls whose estimate kept past the kernel's break-even, so they
-    # ran dense attention instead (SparseConfig.route_dense_heads); their pairs count as computed.
+    # (batch row, head) pairs of sparse calls whose estimate kept past the kernel's break-even, or failed
+    # the pattern's own check (VerticalSlashConfig.heldout_recall), so they ran dense attention instead
+    # (SparseConfig.route_dense_heads); their pairs count as computed.
     estimated_dense_heads: int = 0
     # Computed-pair counts recorded as device tensors, read back when the stats are read: an int() per
     # layer in the forward pass would stall the host until the GPU caught up, once per layer.
@@ -164,7 +165,8 @@ class PatchStats:
 
     @property
     def estimated_dense_heads(self) -> int:
-        """Head calls that ran dense because their estimate kept past the kernel's break-even."""
+        """Head calls that ran dense because their estimate kept past the kernel's break-even or failed
+        the held-out recall check."""
         return sum(s.estimated_dense_heads for s in self.layers)
 
     @property

@@ -76,9 +76,11 @@ def test_flagged_heads_run_exact_and_the_others_sparse(dtype):
     unchecked = torch.full_like(q, float("nan"))
     _pattern(None).run(q, k, v, out=unchecked, dense_above=never_by_density, **kw)
     assert result.dense_heads == 1
-    assert torch.equal(checked[:, 1], dense[:, 1])  # the flagged head: exact
-    # The steady head: the sparse result (the reference batches heads, so emptying one moves fp32 sums by ulps).
+    # Dense attention of one head alone and of both heads together may take different SDPA paths, and
+    # the reference batches heads, so emptying one moves fp32 sums by ulps: compare within the kernel
+    # tests' tolerances. The flagged head is dense; the steady head is the sparse result.
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1.6e-2, rtol=1.6e-2)
+    torch.testing.assert_close(checked[:, 1], dense[:, 1], **tolerance)
     torch.testing.assert_close(checked[:, 0], unchecked[:, 0], **tolerance)
     # The check is worth having here: unchecked, the region head misses mass and drifts from dense.
     assert (unchecked[:, 1].float() - dense[:, 1].float()).abs().max() > 0.1

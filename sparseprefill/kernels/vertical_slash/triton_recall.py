@@ -20,7 +20,7 @@ from ..indices import VerticalSlashIndex
 from ..triton_common import load_rows, log2_scores, mask_scores, row_stats_step
 
 RECALL_KEY_TILE = 64  # keys per tile of the dense pass; ranges and columns use the attention's tile
-_NO_WINDOW = 0
+_NO_WINDOW = tl.constexpr(0)  # mask_scores takes a window argument; this kernel never has one
 
 
 @triton.jit
