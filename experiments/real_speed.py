@@ -162,6 +162,8 @@ def timing_part(args, models, budget, out_dir):
                 timed = {op: timed_ms(fn) for op, fn in ops.items()}
                 index = pattern.estimate(q, k, **kw)
                 timed["attend_index"] = timed_ms(lambda: pattern.attend(q, k, v, index, out=out, **kw))
+                if getattr(cfg.vertical_slash, "heldout_recall", None) is not None:
+                    timed["heldout_check"] = timed_ms(lambda: pattern.unpredictable_heads(q, k, index, **kw))
                 fused = build_pattern(cfg.pattern, replace(cfg, vertical_slash=replace(cfg.vertical_slash, fused=True)))
                 timed["run_fused"] = timed_ms(lambda: fused.run(q, k, v, out=out, **kw))
                 graph_ms, graph_error = _graph_ms(lambda: fused.run(q, k, v, out=out, **kw))

@@ -248,6 +248,11 @@ def run_auto(lengths, heads, kv_heads, head_dim, gpu, commit, masses=AUTO_MASSES
             att_ms = _bench(lambda: pattern.attend(q, k, v, index, scale=scale, softcap=None,
                                                    kv_head_index=kv_head_index, out=out))
             rows.append(Row("estimation", provider, length, density, gpu, commit, est_ms, 0.0))
+            if vs.heldout_recall is not None:  # the held-out recall check run() adds where heads are routed
+                check_ms = _bench(lambda: pattern.unpredictable_heads(q, k, index, scale=scale, softcap=None,
+                                                                      kv_head_index=kv_head_index))
+                rows.append(Row("estimation", provider + "_heldout_check", length, density, gpu, commit, check_ms,
+                                0.0))
             rows.append(Row("attention", "triton_vertical_slash" + provider[4:], length, density, gpu, commit, att_ms,
                             flops / att_ms / 1e9))
             rows.append(Row("estimation+attention", provider, length, density, gpu, commit, est_ms + att_ms,
