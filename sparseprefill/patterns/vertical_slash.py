@@ -56,8 +56,8 @@ class VerticalSlashPattern(LinePattern):
         blocks = sorted({(end - 1) // index.block_size_q for end in ends})
         if not blocks:
             return None
-        recall = vertical_slash_block_recall(q, k, index, torch.tensor(blocks, device=q.device), scale=scale,
-                                             softcap=softcap, kv_head_index=kv_head_index)
+        recall = vertical_slash_block_recall(q, k, index, blocks, scale=scale, softcap=softcap,
+                                             kv_head_index=kv_head_index)
         return recall.amin(dim=-1) < cfg.heldout_recall
 
     def line_scores(self, q, k, *, scale, softcap, kv_head_index) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ from ..common import (
 )
 from ..indices import VerticalSlashIndex, VerticalSlashLines
 from .naive import (
+    block_recall_naive,
     build_vertical_slash_index_naive,
     select_lines_naive,
     vertical_slash_attention_naive,
@@ -195,29 +196,21 @@ def vertical_slash_block_recall(
 
     Args:
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; index: ``VerticalSlashIndex`` over ``Hq`` heads.
-        blocks: ``[nb]`` int query-block numbers (rows of the index).
+        blocks: ``[nb]`` int query-block numbers (rows of the index), on the host (a list or CPU
+            tensor: they are checked there, so the check never waits for the device).
 
     Returns:
         ``[B, Hq, nb]`` fp32 in [0, 1]. The GPU kernel never holds the ``rows x Lk`` probabilities; the
-        reference (``recall.window_recall`` per block) does.
+        reference (``block_recall_naive``: ``recall.window_recall`` per block) does.
     """
     _, hq, q_len, hkv, _, _ = check_qkv(q, k, k)
     kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
     n_blocks = -(-q_len // index.block_size_q)
+    blocks = torch.as_tensor(blocks, dtype=torch.long).cpu()
     if blocks.numel() and not (0 <= int(blocks.min()) and int(blocks.max()) < n_blocks):
         raise ValueError(f"blocks must be query blocks of the index (0..{n_blocks - 1}), got {blocks.tolist()}")
     if q.device.type == "cuda":
         from .triton_recall import block_recall_triton
 
         return block_recall_triton(q, k, index, blocks, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
-    from ..recall import window_recall
-
-    per_block = []
-    for block in blocks.tolist():
-        r0 = block * index.block_size_q
-        r1 = min(r0 + index.block_size_q, q_len)
-        (recall,) = window_recall([index], q, k, r0, r1, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
-        per_block.append(recall.mean(-1))
-    if not per_block:
-        return torch.empty(q.shape[0], hq, 0, dtype=torch.float32, device=q.device)
-    return torch.stack(per_block, dim=-1)
+    return block_recall_naive(q, k, index, blocks, scale=scale, softcap=softcap, kv_head_index=kv_head_index)

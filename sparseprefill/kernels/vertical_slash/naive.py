@@ -1,5 +1,6 @@
 """fp32 references of the vertical-slash kernels (also their CPU implementation): the last-queries
-line estimate, line selection, the index conversion and the attention over ranges and columns.
+line estimate, line selection, the index conversion, the attention over ranges and columns, and the
+recall of an index on whole query blocks.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from ..common import attend_gathered, compact, qk_scores
 from ..geometry import query_block_bounds, query_offset
 from ..indices import VerticalSlashIndex, VerticalSlashLines
 from ..mass_select import keep_by_cumulative_mass
+from ..recall import window_recall
 
 # MInference's last-queries estimate: softmax of the last ``n`` queries against every key, summed
 # down columns (verticals) and along diagonals (slashes).
@@ -211,3 +213,27 @@ def select_lines_naive(
     compacted."""
     valid = torch.ones_like(scores, dtype=torch.bool)
     return compact(keep_by_cumulative_mass(scores, valid, forced.expand_as(valid), mass, max_count=max_count))
+
+
+def block_recall_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    index: VerticalSlashIndex,
+    blocks: torch.Tensor,
+    *,
+    scale: float,
+    softcap: float | None,
+    kv_head_index: torch.Tensor,
+) -> torch.Tensor:
+    """Reference of ``triton_recall.block_recall_triton``: ``[B, H, nb]`` mean over each query block's
+    rows of the exact attention mass its listed keys hold (``window_recall`` on the block's rows)."""
+    q_len = q.shape[2]
+    per_block = []
+    for block in blocks.tolist():
+        r0 = block * index.block_size_q
+        r1 = min(r0 + index.block_size_q, q_len)
+        (recall,) = window_recall([index], q, k, r0, r1, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+        per_block.append(recall.mean(-1))
+    if not per_block:
+        return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.float32, device=q.device)
+    return torch.stack(per_block, dim=-1)
