@@ -67,7 +67,7 @@ DEFAULT_QUERY_WINDOWS = 4
 
 # Held-out recall below which a head is routed dense (VerticalSlashConfig.heldout_recall). On Qwen2.5-
 # Coder-0.5B at 128K (H100) 0.9 lifted top-1 agreement with dense from 0.963 to 0.971 and cut the KL
-# from 0.019 to 0.015 for 0.06 more density, 1.33x cuDNN instead of 1.46x; forced sparse at 64K it cut
+# from 0.019 to 0.015 for 0.06 more density, 1.32x cuDNN instead of 1.46x; forced sparse at 64K it cut
 # the KL from 0.036 to 0.008. 0.8 barely helped at 128K (top-1 0.961, KL 0.017).
 DEFAULT_HELDOUT_RECALL = 0.9
 
@@ -165,11 +165,10 @@ class VerticalSlashConfig:
 
     ``heldout_recall`` (default 0.9; None turns it off): where heads are routed dense
     (``SparseConfig.route_dense_heads``, GPU), also route a head whose selected keys hold less than this
-    share of the exact attention mass
-    on query blocks the estimate did not score (those ending at the midpoints between its windows):
-    a head whose attention there differs from the scored rows is one the estimate cannot predict, and
-    it runs exact. Costs two passes over those blocks' keys per head (about four 64-row attention
-    passes per layer; ``kernels/vertical_slash/triton_recall.py``).
+    share of the exact attention mass on query blocks the estimate did not score (those ending at the
+    midpoints between its windows): a head whose attention there differs from the scored rows is one
+    the estimate cannot predict, and it runs exact. Costs two passes over those blocks' keys per head
+    (about four 64-row attention passes per layer; ``kernels/vertical_slash/triton_recall.py``).
     """
 
     last_queries: int = DEFAULT_LAST_QUERIES
