@@ -16,6 +16,7 @@ __all__ = [
     "causal_block_layout",
     "query_offset",
     "query_block_bounds",
+    "spread_window_ends",
     "causal_pairs_in_rects",
     "causal_pairs_in_columns",
     "causal_pairs_total",
@@ -28,6 +29,15 @@ def query_offset(q_len: int, k_len: int) -> int:
     if q_len > k_len:
         raise ValueError(f"more queries ({q_len}) than keys ({k_len}): bottom-right causal alignment needs Lq <= Lk")
     return k_len - q_len
+
+
+def spread_window_ends(q_len: int, window_rows: int, windows: int) -> list[int]:
+    """End rows (exclusive) of ``windows`` query windows of ``window_rows`` rows spread evenly over
+    ``q_len`` rows, the last ending at ``q_len``; fewer where the rows cannot hold them apart (the
+    windows never overlap, so no row is counted twice). The vertical-slash scoring kernel computes
+    the same ends on the device (``triton_estimate._window_rows``)."""
+    count = max(1, min(windows, q_len // max(window_rows, 1)))
+    return [q_len * (i + 1) // count for i in range(count)]
 
 
 def query_block_bounds(q_len: int, k_len: int, block_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -233,11 +233,13 @@ class VerticalSlashLines:
             raise ValueError("VerticalSlashLines counts pairs without a window; use to_index().computed_pairs(window)")
         return self.block_pairs.sum(-1)
 
-    def to_index(self) -> VerticalSlashIndex:
-        """The per-query-block ``VerticalSlashIndex`` of the same keys (inspection, recall, profiles)."""
+    def to_index(self, slashes_sorted: bool = False) -> VerticalSlashIndex:
+        """The per-query-block ``VerticalSlashIndex`` of the same keys (what the default attends; also
+        inspection, recall, profiles). ``slashes_sorted``: the diagonals ascend in their counts
+        (``select_lines`` output), which spares the GPU builder a sort."""
         from .vertical_slash import build_vertical_slash_index
 
         return build_vertical_slash_index(
             self.vertical_index, self.vertical_count, self.slash_offset, self.slash_count,
-            q_len=self.q_len, k_len=self.k_len, block_size_q=self.block_size_q,
+            q_len=self.q_len, k_len=self.k_len, block_size_q=self.block_size_q, slashes_sorted=slashes_sorted,
         )

@@ -106,9 +106,13 @@ class SparsePattern(abc.ABC):
         if dense_host is None or not dense_host.any():
             self.attend(q, k, v, index, out=out, **kwargs)
             return PatternOutput(computed_pairs=pairs, index=index)
+        # The head -> KV head map is read here, while the queue is empty after the read above: read
+        # after the sparse launch, it stalled the host behind the whole sparse kernel. The dense heads
+        # come second because the sparse kernel writes zeros for the heads it was told to skip.
+        kv_of_head = kv_head_index.tolist()
         if not dense_host.all():
             self.attend(q, k, v, index.without_heads(dense), out=out, **kwargs)
-        attend_heads_dense(q, k, v, dense_host, kv_head_index, scale=scale, softcap=softcap, out=out)
+        attend_heads_dense(q, k, v, dense_host, kv_of_head, scale=scale, softcap=softcap, out=out)
         return PatternOutput(computed_pairs=torch.where(dense, causal, pairs), index=index,
                              dense_heads=int(dense_host.sum()))
 
@@ -130,7 +134,8 @@ class LinePattern(SparsePattern):
         """``q [B, H, Lq, D]``, ``k [B, Hkv, Lk, D]`` -> per-head lines over the H query heads."""
 
     def estimate(self, q, k, *, scale, softcap, kv_head_index) -> VerticalSlashIndex:
-        return self.estimate_lines(q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index).to_index()
+        lines = self.estimate_lines(q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+        return lines.to_index(slashes_sorted=self.lines_sorted)
 
     def uses_fused_kernel(self) -> bool:
         """Whether ``run`` takes the fused path (the lines straight into the fused kernel: no host read,
@@ -149,13 +154,14 @@ class LinePattern(SparsePattern):
 
 
 def attend_heads_dense(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor, kv_head_index: torch.Tensor, *,
-    scale: float, softcap: float | None, out: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor,
+    kv_head_index: torch.Tensor | list[int], *, scale: float, softcap: float | None, out: torch.Tensor,
 ) -> None:
     """Dense attention for the (batch row, query head) pairs set in ``heads [B, H]`` (bool, on the
     host), written into their slices of ``out [B, H, Lq, D]``; one call per batch row and KV head, so
-    GQA needs no repeated K/V (``kv_head_index`` maps query heads to KV heads)."""
-    kv_of_head = kv_head_index.tolist()
+    GQA needs no repeated K/V (``kv_head_index`` maps query heads to KV heads: a device tensor, or its
+    values as a host list, which spares the read)."""
+    kv_of_head = kv_head_index if isinstance(kv_head_index, list) else kv_head_index.tolist()
     for b in range(heads.shape[0]):
         by_kv: dict[int, list[int]] = {}
         for h in torch.nonzero(heads[b]).flatten().tolist():

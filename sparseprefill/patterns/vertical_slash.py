@@ -11,25 +11,18 @@ import torch
 
 from ..config import PatternName, VerticalSlashConfig
 from ..kernels import vertical_slash_scores
+from ..kernels.geometry import spread_window_ends
 from ..kernels.indices import VerticalSlashLines
 from ..kernels.vertical_slash import select_line_kinds, vertical_slash_block_recall, vertical_slash_lines
 from .base import LinePattern
-
-
-def query_window_ends(q_len: int, window_rows: int, windows: int) -> list[int]:
-    """End rows (exclusive) of ``windows`` query windows of ``window_rows`` rows spread evenly over
-    ``q_len`` rows, the last ending at ``q_len``; fewer where the rows cannot hold them apart (the
-    windows never overlap, so no row is counted twice)."""
-    count = max(1, min(windows, q_len // max(window_rows, 1)))
-    return [q_len * (i + 1) // count for i in range(count)]
 
 
 def heldout_window_ends(q_len: int, window_rows: int, windows: int) -> list[int]:
     """End rows (exclusive) of query windows the estimate's ``windows`` windows do not score: those of
     twice as many evenly spread windows that are not among the scored ones (the midpoints between
     the scored ends, and the point before the first)."""
-    scored = set(query_window_ends(q_len, window_rows, windows))
-    return [end for end in query_window_ends(q_len, window_rows, 2 * windows) if end not in scored]
+    scored = set(spread_window_ends(q_len, window_rows, windows))
+    return [end for end in spread_window_ends(q_len, window_rows, 2 * windows) if end not in scored]
 
 
 class VerticalSlashPattern(LinePattern):
@@ -64,26 +57,8 @@ class VerticalSlashPattern(LinePattern):
         """``(vertical [B, H, Lk], slash [B, H, Lk])``: the mean line scores of the query windows, each
         summing to 1 (a window's lines past the keys it sees score 0)."""
         cfg = self.config
-        q_len, k_len = q.shape[2], k.shape[2]
-        ends = query_window_ends(q_len, cfg.last_queries, cfg.query_windows)
-        if len(ends) == 1:
-            return vertical_slash_scores(
-                q, k, scale=scale, last_queries=cfg.last_queries, softcap=softcap, kv_head_index=kv_head_index
-            )
-        offset = k_len - q_len
-        vertical = torch.zeros(q.shape[0], q.shape[1], k_len, dtype=torch.float32, device=q.device)
-        slash = torch.zeros_like(vertical)
-        for end in ends:
-            # The window's rows see keys [0, offset + end): its scores on that prefix (causal as a chunk).
-            start = max(0, end - cfg.last_queries)
-            seen = offset + end
-            v, s = vertical_slash_scores(
-                q[:, :, start:end], k[:, :, :seen], scale=scale, last_queries=cfg.last_queries,
-                softcap=softcap, kv_head_index=kv_head_index,
-            )
-            vertical[..., :seen] += v
-            slash[..., :seen] += s
-        return vertical / len(ends), slash / len(ends)
+        return vertical_slash_scores(q, k, scale=scale, last_queries=cfg.last_queries, softcap=softcap,
+                                     kv_head_index=kv_head_index, query_windows=cfg.query_windows)
 
     def estimate_lines(self, q, k, *, scale, softcap, kv_head_index) -> VerticalSlashLines:
         cfg = self.config

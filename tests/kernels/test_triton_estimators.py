@@ -222,9 +222,10 @@ def _line_ids(case):
     return "B{}H{}/{}L{}x{}D{}".format(*case[:6]) + "-n{}-{}".format(*case[6:])
 
 
-def _check_line_scores(b, hq, hkv, lq, lk, d, last_queries, softcap, dtype, seed, device=DEVICE):
+def _check_line_scores(b, hq, hkv, lq, lk, d, last_queries, softcap, dtype, seed, device=DEVICE, windows=1):
     q, k = _inputs(b, hq, hkv, lq, lk, d, dtype, seed, device=device)
-    kw = dict(scale=d**-0.5, last_queries=last_queries, softcap=softcap, kv_head_index=_kv_map(hq, hkv, device))
+    kw = dict(scale=d**-0.5, last_queries=last_queries, softcap=softcap, kv_head_index=_kv_map(hq, hkv, device),
+              query_windows=windows)
     ref_v, ref_s = vertical_slash_scores_naive(q, k, **kw)
     out_v, out_s = vertical_slash_scores_triton(q, k, **kw)
     assert _rel_err(out_v, ref_v) < LINE_TOL[dtype], "vertical"
@@ -239,6 +240,24 @@ def _check_line_scores(b, hq, hkv, lq, lk, d, last_queries, softcap, dtype, seed
 @pytest.mark.parametrize("case", LINE_SCORE_CASES, ids=_line_ids)
 def test_line_scores_triton_matches_naive(case, dtype):
     _check_line_scores(*case, dtype=dtype, seed=300 + LINE_SCORE_CASES.index(case))
+
+
+# (batch, q heads, kv heads, Lq, Lk, head_dim, last_queries, softcap, windows): one launch set scores
+# every window; the reference scores each window on its key prefix and averages.
+WINDOW_CASES = [
+    (1, 4, 2, 301, 301, 64, 32, None, 3),
+    (2, 3, 1, 250, 400, 128, 40, 30.0, 4),  # chunked, soft-capped; windows of 40 rows (64 lanes)
+    (1, 2, 2, 97, 97, 64, 64, None, 4),  # room for one window only
+    (1, 2, 1, 1000, 1000, 256, 16, None, 16),  # many windows, head_dim 256 (32-key tiles)
+    (1, 7, 1, 129, 200, 80, 64, None, 2),  # padded head_dim, Lq not a multiple of the windows
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: _line_ids(c[:8]) + f"-w{c[8]}")
+def test_spread_window_line_scores_triton_match_naive(case, dtype):
+    *shape, windows = case
+    _check_line_scores(*shape, dtype=dtype, seed=700 + WINDOW_CASES.index(case), windows=windows)
 
 
 def test_line_scores_slash_of_a_single_row_is_its_probabilities_reversed():
@@ -256,10 +275,10 @@ LINE_COUNT = {"line_scores": 0}
 @pytest.mark.gpu
 @needs_cuda
 @FUZZ
-@given(estimator_shapes(), st.sampled_from([1, 7, 16, 20, 64, 100]))
-def test_line_scores_fuzz(shape, last_queries):
+@given(estimator_shapes(), st.sampled_from([1, 7, 16, 20, 64, 100]), st.sampled_from([1, 2, 4, 7]))
+def test_line_scores_fuzz(shape, last_queries, windows):
     b, hq, hkv, lq, lk, d, _, _, dtype, softcap, seed = shape
-    _check_line_scores(b, hq, hkv, lq, lk, d, last_queries, softcap, dtype, seed, device="cuda")
+    _check_line_scores(b, hq, hkv, lq, lk, d, last_queries, softcap, dtype, seed, device="cuda", windows=windows)
     LINE_COUNT["line_scores"] += 1
 
 

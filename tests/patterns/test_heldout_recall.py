@@ -8,7 +8,8 @@ from sparseprefill import SparseConfig, VerticalSlashConfig
 from sparseprefill.kernels import fast_dense_attention
 from sparseprefill.kernels.common import default_kv_head_index
 from sparseprefill.patterns import build_pattern
-from sparseprefill.patterns.vertical_slash import heldout_window_ends, query_window_ends
+from sparseprefill.kernels.geometry import spread_window_ends
+from sparseprefill.patterns.vertical_slash import heldout_window_ends
 
 LENGTH, HEAD_DIM, REGION = 4096, 64, 512
 SINK_LOGIT, LOCAL_LOGIT, TOPIC_LOGIT = 8.0, 6.0, 14.0
@@ -47,7 +48,7 @@ def _pattern(heldout_recall):
 
 
 def test_heldout_windows_are_between_the_scored_ones():
-    scored = query_window_ends(LENGTH, 64, 4)
+    scored = spread_window_ends(LENGTH, 64, 4)
     heldout = heldout_window_ends(LENGTH, 64, 4)
     assert scored == [1024, 2048, 3072, 4096] and heldout == [512, 1536, 2560, 3584]
     assert heldout_window_ends(100, 64, 4) == []  # no room for a second window

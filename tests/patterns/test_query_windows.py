@@ -11,7 +11,7 @@ from sparseprefill.config import VerticalSlashConfig
 from sparseprefill.kernels.common import default_kv_head_index
 from sparseprefill.kernels.vertical_slash import vertical_slash_scores
 from sparseprefill.patterns import VerticalSlashPattern
-from sparseprefill.patterns.vertical_slash import query_window_ends
+from sparseprefill.kernels.geometry import spread_window_ends
 
 from tests.reference import torch_single_thread  # noqa: F401  (autouse fixture)
 
@@ -21,7 +21,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("q_len,rows,windows", [(1000, 64, 4), (257, 64, 4), (100, 64, 4), (64, 64, 3), (10, 64, 2),
                                                 (513, 50, 1), (4096, 64, 16)])
 def test_windows_end_at_the_prompt_end_spread_evenly_and_never_overlap(q_len, rows, windows):
-    ends = query_window_ends(q_len, rows, windows)
+    ends = spread_window_ends(q_len, rows, windows)
     assert ends[-1] == q_len
     assert 1 <= len(ends) <= windows
     assert len(ends) == max(1, min(windows, q_len // rows))
@@ -64,7 +64,7 @@ def test_window_scores_match_the_fp32_reference(device, b, hq, hkv, q_len, k_len
     pattern = VerticalSlashPattern(VerticalSlashConfig(last_queries=rows, query_windows=windows))
     vertical, slash = pattern.line_scores(q, k, scale=scale, softcap=None,
                                           kv_head_index=default_kv_head_index(hq, hkv, q.device))
-    ref_v, ref_s = _reference_scores(q.cpu(), k.cpu(), scale, rows, query_window_ends(q_len, rows, windows))
+    ref_v, ref_s = _reference_scores(q.cpu(), k.cpu(), scale, rows, spread_window_ends(q_len, rows, windows))
     torch.testing.assert_close(vertical.cpu().double(), ref_v, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(slash.cpu().double(), ref_s, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(vertical.sum(-1).cpu().double(), torch.ones(b, hq, dtype=torch.float64), atol=1e-4, rtol=0)

@@ -35,29 +35,34 @@ def vertical_slash_scores(
     last_queries: int,
     softcap: float | None = None,
     kv_head_index: torch.Tensor | None = None,
+    query_windows: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated attention mass per key column and per diagonal.
 
     Args:
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``.
-        last_queries: number of final query rows that score every key.
+        last_queries: query rows per scoring window.
+        query_windows: windows of ``last_queries`` rows spread over the prompt
+            (``geometry.spread_window_ends``; 1: the last rows alone).
 
     Returns:
-        ``(vertical [B, Hq, Lk], slash [B, Hq, Lk])`` fp32; ``vertical[j]`` is the mean probability of
-        key ``j``, ``slash[d]`` the mean probability on diagonal ``d = query_pos - key_pos``. Each
-        sums to 1 over its last dimension.
+        ``(vertical [B, Hq, Lk], slash [B, Hq, Lk])`` fp32, the mean over the windows of each window's
+        scores: ``vertical[j]`` the mean probability of key ``j`` over the window's rows, ``slash[d]``
+        the mean probability on diagonal ``d = query_pos - key_pos``. Each sums to 1 over its last
+        dimension.
     """
     _, hq, _, hkv, _, _ = check_qkv(q, k, k)
+    if last_queries < 1 or query_windows < 1:
+        raise ValueError(f"line scores need last_queries >= 1 and query_windows >= 1, got {last_queries} and "
+                         f"{query_windows}")
     kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
+    kw = dict(scale=scale, last_queries=last_queries, softcap=softcap, kv_head_index=kv_head_index,
+              query_windows=query_windows)
     if q.device.type == "cuda":
         from .triton_estimate import vertical_slash_scores_triton
 
-        return vertical_slash_scores_triton(
-            q, k, scale=scale, last_queries=last_queries, softcap=softcap, kv_head_index=kv_head_index
-        )
-    return vertical_slash_scores_naive(
-        q, k, scale=scale, last_queries=last_queries, softcap=softcap, kv_head_index=kv_head_index
-    )
+        return vertical_slash_scores_triton(q, k, **kw)
+    return vertical_slash_scores_naive(q, k, **kw)
 
 
 def build_vertical_slash_index(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..common import attend_gathered, compact, qk_scores
-from ..geometry import query_block_bounds, query_offset
+from ..geometry import query_block_bounds, query_offset, spread_window_ends
 from ..indices import VerticalSlashIndex, VerticalSlashLines
 from ..mass_select import keep_by_cumulative_mass
 from ..recall import window_recall
@@ -24,9 +24,31 @@ def vertical_slash_scores_naive(
     last_queries: int,
     softcap: float | None,
     kv_head_index: torch.Tensor,
+    query_windows: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``vertical_slash_scores``: ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` ->
-    ``(vertical [B, Hq, Lk], slash [B, Hq, Lk])`` fp32 mean probabilities of the last queries."""
+    ``(vertical [B, Hq, Lk], slash [B, Hq, Lk])`` fp32 mean probabilities of the scoring rows: the
+    mean over ``spread_window_ends`` windows of each window's own scores (its rows see a key prefix)."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    ends = spread_window_ends(q_len, last_queries, query_windows)
+    if len(ends) == 1:
+        return _last_rows_scores(q, k, scale=scale, last_queries=last_queries, softcap=softcap,
+                                 kv_head_index=kv_head_index)
+    offset = k_len - q_len
+    vertical = torch.zeros(q.shape[0], q.shape[1], k_len, dtype=torch.float32, device=q.device)
+    slash = torch.zeros_like(vertical)
+    for end in ends:
+        # The window's rows see keys [0, offset + end): its scores on that prefix (causal as a chunk).
+        seen = offset + end
+        v, s = _last_rows_scores(q[:, :, max(0, end - last_queries):end], k[:, :, :seen], scale=scale,
+                                 last_queries=last_queries, softcap=softcap, kv_head_index=kv_head_index)
+        vertical[..., :seen] += v
+        slash[..., :seen] += s
+    return vertical / len(ends), slash / len(ends)
+
+
+def _last_rows_scores(q, k, *, scale, last_queries, softcap, kv_head_index):
+    """The line scores of the last ``last_queries`` rows of ``q`` (one window)."""
     q_len, k_len = q.shape[2], k.shape[2]
     n = min(last_queries, q_len)
     scores = qk_scores(q[:, :, q_len - n :], k, kv_head_index, scale)

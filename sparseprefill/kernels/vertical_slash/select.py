@@ -1,4 +1,7 @@
-"""Line selection for vertical-slash: the cumulative-mass rule over line scores, as a compact list."""
+"""Line selection for vertical-slash: the cumulative-mass rule over line scores, as a compact list.
+
+Plain torch on every device except CUDA, where one sort and one Triton program per row and kind
+(``triton_select.py``) replace the ~25 torch ops (the estimate is bound by host time per op there)."""
 
 from __future__ import annotations
 
@@ -76,6 +79,13 @@ def select_line_kinds(
         count = torch.full(scores.shape[:-1], n, dtype=torch.int32, device=device)
         index = torch.arange(max(n, 1), dtype=torch.int32, device=device).expand(*scores.shape[:-1], -1)
         return count, torch.where(index < n, index, -1).contiguous()
+    if device.type == "cuda":
+        from .triton_select import select_line_kinds_triton
+
+        count, index = select_line_kinds_triton(scores, forced, list(masses), list(max_counts), KEEP_ALL_MASS)
+        if trim:
+            index = index[..., :max(int(count.max()) if count.numel() else 0, 1)]
+        return count, index
     per_kind = _PerKind(kinds, scores.dim(), device)
     order = torch.sort(torch.where(forced, float("inf"), scores), dim=-1, descending=True, stable=True).indices
     others = n - n_forced

@@ -32,6 +32,7 @@ import triton.language as tl
 from ..indices import VerticalSlashIndex
 
 LINE_TILE = 128  # lines per vectorised step; a tile of int32 offsets and its neighbours fits registers
+PLAN_TILE = 1024  # diagonals / thresholds per step of the per-head plan (prefix counts, run bounds)
 _UNUSED_SLOT = torch.iinfo(torch.int32).max  # sorts padding slots after every real offset
 
 
@@ -134,14 +135,45 @@ def _vs_index_kernel(
     tl.store(BlockPairs + out_row, pairs)
 
 
-def _runs_upper_bound(sorted_offsets: torch.Tensor, counts: torch.Tensor, widths: list[int]) -> torch.Tensor:
-    """Most runs any block can have: a block's visible offsets are a prefix of the list, and clipping
-    at key 0 only merges runs, so the whole list's run count at the block's width bounds it."""
-    slots = torch.arange(sorted_offsets.shape[-1], device=sorted_offsets.device)
-    pair_ok = (slots[1:] < counts[..., None])
-    gaps = sorted_offsets[..., 1:].long() - sorted_offsets[..., :-1].long()
-    bounds = [((gaps > w) & pair_ok).sum(-1) + (counts > 0).long() for w in widths]
-    return torch.stack(bounds).amax()
+@triton.jit
+def _slash_plan_kernel(
+    SlashOffset, SlashCount, VerticalCount, SlashPrefix, Bounds, k_len, n_slash_slots, full_width, last_width,
+    TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):
+    """Per batch x head, from its ascending diagonals: ``prefix[t]`` = diagonals below ``t`` for
+    ``t`` in ``[0, k_len + 1]`` (a binary search per ``t``; repeats counted, the kernel only asks
+    "any in [lo, hi]?"), and ``Bounds[bh] = (runs at the full block width, runs at the last block's
+    width, vertical count)``: a block's visible diagonals are a prefix of the list and clipping at key
+    0 only merges runs, so the whole list's run count at a block's width bounds every block's."""
+    bh = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, TILE)
+    n = tl.load(SlashCount + bh)
+    slash_base = SlashOffset + bh * n_slash_slots
+    runs_full = tl.zeros([], dtype=tl.int32)
+    runs_last = tl.zeros([], dtype=tl.int32)
+    for j0 in range(0, n, TILE):
+        j = j0 + lanes
+        ok = j < n
+        has_next = (j + 1) < n
+        d = tl.load(slash_base + j, mask=ok, other=0)
+        gap = tl.load(slash_base + j + 1, mask=has_next, other=0) - d
+        runs_full += tl.sum((ok & (~has_next | (gap > full_width))).to(tl.int32), 0)
+        runs_last += tl.sum((ok & (~has_next | (gap > last_width))).to(tl.int32), 0)
+    tl.store(Bounds + bh * 3, runs_full)
+    tl.store(Bounds + bh * 3 + 1, runs_last)
+    tl.store(Bounds + bh * 3 + 2, tl.load(VerticalCount + bh))
+    prefix_base = SlashPrefix + bh * (k_len + 2)
+    for t0 in range(0, k_len + 2, TILE):
+        t = t0 + lanes
+        lo = tl.zeros([TILE], dtype=tl.int32)
+        hi = tl.zeros([TILE], dtype=tl.int32) + n
+        for _ in tl.static_range(SEARCH_STEPS):  # first slot whose diagonal is >= t
+            active = lo < hi
+            mid = (lo + hi) // 2
+            below = active & (tl.load(slash_base + mid, mask=active, other=0) < t)
+            lo = tl.where(below, mid + 1, lo)
+            hi = tl.where(active & ~below, mid, hi)
+        tl.store(prefix_base + t, lo, mask=t < k_len + 2)
 
 
 def build_vertical_slash_index_triton(
@@ -163,32 +195,34 @@ def build_vertical_slash_index_triton(
     n_blocks = triton.cdiv(q_len, block_size_q)
     verticals = vertical_index.to(torch.int32).contiguous()
     n_vertical_slots, n_slash_slots = verticals.shape[-1], slash_offset.shape[-1]
-    slash_count = slash_count.to(torch.int32)
-    slot_is_real = torch.arange(n_slash_slots, device=device) < slash_count[..., None]
-    slashes = torch.where(slot_is_real, slash_offset.to(torch.int32), _UNUSED_SLOT)
-    if not slashes_sorted:  # the contract allows unsorted, repeated offsets; the kernel needs them ascending
-        slashes = slashes.sort(dim=-1).values
-    slashes = slashes.contiguous()
-    # prefix[t] = kept offsets < t for t <= k_len (repeats counted; the kernel only asks "any in
-    # [lo, hi]?"), one binary search per t in the ascending list; padding slots sort after every t.
-    # Slot k_len + 1 is never read.
-    thresholds = torch.arange(k_len + 2, dtype=torch.int32, device=device).expand(b, h, k_len + 2).contiguous()
-    prefix = torch.searchsorted(slashes, thresholds, out_int32=True)
-    # One host read sizes the outputs by the true maxima (run bound at the full and the last block's width).
+    slash_count = slash_count.to(torch.int32).contiguous()
+    if slashes_sorted:  # the kernels read only the first count slots
+        slashes = slash_offset.to(torch.int32).contiguous()
+    else:  # the contract allows unsorted, repeated offsets; the kernels need them ascending
+        slot_is_real = torch.arange(n_slash_slots, device=device) < slash_count[..., None]
+        slashes = torch.where(slot_is_real, slash_offset.to(torch.int32), _UNUSED_SLOT).sort(dim=-1).values.contiguous()
+    vertical_count = vertical_count.to(torch.int32).contiguous()
+    # prefix[t] = kept offsets < t (slot k_len + 1 is never read), and per head the run counts at the
+    # full and the last block's width and the vertical count: one launch, then one host read sizes
+    # the outputs by the true maxima.
+    prefix = torch.empty(b, h, k_len + 2, dtype=torch.int32, device=device)
+    bounds = torch.empty(b * h, 3, dtype=torch.int32, device=device)
     last_width = q_len - (n_blocks - 1) * block_size_q
-    max_runs, max_vertical = (int(x) for x in torch.stack([
-        _runs_upper_bound(slashes, slash_count, [block_size_q, last_width]),
-        vertical_count.max().long(),
-    ]).tolist())
-    max_ranges, max_columns = max(max_runs, 1), max(max_vertical, 1)
+    _slash_plan_kernel[(b * h,)](
+        slashes, slash_count, vertical_count, prefix, bounds, k_len, n_slash_slots, block_size_q, last_width,
+        TILE=PLAN_TILE, SEARCH_STEPS=max(1, int(n_slash_slots).bit_length()),
+    )
+    max_runs_full, max_runs_last, max_vertical = (int(x) for x in bounds.amax(dim=0).tolist())
+    max_ranges, max_columns = max(max_runs_full, max_runs_last, 1), max(max_vertical, 1)
     range_count = torch.empty(b, h, n_blocks, dtype=torch.int32, device=device)
     column_count = torch.empty_like(range_count)
-    range_start = torch.zeros(b, h, n_blocks, max_ranges, dtype=torch.int32, device=device)
-    range_end = torch.zeros_like(range_start)
-    column_index = torch.zeros(b, h, n_blocks, max_columns, dtype=torch.int32, device=device)
+    # Slots past a block's counts are never read (every consumer masks by the counts): no fill.
+    range_start = torch.empty(b, h, n_blocks, max_ranges, dtype=torch.int32, device=device)
+    range_end = torch.empty_like(range_start)
+    column_index = torch.empty(b, h, n_blocks, max_columns, dtype=torch.int32, device=device)
     block_pairs = torch.empty(b, h, n_blocks, dtype=torch.int64, device=device)
     _vs_index_kernel[(n_blocks, b * h)](
-        verticals, vertical_count.to(torch.int32).contiguous(), slashes, prefix,
+        verticals, vertical_count, slashes, prefix,
         range_count, range_start, range_end, column_count, column_index, block_pairs,
         q_len, k_len, k_len - q_len, max_ranges, max_columns, n_vertical_slots, n_slash_slots,
         BLOCK_Q=block_size_q, TILE=LINE_TILE, SEARCH_STEPS=max(1, int(n_vertical_slots).bit_length()),
