@@ -135,6 +135,40 @@ def head_block(num_heads, length, first_block, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def program_head(KvHeadIndex, num_heads):
+    """Batch row, query head and KV head of a program whose grid axis 1 is batch x query head, in int64:
+    a per-head index table can pass 2^31 elements (e.g. 14 heads x 2048 query blocks x 80K columns at
+    128K), and head x head-stride products overflow int32 long before memory runs out."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    return b, h, tl.load(KvHeadIndex + h).to(tl.int64)
+
+
+@triton.jit
+def query_rows(Q, b, h, first_row, q_len, stride_qb, stride_qh, stride_qm, stride_qd,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows ``[first_row, first_row + ROWS)`` of query head ``h``: their offsets and in-range mask, the
+    head-dim offsets and mask, and the ``[ROWS, BLOCK_D]`` tile."""
+    offs_m = first_row + tl.arange(0, ROWS)
+    m_ok = offs_m < q_len
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, m_ok, stride_qm, offs_d, d_ok, stride_qd, UPCAST)
+    return offs_m, m_ok, offs_d, d_ok, q
+
+
+@triton.jit
+def column_keys(column_row, c0, n_columns, k_len, stride_cn, COLUMN_N: tl.constexpr):
+    """Key positions in the column slots ``[c0, c0 + COLUMN_N)`` of one index row (``column_row``
+    points at its first slot) and which of them are real keys."""
+    slots = c0 + tl.arange(0, COLUMN_N)
+    slot_ok = slots < n_columns
+    offs_n = tl.load(column_row + slots * stride_cn, mask=slot_ok, other=0)
+    return offs_n, slot_ok & (offs_n < k_len)
+
+
+@triton.jit
 def query_tile(Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
                stride_vb, stride_vh, num_heads, q_len, q_offset,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -143,18 +177,10 @@ def query_tile(Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd,
     row and head, the index row it reads (an index row of ``BLOCK_Q`` rows may span several
     ``BLOCK_M``-row programs), its query tile and positions, and its KV head's K/V bases."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    # int64: a per-head index table can pass 2^31 elements (e.g. 14 heads x 2048 query blocks x 80K
-    # columns at 128K), and head x head-stride products overflow int32 long before memory runs out.
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    kv_h = tl.load(KvHeadIndex + h).to(tl.int64)
+    b, h, kv_h = program_head(KvHeadIndex, num_heads)
     index_row_id = (pid_m // (BLOCK_Q // BLOCK_M)).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < q_len
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, m_ok, stride_qm, offs_d, d_ok, stride_qd, UPCAST)
+    offs_m, m_ok, offs_d, d_ok, q = query_rows(Q, b, h, pid_m * BLOCK_M, q_len, stride_qb, stride_qh, stride_qm,
+                                               stride_qd, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST)
     q_pos = offs_m + q_offset
     first_q_pos = pid_m * BLOCK_M + q_offset
     last_q_pos = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + q_offset

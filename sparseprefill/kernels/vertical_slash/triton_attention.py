@@ -15,6 +15,7 @@ import triton.language as tl
 from ..indices import VerticalSlashIndex
 from ..triton_common import (
     attend_key_tile,
+    column_keys,
     empty_softmax_state,
     load_rows,
     log2_scores,
@@ -60,10 +61,7 @@ def _vertical_slash_fwd_kernel(
     n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + index_row_id * stride_ccm)
     column_row = ColumnIndex + b * stride_cb + h * stride_ch + index_row_id * stride_cm
     for c0 in range(0, n_columns, COLUMN_N):
-        slots = c0 + tl.arange(0, COLUMN_N)
-        slot_ok = slots < n_columns
-        offs_n = tl.load(column_row + slots * stride_cn, mask=slot_ok, other=0)
-        n_ok = slot_ok & (offs_n < k_len)
+        offs_n, n_ok = column_keys(column_row, c0, n_columns, k_len, stride_cn, COLUMN_N)
         k = load_rows(k_base, offs_n, n_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
         v = load_rows(v_base, offs_n, n_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
         s = mask_scores(log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP), offs_n, n_ok, q_pos, window, HAS_WINDOW)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..indices import VerticalSlashIndex
-from ..triton_common import load_rows, log2_scores, mask_scores, row_stats_step
+from ..triton_common import column_keys, load_rows, log2_scores, mask_scores, program_head, query_rows, row_stats_step
 
 RECALL_KEY_TILE = 64  # keys per tile of the dense pass; ranges and columns use the attention's tile
 _NO_WINDOW = tl.constexpr(0)  # mask_scores takes a window argument; this kernel never has one
@@ -38,15 +38,10 @@ def _block_recall_kernel(
 ):
     w = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    kv_h = tl.load(KvHeadIndex + h).to(tl.int64)
+    b, h, kv_h = program_head(KvHeadIndex, num_heads)
     r = tl.load(Blocks + w)  # the index row (query block) this program checks
-    offs_m = r * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    m_ok = offs_m < q_len
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, m_ok, stride_qm, offs_d, d_ok, stride_qd, UPCAST)
+    offs_m, m_ok, offs_d, d_ok, q = query_rows(Q, b, h, r * BLOCK_Q, q_len, stride_qb, stride_qh, stride_qm,
+                                               stride_qd, HEAD_DIM, BLOCK_D, BLOCK_Q, UPCAST)
     q_pos = offs_m + q_offset
     last_key = tl.minimum(r * BLOCK_Q + BLOCK_Q, q_len) - 1 + q_offset
     k_base = K + b * stride_kb + kv_h * stride_kh
@@ -80,10 +75,7 @@ def _block_recall_kernel(
     n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + r_wide * stride_ccm)
     column_row = ColumnIndex + b * stride_cb + h * stride_ch + r_wide * stride_cm
     for c0 in range(0, n_columns, SPARSE_N):
-        slots = c0 + tl.arange(0, SPARSE_N)
-        slot_ok = slots < n_columns
-        offs_n = tl.load(column_row + slots * stride_cn, mask=slot_ok, other=0)
-        n_ok = slot_ok & (offs_n < k_len)
+        offs_n, n_ok = column_keys(column_row, c0, n_columns, k_len, stride_cn, SPARSE_N)
         k = load_rows(k_base, offs_n, n_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
         s = mask_scores(log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP), offs_n, n_ok, q_pos, _NO_WINDOW, False)
         m_kept, l_kept = row_stats_step(s, m_kept, l_kept)

@@ -1,0 +1,141 @@
+"""Compile the package's Triton kernels for Hopper (sm_90) on a machine without a GPU.
+
+Triton's CPU interpreter runs kernels the compiler would reject (a kernel that reads a module-level
+int that is not ``tl.constexpr`` runs interpreted and fails to compile on the GPU), so the interpreter
+tests alone cannot vouch that a kernel builds. Two processes:
+
+``record OUT``: with the interpreter on, run every launcher once on small inputs (the launches a
+patched model makes: estimate, selection, index, attention, recall, fused lines, block-sparse) and
+write each launch's kernel, argument types and constexprs to ``OUT``;
+``compile OUT``: with the interpreter off, compile each recorded launch ahead of time for sm_90 with
+Triton's bundled ``ptxas``, as recorded (fp32, ``UPCAST``) and as on the GPU (bf16 q/k/v/out,
+``UPCAST=False``). Exit status 1 if any fails.
+
+    python -m tests.hopper_compile record /tmp/launches.json && python -m tests.hopper_compile compile /tmp/launches.json
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+HOPPER = ("cuda", 90, 32)  # GPUTarget(backend, compute capability, warp size)
+GPU_DTYPE_ARGS = ("Q", "K", "V", "Out")  # pointer arguments that hold bf16 on the GPU
+
+
+def _arg_type(value) -> str:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32",
+                torch.int64: "*i64", torch.int8: "*i8", torch.bool: "*i1"}[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i64" if abs(value) >= 2**31 else "i32"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unexpected kernel argument of type {type(value).__name__}")
+
+
+def _run_launches() -> None:
+    import torch
+
+    from sparseprefill.kernels import select_blocks
+    from sparseprefill.kernels.block_sparse.triton_attention import block_sparse_attention_triton
+    from sparseprefill.kernels.common import compact
+    from sparseprefill.kernels.vertical_slash import vertical_slash_lines
+    from sparseprefill.kernels.vertical_slash.triton_attention import vertical_slash_attention_triton
+    from sparseprefill.kernels.vertical_slash.triton_estimate import vertical_slash_scores_triton
+    from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
+    from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton
+    from sparseprefill.kernels.vertical_slash.triton_recall import block_recall_triton
+    from sparseprefill.kernels.vertical_slash.triton_select import select_line_kinds_triton
+
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, length = 4, 2, 200
+    kvh = torch.arange(hq) // (hq // hkv)
+    vc, vi = compact(torch.rand(1, hq, length, generator=g) < 0.1)
+    sc, so = compact(torch.rand(1, hq, length, generator=g) < 0.1)
+    index = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64)
+    lines = vertical_slash_lines(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64)
+    n_blocks = -(-length // 64)
+    blocks = select_blocks(torch.rand(1, hq, n_blocks, n_blocks, generator=g), q_len=length, k_len=length,
+                           block_size_q=64, block_size_k=64, mass=0.5)
+    select_line_kinds_triton(torch.rand(2, 1, hq, length, generator=g), torch.zeros(2, 1, 1, length, dtype=torch.bool),
+                             [0.9, 0.9], [None, 10], 1.0)
+    # head_dim 64 with and without window and soft-cap; 128 (other tile sizes and stages) plain.
+    for head_dim, window, softcap in ((64, None, None), (64, 50, 30.0), (128, None, None)):
+        q, k, v = (torch.randn(1, h, length, head_dim, generator=g) for h in (hq, hkv, hkv))
+        kw = dict(scale=head_dim**-0.5, softcap=softcap, kv_head_index=kvh)
+        vertical_slash_attention_triton(q, k, v, index, window=window, out=torch.empty_like(q), **kw)
+        block_sparse_attention_triton(q, k, v, blocks, window=window, out=torch.empty_like(q), **kw)
+        vertical_slash_lines_attention_triton(q, k, v, lines, window=window, out=torch.empty_like(q),
+                                              lines_sorted=True, **kw)
+        block_recall_triton(q, k, index, torch.tensor([0, n_blocks - 1]), **kw)
+        vertical_slash_scores_triton(q, k, last_queries=32, query_windows=4, **kw)
+
+
+def record(path: str) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.runtime.interpreter as interpreter
+
+    launches = []
+    run = interpreter.GridExecutor.__call__
+
+    def recording(self, *args, **kwargs):
+        fn = getattr(self.fn, "fn", self.fn)
+        names = list(self.arg_names)
+        launches.append(dict(module=fn.__module__, name=fn.__name__,
+                             signature={n: _arg_type(a) for n, a in zip(names, args)},
+                             constexprs={n: kwargs[n] for n in names if n in kwargs}))
+        return run(self, *args, **kwargs)
+
+    interpreter.GridExecutor.__call__ = recording
+    _run_launches()
+    with open(path, "w") as f:
+        json.dump(launches, f)
+
+
+def compile_all(path: str) -> int:
+    if os.environ.get("TRITON_INTERPRET"):
+        raise SystemExit("compile needs the interpreter off (unset TRITON_INTERPRET)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    with open(path) as f:
+        launches = json.load(f)
+    done, failed = set(), []
+    for launch in launches:
+        kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
+        variants = [(launch["signature"], launch["constexprs"])]
+        if "UPCAST" in launch["constexprs"]:
+            on_gpu = {n: "*bf16" if n in GPU_DTYPE_ARGS and t == "*fp32" else t for n, t in launch["signature"].items()}
+            variants.append((on_gpu, dict(launch["constexprs"], UPCAST=False)))
+        for signature, constexprs in variants:
+            key = json.dumps([launch["name"], signature, constexprs], sort_keys=True)
+            if key in done:
+                continue
+            done.add(key)
+            full = {n: "constexpr" if n in constexprs else signature[n] for n in kernel.arg_names}
+            try:
+                triton.compile(ASTSource(fn=kernel, signature=full, constexprs=constexprs), target=GPUTarget(*HOPPER))
+            except Exception as error:  # noqa: BLE001 - every failure is listed, then the run fails
+                failed.append(f"{launch['name']} {constexprs}: {type(error).__name__}: {str(error).splitlines()[:4]}")
+    print(f"compiled {len(done) - len(failed)} of {len(done)} kernel variants for sm_90")
+    for line in failed:
+        print("FAILED", line)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    command, out = sys.argv[1], sys.argv[2]
+    if command == "record":
+        record(out)
+    elif command == "compile":
+        sys.exit(compile_all(out))
+    else:
+        raise SystemExit(f"unknown command {command!r}: record or compile")
