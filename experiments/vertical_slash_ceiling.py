@@ -1,0 +1,271 @@
+"""Where the vertical-slash kernel's rate goes: the same kernel on dense work laid out three ways, and
+a flat-loop variant, against cuDNN on the GPU.
+
+The kernel (``kernels/vertical_slash/triton_attention.py``) walks each query block's merged key
+ranges in a loop nested inside a loop over ranges, then its gathered columns in one flat loop. Triton
+software-pipelines only innermost loops, and a merged range is short (median ~80 keys on the
+structured input: 3 tiles of 32), so the range loop may never reach its pipelined steady state. This
+script separates the causes on work whose answer is known (every causal pair):
+
+- ``dense_one_range``: one range ``[0, block end)`` per query block: the nested loop, fully
+  pipelined; the ceiling of the tile shape itself;
+- ``dense_64_ranges``: the same keys as 64-key ranges: the nested loop with 2-tile inner trips;
+- ``dense_columns``: every key as a gathered column (32K only: the table is blocks x keys);
+- and the default's own index on the structured input (``auto``).
+
+Each layout runs through the shipped kernel (``nested``) and through ``flat``: the ranges cut into
+tiles of at most ``RANGE_N`` keys beforehand (``expand_range_tiles``), then one loop over tiles, as
+the block-sparse kernel walks its blocks. Rates are TFLOP/s on computed causal pairs
+(4 x head_dim flops each) against cuDNN's on the whole causal square. On the GPU machine:
+
+    python experiments/vertical_slash_ceiling.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from sparseprefill.bench.kernels import structured_qkv
+from sparseprefill.config import SparseConfig
+from sparseprefill.kernels.geometry import causal_pairs_total
+from sparseprefill.kernels.indices import VerticalSlashIndex
+from sparseprefill.kernels.triton_common import (
+    attend_key_tile,
+    column_keys,
+    empty_softmax_state,
+    load_rows,
+    log2_scores,
+    mask_scores,
+    online_softmax_step,
+    query_tile,
+    store_rows,
+)
+from sparseprefill.kernels.vertical_slash.naive import vertical_slash_attention_naive
+from sparseprefill.kernels.vertical_slash.triton_attention import _vertical_slash_fwd_kernel
+from sparseprefill.patterns.vertical_slash import VerticalSlashPattern
+
+# (BLOCK_M, RANGE_N, COLUMN_N, num_warps, num_stages); the first is the shipped policy.
+TILES = [(64, 32, 32, 4, 3), (64, 32, 32, 4, 2), (64, 32, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 64, 4, 2),
+         (64, 32, 64, 4, 3), (64, 64, 64, 8, 3), (64, 128, 128, 8, 2)]
+SHAPES = {"llama": (32, 8, 128), "qwen": (14, 2, 64)}  # query heads, KV heads, head_dim
+
+
+@triton.jit
+def _flat_fwd_kernel(
+    Q, K, V, Out, TileCount, TileStart, TileLimit, ColumnCount, ColumnIndex, KvHeadIndex,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_tcb, stride_tch, stride_tcm,
+    stride_tb, stride_th, stride_tm, stride_tn,
+    stride_ccb, stride_cch, stride_ccm,
+    stride_cb, stride_ch, stride_cm, stride_cn,
+    num_heads, q_len, k_len, q_offset, score_scale, softcap, window,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RANGE_N: tl.constexpr,
+    COLUMN_N: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    b, h, index_row_id, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base = query_tile(
+        Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
+        num_heads, q_len, q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_Q, UPCAST)
+    m_i, l_i, acc = empty_softmax_state(BLOCK_M, BLOCK_D)
+    n_tiles = tl.load(TileCount + b * stride_tcb + h * stride_tch + index_row_id * stride_tcm)
+    tile_row = b * stride_tb + h * stride_th + index_row_id * stride_tm
+    for t in range(0, n_tiles):
+        start = tl.load(TileStart + tile_row + t * stride_tn)
+        limit = tl.minimum(tl.load(TileLimit + tile_row + t * stride_tn), k_len)
+        m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start, limit, offs_d, d_ok, stride_kn, stride_kd,
+                                        stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
+                                        score_scale, softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+    n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + index_row_id * stride_ccm)
+    column_row = ColumnIndex + b * stride_cb + h * stride_ch + index_row_id * stride_cm
+    for c0 in range(0, n_columns, COLUMN_N):
+        offs_n, n_ok = column_keys(column_row, c0, n_columns, k_len, stride_cn, COLUMN_N)
+        k = load_rows(k_base, offs_n, n_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
+        v = load_rows(v_base, offs_n, n_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
+        s = mask_scores(log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP), offs_n, n_ok, q_pos, window, HAS_WINDOW)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST)
+    store_rows(Out + b * stride_ob + h * stride_oh, offs_m, m_ok, stride_om, offs_d, d_ok, stride_od, acc, l_i)
+
+
+def expand_range_tiles(index: VerticalSlashIndex, tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each query block's ranges cut into pieces of at most ``tile`` keys: ``(count [B, H, Rq],
+    start [B, H, Rq, T], limit [B, H, Rq, T])`` int32, a piece being keys ``[start, min(start + tile, limit))``."""
+    lengths = (index.range_end - index.range_start).clamp_min(0).long()
+    pieces = torch.where(index.range_valid(), (lengths + tile - 1) // tile, 0)
+    count = pieces.sum(-1)
+    width = max(int(count.max()), 1)
+    flat_pieces = pieces.flatten()
+    range_of_piece = torch.repeat_interleave(torch.arange(flat_pieces.numel(), device=pieces.device), flat_pieces)
+    first_piece = torch.cumsum(flat_pieces, 0) - flat_pieces
+    within = torch.arange(range_of_piece.numel(), device=pieces.device) - first_piece[range_of_piece]
+    starts = index.range_start.flatten().long()[range_of_piece] + within * tile
+    limits = index.range_end.flatten().long()[range_of_piece]
+    block_of_range = torch.arange(count.numel(), device=pieces.device).repeat_interleave(pieces.shape[-1])
+    block = block_of_range[range_of_piece]
+    block_first = (torch.cumsum(count.flatten(), 0) - count.flatten())[block]
+    slot = torch.arange(range_of_piece.numel(), device=pieces.device) - block_first
+    start = torch.zeros(count.numel(), width, dtype=torch.int32, device=pieces.device)
+    limit = torch.zeros_like(start)
+    start[block, slot] = starts.int()
+    limit[block, slot] = limits.int()
+    shape = (*count.shape, width)
+    return count.int(), start.view(shape), limit.view(shape)
+
+
+def launch(kernel: str, q, k, v, index, tiles, kv_head_index, out, scale, flat_tiles=None):
+    block_m, range_n, column_n, warps, stages = tiles
+    b, hq, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    grid = (index.range_count.shape[2] * (index.block_size_q // block_m), b * hq)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m, RANGE_N=range_n,
+                  COLUMN_N=column_n, BLOCK_Q=index.block_size_q, HAS_WINDOW=False, HAS_SOFTCAP=False,
+                  UPCAST=q.dtype == torch.float32 or q.device.type == "cpu", num_warps=warps, num_stages=stages)
+    if kernel == "nested":
+        _vertical_slash_fwd_kernel[grid](
+            q, k, v, out, index.range_count, index.range_start, index.range_end, index.column_count,
+            index.column_index, kv_head_index, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *index.range_count.stride(), *index.range_start.stride(), *index.column_count.stride(),
+            *index.column_index.stride(), hq, q_len, k_len, k_len - q_len, float(scale), 1.0, 0, **common)
+    else:
+        count, start, limit = flat_tiles
+        _flat_fwd_kernel[grid](
+            q, k, v, out, count, start, limit, index.column_count, index.column_index, kv_head_index,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *count.stride(), *start.stride(),
+            *index.column_count.stride(), *index.column_index.stride(), hq, q_len, k_len, k_len - q_len,
+            float(scale), 1.0, 0, **common)
+    return out
+
+
+def dense_index(kind: str, heads: int, length: int, block_q: int, device) -> VerticalSlashIndex:
+    """Every causal pair as one range per block, as 64-key ranges, or as columns."""
+    blocks = -(-length // block_q)
+    block_end = torch.clamp((torch.arange(blocks, device=device) + 1) * block_q, max=length).int()
+    empty = torch.zeros(1, heads, blocks, dtype=torch.int32, device=device)
+    if kind == "dense_one_range":
+        start = torch.zeros(1, heads, blocks, 1, dtype=torch.int32, device=device)
+        end = block_end.view(1, 1, blocks, 1).expand(1, heads, blocks, 1).contiguous()
+        return VerticalSlashIndex(empty + 1, start, end, empty, torch.zeros_like(start), block_q, length, length)
+    if kind == "dense_64_ranges":
+        width = -(-length // 64)
+        first = torch.arange(width, device=device, dtype=torch.int32) * 64
+        start = first.view(1, 1, 1, width).expand(1, heads, blocks, width).contiguous()
+        end = torch.minimum(start + 64, block_end.view(1, 1, blocks, 1)).contiguous()
+        count = (-(-block_end // 64)).view(1, 1, blocks).expand(1, heads, blocks).contiguous()
+        return VerticalSlashIndex(count, start, end, empty, torch.zeros(1, heads, blocks, 1, dtype=torch.int32,
+                                                                       device=device), block_q, length, length)
+    keys = torch.arange(length, device=device, dtype=torch.int32)
+    columns = keys.view(1, 1, 1, length).expand(1, heads, blocks, length).contiguous()
+    zeros = torch.zeros(1, heads, blocks, 1, dtype=torch.int32, device=device)
+    return VerticalSlashIndex(empty, zeros, zeros, block_end.view(1, 1, blocks).expand(1, heads, blocks).contiguous(),
+                              columns, block_q, length, length)
+
+
+def check(q, k, v, index, out, scale, kv_head_index) -> float:
+    """Max |difference| to the fp32 reference on the last two query blocks."""
+    rows = 2 * index.block_size_q
+    length = q.shape[2]
+    first_block = (length - rows) // index.block_size_q
+    sub = replace(index, range_count=index.range_count[:, :, first_block:], range_start=index.range_start[:, :, first_block:],
+                  range_end=index.range_end[:, :, first_block:], column_count=index.column_count[:, :, first_block:],
+                  column_index=index.column_index[:, :, first_block:], q_len=length - first_block * index.block_size_q,
+                  block_pairs=None)
+    qs = q[:, :, first_block * index.block_size_q:].float()
+    ref = vertical_slash_attention_naive(qs, k.float(), v.float(), sub, scale=scale, window=None, softcap=None,
+                                         kv_head_index=kv_head_index.long(), out=torch.empty_like(qs))
+    return float((ref - out[:, :, first_block * index.block_size_q:].float()).abs().max())
+
+
+def _time_once(fn) -> float:
+    """One timed call in ms (the CPU smoke run: under the interpreter a timing says nothing)."""
+    import time
+
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run under the Triton interpreter "
+                        "(TRITON_INTERPRET=1, short --lengths); its timings mean nothing")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    bench = triton.testing.do_bench if device.type == "cuda" else _time_once
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rows = []
+    for shape in args.shapes:
+        heads, kv_heads, head_dim = SHAPES[shape]
+        kv_head_index = (torch.arange(heads, device=device) // (heads // kv_heads)).int()
+        scale = head_dim**-0.5
+        for length in args.lengths:
+            q, k, v = structured_qkv(heads, kv_heads, length, head_dim, device)
+            causal = causal_pairs_total(length, length) * heads
+            dense_ms = {}
+            for backend in ("cudnn", "flash"):
+                sdpa = getattr(torch.nn.attention.SDPBackend, "CUDNN_ATTENTION" if backend == "cudnn" else "FLASH_ATTENTION")
+                if device.type == "cpu":
+                    sdpa = torch.nn.attention.SDPBackend.MATH
+                with torch.nn.attention.sdpa_kernel(sdpa):
+                    dense_ms[backend] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, is_causal=True, enable_gqa=True))
+            dense_rate = 4 * head_dim * causal / dense_ms["cudnn"] / 1e9
+            print(f"{shape} L={length}: cuDNN {dense_ms['cudnn']:.2f} ms ({dense_rate:.0f} TFLOP/s), "
+                  f"flash {dense_ms['flash']:.2f}", flush=True)
+            for backend, ms in dense_ms.items():
+                rows.append(dict(shape=shape, length=length, layout="dense", kernel=backend, tiles="", ms=ms,
+                                 density=1.0, tflops=dense_rate * dense_ms["cudnn"] / ms, of_cudnn=dense_ms["cudnn"] / ms,
+                                 max_err="", gpu=gpu, commit=commit))
+            pattern = VerticalSlashPattern(SparseConfig().vertical_slash)
+            layouts = ["auto", "dense_one_range", "dense_64_ranges"] + (["dense_columns"] if length <= 32768 else [])
+            for layout in layouts:
+                if layout == "auto":
+                    index = pattern.estimate(q, k, scale=scale, softcap=None, kv_head_index=kv_head_index.long())
+                    index = index if isinstance(index, VerticalSlashIndex) else index.index
+                else:
+                    index = dense_index(layout, heads, length, 64, device)
+                pairs = float(index.computed_pairs().sum())
+                out = torch.empty_like(q)
+                for kernel in ("nested", "flat"):
+                    tile_sets = TILES if (length <= 32768 or layout == "auto") else TILES[:2]
+                    for tiles in tile_sets:
+                        flat_tiles = expand_range_tiles(index, tiles[1]) if kernel == "flat" else None
+                        run = lambda: launch(kernel, q, k, v, index, tiles, kv_head_index, out, scale, flat_tiles)  # noqa: E731
+                        try:
+                            out.fill_(float("nan"))
+                            run()
+                            err = check(q, k, v, index, out, scale, kv_head_index)
+                            ms = bench(run)
+                        except Exception as exc:  # an out-of-resources config is a result, not a failure
+                            print(f"  {layout:<16}{kernel:<7}{tiles}: failed {type(exc).__name__}: {exc}"[:300], flush=True)
+                            continue
+                        rate = 4 * head_dim * pairs / ms / 1e9
+                        print(f"  {layout:<16}{kernel:<7}{str(tiles):<22}{ms:9.3f} ms {rate:5.0f} TFLOP/s "
+                              f"{rate / dense_rate:5.2f} of cuDNN  density {pairs / causal:.3f}  err {err:.1e}", flush=True)
+                        rows.append(dict(shape=shape, length=length, layout=layout, kernel=kernel, tiles=str(tiles),
+                                         ms=ms, density=pairs / causal, tflops=rate, of_cudnn=rate / dense_rate,
+                                         max_err=err, gpu=gpu, commit=commit))
+                index = flat_tiles = None  # free the tables before the next layout
+                torch.cuda.empty_cache()
+    with open(args.out / "ceiling.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
