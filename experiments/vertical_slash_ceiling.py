@@ -13,9 +13,10 @@ script separates the causes on work whose answer is known (every causal pair):
 - ``dense_columns``: every key as a gathered column (32K only: the table is blocks x keys);
 - and the default's own index on the structured input (``auto``).
 
-Each layout runs through the shipped kernel (``nested``) and through ``flat``: the ranges cut into
-tiles of at most ``RANGE_N`` keys beforehand (``expand_range_tiles``), then one loop over tiles, as
-the block-sparse kernel walks its blocks. Rates are TFLOP/s on computed causal pairs
+Each layout runs through the shipped kernel's nested loop (``nested``) and its flat loop
+(``pieces``: the ranges cut into pieces of at most ``RANGE_N`` keys first, ``split_ranges_naive``,
+then one loop over them, as the block-sparse kernel walks its blocks). ``--builder`` also times the
+index builder on the ``auto`` lines with and without the cut. Rates are TFLOP/s on computed causal pairs
 (4 x head_dim flops each) against cuDNN's on the whole causal square. On the GPU machine:
 
     python experiments/vertical_slash_ceiling.py --out DIR
@@ -31,24 +32,13 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
 
 from sparseprefill.bench.kernels import structured_qkv
 from sparseprefill.config import SparseConfig
 from sparseprefill.kernels.geometry import causal_pairs_total
 from sparseprefill.kernels.indices import VerticalSlashIndex
-from sparseprefill.kernels.triton_common import (
-    attend_key_tile,
-    column_keys,
-    empty_softmax_state,
-    load_rows,
-    log2_scores,
-    mask_scores,
-    online_softmax_step,
-    query_tile,
-    store_rows,
-)
-from sparseprefill.kernels.vertical_slash.naive import vertical_slash_attention_naive
+from sparseprefill.kernels.vertical_slash import range_piece_keys
+from sparseprefill.kernels.vertical_slash.naive import split_ranges_naive, vertical_slash_attention_naive
 from sparseprefill.kernels.vertical_slash.triton_attention import _vertical_slash_fwd_kernel
 from sparseprefill.patterns.vertical_slash import VerticalSlashPattern
 
@@ -58,91 +48,22 @@ TILES = [(64, 32, 32, 4, 3), (64, 32, 32, 4, 2), (64, 32, 32, 4, 4), (64, 64, 64
 SHAPES = {"llama": (32, 8, 128), "qwen": (14, 2, 64)}  # query heads, KV heads, head_dim
 
 
-@triton.jit
-def _flat_fwd_kernel(
-    Q, K, V, Out, TileCount, TileStart, TileLimit, ColumnCount, ColumnIndex, KvHeadIndex,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_tcb, stride_tch, stride_tcm,
-    stride_tb, stride_th, stride_tm, stride_tn,
-    stride_ccb, stride_cch, stride_ccm,
-    stride_cb, stride_ch, stride_cm, stride_cn,
-    num_heads, q_len, k_len, q_offset, score_scale, softcap, window,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RANGE_N: tl.constexpr,
-    COLUMN_N: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    b, h, index_row_id, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base = query_tile(
-        Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
-        num_heads, q_len, q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_Q, UPCAST)
-    m_i, l_i, acc = empty_softmax_state(BLOCK_M, BLOCK_D)
-    n_tiles = tl.load(TileCount + b * stride_tcb + h * stride_tch + index_row_id * stride_tcm)
-    tile_row = b * stride_tb + h * stride_th + index_row_id * stride_tm
-    for t in range(0, n_tiles):
-        start = tl.load(TileStart + tile_row + t * stride_tn)
-        limit = tl.minimum(tl.load(TileLimit + tile_row + t * stride_tn), k_len)
-        m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start, limit, offs_d, d_ok, stride_kn, stride_kd,
-                                        stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
-                                        score_scale, softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
-    n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + index_row_id * stride_ccm)
-    column_row = ColumnIndex + b * stride_cb + h * stride_ch + index_row_id * stride_cm
-    for c0 in range(0, n_columns, COLUMN_N):
-        offs_n, n_ok = column_keys(column_row, c0, n_columns, k_len, stride_cn, COLUMN_N)
-        k = load_rows(k_base, offs_n, n_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
-        v = load_rows(v_base, offs_n, n_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
-        s = mask_scores(log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP), offs_n, n_ok, q_pos, window, HAS_WINDOW)
-        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST)
-    store_rows(Out + b * stride_ob + h * stride_oh, offs_m, m_ok, stride_om, offs_d, d_ok, stride_od, acc, l_i)
-
-
-def expand_range_tiles(index: VerticalSlashIndex, tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each query block's ranges cut into pieces of at most ``tile`` keys: ``(count [B, H, Rq],
-    start [B, H, Rq, T], limit [B, H, Rq, T])`` int32, a piece being keys ``[start, min(start + tile, limit))``."""
-    lengths = (index.range_end - index.range_start).clamp_min(0).long()
-    pieces = torch.where(index.range_valid(), (lengths + tile - 1) // tile, 0)
-    count = pieces.sum(-1)
-    width = max(int(count.max()), 1)
-    flat_pieces = pieces.flatten()
-    range_of_piece = torch.repeat_interleave(torch.arange(flat_pieces.numel(), device=pieces.device), flat_pieces)
-    first_piece = torch.cumsum(flat_pieces, 0) - flat_pieces
-    within = torch.arange(range_of_piece.numel(), device=pieces.device) - first_piece[range_of_piece]
-    starts = index.range_start.flatten().long()[range_of_piece] + within * tile
-    limits = index.range_end.flatten().long()[range_of_piece]
-    block_of_range = torch.arange(count.numel(), device=pieces.device).repeat_interleave(pieces.shape[-1])
-    block = block_of_range[range_of_piece]
-    block_first = (torch.cumsum(count.flatten(), 0) - count.flatten())[block]
-    slot = torch.arange(range_of_piece.numel(), device=pieces.device) - block_first
-    start = torch.zeros(count.numel(), width, dtype=torch.int32, device=pieces.device)
-    limit = torch.zeros_like(start)
-    start[block, slot] = starts.int()
-    limit[block, slot] = limits.int()
-    shape = (*count.shape, width)
-    return count.int(), start.view(shape), limit.view(shape)
-
-
-def launch(kernel: str, q, k, v, index, tiles, kv_head_index, out, scale, flat_tiles=None):
+def launch(q, k, v, index, tiles, kv_head_index, out, scale, pieces: bool):
+    """The shipped kernel with explicit ``(BLOCK_M, RANGE_N, COLUMN_N, warps, stages)``; ``pieces``: its
+    flat range loop (the index's ranges must fit ``RANGE_N``)."""
     block_m, range_n, column_n, warps, stages = tiles
     b, hq, q_len, head_dim = q.shape
     k_len = k.shape[2]
     grid = (index.range_count.shape[2] * (index.block_size_q // block_m), b * hq)
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m, RANGE_N=range_n,
-                  COLUMN_N=column_n, BLOCK_Q=index.block_size_q, HAS_WINDOW=False, HAS_SOFTCAP=False,
-                  UPCAST=q.dtype == torch.float32 or q.device.type == "cpu", num_warps=warps, num_stages=stages)
-    if kernel == "nested":
-        _vertical_slash_fwd_kernel[grid](
-            q, k, v, out, index.range_count, index.range_start, index.range_end, index.column_count,
-            index.column_index, kv_head_index, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *index.range_count.stride(), *index.range_start.stride(), *index.column_count.stride(),
-            *index.column_index.stride(), hq, q_len, k_len, k_len - q_len, float(scale), 1.0, 0, **common)
-    else:
-        count, start, limit = flat_tiles
-        _flat_fwd_kernel[grid](
-            q, k, v, out, count, start, limit, index.column_count, index.column_index, kv_head_index,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *count.stride(), *start.stride(),
-            *index.column_count.stride(), *index.column_index.stride(), hq, q_len, k_len, k_len - q_len,
-            float(scale), 1.0, 0, **common)
+    _vertical_slash_fwd_kernel[grid](
+        q, k, v, out, index.range_count, index.range_start, index.range_end, index.column_count,
+        index.column_index, kv_head_index, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *index.range_count.stride(), *index.range_start.stride(), *index.column_count.stride(),
+        *index.column_index.stride(), hq, q_len, k_len, k_len - q_len, float(scale), 1.0, 0,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m, RANGE_N=range_n,
+        COLUMN_N=column_n, BLOCK_Q=index.block_size_q, HAS_WINDOW=False, HAS_SOFTCAP=False,
+        UPCAST=q.dtype == torch.float32 or q.device.type == "cpu", RANGE_PIECES=pieces,
+        num_warps=warps, num_stages=stages)
     return out
 
 
@@ -198,6 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tile-configs", type=int, default=len(TILES), help="time the first N of TILES")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run under the Triton interpreter "
                         "(TRITON_INTERPRET=1, short --lengths); its timings mean nothing")
@@ -234,17 +156,25 @@ def main() -> None:
             layouts = ["auto", "dense_one_range", "dense_64_ranges"] + (["dense_columns"] if length <= 32768 else [])
             for layout in layouts:
                 if layout == "auto":
-                    index = pattern.estimate(q, k, scale=scale, softcap=None, kv_head_index=kv_head_index.long())
-                    index = index if isinstance(index, VerticalSlashIndex) else index.index
+                    lines = pattern.estimate_lines(q, k, scale=scale, softcap=None, kv_head_index=kv_head_index.long())
+                    index = lines.to_index(slashes_sorted=True)
+                    piece_keys = range_piece_keys(head_dim, 64, q.element_size())
+                    for name, cut in (("index_whole", None), ("index_pieces", piece_keys)):
+                        ms = bench(lambda: lines.to_index(slashes_sorted=True, max_range_keys=cut))
+                        print(f"  builder {name:<14}{ms:9.3f} ms", flush=True)
+                        rows.append(dict(shape=shape, length=length, layout="auto", kernel=name, tiles="", ms=ms,
+                                         density="", tflops="", of_cudnn="", max_err="", gpu=gpu, commit=commit))
+                    assert lines.to_index(slashes_sorted=True, max_range_keys=piece_keys).lists_same_entries(
+                        split_ranges_naive(index, piece_keys))
                 else:
                     index = dense_index(layout, heads, length, 64, device)
                 pairs = float(index.computed_pairs().sum())
                 out = torch.empty_like(q)
-                for kernel in ("nested", "flat"):
-                    tile_sets = TILES if (length <= 32768 or layout == "auto") else TILES[:2]
+                for kernel in ("nested", "pieces"):
+                    tile_sets = TILES[:args.tile_configs] if (length <= 32768 or layout == "auto") else TILES[:2]
                     for tiles in tile_sets:
-                        flat_tiles = expand_range_tiles(index, tiles[1]) if kernel == "flat" else None
-                        run = lambda: launch(kernel, q, k, v, index, tiles, kv_head_index, out, scale, flat_tiles)  # noqa: E731
+                        walked = split_ranges_naive(index, tiles[1]) if kernel == "pieces" else index
+                        run = lambda: launch(q, k, v, walked, tiles, kv_head_index, out, scale, kernel == "pieces")  # noqa: E731
                         try:
                             out.fill_(float("nan"))
                             run()
@@ -259,10 +189,18 @@ def main() -> None:
                         rows.append(dict(shape=shape, length=length, layout=layout, kernel=kernel, tiles=str(tiles),
                                          ms=ms, density=pairs / causal, tflops=rate, of_cudnn=rate / dense_rate,
                                          max_err=err, gpu=gpu, commit=commit))
-                index = flat_tiles = None  # free the tables before the next layout
+                index = walked = None  # free the tables before the next layout
+                _write(args.out / "ceiling.csv", rows)  # a run cut short keeps what it measured
                 torch.cuda.empty_cache()
-    with open(args.out / "ceiling.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    _write(args.out / "ceiling.csv", rows)
+
+
+FIELDS = ["shape", "length", "layout", "kernel", "tiles", "ms", "density", "tflops", "of_cudnn", "max_err", "gpu", "commit"]
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
 

@@ -163,6 +163,10 @@ class VerticalSlashConfig:
     (every block checks each of its head's columns against its bands, where the index lists only the
     uncovered ones; experiments/real_speed.py, docs/benchmarks.md). Fused heads are never routed dense.
 
+    ``range_pieces`` (GPU): the index builder cuts each merged diagonal band into pieces of the
+    kernel's key tile, so the kernel walks ranges in one flat, software-pipelined loop instead of a
+    short loop per band. The same keys either way (a layout choice, no accuracy effect).
+
     ``heldout_recall`` (default 0.9; None turns it off): where heads are routed dense
     (``SparseConfig.route_dense_heads``, GPU), also route a head whose selected keys hold less than this
     share of the exact attention mass on query blocks the estimate did not score (those ending at the
@@ -182,9 +186,11 @@ class VerticalSlashConfig:
     query_windows: int = DEFAULT_QUERY_WINDOWS
     fused: bool = False
     heldout_recall: float | None = DEFAULT_HELDOUT_RECALL
+    range_pieces: bool = False
 
     def __post_init__(self) -> None:
         _check_bool("vertical_slash.fused", self.fused)
+        _check_bool("vertical_slash.range_pieces", self.range_pieces)
         if self.heldout_recall is not None:
             _check_fraction("vertical_slash.heldout_recall", self.heldout_recall)
         _check_positive_int("vertical_slash.last_queries", self.last_queries)

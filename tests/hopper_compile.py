@@ -60,6 +60,8 @@ def _run_launches() -> None:
     vc, vi = compact(torch.rand(1, hq, length, generator=g) < 0.1)
     sc, so = compact(torch.rand(1, hq, length, generator=g) < 0.1)
     index = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64)
+    pieces = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64,
+                                               max_range_keys=32)
     lines = vertical_slash_lines(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64)
     n_blocks = -(-length // 64)
     blocks = select_blocks(torch.rand(1, hq, n_blocks, n_blocks, generator=g), q_len=length, k_len=length,
@@ -71,6 +73,7 @@ def _run_launches() -> None:
         q, k, v = (torch.randn(1, h, length, head_dim, generator=g) for h in (hq, hkv, hkv))
         kw = dict(scale=head_dim**-0.5, softcap=softcap, kv_head_index=kvh)
         vertical_slash_attention_triton(q, k, v, index, window=window, out=torch.empty_like(q), **kw)
+        vertical_slash_attention_triton(q, k, v, pieces, window=window, out=torch.empty_like(q), **kw)
         block_sparse_attention_triton(q, k, v, blocks, window=window, out=torch.empty_like(q), **kw)
         vertical_slash_lines_attention_triton(q, k, v, lines, window=window, out=torch.empty_like(q),
                                               lines_sorted=True, **kw)

@@ -18,6 +18,9 @@ causal and sliding-window masks themselves, so an index may list keys a row cann
     column_index [B, H, Rq, V] int32    sorted; disjoint from the ranges
     block_pairs  [B, H, Rq] int64       optional: causal pairs each query block lists (no window),
                                         counted by the builder; whoever changes the lists drops it
+    max_range_keys                      optional: every range spans at most this many keys (the
+                                        builder cut its merged bands into pieces); kernels with a key
+                                        tile that wide walk ranges in one flat loop and trust it
     Disjointness is an invariant the converter guarantees: a kernel sums over ranges and columns
     and would count a duplicated key twice.
 
@@ -117,8 +120,13 @@ class VerticalSlashIndex:
     q_len: int
     k_len: int
     block_pairs: torch.Tensor | None = None
+    # Set by a builder that cut its ranges into pieces of at most this many keys: a kernel whose key
+    # tile is at least as wide walks them as one flat loop (one tile per range, software-pipelined).
+    max_range_keys: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_range_keys is not None and self.max_range_keys < 1:
+            raise ValueError(f"max_range_keys must be >= 1 or None, got {self.max_range_keys}")
         _check_int_tensor("range_count", self.range_count, 3)
         if self.block_pairs is not None and self.block_pairs.shape != self.range_count.shape:
             raise ValueError(f"block_pairs {tuple(self.block_pairs.shape)} must match range_count "
@@ -233,13 +241,15 @@ class VerticalSlashLines:
             raise ValueError("VerticalSlashLines counts pairs without a window; use to_index().computed_pairs(window)")
         return self.block_pairs.sum(-1)
 
-    def to_index(self, slashes_sorted: bool = False) -> VerticalSlashIndex:
+    def to_index(self, slashes_sorted: bool = False, max_range_keys: int | None = None) -> VerticalSlashIndex:
         """The per-query-block ``VerticalSlashIndex`` of the same keys (what the default attends; also
         inspection, recall, profiles). ``slashes_sorted``: the diagonals ascend in their counts
-        (``select_lines`` output), which spares the GPU builder a sort."""
+        (``select_lines`` output), which spares the GPU builder a sort. ``max_range_keys``: ranges cut
+        into pieces of at most that many keys (``build_vertical_slash_index``)."""
         from .vertical_slash import build_vertical_slash_index
 
         return build_vertical_slash_index(
             self.vertical_index, self.vertical_count, self.slash_offset, self.slash_count,
             q_len=self.q_len, k_len=self.k_len, block_size_q=self.block_size_q, slashes_sorted=slashes_sorted,
+            max_range_keys=max_range_keys,
         )

@@ -13,7 +13,12 @@ from ..config import PatternName, VerticalSlashConfig
 from ..kernels import vertical_slash_scores
 from ..kernels.geometry import spread_window_ends
 from ..kernels.indices import VerticalSlashLines
-from ..kernels.vertical_slash import select_line_kinds, vertical_slash_block_recall, vertical_slash_lines
+from ..kernels.vertical_slash import (
+    range_piece_keys,
+    select_line_kinds,
+    vertical_slash_block_recall,
+    vertical_slash_lines,
+)
 from .base import LinePattern
 
 
@@ -37,6 +42,11 @@ class VerticalSlashPattern(LinePattern):
     @property
     def query_windows(self) -> int:
         return self.config.query_windows
+
+    def range_piece_keys(self, q) -> int | None:
+        if not self.config.range_pieces or q.device.type != "cuda":
+            return None  # the CPU reference attends key lists: cutting ranges would only cost there
+        return range_piece_keys(q.shape[-1], self.config.block_size, q.element_size())
 
     def unpredictable_heads(self, q, k, index, *, scale, softcap, kv_head_index) -> torch.Tensor | None:
         """``[B, H]`` bool: heads whose ``index`` keeps less than ``heldout_recall`` of the exact mass on

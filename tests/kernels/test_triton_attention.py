@@ -214,3 +214,89 @@ def test_vertical_slash_index_past_two_billion_entries():
             ref = torch.softmax(s, -1) @ v[0, kh, keys].float()
             errors.append((head, row, _rel_err(out[0, head, row], ref)))
     assert all(err < REL_TOL[torch.bfloat16] for _, _, err in errors), errors
+
+
+def _check_pieces(pieces, whole, max_keys):
+    """``pieces`` lists exactly ``whole``'s keys with no range wider than ``max_keys``, within its
+    capacity, sorted and disjoint; columns and pair counts unchanged."""
+    assert pieces.max_range_keys == max_keys
+    assert int(pieces.range_count.max()) <= pieces.range_start.shape[-1], "piece count past the table's capacity"
+    valid = pieces.range_valid()
+    widths = torch.where(valid, pieces.range_end - pieces.range_start, 1)
+    assert int(widths.min()) >= 1 and int(widths.max()) <= max_keys
+    later = torch.where(valid[..., 1:], pieces.range_start[..., 1:], 2**30)
+    assert bool((later >= torch.where(valid[..., :-1], pieces.range_end[..., :-1], -1)).all()), "pieces overlap"
+    assert torch.equal(pieces.to_dense_mask(), whole.to_dense_mask())
+    assert torch.equal(pieces.computed_pairs(), whole.computed_pairs())
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(
+    k_len=st.integers(1, 200),
+    q_frac=st.floats(0.0, 1.0),
+    block=st.sampled_from([1, 8, 16, 64]),
+    n_vertical=st.integers(0, 20),
+    n_slash=st.integers(0, 60),
+    max_keys=st.sampled_from([1, 5, 16, 32, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_range_pieces_triton_match_naive(k_len, q_frac, block, n_vertical, n_slash, max_keys, seed):
+    """The builder's range split (plan bound, then one program per index row) against
+    ``split_ranges_naive`` of the naive index: same pieces in the same order, within capacity."""
+    from sparseprefill.kernels.vertical_slash.naive import build_vertical_slash_index_naive, split_ranges_naive
+    from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
+
+    q_len = max(1, round(q_frac * k_len))
+    vi, vc, so, sc, _, _ = reference.random_lines(random.Random(seed), 2, 2, k_len, n_vertical, n_slash)
+    args = tuple(t.to(DEVICE) for t in (vi, vc, so, sc))
+    whole = build_vertical_slash_index_naive(*args, q_len=q_len, k_len=k_len, block_size_q=block)
+    expected = split_ranges_naive(whole, max_keys)
+    got = build_vertical_slash_index_triton(*args, q_len=q_len, k_len=k_len, block_size_q=block,
+                                            max_range_keys=max_keys)
+    assert _canonical(got) == _canonical(expected)
+    _check_pieces(got, whole, max_keys)
+    assert torch.equal(got.block_pairs.sum(-1), whole.computed_pairs())
+
+
+def test_range_pieces_naive_on_dense_bands():
+    """Every diagonal kept: one range per block, cut into ceil(width / max_keys) pieces."""
+    from sparseprefill.kernels.vertical_slash.naive import build_vertical_slash_index_naive, split_ranges_naive
+
+    length, block, max_keys = 150, 32, 20
+    diagonals = torch.arange(length)[None, None]
+    whole = build_vertical_slash_index_naive(torch.zeros(1, 1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                                             diagonals, torch.full((1, 1), length), q_len=length, k_len=length,
+                                             block_size_q=block)
+    pieces = split_ranges_naive(whole, max_keys)
+    ends = torch.clamp((torch.arange(5) + 1) * block, max=length)
+    assert pieces.range_count[0, 0].tolist() == [-(-int(e) // max_keys) for e in ends]
+    _check_pieces(pieces, whole, max_keys)
+    with pytest.raises(ValueError, match="max_keys must be >= 1"):
+        split_ranges_naive(whole, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}bs{c[6]}w{c[7]}c{c[8]}")
+def test_vertical_slash_triton_on_range_pieces_matches_naive(case, dtype):
+    """The kernel's flat range loop (ranges cut to its key tile) against the reference on the
+    uncut index: the same keys, so the same output."""
+    from sparseprefill.kernels.vertical_slash import range_piece_keys, split_ranges_naive
+
+    b, hq, hkv, lq, lk, d, block, window, softcap = case
+    q, k, v = _inputs(case, dtype, seed=31 * lq + d)
+    g = torch.Generator(device="cpu").manual_seed(lk)
+    vertical_count, vertical_index = compact((torch.rand(b, hq, lk, generator=g) < 0.1).to(DEVICE))
+    slash_count, slash_offset = compact((torch.rand(b, hq, lk, generator=g) < 0.3).to(DEVICE))
+    whole = build_vertical_slash_index(vertical_index, vertical_count, slash_offset, slash_count, q_len=lq, k_len=lk,
+                                       block_size_q=block)
+    max_keys = range_piece_keys(d, block, q.element_size())
+    pieces = build_vertical_slash_index(vertical_index, vertical_count, slash_offset, slash_count, q_len=lq,
+                                        k_len=lk, block_size_q=block, max_range_keys=max_keys)
+    assert torch.equal(pieces.to_dense_mask(), split_ranges_naive(whole, max_keys).to_dense_mask())
+    kvh = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    kw = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kvh)
+    out = torch.full_like(q, float("nan"))
+    vertical_slash_attention_triton(q, k, v, pieces, out=out, **kw)
+    ref = vertical_slash_attention_naive(q.float(), k.float(), v.float(), whole, out=torch.empty_like(q, dtype=torch.float32), **kw)
+    assert _rel_err(out, ref) < REL_TOL[dtype]

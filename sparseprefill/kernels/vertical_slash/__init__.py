@@ -19,13 +19,14 @@ from .naive import (
     block_recall_naive,
     build_vertical_slash_index_naive,
     select_lines_naive,
+    split_ranges_naive,
     vertical_slash_attention_naive,
     vertical_slash_lines_attention_naive,
     vertical_slash_scores_naive,
 )
 from .select import select_line_kinds, select_lines
 
-__all__ = ["vertical_slash_block_recall", "vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_line_kinds", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "vertical_slash_attention", "vertical_slash_attention_naive", "vertical_slash_lines", "vertical_slash_lines_attention", "vertical_slash_lines_attention_naive"]
+__all__ = ["vertical_slash_block_recall", "vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_line_kinds", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "range_piece_keys", "split_ranges_naive", "vertical_slash_attention", "vertical_slash_attention_naive", "vertical_slash_lines", "vertical_slash_lines_attention", "vertical_slash_lines_attention_naive"]
 
 def vertical_slash_scores(
     q: torch.Tensor,
@@ -65,6 +66,14 @@ def vertical_slash_scores(
     return vertical_slash_scores_naive(q, k, **kw)
 
 
+def range_piece_keys(head_dim: int, block_size_q: int, element_bytes: int) -> int:
+    """The range piece width (``build_vertical_slash_index(max_range_keys=...)``) that lets the GPU
+    kernel walk ranges as one flat loop for this head_dim, query block and element size: its key tile."""
+    from .triton_attention import vertical_slash_tile_sizes
+
+    return vertical_slash_tile_sizes(head_dim, block_size_q, element_bytes)[1]
+
+
 def build_vertical_slash_index(
     vertical_index: torch.Tensor,
     vertical_count: torch.Tensor,
@@ -75,6 +84,7 @@ def build_vertical_slash_index(
     k_len: int,
     block_size_q: int,
     slashes_sorted: bool = False,
+    max_range_keys: int | None = None,
 ) -> VerticalSlashIndex:
     """Build the per-query-block index from per-head lines.
 
@@ -86,7 +96,12 @@ def build_vertical_slash_index(
         slash_count: ``[B, H]``.
         slashes_sorted: the caller guarantees the real offsets ascend (as ``select_lines`` returns
             them), which spares the GPU builder a sort.
+        max_range_keys: cut every merged range into consecutive pieces of at most this many keys
+            (``index.max_range_keys`` records it); the GPU kernel then walks ranges in one flat loop
+            when its key tile is that wide (``range_piece_keys``).
     """
+    if max_range_keys is not None and max_range_keys < 1:
+        raise ValueError(f"max_range_keys must be >= 1 or None, got {max_range_keys}")
     if vertical_index.shape[:2] != vertical_count.shape or slash_offset.shape[:2] != slash_count.shape:
         raise ValueError("line tensors and their counts disagree on [B, H]")
     if vertical_index.device.type == "cuda":
@@ -94,11 +109,12 @@ def build_vertical_slash_index(
 
         return build_vertical_slash_index_triton(
             vertical_index, vertical_count, slash_offset, slash_count, q_len=q_len, k_len=k_len,
-            block_size_q=block_size_q, slashes_sorted=slashes_sorted,
+            block_size_q=block_size_q, slashes_sorted=slashes_sorted, max_range_keys=max_range_keys,
         )
-    return build_vertical_slash_index_naive(
+    index = build_vertical_slash_index_naive(
         vertical_index, vertical_count, slash_offset, slash_count, q_len=q_len, k_len=k_len, block_size_q=block_size_q
     )
+    return index if max_range_keys is None else split_ranges_naive(index, max_range_keys)
 
 
 def vertical_slash_attention(

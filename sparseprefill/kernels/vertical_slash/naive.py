@@ -5,6 +5,8 @@ recall of an index on whole query blocks.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..common import attend_gathered, compact, qk_scores
@@ -145,6 +147,30 @@ def build_vertical_slash_index_naive(
         q_len=q_len,
         k_len=k_len,
     )
+
+
+def split_ranges_naive(index: VerticalSlashIndex, max_keys: int) -> VerticalSlashIndex:
+    """Reference of the builder's range split: each range ``[s, e)`` of ``index`` becomes the pieces
+    ``[s + i * max_keys, min(s + (i + 1) * max_keys, e))`` in order, so every range spans at most
+    ``max_keys`` keys (the same keys, still sorted and disjoint); columns are unchanged."""
+    if max_keys < 1:
+        raise ValueError(f"max_keys must be >= 1, got {max_keys}")
+    lengths = torch.where(index.range_valid(), (index.range_end - index.range_start).clamp_min(0), 0).long()
+    pieces = (lengths + max_keys - 1) // max_keys  # [B, H, Rq, M]
+    piece_count = pieces.sum(-1)
+    width = max(int(piece_count.max()) if piece_count.numel() else 0, 1)
+    slot = torch.arange(width, device=lengths.device)
+    # Piece slot t of a row belongs to the range whose cumulative piece count first passes t.
+    ends = pieces.cumsum(-1)
+    owner = torch.searchsorted(ends.contiguous(), slot.expand(*ends.shape[:-1], width).contiguous(), right=True)
+    owner = owner.clamp_max(pieces.shape[-1] - 1)
+    first_piece = torch.gather(ends - pieces, -1, owner)
+    start = torch.gather(index.range_start.long(), -1, owner) + (slot - first_piece) * max_keys
+    end = torch.minimum(start + max_keys, torch.gather(index.range_end.long(), -1, owner))
+    real = slot < piece_count[..., None]
+    return replace(index, range_count=piece_count.to(torch.int32),
+                   range_start=torch.where(real, start, 0).to(torch.int32),
+                   range_end=torch.where(real, end, 0).to(torch.int32), max_range_keys=max_keys)
 
 
 # fp32 reference for vertical-slash attention; also the CPU implementation.

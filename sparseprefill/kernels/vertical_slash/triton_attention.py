@@ -42,6 +42,7 @@ def _vertical_slash_fwd_kernel(
     score_scale, softcap, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RANGE_N: tl.constexpr,
     COLUMN_N: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    RANGE_PIECES: tl.constexpr = False,
 ):
     b, h, index_row_id, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base = query_tile(
         Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -50,13 +51,24 @@ def _vertical_slash_fwd_kernel(
 
     n_ranges = tl.load(RangeCount + b * stride_rcb + h * stride_rch + index_row_id * stride_rcm)
     range_row = b * stride_rb + h * stride_rh + index_row_id * stride_rm
-    for r in range(0, n_ranges):
-        start = tl.load(RangeStart + range_row + r * stride_rn)
-        end = tl.minimum(tl.load(RangeEnd + range_row + r * stride_rn), k_len)
-        for start_n in range(start, end, RANGE_N):
-            m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start_n, end, offs_d, d_ok, stride_kn, stride_kd,
+    if RANGE_PIECES:
+        # Every range fits one tile (the builder cut them): one flat loop, which the compiler
+        # software-pipelines across ranges; a merged band is ~3 tiles, too short a loop to pipeline.
+        for r in range(0, n_ranges):
+            start = tl.load(RangeStart + range_row + r * stride_rn)
+            end = tl.minimum(tl.load(RangeEnd + range_row + r * stride_rn), k_len)
+            m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd,
                                             stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
                                             score_scale, softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+    else:
+        for r in range(0, n_ranges):
+            start = tl.load(RangeStart + range_row + r * stride_rn)
+            end = tl.minimum(tl.load(RangeEnd + range_row + r * stride_rn), k_len)
+            for start_n in range(start, end, RANGE_N):
+                m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start_n, end, offs_d, d_ok, stride_kn, stride_kd,
+                                                stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
+                                                score_scale, softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP,
+                                                UPCAST)
 
     n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + index_row_id * stride_ccm)
     column_row = ColumnIndex + b * stride_cb + h * stride_ch + index_row_id * stride_cm
@@ -121,6 +133,7 @@ def vertical_slash_attention_triton(
     b, hq, q_len, _ = q.shape
     k_len = k.shape[2]
     block_m, scalars, options = vertical_slash_launch(q, index.block_size_q, scale, window, softcap)
+    options["RANGE_PIECES"] = index.max_range_keys is not None and index.max_range_keys <= options["RANGE_N"]
     grid = (index.range_count.shape[2] * (index.block_size_q // block_m), b * hq)
     _vertical_slash_fwd_kernel[grid](
         q, k, v, out, index.range_count, index.range_start, index.range_end, index.column_count,

@@ -33,6 +33,7 @@ from ..indices import VerticalSlashIndex
 
 LINE_TILE = 128  # lines per vectorised step; a tile of int32 offsets and its neighbours fits registers
 PLAN_TILE = 1024  # diagonals / thresholds per step of the per-head plan (prefix counts, run bounds)
+SPLIT_TILE = 64  # ranges per step of the range split (a block holds a few hundred at 128K)
 _UNUSED_SLOT = torch.iinfo(torch.int32).max  # sorts padding slots after every real offset
 
 
@@ -138,30 +139,48 @@ def _vs_index_kernel(
 @triton.jit
 def _slash_plan_kernel(
     SlashOffset, SlashCount, VerticalCount, SlashPrefix, Bounds, k_len, n_slash_slots, full_width, last_width,
-    TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    piece_keys, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     """Per batch x head, from its ascending diagonals: ``prefix[t]`` = diagonals below ``t`` for
     ``t`` in ``[0, k_len + 1]`` (a binary search per ``t``; repeats counted, the kernel only asks
     "any in [lo, hi]?"), and ``Bounds[bh] = (runs at the full block width, runs at the last block's
-    width, vertical count)``: a block's visible diagonals are a prefix of the list and clipping at key
-    0 only merges runs, so the whole list's run count at a block's width bounds every block's."""
+    width, vertical count, range pieces at the full width, at the last width)``: a block's visible
+    diagonals are a prefix of the list and clipping at key 0 only merges runs, so the whole list's run
+    count at a block's width bounds every block's. Likewise a block's range from run ``[d_a .. d_b]``
+    spans at most ``d_b - d_a + width`` keys (one merged at key 0 no more than the run holding its
+    first diagonal), so ``sum over runs of ceil((d_b - d_a + width) / piece_keys)``, bounded above by
+    ``(sum d_b - sum d_a + runs * (width + piece_keys - 1)) // piece_keys``, bounds its pieces."""
     bh = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, TILE)
     n = tl.load(SlashCount + bh)
     slash_base = SlashOffset + bh * n_slash_slots
     runs_full = tl.zeros([], dtype=tl.int32)
     runs_last = tl.zeros([], dtype=tl.int32)
+    span_full = tl.zeros([], dtype=tl.int64)  # sum over runs of d_b - d_a
+    span_last = tl.zeros([], dtype=tl.int64)
     for j0 in range(0, n, TILE):
         j = j0 + lanes
         ok = j < n
         has_next = (j + 1) < n
         d = tl.load(slash_base + j, mask=ok, other=0)
         gap = tl.load(slash_base + j + 1, mask=has_next, other=0) - d
-        runs_full += tl.sum((ok & (~has_next | (gap > full_width))).to(tl.int32), 0)
-        runs_last += tl.sum((ok & (~has_next | (gap > last_width))).to(tl.int32), 0)
-    tl.store(Bounds + bh * 3, runs_full)
-    tl.store(Bounds + bh * 3 + 1, runs_last)
-    tl.store(Bounds + bh * 3 + 2, tl.load(VerticalCount + bh))
+        gap_before = d - tl.load(slash_base + j - 1, mask=ok & (j > 0), other=0)
+        ends_full = ok & (~has_next | (gap > full_width))
+        ends_last = ok & (~has_next | (gap > last_width))
+        starts_full = ok & ((j == 0) | (gap_before > full_width))
+        starts_last = ok & ((j == 0) | (gap_before > last_width))
+        runs_full += tl.sum(ends_full.to(tl.int32), 0)
+        runs_last += tl.sum(ends_last.to(tl.int32), 0)
+        d_wide = d.to(tl.int64)
+        span_full += tl.sum(tl.where(ends_full, d_wide, 0) - tl.where(starts_full, d_wide, 0), 0)
+        span_last += tl.sum(tl.where(ends_last, d_wide, 0) - tl.where(starts_last, d_wide, 0), 0)
+    tl.store(Bounds + bh * 5, runs_full)
+    tl.store(Bounds + bh * 5 + 1, runs_last)
+    tl.store(Bounds + bh * 5 + 2, tl.load(VerticalCount + bh))
+    pieces_full = (span_full + runs_full.to(tl.int64) * (full_width + piece_keys - 1)) // piece_keys
+    pieces_last = (span_last + runs_last.to(tl.int64) * (last_width + piece_keys - 1)) // piece_keys
+    tl.store(Bounds + bh * 5 + 3, pieces_full.to(tl.int32))
+    tl.store(Bounds + bh * 5 + 4, pieces_last.to(tl.int32))
     prefix_base = SlashPrefix + bh * (k_len + 2)
     for t0 in range(0, k_len + 2, TILE):
         t = t0 + lanes
@@ -176,6 +195,35 @@ def _slash_plan_kernel(
         tl.store(prefix_base + t, lo, mask=t < k_len + 2)
 
 
+@triton.jit
+def _split_ranges_kernel(
+    RangeCount, RangeStart, RangeEnd, PieceCount, PieceStart, PieceEnd, max_ranges, max_pieces,
+    PIECE_KEYS: tl.constexpr, TILE: tl.constexpr,
+):
+    """One index row (batch x head x query block): its ranges cut into consecutive pieces of at most
+    ``PIECE_KEYS`` keys, in order (``split_ranges_naive``)."""
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.load(RangeCount + row)
+    written = 0
+    for r0 in range(0, n, TILE):
+        r = r0 + tl.arange(0, TILE)
+        ok = r < n
+        start = tl.load(RangeStart + row * max_ranges + r, mask=ok, other=0)
+        end = tl.load(RangeEnd + row * max_ranges + r, mask=ok, other=0)
+        pieces = tl.where(ok, (end - start + PIECE_KEYS - 1) // PIECE_KEYS, 0)
+        first = written + tl.cumsum(pieces, 0) - pieces
+        for i in range(0, tl.max(pieces, 0)):
+            # The plan's bound makes first + i < max_pieces; the mask keeps a broken bound from
+            # writing into the next row (tests check the counts against the capacity).
+            has = (i < pieces) & (first + i < max_pieces)
+            piece_start = start + i * PIECE_KEYS
+            slot = row * max_pieces + first + i
+            tl.store(PieceStart + slot, piece_start, mask=has)
+            tl.store(PieceEnd + slot, tl.minimum(piece_start + PIECE_KEYS, end), mask=has)
+        written += tl.sum(pieces, 0)
+    tl.store(PieceCount + row, written)
+
+
 def build_vertical_slash_index_triton(
     vertical_index: torch.Tensor,
     vertical_count: torch.Tensor,
@@ -186,10 +234,13 @@ def build_vertical_slash_index_triton(
     k_len: int,
     block_size_q: int,
     slashes_sorted: bool = False,
+    max_range_keys: int | None = None,
 ) -> VerticalSlashIndex:
     """GPU ``build_vertical_slash_index``: per-head lines (``vertical_index [B, H, Nv]``, ``slash_offset
     [B, H, Ns]`` and their ``[B, H]`` counts) -> ``VerticalSlashIndex`` ``[B, H, ceil(q_len / block_size_q), ...]``.
-    ``slashes_sorted``: the real offsets already ascend (``select_lines`` output), so the sort is skipped."""
+    ``slashes_sorted``: the real offsets already ascend (``select_lines`` output), so the sort is skipped.
+    ``max_range_keys``: cut every merged range into pieces of at most that many keys (one more launch,
+    sized by the same host read)."""
     b, h = vertical_count.shape
     device = vertical_index.device
     n_blocks = triton.cdiv(q_len, block_size_q)
@@ -206,13 +257,14 @@ def build_vertical_slash_index_triton(
     # full and the last block's width and the vertical count: one launch, then one host read sizes
     # the outputs by the true maxima.
     prefix = torch.empty(b, h, k_len + 2, dtype=torch.int32, device=device)
-    bounds = torch.empty(b * h, 3, dtype=torch.int32, device=device)
+    bounds = torch.empty(b * h, 5, dtype=torch.int32, device=device)
     last_width = q_len - (n_blocks - 1) * block_size_q
     _slash_plan_kernel[(b * h,)](
         slashes, slash_count, vertical_count, prefix, bounds, k_len, n_slash_slots, block_size_q, last_width,
-        TILE=PLAN_TILE, SEARCH_STEPS=max(1, int(n_slash_slots).bit_length()),
+        max_range_keys or 1, TILE=PLAN_TILE, SEARCH_STEPS=max(1, int(n_slash_slots).bit_length()),
     )
-    max_runs_full, max_runs_last, max_vertical = (int(x) for x in bounds.amax(dim=0).tolist())
+    max_runs_full, max_runs_last, max_vertical, max_pieces_full, max_pieces_last = (
+        int(x) for x in bounds.amax(dim=0).tolist())
     max_ranges, max_columns = max(max_runs_full, max_runs_last, 1), max(max_vertical, 1)
     range_count = torch.empty(b, h, n_blocks, dtype=torch.int32, device=device)
     column_count = torch.empty_like(range_count)
@@ -227,9 +279,20 @@ def build_vertical_slash_index_triton(
         q_len, k_len, k_len - q_len, max_ranges, max_columns, n_vertical_slots, n_slash_slots,
         BLOCK_Q=block_size_q, TILE=LINE_TILE, SEARCH_STEPS=max(1, int(n_vertical_slots).bit_length()),
     )
+    if max_range_keys is not None:
+        max_pieces = max(max_pieces_full, max_pieces_last, 1)
+        piece_count = torch.empty_like(range_count)
+        piece_start = torch.empty(b, h, n_blocks, max_pieces, dtype=torch.int32, device=device)
+        piece_end = torch.empty_like(piece_start)
+        _split_ranges_kernel[(b * h * n_blocks,)](
+            range_count, range_start, range_end, piece_count, piece_start, piece_end, max_ranges, max_pieces,
+            PIECE_KEYS=max_range_keys, TILE=SPLIT_TILE,
+        )
+        range_count, range_start, range_end = piece_count, piece_start, piece_end
     return VerticalSlashIndex(
         range_count=range_count, range_start=range_start, range_end=range_end, column_count=column_count,
         column_index=column_index, block_size_q=block_size_q, q_len=q_len, k_len=k_len, block_pairs=block_pairs,
+        max_range_keys=max_range_keys,
     )
 
 
