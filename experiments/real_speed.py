@@ -82,10 +82,10 @@ CANDIDATES = {
     # query windows (the midpoints between the scored ones) routed dense.
     "auto_hr90": SparseConfig(min_sparse_len=0, vertical_slash=VerticalSlashConfig(heldout_recall=0.9)),
     "auto_hr80": SparseConfig(min_sparse_len=0, vertical_slash=VerticalSlashConfig(heldout_recall=0.8)),
-    # The default with its merged bands cut to the kernel's key tile (the kernel's flat range loop):
-    # the same keys, so the same accuracy; "default_pieces" lets the cost model decide, as "default".
-    "auto_pieces": SparseConfig(min_sparse_len=0, vertical_slash=VerticalSlashConfig(range_pieces=True)),
-    "default_pieces": SparseConfig(vertical_slash=VerticalSlashConfig(range_pieces=True)),
+    # The default with its merged bands cut to the kernel's key tile (the kernel's flat range loop) or
+    # kept whole, whatever the head_dim (RangeLayout): the same keys, so the same accuracy.
+    "auto_pieces": SparseConfig(min_sparse_len=0, vertical_slash=VerticalSlashConfig(range_layout="pieces")),
+    "auto_whole": SparseConfig(min_sparse_len=0, vertical_slash=VerticalSlashConfig(range_layout="whole")),
     # Every pair computed by the sparse kernel: the sparse path's own bf16 noise against cuDNN.
     "keep_all": SparseConfig.keep_everything(),
 }

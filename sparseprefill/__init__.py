@@ -18,6 +18,7 @@ from .config import (
     DecodeMethod,
     DecodeRetrievalConfig,
     PatternName,
+    RangeLayout,
     SparseConfig,
     VerticalSlashConfig,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "Profile",
     "ProfileError",
     "ProfileMismatchError",
+    "RangeLayout",
     "SUPPORTED_FAMILIES",
     "SparseConfig",
     "UnsupportedModelError",

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from ..config import PatternName, VerticalSlashConfig
+from ..config import PatternName, RangeLayout, VerticalSlashConfig
 from ..kernels import vertical_slash_scores
 from ..kernels.geometry import spread_window_ends
 from ..kernels.indices import VerticalSlashLines
 from ..kernels.vertical_slash import (
     range_piece_keys,
+    range_pieces_pay,
     select_line_kinds,
     vertical_slash_block_recall,
     vertical_slash_lines,
@@ -44,8 +45,11 @@ class VerticalSlashPattern(LinePattern):
         return self.config.query_windows
 
     def range_piece_keys(self, q) -> int | None:
-        if not self.config.range_pieces or q.device.type != "cuda":
+        layout = self.config.range_layout
+        if q.device.type != "cuda" or layout == RangeLayout.WHOLE:
             return None  # the CPU reference attends key lists: cutting ranges would only cost there
+        if layout == RangeLayout.AUTO and not range_pieces_pay(q.shape[-1]):
+            return None
         return range_piece_keys(q.shape[-1], self.config.block_size, q.element_size())
 
     def unpredictable_heads(self, q, k, index, *, scale, softcap, kv_head_index) -> torch.Tensor | None:

@@ -402,3 +402,42 @@ def test_block_sparse_top_k_budget(top_k):
             kept = set(result.index.block_index[0, h, r, : result.index.block_count[0, h, r]].tolist())
             assert diag | sink <= kept <= valid
             assert len(kept - diag - sink) == min(top_k, len(valid - diag - sink)), (r, h, kept)
+
+
+def test_vertical_slash_range_layout_option():
+    """``range_layout``: a str enum (strings accepted, others refused in one line); ``auto`` cuts bands
+    to the kernel's tile only where that measured faster (head_dim above 64)."""
+    from sparseprefill import RangeLayout
+    from sparseprefill.kernels.vertical_slash import range_pieces_pay
+
+    assert VerticalSlashConfig().range_layout is RangeLayout.AUTO
+    assert VerticalSlashConfig(range_layout="pieces").range_layout is RangeLayout.PIECES
+    config = SparseConfig(vertical_slash=VerticalSlashConfig(range_layout="whole"))
+    assert SparseConfig(**config.to_dict()).vertical_slash.range_layout is RangeLayout.WHOLE
+    with pytest.raises(ValueError, match=r"range_layout must be one of \['auto', 'pieces', 'whole'\], got 'flat'"):
+        VerticalSlashConfig(range_layout="flat")
+    assert not range_pieces_pay(64) and range_pieces_pay(128) and range_pieces_pay(80)
+    q = torch.zeros(1, 2, 8, 128)
+    assert VerticalSlashPattern(VerticalSlashConfig(range_layout="pieces")).range_piece_keys(q) is None  # CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("layout,head_dim,cut", [("auto", 64, False), ("auto", 128, True), ("pieces", 64, True),
+                                                 ("whole", 128, False)])
+def test_vertical_slash_range_layout_on_the_gpu(layout, head_dim, cut):
+    """On CUDA the estimate's index is cut (``max_range_keys`` set) exactly where the layout says, and
+    the patterned output equals the whole-band one (the same keys)."""
+    b, hq, hkv, length = 1, 4, 2, 300
+    q, k, v = (t.cuda() for t in ref.make_qkv(3, b, hq, hkv, length, length, head_dim, spread=2.0))
+    vs = dict(last_queries=32, sink_tokens=4, local_tokens=16, block_size=64)
+    pattern = VerticalSlashPattern(VerticalSlashConfig(**vs, range_layout=layout))
+    kw = dict(scale=head_dim**-0.5, softcap=None, kv_head_index=torch.arange(hq, device="cuda") // (hq // hkv))
+    index = pattern.estimate(q, k, **kw)
+    assert (index.max_range_keys is not None) == cut
+    whole = VerticalSlashPattern(VerticalSlashConfig(**vs, range_layout="whole")).estimate(q, k, **kw)
+    assert torch.equal(index.to_dense_mask(), whole.to_dense_mask())
+    out, out_whole = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
+    pattern.attend(q, k, v, index, out=out, **kw)
+    pattern.attend(q, k, v, whole, out=out_whole, **kw)
+    torch.testing.assert_close(out, out_whole, atol=1e-5, rtol=1e-5)

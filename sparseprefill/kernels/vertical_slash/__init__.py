@@ -26,7 +26,7 @@ from .naive import (
 )
 from .select import select_line_kinds, select_lines
 
-__all__ = ["vertical_slash_block_recall", "vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_line_kinds", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "range_piece_keys", "split_ranges_naive", "vertical_slash_attention", "vertical_slash_attention_naive", "vertical_slash_lines", "vertical_slash_lines_attention", "vertical_slash_lines_attention_naive"]
+__all__ = ["vertical_slash_block_recall", "vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_line_kinds", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "range_piece_keys", "range_pieces_pay", "split_ranges_naive", "vertical_slash_attention", "vertical_slash_attention_naive", "vertical_slash_lines", "vertical_slash_lines_attention", "vertical_slash_lines_attention_naive"]
 
 def vertical_slash_scores(
     q: torch.Tensor,
@@ -72,6 +72,13 @@ def range_piece_keys(head_dim: int, block_size_q: int, element_bytes: int) -> in
     from .triton_attention import vertical_slash_tile_sizes
 
     return vertical_slash_tile_sizes(head_dim, block_size_q, element_bytes)[1]
+
+
+def range_pieces_pay(head_dim: int) -> bool:
+    """Whether range pieces measured faster than whole bands at this head_dim (``RANGE_PIECES_ABOVE_HEAD_DIM``)."""
+    from .triton_attention import RANGE_PIECES_ABOVE_HEAD_DIM
+
+    return head_dim > RANGE_PIECES_ABOVE_HEAD_DIM
 
 
 def build_vertical_slash_index(

@@ -89,6 +89,15 @@ def _vertical_slash_fwd_kernel(
 VERTICAL_SLASH_KEY_TILE = 32
 
 
+# Range pieces (bands cut to the key tile, walked as one flat loop) measured faster above this
+# head_dim and not at it (H100, bf16, experiments/vertical_slash_ceiling.py and layer_trace.py): at
+# head_dim 128 on Llama shapes at 32K the default's index ran at 0.51 of cuDNN's rate instead of 0.44,
+# every causal pair as 64-key ranges at 0.63 instead of 0.48; at head_dim 64 on real Qwen q/k the
+# patched layers took 0.99-1.03x the whole-band time at 32K and 128K (a long band cut into 32-key
+# pieces pays two index loads per tile, where the whole-band loop reads its bounds once).
+RANGE_PIECES_ABOVE_HEAD_DIM = 64
+
+
 def vertical_slash_tile_sizes(head_dim: int, block_q: int, element_bytes: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, RANGE_N, COLUMN_N, num_warps, num_stages, BLOCK_D). Range tiles start wherever a
     merged range starts, so the last tile of each range is partial; columns are gathered and fill
@@ -146,4 +155,5 @@ def vertical_slash_attention_triton(
     return out
 
 
-__all__ = ["vertical_slash_attention_triton", "vertical_slash_launch", "vertical_slash_tile_sizes"]
+__all__ = ["RANGE_PIECES_ABOVE_HEAD_DIM", "vertical_slash_attention_triton", "vertical_slash_launch",
+           "vertical_slash_tile_sizes"]
