@@ -11,7 +11,7 @@ mkdir -p "$logs"
 logs="$(cd "$logs" && pwd)"
 cd "$(dirname "$0")/.."
 # The estimator fuzz inside the suite runs a short stream; the 1000-case runs are run_gpu_fuzz.sh's.
-export PYTHONPATH=. SPARSEPREFILL_FUZZ_EXAMPLES=${SPARSEPREFILL_FUZZ_EXAMPLES:-100}
+export PYTHONPATH=. SPARSEPREFILL_FUZZ_EXAMPLES=${SPARSEPREFILL_FUZZ_EXAMPLES:-100} SPARSEPREFILL_GPU_PROCESSES=$workers
 python -m pytest -p no:cacheprovider -n "$workers" -rfE --durations=40 --junitxml="$logs/suite.xml" \
   --ignore=tests/kernels/test_gpu_fuzz.py "${@:-tests}" >"$logs/suite.log" 2>&1
 status=$?
