@@ -47,16 +47,17 @@ from sparseprefill.kernels.vertical_slash.naive import split_ranges_naive, verti
 from sparseprefill.kernels.vertical_slash.triton_attention import _vertical_slash_fwd_kernel
 from sparseprefill.patterns.vertical_slash import VerticalSlashPattern
 
-# (BLOCK_M, RANGE_N, COLUMN_N, num_warps, num_stages); the first is the shipped policy.
-TILES = [(64, 32, 32, 4, 3), (64, 32, 32, 4, 2), (64, 32, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 64, 4, 2),
-         (64, 32, 64, 4, 3), (64, 64, 64, 8, 3), (64, 128, 128, 8, 2)]
+# (BLOCK_M, RANGE_N, COLUMN_N, num_warps, num_stages, column-loop stages); the first is the shipped policy.
+TILES = [(64, 32, 32, 4, 3, 3), (64, 32, 32, 4, 3, 2), (64, 32, 32, 4, 2, 2), (64, 32, 32, 4, 4, 2),
+         (64, 64, 64, 4, 3, 2), (64, 64, 64, 4, 2, 2), (64, 64, 32, 4, 3, 2), (64, 32, 64, 4, 3, 2),
+         (64, 64, 64, 8, 3, 2), (64, 128, 128, 8, 2, 2)]
 SHAPES = {"llama": (32, 8, 128), "qwen": (14, 2, 64)}  # query heads, KV heads, head_dim
 
 
 def launch(q, k, v, index, tiles, kv_head_index, out, scale, pieces: bool):
     """The shipped kernel with explicit ``(BLOCK_M, RANGE_N, COLUMN_N, warps, stages)``; ``pieces``: its
     flat range loop (the index's ranges must fit ``RANGE_N``)."""
-    block_m, range_n, column_n, warps, stages = tiles
+    block_m, range_n, column_n, warps, stages, column_stages = tiles
     b, hq, q_len, head_dim = q.shape
     k_len = k.shape[2]
     grid = (index.range_count.shape[2] * (index.block_size_q // block_m), b * hq)
@@ -67,7 +68,7 @@ def launch(q, k, v, index, tiles, kv_head_index, out, scale, pieces: bool):
         *index.column_index.stride(), hq, q_len, k_len, k_len - q_len, float(scale), 1.0, 0,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m, RANGE_N=range_n,
         COLUMN_N=column_n, BLOCK_Q=index.block_size_q, HAS_WINDOW=False, HAS_SOFTCAP=False,
-        UPCAST=q.dtype == torch.float32 or q.device.type == "cpu", RANGE_PIECES=pieces,
+        UPCAST=q.dtype == torch.float32 or q.device.type == "cpu", RANGE_PIECES=pieces, COLUMN_STAGES=column_stages,
         num_warps=warps, num_stages=stages)
     return out
 

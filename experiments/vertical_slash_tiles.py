@@ -74,7 +74,7 @@ def _attend_with_tiles(q, k, v, index, *, scale, kv_head_index, out, tiles):
         float(scale), 1.0, 0,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, RANGE_N=range_n, COLUMN_N=column_n,
         BLOCK_Q=index.block_size_q, HAS_WINDOW=False, HAS_SOFTCAP=False, UPCAST=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        COLUMN_STAGES=num_stages, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

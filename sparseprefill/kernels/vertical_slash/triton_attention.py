@@ -42,7 +42,7 @@ def _vertical_slash_fwd_kernel(
     score_scale, softcap, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RANGE_N: tl.constexpr,
     COLUMN_N: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    RANGE_PIECES: tl.constexpr = False,
+    COLUMN_STAGES: tl.constexpr, RANGE_PIECES: tl.constexpr = False,
 ):
     b, h, index_row_id, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base = query_tile(
         Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -72,7 +72,8 @@ def _vertical_slash_fwd_kernel(
 
     n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + index_row_id * stride_ccm)
     column_row = ColumnIndex + b * stride_cb + h * stride_ch + index_row_id * stride_cm
-    for c0 in range(0, n_columns, COLUMN_N):
+    # Gathered rows pipeline best at another depth than contiguous tiles: the loop carries its own.
+    for c0 in tl.range(0, n_columns, COLUMN_N, num_stages=COLUMN_STAGES):
         offs_n, n_ok = column_keys(column_row, c0, n_columns, k_len, stride_cn, COLUMN_N)
         k = load_rows(k_base, offs_n, n_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
         v = load_rows(v_base, offs_n, n_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
@@ -96,6 +97,15 @@ VERTICAL_SLASH_KEY_TILE = 32
 # patched layers took 0.99-1.03x the whole-band time at 32K and 128K (a long band cut into 32-key
 # pieces pays two index loads per tile, where the whole-band loop reads its bounds once).
 RANGE_PIECES_ABOVE_HEAD_DIM = 64
+
+# The gathered-column loop's own pipeline depth (None: the kernel's num_stages, as for ranges).
+VERTICAL_SLASH_COLUMN_STAGES: int | None = None
+
+
+def vertical_slash_column_stages(num_stages: int) -> int:
+    """Software-pipeline depth of the gathered-column loop, given the kernel's ``num_stages`` (its
+    range loops')."""
+    return num_stages if VERTICAL_SLASH_COLUMN_STAGES is None else VERTICAL_SLASH_COLUMN_STAGES
 
 
 def vertical_slash_tile_sizes(head_dim: int, block_q: int, element_bytes: int) -> tuple[int, int, int, int, int, int]:
@@ -143,6 +153,7 @@ def vertical_slash_attention_triton(
     k_len = k.shape[2]
     block_m, scalars, options = vertical_slash_launch(q, index.block_size_q, scale, window, softcap)
     options["RANGE_PIECES"] = index.max_range_keys is not None and index.max_range_keys <= options["RANGE_N"]
+    options["COLUMN_STAGES"] = vertical_slash_column_stages(options["num_stages"])
     grid = (index.range_count.shape[2] * (index.block_size_q // block_m), b * hq)
     _vertical_slash_fwd_kernel[grid](
         q, k, v, out, index.range_count, index.range_start, index.range_end, index.column_count,
