@@ -25,7 +25,7 @@ candidate ``GRANULARITY_MASS`` (e.g. ``block_0.95``): density over every layer's
 over the last 512 positions, top-1 agreement, KL; per-layer densities in ``layers.csv``. On the GPU:
 
     python experiments/oracle_accuracy.py --lengths 32768 131072 --out DIR [--gguf FILE --metadata DIR]
-    python experiments/oracle_accuracy.py --plot DIR/oracle.csv          # redraw DIR/oracle.png
+    python experiments/oracle_accuracy.py --plot DIR/oracle.csv [--estimators E2E.csv]   # redraw DIR/oracle.png
 
 ``--device cpu --dtype float32 --lengths 1024`` is a smoke run of the same code.
 """
@@ -134,6 +134,7 @@ class OracleAttention:
     def __init__(self, granularity: str, mass: float):
         self.granularity, self.mass = granularity, mass
         self.kept: dict[int, float] = {}
+        self.empty_rows = 0
         self.causal: dict[int, float] = {}
         self.started = time.monotonic()
 
@@ -162,7 +163,11 @@ class OracleAttention:
                 keep = oracle_keep(p, self.granularity, self.mass, row0) & causal
                 kept += float(keep.sum())
                 p = p * keep
-                p = p / p.sum(-1, keepdim=True)
+                row_mass = p.sum(-1, keepdim=True)
+                # Only the sampled-row imitation can keep no mass of a row (its own key underflowed to 0
+                # in fp32): that row attends nothing (zeros), counted, instead of 0 / 0.
+                self.empty_rows += int((row_mass == 0).sum())
+                p = p / row_mass.clamp_min(torch.finfo(torch.float32).tiny)
                 out[:, row0:row1, heads] = torch.matmul(p, v[:, :, :row1]).transpose(1, 2).to(out.dtype)
         layer = module.layer_idx
         self.kept[layer] = kept
@@ -221,7 +226,7 @@ def run(args) -> None:
             granularity, mass = parse_candidate(name)
             logits, oracle = oracle_logits(model, ids, granularity, mass)
             row = dict(base, candidate=name, granularity=granularity, mass=mass, density=oracle.density,
-                       **agreement(reference, logits, ids))
+                       **agreement(reference, logits, ids), empty_rows=oracle.empty_rows)
             rows.append(row)
             layer_rows += [dict(base, candidate=name, layer=layer, density=oracle.kept[layer] / oracle.causal[layer])
                            for layer in sorted(oracle.kept)]
@@ -232,26 +237,46 @@ def run(args) -> None:
     plot(args.out / "oracle.csv")
 
 
-def plot(csv_path: Path) -> None:
-    """Top-1 agreement against density, one line per granularity and length."""
+def plot(csv_path: Path, estimators: Path | None = None) -> None:
+    """Top-1 agreement against density: one colour per granularity, one line style per length; with
+    ``estimators`` (an ``e2e.csv`` of ``experiments/real_density.py`` or ``real_speed.py``), the
+    shipped estimators' rows of the same lengths as crosses."""
     import csv
 
     with open(csv_path) as f:
-        rows = [r for r in csv.DictReader(f) if r["granularity"] not in ("dense", "exact")]
+        # Rows whose logits went non-finite (the sampled-row imitation before empty rows were counted)
+        # have no agreement to draw.
+        rows = [r for r in csv.DictReader(f)
+                if r["granularity"] not in ("dense", "exact") and r["nll"] not in ("nan", "")]
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for length in sorted({int(r["length"]) for r in rows}):
-        for granularity in dict.fromkeys(r["granularity"] for r in rows):
+    fig, ax = plt.subplots(figsize=(8, 5))
+    lengths = sorted({int(r["length"]) for r in rows})
+    granularities = list(dict.fromkeys(r["granularity"] for r in rows))
+    colours = {g: f"C{i}" for i, g in enumerate(granularities)}
+    styles = ["-", "--", ":", "-."]
+    for li, length in enumerate(lengths):
+        for granularity in granularities:
             mine = sorted((float(r["density"]), float(r["top1"])) for r in rows
                           if int(r["length"]) == length and r["granularity"] == granularity)
             if mine:
                 kind = "oracle" if granularity in GRANULARITIES else "ranked from sampled rows"
-                ax.plot(*zip(*mine), marker="o", label=f"{granularity} {kind}, {length // 1024}K")
+                ax.plot(*zip(*mine), marker="o", color=colours[granularity], linestyle=styles[li % len(styles)],
+                        label=f"{granularity} {kind}, {length // 1024}K")
+    if estimators is not None:
+        with open(estimators) as f:
+            shipped = [r for r in csv.DictReader(f) if r.get("top1") and r.get("density")
+                       and int(r["length"]) in lengths and r["candidate"] not in ("dense", "dense_cudnn", "dense_flash")]
+        names = list(dict.fromkeys(r["candidate"] for r in shipped))
+        markers = ["x", "+", "^", "v"]
+        for r in shipped:
+            ax.scatter(float(r["density"]), float(r["top1"]), color=f"C{len(granularities) + names.index(r['candidate'])}",
+                       marker=markers[lengths.index(int(r["length"])) % len(markers)],
+                       label=f"{r['candidate']} (estimator), {int(r['length']) // 1024}K")
     ax.axhline(0.97, color="grey", linestyle="--", linewidth=1, label="top-1 bar (0.97)")
     ax.set_xlabel("density (kept causal pairs)")
     ax.set_ylabel("top-1 agreement with dense, last 512")
     ax.set_title("Oracle selections on Qwen2.5-Coder-0.5B")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     save_figure(fig, csv_path.with_suffix(".png"))
 
 
@@ -266,9 +291,10 @@ def main() -> None:
     parser.add_argument("--gguf")
     parser.add_argument("--metadata")
     parser.add_argument("--plot", type=Path, help="redraw the PNG beside this oracle.csv and exit")
+    parser.add_argument("--estimators", type=Path, help="with --plot: an e2e.csv of estimators to draw beside")
     args = parser.parse_args()
     if args.plot:
-        plot(args.plot)
+        plot(args.plot, args.estimators)
         return
     if args.out is None:
         parser.error("--out is required (unless --plot)")

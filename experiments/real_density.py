@@ -90,6 +90,10 @@ CANDIDATES = {
     "block_m98": SparseConfig(pattern="block_sparse", block_sparse=BlockSparseConfig(mass=0.98)),
     "antidiag_m90": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(mass=0.9)),
     "antidiag_m95": SparseConfig(pattern="antidiagonal"),
+    # The masses the oracle study (experiments/oracle_accuracy.py) found the accuracy bar to need.
+    "antidiag_m98": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(mass=0.98)),
+    "antidiag_m99": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(mass=0.99)),
+    "block_m99": SparseConfig(pattern="block_sparse", block_sparse=BlockSparseConfig(mass=0.99)),
     "a_shape": SparseConfig(pattern="a_shape"),
     "vs_q256": SparseConfig(pattern="vertical_slash", vertical_slash=VerticalSlashConfig(last_queries=256)),
     "vs_v98_s90": SparseConfig(pattern="vertical_slash",
