@@ -90,6 +90,11 @@ CANDIDATES = {
     # (experiments/oracle_accuracy.py): mass 0.95 met the accuracy bar at 32K at density 0.23.
     "antidiag_m95": SparseConfig(pattern="antidiagonal", min_sparse_len=0),
     "antidiag_m98": SparseConfig(pattern="antidiagonal", min_sparse_len=0, antidiagonal=AntidiagonalConfig(mass=0.98)),
+    # The same with the exact spot check of 8 query blocks (heads below 0.9 recall there run dense).
+    "antidiag_m95_sc90": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                      antidiagonal=AntidiagonalConfig(spot_check_recall=0.9)),
+    "antidiag_m98_sc90": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                      antidiagonal=AntidiagonalConfig(mass=0.98, spot_check_recall=0.9)),
     # Every pair computed by the sparse kernel: the sparse path's own bf16 noise against cuDNN.
     "keep_all": SparseConfig.keep_everything(),
 }

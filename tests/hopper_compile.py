@@ -45,6 +45,7 @@ def _run_launches() -> None:
 
     from sparseprefill.kernels import select_blocks
     from sparseprefill.kernels.block_sparse.triton_attention import block_sparse_attention_triton
+    from sparseprefill.kernels.block_sparse.triton_recall import block_sparse_recall_triton
     from sparseprefill.kernels.common import compact
     from sparseprefill.kernels.vertical_slash import vertical_slash_lines
     from sparseprefill.kernels.vertical_slash.triton_attention import vertical_slash_attention_triton
@@ -78,6 +79,7 @@ def _run_launches() -> None:
         vertical_slash_lines_attention_triton(q, k, v, lines, window=window, out=torch.empty_like(q),
                                               lines_sorted=True, **kw)
         block_recall_triton(q, k, index, torch.tensor([0, n_blocks - 1]), **kw)
+        block_sparse_recall_triton(q, k, blocks, torch.tensor([0, n_blocks - 1]), **kw)
         vertical_slash_scores_triton(q, k, last_queries=32, query_windows=4, **kw)
 
 

@@ -11,6 +11,7 @@ from ..config import AntidiagonalConfig, PatternName
 from ..kernels import antidiagonal_block_mass, select_blocks
 from ..kernels.indices import BlockSparseIndex
 from .base import SparsePattern
+from .block_sparse import misjudged_heads
 
 
 class AntidiagonalPattern(SparsePattern):
@@ -29,3 +30,7 @@ class AntidiagonalPattern(SparsePattern):
             block_mass, q_len=q.shape[2], k_len=k.shape[2], block_size_q=cfg.block_size,
             block_size_k=cfg.block_size, mass=cfg.mass, sink_blocks=cfg.sink_blocks,
         )
+
+    def unpredictable_heads(self, q, k, index, *, scale, softcap, kv_head_index):
+        return misjudged_heads(q, k, index, self.config.spot_check_recall, scale=scale, softcap=softcap,
+                               kv_head_index=kv_head_index)

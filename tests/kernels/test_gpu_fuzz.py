@@ -36,7 +36,8 @@ from sparseprefill.kernels.recall import window_recall  # noqa: E402
 EXAMPLES = reference.FUZZ_EXAMPLES
 REL_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 FUZZ = reference.gpu_fuzz
-COUNTS = {"block_sparse": 0, "vertical_slash": 0, "vertical_slash_lines": 0, "block_recall": 0}
+COUNTS = {"block_sparse": 0, "vertical_slash": 0, "vertical_slash_lines": 0, "block_recall": 0,
+          "block_sparse_recall": 0}
 
 
 @st.composite
@@ -149,6 +150,29 @@ def test_block_recall_fuzz(shape):
     assert not torch.isnan(got).any()
     assert float((got - expected).abs().max()) <= RECALL_ABS_TOL[dtype]
     COUNTS["block_recall"] += 1
+
+
+@FUZZ
+@given(shapes())
+def test_block_sparse_recall_fuzz(shape):
+    """The block estimators' spot check (a block-sparse index's checked rows as ranges through the recall
+    kernel) vs ``window_recall`` on every query block of random block indices."""
+    from sparseprefill.kernels import select_blocks
+    from sparseprefill.kernels.block_sparse.triton_recall import block_sparse_recall_triton
+
+    batch, hq, hkv, q_len, k_len, d, block, dtype, _, softcap, density, seed = shape
+    q, k, _, g = _inputs(batch, hq, hkv, q_len, k_len, d, dtype, seed)
+    n_q, n_k = -(-q_len // block), -(-k_len // block)
+    index = select_blocks(torch.rand(batch, hq, n_q, n_k, generator=g, device="cuda"), q_len=q_len, k_len=k_len,
+                          block_size_q=block, block_size_k=block, mass=density)
+    kw = dict(scale=d**-0.5, softcap=softcap, kv_head_index=torch.arange(hq, device="cuda") // (hq // hkv))
+    blocks = torch.arange(n_q)
+    got = block_sparse_recall_triton(q, k, index, blocks, **kw)
+    expected = torch.stack([window_recall([index], q.float(), k.float(), r * block, min(r * block + block, q_len),
+                                          **kw)[0].mean(-1) for r in blocks.tolist()], dim=-1)
+    assert not torch.isnan(got).any()
+    assert float((got - expected).abs().max()) <= RECALL_ABS_TOL[dtype]
+    COUNTS["block_sparse_recall"] += 1
 
 
 def test_fuzz_ran_the_requested_number_of_cases():

@@ -69,3 +69,41 @@ def test_block_recall_kernel_with_no_blocks():
     got = block_recall_triton(q, q, index, torch.tensor([], dtype=torch.long), scale=0.125, softcap=None,
                               kv_head_index=torch.arange(2, device=DEVICE))
     assert got.shape == (1, 2, 0)
+
+
+# (batch, q heads, kv heads, Lq, Lk, head_dim, block, softcap, mass)
+BLOCK_CASES = [
+    (2, 4, 2, 77, 101, 64, 16, None, 0.5),
+    (1, 7, 1, 130, 130, 80, 32, None, 0.8),
+    (1, 2, 2, 150, 150, 128, 64, 30.0, 0.3),
+    (1, 3, 3, 33, 150, 64, 16, None, 0.6),
+    (1, 2, 1, 161, 161, 64, 32, None, 1.0),  # every visible block kept: recall 1
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}bs{c[6]}c{c[7]}m{c[8]}")
+def test_block_sparse_recall_kernel_matches_window_recall(case, dtype):
+    """A block-sparse index's checked rows, as ranges through the same kernel (``rows_per_check``)."""
+    from sparseprefill.kernels import select_blocks
+    from sparseprefill.kernels.block_sparse.triton_recall import block_sparse_recall_triton
+
+    b, hq, hkv, lq, lk, d, block, softcap, mass = case
+    g = torch.Generator(device="cpu").manual_seed(hash(case) % 2**31)
+    make = lambda *shape: (2 * torch.randn(*shape, generator=g)).to(device=DEVICE, dtype=dtype)  # noqa: E731
+    q, k = make(b, hq, lq, d), make(b, hkv, lk, d)
+    n_q, n_k = -(-lq // block), -(-lk // block)
+    index = select_blocks(torch.rand(b, hq, n_q, n_k, generator=g).to(DEVICE), q_len=lq, k_len=lk,
+                          block_size_q=block, block_size_k=block, mass=mass, sink_blocks=0)
+    kv_head_index = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    blocks = torch.tensor(sorted({0, n_q // 2, n_q - 1}))
+    kw = dict(scale=d**-0.5, softcap=softcap, kv_head_index=kv_head_index)
+    got = block_sparse_recall_triton(q, k, index, blocks, **kw)
+    assert not torch.isnan(got).any()
+    expected = torch.stack([
+        window_recall([index], q.float(), k.float(), r * block, min(r * block + block, lq), **kw)[0].mean(-1)
+        for r in blocks.tolist()
+    ], dim=-1)
+    torch.testing.assert_close(got, expected, atol=ABS_TOL[dtype], rtol=0)
+    if mass == 1.0:
+        torch.testing.assert_close(got, torch.ones_like(got), atol=ABS_TOL[dtype], rtol=0)

@@ -24,7 +24,7 @@ from .naive import (
     pooled_block_probs_naive,
 )
 
-__all__ = ["antidiagonal_block_mass", "antidiagonal_block_mass_naive", "pooled_block_probs", "pooled_block_probs_naive", "select_blocks", "block_sparse_attention", "block_sparse_attention_naive"]
+__all__ = ["block_sparse_block_recall", "antidiagonal_block_mass", "antidiagonal_block_mass_naive", "pooled_block_probs", "pooled_block_probs_naive", "select_blocks", "block_sparse_attention", "block_sparse_attention_naive"]
 
 def antidiagonal_block_mass(
     q: torch.Tensor,
@@ -151,3 +151,42 @@ def select_blocks(
         block_count=count, block_index=index, block_size_q=block_size_q, block_size_k=block_size_k,
         q_len=q_len, k_len=k_len,
     )
+
+
+def block_sparse_block_recall(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    index: BlockSparseIndex,
+    blocks,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    kv_head_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean recall of a block-sparse ``index`` on whole query blocks: for each query block ``blocks[i]``,
+    the share of each row's exact causal attention mass that the block's kept KV blocks hold, averaged
+    over the block's rows.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; index: ``BlockSparseIndex`` over ``Hq`` heads.
+        blocks: ``[nb]`` int query-block numbers, on the host (a list or CPU tensor).
+
+    Returns:
+        ``[B, Hq, nb]`` fp32 in [0, 1]. On the GPU the vertical-slash recall kernel reads the checked
+        rows as ranges (one per kept KV block) and never holds the ``rows x Lk`` probabilities; the
+        reference (``block_recall_naive``) does.
+    """
+    from ..vertical_slash.naive import block_recall_naive
+
+    _, hq, q_len, hkv, _, _ = check_qkv(q, k, k)
+    kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
+    n_blocks = -(-q_len // index.block_size_q)
+    blocks = torch.as_tensor(blocks, dtype=torch.long).cpu()
+    if blocks.numel() and not (0 <= int(blocks.min()) and int(blocks.max()) < n_blocks):
+        raise ValueError(f"blocks must be query blocks of the index (0..{n_blocks - 1}), got {blocks.tolist()}")
+    if q.device.type == "cuda":
+        from .triton_recall import block_sparse_recall_triton
+
+        return block_sparse_recall_triton(q, k, index, blocks, scale=scale, softcap=softcap,
+                                          kv_head_index=kv_head_index)
+    return block_recall_naive(q, k, index, blocks, scale=scale, softcap=softcap, kv_head_index=kv_head_index)

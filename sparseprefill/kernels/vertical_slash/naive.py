@@ -11,7 +11,7 @@ import torch
 
 from ..common import attend_gathered, compact, qk_scores
 from ..geometry import query_block_bounds, query_offset, spread_window_ends
-from ..indices import VerticalSlashIndex, VerticalSlashLines
+from ..indices import BlockSparseIndex, VerticalSlashIndex, VerticalSlashLines
 from ..mass_select import keep_by_cumulative_mass
 from ..recall import window_recall
 
@@ -266,15 +266,16 @@ def select_lines_naive(
 def block_recall_naive(
     q: torch.Tensor,
     k: torch.Tensor,
-    index: VerticalSlashIndex,
+    index: VerticalSlashIndex | BlockSparseIndex,
     blocks: torch.Tensor,
     *,
     scale: float,
     softcap: float | None,
     kv_head_index: torch.Tensor,
 ) -> torch.Tensor:
-    """Reference of ``triton_recall.block_recall_triton``: ``[B, H, nb]`` mean over each query block's
-    rows of the exact attention mass its listed keys hold (``window_recall`` on the block's rows)."""
+    """Reference of ``triton_recall.block_recall_triton`` (and of the block-sparse index's check,
+    ``block_sparse/triton_recall.py``): ``[B, H, nb]`` mean over each query block's rows of the exact
+    attention mass its listed keys hold (``window_recall`` on the block's rows)."""
     q_len = q.shape[2]
     per_block = []
     for block in blocks.tolist():

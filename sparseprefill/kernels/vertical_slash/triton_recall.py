@@ -8,6 +8,8 @@ keeps the same statistics over the listed keys only. A row's recall is then
 ``exp2(m_kept - m_all) * l_kept / l_all``. No probability matrix is materialised: the torch
 reference (``recall.window_recall``) holds ``rows x Lk`` fp32 probabilities and their prefix sums,
 tens of milliseconds per layer at 128K, where this costs about two 64-row attention passes.
+A block-sparse index's checked rows, written as one range per kept KV block, take the same kernel
+(``listed_keys_recall_triton(rows_per_check=True)``; ``block_sparse.block_sparse_block_recall``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _block_recall_kernel(
     stride_cb, stride_ch, stride_cm, stride_cn,
     num_heads, n_checked, q_len, k_len, q_offset, score_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, DENSE_N: tl.constexpr,
-    SPARSE_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    SPARSE_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROW_PER_CHECK: tl.constexpr = False,
 ):
     w = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -59,7 +61,12 @@ def _block_recall_kernel(
     # --- pass 2: the listed keys only (ranges, then columns; disjoint by the index contract)
     m_kept = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
     l_kept = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    r_wide = r.to(tl.int64)
+    # ROW_PER_CHECK: the index holds only the checked blocks, row w for Blocks[w] (a block-sparse index's
+    # checked rows as ranges); otherwise it is a whole index and the checked block is its row.
+    if ROW_PER_CHECK:
+        r_wide = w.to(tl.int64)
+    else:
+        r_wide = r.to(tl.int64)
     n_ranges = tl.load(RangeCount + b * stride_rcb + h * stride_rch + r_wide * stride_rcm)
     range_row = b * stride_rb + h * stride_rh + r_wide * stride_rm
     for i in range(0, n_ranges):
@@ -101,30 +108,51 @@ def block_recall_triton(
 ) -> torch.Tensor:
     """GPU ``vertical_slash_block_recall``: ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]``, ``index``
     ``[B, Hq, Rq, ...]``, ``blocks [nb]`` index rows -> ``[B, Hq, nb]`` fp32 mean recall per block."""
+    lists = (index.range_count, index.range_start, index.range_end, index.column_count, index.column_index)
+    return listed_keys_recall_triton(q, k, lists, blocks, index.block_size_q, rows_per_check=False, scale=scale,
+                                     softcap=softcap, kv_head_index=kv_head_index)
+
+
+def listed_keys_recall_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lists: tuple[torch.Tensor, ...],
+    blocks: torch.Tensor,
+    block_q: int,
+    *,
+    rows_per_check: bool,
+    scale: float,
+    softcap: float | None,
+    kv_head_index: torch.Tensor,
+) -> torch.Tensor:
+    """Mean recall per checked query block of the keys ``lists`` name: ``(range_count [B, Hq, R],
+    range_start / range_end [B, Hq, R, W], column_count [B, Hq, R], column_index [B, Hq, R, C])`` in the
+    ``VerticalSlashIndex`` layout, with ``R`` every query block (``rows_per_check=False``) or one row per
+    entry of ``blocks [nb]`` (``True``) -> ``[B, Hq, nb]`` fp32."""
     from .triton_attention import vertical_slash_tile_sizes
 
     b, hq, q_len, head_dim = q.shape
     k_len = k.shape[2]
-    block_q = index.block_size_q
+    range_count, range_start, range_end, column_count, column_index = lists
     _, sparse_n, _, num_warps, num_stages, block_d = vertical_slash_tile_sizes(head_dim, block_q, q.element_size())
     blocks = blocks.to(device=q.device, dtype=torch.int32).contiguous()
     out = torch.empty(b, hq, blocks.numel(), dtype=torch.float32, device=q.device)
     if blocks.numel() == 0:
         return out
     _block_recall_kernel[(blocks.numel(), b * hq)](
-        q, k, kv_head_index.to(torch.int32), blocks, index.range_count, index.range_start, index.range_end,
-        index.column_count, index.column_index, out,
+        q, k, kv_head_index.to(torch.int32), blocks, range_count, range_start, range_end, column_count,
+        column_index, out,
         *q.stride(), *k.stride(),
-        *index.range_count.stride(), *index.range_start.stride(),
-        *index.column_count.stride(), *index.column_index.stride(),
+        *range_count.stride(), *range_start.stride(),
+        *column_count.stride(), *column_index.stride(),
         hq, blocks.numel(), q_len, k_len, k_len - q_len,
         float(scale), float(softcap) if softcap is not None else 1.0,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_Q=block_q, DENSE_N=min(RECALL_KEY_TILE, sparse_n * 2),
         SPARSE_N=sparse_n, HAS_SOFTCAP=softcap is not None,
-        UPCAST=q.device.type == "cpu" or q.dtype == torch.float32,
+        UPCAST=q.device.type == "cpu" or q.dtype == torch.float32, ROW_PER_CHECK=rows_per_check,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
-__all__ = ["block_recall_triton"]
+__all__ = ["block_recall_triton", "listed_keys_recall_triton"]
