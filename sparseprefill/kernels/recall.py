@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .common import qk_scores
+from .common import check_qkv, qk_scores, resolve_kv_head_index
 from .geometry import query_offset
 from .indices import BlockSparseIndex, VerticalSlashIndex
 
@@ -117,3 +117,17 @@ def index_recall(
         for recall, part in zip(recalls, chunk):
             recall[:, :, r0:r1] = part
     return recalls
+
+
+def checked_recall_blocks(q: torch.Tensor, k: torch.Tensor, index: BlockSparseIndex | VerticalSlashIndex, blocks,
+                          kv_head_index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The arguments of a per-block recall check, validated: ``(kv_head_index, blocks)`` with ``blocks``
+    a CPU int64 tensor of query blocks of ``index`` (checked on the host, so the check never waits for
+    the device)."""
+    _, hq, q_len, hkv, _, _ = check_qkv(q, k, k)
+    kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
+    n_blocks = -(-q_len // index.block_size_q)
+    blocks = torch.as_tensor(blocks, dtype=torch.long).cpu()
+    if blocks.numel() and not (0 <= int(blocks.min()) and int(blocks.max()) < n_blocks):
+        raise ValueError(f"blocks must be query blocks of the index (0..{n_blocks - 1}), got {blocks.tolist()}")
+    return kv_head_index, blocks

@@ -30,6 +30,15 @@ CASES = [
 ]
 
 
+def _window_recall_per_block(index, q, k, blocks, kw) -> torch.Tensor:
+    """The reference: ``window_recall`` in fp32 over each checked block's rows, meaned -> ``[B, H, nb]``."""
+    block, q_len = index.block_size_q, q.shape[2]
+    return torch.stack([
+        window_recall([index], q.float(), k.float(), r * block, min(r * block + block, q_len), **kw)[0].mean(-1)
+        for r in blocks.tolist()
+    ], dim=-1)
+
+
 def _case_id(c):
     return f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}bs{c[6]}c{c[7]}v{c[8]}s{c[9]}"
 
@@ -51,11 +60,7 @@ def test_block_recall_kernel_matches_window_recall(case, dtype):
     kw = dict(scale=d**-0.5, softcap=softcap, kv_head_index=kv_head_index)
     got = block_recall_triton(q, k, index, blocks, **kw)
     assert not torch.isnan(got).any()
-    expected = torch.stack([
-        window_recall([index], q.float(), k.float(), r * block, min(r * block + block, lq), **kw)[0].mean(-1)
-        for r in blocks.tolist()
-    ], dim=-1)
-    torch.testing.assert_close(got, expected, atol=ABS_TOL[dtype], rtol=0)
+    torch.testing.assert_close(got, _window_recall_per_block(index, q, k, blocks, kw), atol=ABS_TOL[dtype], rtol=0)
     if column_share == diagonal_share == 1.0:
         torch.testing.assert_close(got, torch.ones_like(got), atol=ABS_TOL[dtype], rtol=0)
 
@@ -100,10 +105,6 @@ def test_block_sparse_recall_kernel_matches_window_recall(case, dtype):
     kw = dict(scale=d**-0.5, softcap=softcap, kv_head_index=kv_head_index)
     got = block_sparse_recall_triton(q, k, index, blocks, **kw)
     assert not torch.isnan(got).any()
-    expected = torch.stack([
-        window_recall([index], q.float(), k.float(), r * block, min(r * block + block, lq), **kw)[0].mean(-1)
-        for r in blocks.tolist()
-    ], dim=-1)
-    torch.testing.assert_close(got, expected, atol=ABS_TOL[dtype], rtol=0)
+    torch.testing.assert_close(got, _window_recall_per_block(index, q, k, blocks, kw), atol=ABS_TOL[dtype], rtol=0)
     if mass == 1.0:
         torch.testing.assert_close(got, torch.ones_like(got), atol=ABS_TOL[dtype], rtol=0)

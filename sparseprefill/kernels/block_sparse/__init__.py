@@ -18,6 +18,7 @@ from ..common import (
 from ..geometry import causal_block_layout
 from ..indices import BlockSparseIndex
 from ..mass_select import keep_by_cumulative_mass
+from ..recall import checked_recall_blocks
 from .naive import (
     antidiagonal_block_mass_naive,
     block_sparse_attention_naive,
@@ -178,12 +179,7 @@ def block_sparse_block_recall(
     """
     from ..vertical_slash.naive import block_recall_naive
 
-    _, hq, q_len, hkv, _, _ = check_qkv(q, k, k)
-    kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
-    n_blocks = -(-q_len // index.block_size_q)
-    blocks = torch.as_tensor(blocks, dtype=torch.long).cpu()
-    if blocks.numel() and not (0 <= int(blocks.min()) and int(blocks.max()) < n_blocks):
-        raise ValueError(f"blocks must be query blocks of the index (0..{n_blocks - 1}), got {blocks.tolist()}")
+    kv_head_index, blocks = checked_recall_blocks(q, k, index, blocks, kv_head_index)
     if q.device.type == "cuda":
         from .triton_recall import block_sparse_recall_triton
 

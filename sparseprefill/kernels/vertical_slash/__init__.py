@@ -15,6 +15,7 @@ from ..common import (
     resolve_kv_head_index,
 )
 from ..indices import VerticalSlashIndex, VerticalSlashLines
+from ..recall import checked_recall_blocks
 from .naive import (
     block_recall_naive,
     build_vertical_slash_index_naive,
@@ -231,12 +232,7 @@ def vertical_slash_block_recall(
         ``[B, Hq, nb]`` fp32 in [0, 1]. The GPU kernel never holds the ``rows x Lk`` probabilities; the
         reference (``block_recall_naive``: ``recall.window_recall`` per block) does.
     """
-    _, hq, q_len, hkv, _, _ = check_qkv(q, k, k)
-    kv_head_index = resolve_kv_head_index(kv_head_index, hq, hkv, q.device)
-    n_blocks = -(-q_len // index.block_size_q)
-    blocks = torch.as_tensor(blocks, dtype=torch.long).cpu()
-    if blocks.numel() and not (0 <= int(blocks.min()) and int(blocks.max()) < n_blocks):
-        raise ValueError(f"blocks must be query blocks of the index (0..{n_blocks - 1}), got {blocks.tolist()}")
+    kv_head_index, blocks = checked_recall_blocks(q, k, index, blocks, kv_head_index)
     if q.device.type == "cuda":
         from .triton_recall import block_recall_triton
 
