@@ -158,24 +158,31 @@ def test_index_conversion_triton_matches_naive(b, h, lq, lk, block, p_vertical, 
     assert torch.equal(got.computed_pairs(), expected.computed_pairs())
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(
-    k_len=st.integers(1, 160),
-    q_frac=st.floats(0.0, 1.0),
-    block=st.sampled_from([1, 3, 8, 16, 32, 64]),
-    n_vertical=st.integers(0, 40),
-    n_slash=st.integers(0, 40),
-    seed=st.integers(0, 2**16),
-)
-def test_index_conversion_triton_matches_naive_on_unsorted_lines(k_len, q_frac, block, n_vertical, n_slash, seed):
+@st.composite
+def _line_cases(draw, max_k_len: int, blocks: list[int], max_vertical: int, max_slash: int):
+    """``(q_len, k_len, block, (vertical_index, vertical_count, slash_offset, slash_count))``: random
+    unsorted line lists with garbage padding (``reference.random_lines``, 2 x 2 heads) on ``DEVICE``."""
+    k_len = draw(st.integers(1, max_k_len))
+    q_len = max(1, round(draw(st.floats(0.0, 1.0)) * k_len))
+    block = draw(st.sampled_from(blocks))
+    n_vertical, n_slash = draw(st.integers(0, max_vertical)), draw(st.integers(0, max_slash))
+    vi, vc, so, sc, _, _ = reference.random_lines(random.Random(draw(st.integers(0, 2**16))), 2, 2, k_len,
+                                                  n_vertical, n_slash)
+    return q_len, k_len, block, tuple(t.to(DEVICE) for t in (vi, vc, so, sc))
+
+
+# Index-builder properties: deterministic examples (the interpreter is slow, so no shrinking database).
+INDEX_PROPERTY = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings(max_examples=80, **INDEX_PROPERTY)
+@given(_line_cases(max_k_len=160, blocks=[1, 3, 8, 16, 32, 64], max_vertical=40, max_slash=40))
+def test_index_conversion_triton_matches_naive_on_unsorted_lines(case):
     """Unsorted offsets and garbage padding (the public contract): the launcher must sort them."""
     from sparseprefill.kernels.vertical_slash.naive import build_vertical_slash_index_naive
     from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
 
-    q_len = max(1, round(q_frac * k_len))
-    vi, vc, so, sc, _, _ = reference.random_lines(random.Random(seed), 2, 2, k_len, n_vertical, n_slash)
-    args = tuple(t.to(DEVICE) for t in (vi, vc, so, sc))
+    q_len, k_len, block, args = case
     expected = build_vertical_slash_index_naive(*args, q_len=q_len, k_len=k_len, block_size_q=block)
     got = build_vertical_slash_index_triton(*args, q_len=q_len, k_len=k_len, block_size_q=block)
     assert _canonical(got) == _canonical(expected)
@@ -230,26 +237,16 @@ def _check_pieces(pieces, whole, max_keys):
     assert torch.equal(pieces.computed_pairs(), whole.computed_pairs())
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(
-    k_len=st.integers(1, 200),
-    q_frac=st.floats(0.0, 1.0),
-    block=st.sampled_from([1, 8, 16, 64]),
-    n_vertical=st.integers(0, 20),
-    n_slash=st.integers(0, 60),
-    max_keys=st.sampled_from([1, 5, 16, 32, 64]),
-    seed=st.integers(0, 2**16),
-)
-def test_range_pieces_triton_match_naive(k_len, q_frac, block, n_vertical, n_slash, max_keys, seed):
+@settings(max_examples=60, **INDEX_PROPERTY)
+@given(_line_cases(max_k_len=200, blocks=[1, 8, 16, 64], max_vertical=20, max_slash=60),
+       st.sampled_from([1, 5, 16, 32, 64]))
+def test_range_pieces_triton_match_naive(case, max_keys):
     """The builder's range split (plan bound, then one program per index row) against
     ``split_ranges_naive`` of the naive index: same pieces in the same order, within capacity."""
     from sparseprefill.kernels.vertical_slash.naive import build_vertical_slash_index_naive, split_ranges_naive
     from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
 
-    q_len = max(1, round(q_frac * k_len))
-    vi, vc, so, sc, _, _ = reference.random_lines(random.Random(seed), 2, 2, k_len, n_vertical, n_slash)
-    args = tuple(t.to(DEVICE) for t in (vi, vc, so, sc))
+    q_len, k_len, block, args = case
     whole = build_vertical_slash_index_naive(*args, q_len=q_len, k_len=k_len, block_size_q=block)
     expected = split_ranges_naive(whole, max_keys)
     got = build_vertical_slash_index_triton(*args, q_len=q_len, k_len=k_len, block_size_q=block,
