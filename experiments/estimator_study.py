@@ -22,6 +22,15 @@ CANDIDATES = {
     "antidiag_s8_b64_m95": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(block_size=64)),
     "antidiag_s4_b64_m95": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(block_size=64, stride=4)),
     "antidiag_s8_b64_m98": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(block_size=64, mass=0.98)),
+    # Rows alternating between the two antidiagonal parities (AntidiagonalConfig.alternate).
+    "antidiag_s8_b128_m95_alt": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(alternate=True)),
+    "antidiag_s8_b128_m98_alt": SparseConfig(pattern="antidiagonal",
+                                             antidiagonal=AntidiagonalConfig(mass=0.98, alternate=True)),
+    "antidiag_s8_b128_m98": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(mass=0.98)),
+    # The sampled pairs' own softmax mass instead of the softmax of their mean logit (AntidiagonalConfig.scoring).
+    **{f"antidiag_s8_b128_m{round(100 * m)}_sampled": SparseConfig(
+        pattern="antidiagonal", antidiagonal=AntidiagonalConfig(mass=m, scoring="sampled_mass")) for m in (0.9, 0.95, 0.98)},
+    "antidiag_s8_b128_m90": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(mass=0.9)),
     "vs_m95": SparseConfig(pattern="vertical_slash"),
     "vs_m90": SparseConfig(pattern="vertical_slash", vertical_slash=VerticalSlashConfig(vertical_mass=0.9, slash_mass=0.9)),
     "pooled_b64_m95": SparseConfig(pattern="block_sparse", block_sparse=BlockSparseConfig(block_size=64)),
@@ -64,18 +73,20 @@ def main():
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--layers", type=int, nargs="*", default=None)
     ap.add_argument("--out", default=".cache/estimator_study.json")
+    ap.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES))
     args = ap.parse_args()
     torch.set_num_threads(2)
     model, tok = load_smollm2()
     ids = reference_input_ids(tok, args.length)
     t = time.time(); qk = capture(model, ids); print(f"captured {len(qk)} layers in {time.time()-t:.0f}s", flush=True)
     layers = args.layers if args.layers else list(range(len(qk)))
-    results = {name: [] for name in CANDIDATES}
+    results = {name: [] for name in args.candidates}
     for li in layers:
         q, k, scale = qk[li]
         H, L = q.shape[1], q.shape[2]
         kvh = torch.arange(H) // (H // k.shape[1])
-        for name, cfg in CANDIDATES.items():
+        for name in args.candidates:
+            cfg = CANDIDATES[name]
             pattern = build_pattern(cfg.pattern, cfg)
             index = pattern.estimate(q, k, scale=scale, softcap=None, kv_head_index=kvh)
             dense = index.to_dense_mask()[0]  # [H, L, L] bool

@@ -95,6 +95,26 @@ CANDIDATES = {
                                       antidiagonal=AntidiagonalConfig(spot_check_recall=0.9)),
     "antidiag_m98_sc90": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
                                       antidiagonal=AntidiagonalConfig(mass=0.98, spot_check_recall=0.9)),
+    # The antidiagonal estimate with its spot check as a default would run it: the cost model decides per
+    # prefill whether to run sparse (no forced min_sparse_len).
+    "antidiag_default_sc90": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(spot_check_recall=0.9)),
+    # Rows alternating between the two antidiagonal parities (AntidiagonalConfig.alternate): a copy head
+    # at an even distance is visible to the estimate.
+    "antidiag_m95_alt": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                     antidiagonal=AntidiagonalConfig(alternate=True)),
+    "antidiag_m98_alt": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                     antidiagonal=AntidiagonalConfig(mass=0.98, alternate=True)),
+    "antidiag_default_alt": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(alternate=True)),
+    "antidiag_default_m98_alt": SparseConfig(pattern="antidiagonal",
+                                             antidiagonal=AntidiagonalConfig(mass=0.98, alternate=True)),
+    # The sampled pairs' own softmax mass instead of the mean logit (AntidiagonalConfig.scoring): an
+    # estimate of the true block mass, so the mass knob means what it says.
+    "antidiag_sm90": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                  antidiagonal=AntidiagonalConfig(mass=0.9, scoring="sampled_mass")),
+    "antidiag_sm95": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                  antidiagonal=AntidiagonalConfig(scoring="sampled_mass")),
+    "antidiag_sm98": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                  antidiagonal=AntidiagonalConfig(mass=0.98, scoring="sampled_mass")),
     # Every pair computed by the sparse kernel: the sparse path's own bf16 noise against cuDNN.
     "keep_all": SparseConfig.keep_everything(),
 }

@@ -13,6 +13,7 @@ from __future__ import annotations
 from ._version import __version__
 from .config import (
     AntidiagonalConfig,
+    AntidiagonalScoring,
     AShapeConfig,
     BlockSparseConfig,
     DecodeMethod,
@@ -47,6 +48,7 @@ __all__ = [
     "AShapeConfig",
     "AlreadyPatchedError",
     "AntidiagonalConfig",
+    "AntidiagonalScoring",
     "BlockSparseConfig",
     "DecodeMethod",
     "DecodeRetrievalConfig",

@@ -22,6 +22,10 @@ import os
 import sys
 
 HOPPER = ("cuda", 90, 32)  # GPUTarget(backend, compute capability, warp size)
+# Shared memory one block may use on the H100 / H200 (227 KiB opt-in); a kernel over it compiles but
+# fails at launch ("out of resource: shared memory"), which only launches with the GPU's own options show.
+HOPPER_SHARED_BYTES = 232448
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
 GPU_DTYPE_ARGS = ("Q", "K", "V", "Out")  # pointer arguments that hold bf16 on the GPU
 
 
@@ -44,6 +48,7 @@ def _run_launches() -> None:
     import torch
 
     from sparseprefill.kernels import select_blocks
+    from sparseprefill.kernels.block_sparse.triton_antidiagonal import antidiagonal_block_mass_triton
     from sparseprefill.kernels.block_sparse.triton_attention import block_sparse_attention_triton
     from sparseprefill.kernels.block_sparse.triton_recall import block_sparse_recall_triton
     from sparseprefill.kernels.common import compact
@@ -81,6 +86,15 @@ def _run_launches() -> None:
         block_recall_triton(q, k, index, torch.tensor([0, n_blocks - 1]), **kw)
         block_sparse_recall_triton(q, k, blocks, torch.tensor([0, n_blocks - 1]), **kw)
         vertical_slash_scores_triton(q, k, last_queries=32, query_windows=4, **kw)
+        for sweeps in (1, 2):
+            antidiagonal_block_mass_triton(q, k, stride=8, block_size=128, sweeps=sweeps, **kw)
+        antidiagonal_block_mass_triton(q, k, stride=8, block_size=128, sampled=True, **kw)
+    # head_dim 256 with one reshaped row per block (stride = block = 1): the widest operand tiles the
+    # antidiagonal launcher picks (64 x 128 groups, the whole head per sampled step).
+    q, k = (torch.randn(1, h, 64, 256, generator=g) for h in (hq, hkv))
+    for sampled in (False, True):
+        antidiagonal_block_mass_triton(q, k, stride=1, block_size=1, sampled=sampled, scale=0.0625, softcap=None,
+                                       kv_head_index=kvh)
 
 
 def record(path: str) -> None:
@@ -95,7 +109,8 @@ def record(path: str) -> None:
         names = list(self.arg_names)
         launches.append(dict(module=fn.__module__, name=fn.__name__,
                              signature={n: _arg_type(a) for n, a in zip(names, args)},
-                             constexprs={n: kwargs[n] for n in names if n in kwargs}))
+                             constexprs={n: kwargs[n] for n in names if n in kwargs},
+                             options={n: kwargs[n] for n in LAUNCH_OPTIONS if n in kwargs}))
         return run(self, *args, **kwargs)
 
     interpreter.GridExecutor.__call__ = recording
@@ -126,10 +141,18 @@ def compile_all(path: str) -> int:
                 continue
             done.add(key)
             full = {n: "constexpr" if n in constexprs else signature[n] for n in kernel.arg_names}
+            options = launch.get("options", {})
             try:
-                triton.compile(ASTSource(fn=kernel, signature=full, constexprs=constexprs), target=GPUTarget(*HOPPER))
+                compiled = triton.compile(ASTSource(fn=kernel, signature=full, constexprs=constexprs),
+                                          target=GPUTarget(*HOPPER), options=options or None)
             except Exception as error:  # noqa: BLE001 - every failure is listed, then the run fails
                 failed.append(f"{launch['name']} {constexprs}: {type(error).__name__}: {str(error).splitlines()[:4]}")
+                continue
+            # Only launches that pass their GPU options are checked: the others compile with Triton's
+            # defaults here, not with what their launcher picks on the GPU.
+            if options and compiled.metadata.shared > HOPPER_SHARED_BYTES:
+                failed.append(f"{launch['name']} {constexprs} {options}: needs {compiled.metadata.shared} bytes of "
+                              f"shared memory, Hopper allows {HOPPER_SHARED_BYTES}")
     print(f"compiled {len(done) - len(failed)} of {len(done)} kernel variants for sm_90")
     for line in failed:
         print("FAILED", line)

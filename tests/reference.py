@@ -274,7 +274,8 @@ def vertical_slash_scores_reference(q, k, *, scale, last_queries, softcap=None, 
     return vertical, slash
 
 
-def antidiagonal_block_mass_reference(q, k, *, scale, stride, block_size, softcap=None, kv_head_index=None):
+def antidiagonal_block_mass_reference(q, k, *, scale, stride, block_size, softcap=None, kv_head_index=None,
+                                      alternate=False, sampled=False):
     """XAttention's strided antidiagonal scores by explicit loops (float64).
 
     Query rows are grouped ``S`` at a time from local row 0, keys from key 0 (missing rows/keys of a
@@ -283,7 +284,8 @@ def antidiagonal_block_mass_reference(q, k, *, scale, stride, block_size, softca
     its first key ``S n`` is <= the position of the group's last real query. Each group row is
     softmaxed over its visible columns; the probabilities are summed into
     ``block_size x block_size`` blocks (query blocks in local rows, key blocks in key positions)
-    and averaged over the group rows of each query block.
+    and averaged over the group rows of each query block. ``alternate``: odd group rows use
+    ``q[S m + S - 2 - i]`` instead.
     """
     b_n, hq, q_len, _ = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
@@ -302,6 +304,26 @@ def antidiagonal_block_mass_reference(q, k, *, scale, stride, block_size, softca
             # all pairwise dot products, float64, as nested lists
             gram = (q[b, h].double() @ k[b, heads[h]].double().T).tolist()
             for m in range(n_rows):
+                if sampled:
+                    # Each sampled pair (S m + S - 1 - i [- 1], S n + i) on its own: exact logit, dropped
+                    # outside the sequences or in its query's future; one softmax over the row's pairs.
+                    weights = {}
+                    for n in range(n_cols):
+                        for i in range(s_):
+                            qi = s_ * m + s_ - 1 - i - (m % 2 if alternate else 0)
+                            kj = s_ * n + i
+                            if qi < q_len and kj < k_len and kj <= query_position(qi, q_len, k_len):
+                                sc = gram[qi][kj] * scale
+                                if softcap is not None:
+                                    sc = softcap * math.tanh(sc / softcap)
+                                weights.setdefault(n, []).append(sc)
+                    if weights:
+                        mx = max(max(v) for v in weights.values())
+                        z = sum(math.exp(x - mx) for v in weights.values() for x in v)
+                        r = (m * s_) // block_size
+                        for n, v in weights.items():
+                            mass[b, h, r, (n * s_) // block_size] += sum(math.exp(x - mx) for x in v) / z
+                    continue
                 last_row = min(s_ * m + s_ - 1, q_len - 1)
                 p_last = query_position(last_row, q_len, k_len)
                 scores = []
@@ -311,7 +333,7 @@ def antidiagonal_block_mass_reference(q, k, *, scale, stride, block_size, softca
                         continue
                     total = 0.0
                     for i in range(s_):
-                        qi = s_ * m + s_ - 1 - i
+                        qi = s_ * m + s_ - 1 - i - (m % 2 if alternate else 0)
                         kj = s_ * n + i
                         if qi < q_len and kj < k_len:
                             total += gram[qi][kj]

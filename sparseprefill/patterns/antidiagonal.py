@@ -7,7 +7,7 @@ distribution needs.
 
 from __future__ import annotations
 
-from ..config import AntidiagonalConfig, PatternName
+from ..config import AntidiagonalConfig, AntidiagonalScoring, PatternName
 from ..kernels import antidiagonal_block_mass, select_blocks
 from ..kernels.indices import BlockSparseIndex
 from .base import SparsePattern
@@ -24,7 +24,8 @@ class AntidiagonalPattern(SparsePattern):
         cfg = self.config
         block_mass = antidiagonal_block_mass(
             q, k, scale=scale, stride=cfg.stride, block_size=cfg.block_size, softcap=softcap,
-            kv_head_index=kv_head_index,
+            kv_head_index=kv_head_index, alternate=cfg.alternate,
+            sampled=cfg.scoring == AntidiagonalScoring.SAMPLED_MASS,
         )
         return select_blocks(
             block_mass, q_len=q.shape[2], k_len=k.shape[2], block_size_q=cfg.block_size,

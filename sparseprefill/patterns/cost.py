@@ -100,10 +100,12 @@ PATTERN_COSTS: dict[PatternName, PatternCost] = {
     # Pooled block scores: 1.36 ms per layer at 32K on Qwen; kernel at 0.90 (dim 64) / 0.75 (dim 128)
     # of cuDNN per pair; density 0.20-0.26 (mass 0.95).
     PatternName.BLOCK_SPARSE: PatternCost(0.4, 2.1e-6, 0.0, 0.90, 0.75, 0.25),
-    # Antidiagonal scoring reads 1/S of Q K^T twice: 0.36 of dense at 128K on Llama shapes (89.5 of
-    # 247 ms), 1.77 ms per layer at 32K on Qwen; density 0.232 / 0.217 at 32K / 64K with its default mass
-    # 0.95 (H100, experiments/real_density.py; 0.15-0.20 at mass 0.90 on the H200).
-    PatternName.ANTIDIAGONAL: PatternCost(0.5, 0.0, 0.36, 0.90, 0.75, 0.22),
+    # Antidiagonal scoring computes 1/S of Q K^T once (one sweep, 64 x 128 tiles): 0.11-0.14 of dense at
+    # 32K-128K on Qwen and Llama shapes (H100, experiments/antidiagonal_tiles.py; two sweeps over 64 x 64
+    # tiles took 0.24-0.50), plus the block selection (0.02-0.14 of dense: 0.57 ms at 32K, 2.1 at 128K on
+    # Qwen); density 0.232 / 0.217 at 32K / 64K with its default mass 0.95 (H100,
+    # experiments/real_density.py; 0.15-0.20 at mass 0.90 on the H200).
+    PatternName.ANTIDIAGONAL: PatternCost(0.5, 0.0, 0.15, 0.90, 0.75, 0.22),
     # A fixed sink + window index: 0.87 ms per layer to build at 32K on Qwen; vertical-slash kernel;
     # density 0.24 at 32K with the default 4K of sink and window.
     PatternName.A_SHAPE: PatternCost(0.9, 0.0, 0.0, 0.75, 0.45, 0.25),

@@ -95,19 +95,26 @@ def test_vertical_slash_scores_find_a_planted_column_and_diagonal():
     ],
     ids=["square", "odd_len", "batch2_gqa2", "chunked_unaligned_offset", "stride8", "softcap", "short_chunk", "stride_eq_block"],
 )
-def test_antidiagonal_block_mass_matches_loop_reference(b, hkv, group, q_len, k_len, stride, block_size, softcap):
+@pytest.mark.parametrize("sampled", [False, True], ids=["mean_logit", "sampled"])
+@pytest.mark.parametrize("alternate", [False, True], ids=["fixed", "alternate"])
+def test_antidiagonal_block_mass_matches_loop_reference(b, hkv, group, q_len, k_len, stride, block_size, softcap,
+                                                        alternate, sampled):
     hq = hkv * group
     q, k, _ = ref.make_qkv(q_len * 3 + k_len, b, hq, hkv, q_len, k_len, 8, spread=2.0)
-    got = antidiagonal_block_mass(q, k, scale=0.35, stride=stride, block_size=block_size, softcap=softcap)
-    expected = ref.antidiagonal_block_mass_reference(q, k, scale=0.35, stride=stride, block_size=block_size, softcap=softcap)
+    kw = dict(scale=0.35, stride=stride, block_size=block_size, softcap=softcap, alternate=alternate, sampled=sampled)
+    got = antidiagonal_block_mass(q, k, **kw)
+    expected = ref.antidiagonal_block_mass_reference(q, k, **kw)
     assert got.shape == expected.shape and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["mean_logit", "sampled"])
+@pytest.mark.parametrize("alternate", [False, True], ids=["fixed", "alternate"])
 @pytest.mark.parametrize("q_len,k_len,stride,block_size", [(61, 61, 4, 16), (30, 67, 4, 16), (5, 40, 2, 8), (64, 64, 8, 32)])
-def test_antidiagonal_rows_sum_to_one_over_causal_blocks(q_len, k_len, stride, block_size):
+def test_antidiagonal_rows_sum_to_one_over_causal_blocks(q_len, k_len, stride, block_size, alternate, sampled):
     q, k, _ = ref.make_qkv(q_len, 2, 4, 2, q_len, k_len, 8, spread=2.0)
-    got = antidiagonal_block_mass(q, k, scale=0.35, stride=stride, block_size=block_size).double()
+    got = antidiagonal_block_mass(q, k, scale=0.35, stride=stride, block_size=block_size, alternate=alternate,
+                                  sampled=sampled).double()
     valid = causal_block_validity(q_len, k_len, block_size)
     torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:-1], dtype=torch.float64), atol=1e-5, rtol=0)
     assert torch.equal(got[..., ~valid], torch.zeros_like(got[..., ~valid])), "mass on a block no query of the row can see"
@@ -149,6 +156,51 @@ def test_antidiagonal_custom_kv_head_index():
     got = antidiagonal_block_mass(q, k, scale=0.35, stride=4, block_size=16, kv_head_index=kv_head_index)
     expected = ref.antidiagonal_block_mass_reference(q, k, scale=0.35, stride=4, block_size=16, kv_head_index=kv_head_index)
     torch.testing.assert_close(got.double(), expected, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [300, 301, 302, 303])
+def test_alternate_antidiagonals_see_a_copy_head_at_either_offset_parity(offset):
+    """A head that copies from ``offset`` keys back (query q attends key q - offset, one sharp slash).
+    XAttention's fixed antidiagonal (stride 8) only pairs queries and keys an odd distance apart: at an
+    even offset its scores do not single out the source blocks (they are not its two largest). With
+    alternating rows they are the two largest at either parity (half the rows see each slash, so the
+    contrast is about half the fixed scoring's at odd offsets)."""
+    length, block, stride = 1024, 128, 8
+    g = torch.Generator().manual_seed(0)
+    k = torch.nn.functional.normalize(torch.randn(1, 1, length, 64, generator=g), dim=-1)
+    q = torch.zeros(1, 1, length, 64)
+    q[0, 0, offset:] = 30.0 * k[0, 0, : length - offset]
+    query_block = 5
+    sources = sorted({(query_block * block - offset) // block, ((query_block + 1) * block - 1 - offset) // block})
+    kw = dict(scale=1.0, stride=stride, block_size=block)
+    fixed = antidiagonal_block_mass(q, k, **kw)[0, 0, query_block]
+    alternating = antidiagonal_block_mass(q, k, **kw, alternate=True)[0, 0, query_block]
+    assert len(sources) == 2
+    assert sorted(alternating.topk(2).indices.tolist()) == sources
+    assert (sorted(fixed.topk(2).indices.tolist()) == sources) == (offset % 2 == 1)
+
+
+def test_sampled_scoring_tracks_a_spike_the_mean_logit_dilutes():
+    """Every query attends one key per group of 8 strongly (a spike) plus a broad background: the mean
+    of 8 logits dilutes the spike 8-fold in the exponent, so XAttention's scores leave most of the mass
+    on the background blocks, while the sampled pairs' own softmax finds the spike's block, close to
+    the exact block mass."""
+    length, block, stride, d = 512, 64, 8, 64
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(1, 1, length, d, generator=g) * 0.3
+    q = torch.randn(1, 1, length, d, generator=g) * 0.3
+    spike = 70  # one key in block 1 every later query attends to
+    direction = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    k[0, 0, spike] += 8.0 * direction
+    q[0, 0, spike + 1:] += 8.0 * direction
+    kw = dict(scale=d**-0.5, stride=stride, block_size=block)
+    exact = ref.exact_block_mass(ref.dense_probs(q, k, scale=d**-0.5), length, length, block)[0, 0]
+    mean_logit = antidiagonal_block_mass(q, k, **kw)[0, 0]
+    sampled = antidiagonal_block_mass(q, k, **kw, sampled=True)[0, 0].double()
+    last = length // block - 1
+    assert float(exact[last, 1]) > 0.7  # the spike's block holds most of the true mass (0.83)
+    assert abs(float(sampled[last, 1] - exact[last, 1])) < 0.05
+    assert float(mean_logit[last, 1]) < 0.3  # 0.16: the spike diluted into the background
 
 
 def test_antidiagonal_rejects_block_size_not_multiple_of_stride():

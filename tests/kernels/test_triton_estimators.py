@@ -81,14 +81,75 @@ def _kv_map(hq, hkv, device=DEVICE):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ANTIDIAGONAL_CASES, ids=_ids)
-def test_antidiagonal_triton_matches_naive(case, dtype):
+@pytest.mark.parametrize("sampled", [False, True], ids=["mean_logit", "sampled"])
+@pytest.mark.parametrize("alternate", [False, True], ids=["fixed", "alternate"])
+def test_antidiagonal_triton_matches_naive(case, dtype, alternate, sampled):
     b, hq, hkv, lq, lk, d, stride, block, softcap = case
     q, k = _inputs(b, hq, hkv, lq, lk, d, dtype, seed=ANTIDIAGONAL_CASES.index(case))
-    kw = dict(scale=d**-0.5, stride=stride, block_size=block, softcap=softcap, kv_head_index=_kv_map(hq, hkv))
+    kw = dict(scale=d**-0.5, stride=stride, block_size=block, softcap=softcap, kv_head_index=_kv_map(hq, hkv),
+              alternate=alternate, sampled=sampled)
     ref = antidiagonal_block_mass_naive(q, k, **kw)
     out = antidiagonal_block_mass_triton(q, k, **kw)
     assert _rel_err(out, ref) < AD_TOL[dtype]
     # Blocks no query of the row can see must be exactly zero, not merely small.
+    assert torch.equal(out[ref == 0], ref[ref == 0])
+
+
+@pytest.mark.parametrize("sweeps", [1, 2])
+@pytest.mark.parametrize("tiles", [(64, 64, 4), (128, 64, 8), (64, 128, 4), (128, 128, 8), (32, 32, 4)], ids=str)
+def test_antidiagonal_tile_shapes_change_the_schedule_not_the_result(tiles, sweeps):
+    """The launch's knobs (swept by experiments/antidiagonal_tiles.py): 700 queries at stride 4 and
+    block 16 are 175 reshaped rows, several tiles of each shape, with a ragged last block."""
+    tile_rows, tile_groups, warps = tiles
+    q, k = _inputs(1, 4, 2, 700, 700, 64, torch.float16, seed=11)
+    kw = dict(scale=0.125, stride=4, block_size=16, softcap=None, kv_head_index=_kv_map(4, 2))
+    ref = antidiagonal_block_mass_naive(q, k, **kw)
+    out = antidiagonal_block_mass_triton(q, k, **kw, tile_rows=tile_rows, tile_groups=tile_groups, num_warps=warps,
+                                         sweeps=sweeps)
+    assert _rel_err(out, ref) < AD_TOL[torch.float16]
+    assert torch.equal(out[ref == 0], ref[ref == 0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ANTIDIAGONAL_CASES, ids=_ids)
+def test_antidiagonal_one_sweep_matches_naive_one_head_per_launch(case, dtype, monkeypatch):
+    """The one-sweep variant on every case (rows alternating), with its scratch cap forcing one head per
+    launch (so the launch-local scratch rows and the head offset are both exercised)."""
+    from sparseprefill.kernels.block_sparse import triton_antidiagonal as ad_triton
+
+    monkeypatch.setattr(ad_triton, "ONE_SWEEP_SCRATCH_BYTES", 1)
+    b, hq, hkv, lq, lk, d, stride, block, softcap = case
+    q, k = _inputs(b, hq, hkv, lq, lk, d, dtype, seed=ANTIDIAGONAL_CASES.index(case))
+    kw = dict(scale=d**-0.5, stride=stride, block_size=block, softcap=softcap, kv_head_index=_kv_map(hq, hkv),
+              alternate=True)
+    ref = antidiagonal_block_mass_naive(q, k, **kw)
+    out = antidiagonal_block_mass_triton(q, k, **kw, sweeps=1)
+    assert _rel_err(out, ref) < AD_TOL[dtype]
+    assert torch.equal(out[ref == 0], ref[ref == 0])
+
+
+def test_antidiagonal_sweeps_other_than_one_or_two_are_refused():
+    q, k = _inputs(1, 1, 1, 32, 32, 64, torch.float16, seed=0)
+    kw = dict(scale=0.1, stride=4, block_size=16, softcap=None, kv_head_index=_kv_map(1, 1))
+    with pytest.raises(ValueError, match="sweeps must be 1 or 2, got 3"):
+        antidiagonal_block_mass_triton(q, k, **kw, sweeps=3)
+    with pytest.raises(ValueError, match="sampled scoring runs in one sweep only"):
+        antidiagonal_block_mass_triton(q, k, **kw, sweeps=2, sampled=True)
+
+
+@pytest.mark.parametrize("tiles", [(64, 128, 4), (128, 64, 8), (32, 32, 4)], ids=str)
+def test_antidiagonal_sampled_tile_shapes_and_head_groups(tiles, monkeypatch):
+    """The sampled scoring under other tiles, one head per launch (scratch cap), a chunk (Lq < Lk) with
+    ragged ends and soft-cap."""
+    from sparseprefill.kernels.block_sparse import triton_antidiagonal as ad_triton
+
+    monkeypatch.setattr(ad_triton, "ONE_SWEEP_SCRATCH_BYTES", 1)
+    tile_rows, tile_groups, warps = tiles
+    q, k = _inputs(1, 4, 2, 301, 650, 64, torch.float16, seed=12)
+    kw = dict(scale=0.125, stride=4, block_size=16, softcap=20.0, kv_head_index=_kv_map(4, 2), sampled=True)
+    ref = antidiagonal_block_mass_naive(q, k, **kw)
+    out = antidiagonal_block_mass_triton(q, k, **kw, tile_rows=tile_rows, tile_groups=tile_groups, num_warps=warps)
+    assert _rel_err(out, ref) < AD_TOL[torch.float16]
     assert torch.equal(out[ref == 0], ref[ref == 0])
 
 
@@ -167,8 +228,12 @@ def test_antidiagonal_fuzz(shape):
     b, hq, hkv, lq, lk, d, stride, block, dtype, softcap, seed = shape
     q, k = _inputs(b, hq, hkv, lq, lk, d, dtype, seed, device="cuda")
     kw = dict(scale=d**-0.5, stride=stride, block_size=block, softcap=softcap, kv_head_index=_kv_map(hq, hkv, "cuda"))
+    kw["alternate"] = bool(seed % 2)  # the seed is random: half the cases alternate
     ref = antidiagonal_block_mass_naive(q, k, **kw)
-    assert _rel_err(antidiagonal_block_mass_triton(q, k, **kw), ref) < AD_TOL[dtype]
+    for sweeps in (1, 2):  # both schedules on every case: each may become the launch default
+        assert _rel_err(antidiagonal_block_mass_triton(q, k, **kw, sweeps=sweeps), ref) < AD_TOL[dtype], sweeps
+    sampled_ref = antidiagonal_block_mass_naive(q, k, **kw, sampled=True)
+    assert _rel_err(antidiagonal_block_mass_triton(q, k, **kw, sampled=True), sampled_ref) < AD_TOL[dtype], "sampled"
     COUNTS["antidiagonal"] += 1
 
 

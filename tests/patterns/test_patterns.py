@@ -441,3 +441,52 @@ def test_vertical_slash_range_layout_on_the_gpu(layout, head_dim, cut):
     pattern.attend(q, k, v, index, out=out, **kw)
     pattern.attend(q, k, v, whole, out=out_whole, **kw)
     torch.testing.assert_close(out, out_whole, atol=1e-5, rtol=1e-5)
+
+
+def test_antidiagonal_alternate_reaches_the_estimate_and_finds_an_even_distance_copy_head():
+    """``AntidiagonalConfig(alternate=True)`` reaches the kernel: a head copying from 300 keys back (an
+    even distance, invisible to the fixed antidiagonal at stride 8) gets its source blocks kept at a
+    mass the fixed scoring spends elsewhere."""
+    length, block = 1024, 128
+    g = torch.Generator().manual_seed(0)
+    k = torch.nn.functional.normalize(torch.randn(1, 1, length, 64, generator=g), dim=-1)
+    q = torch.zeros(1, 1, length, 64)
+    q[0, 0, 300:] = 30.0 * k[0, 0, : length - 300]
+    kvh = torch.zeros(1, dtype=torch.long)
+    query_block, sources = 5, [2, 3]
+
+    def kept(alternate: bool) -> set[int]:
+        cfg = AntidiagonalConfig(block_size=block, stride=8, mass=0.4, sink_blocks=0, alternate=alternate)
+        index = AntidiagonalPattern(cfg).estimate(q, k, scale=1.0, softcap=None, kv_head_index=kvh)
+        return set(index.block_index[0, 0, query_block, : int(index.block_count[0, 0, query_block])].tolist())
+
+    assert set(sources) <= kept(True)
+    assert not set(sources) <= kept(False)
+    with pytest.raises(TypeError, match="antidiagonal.alternate must be a bool, got int 1"):
+        AntidiagonalConfig(alternate=1)
+
+
+def test_antidiagonal_sampled_scoring_reaches_the_estimate():
+    """``AntidiagonalConfig(scoring="sampled_mass")`` reaches the kernel: on a head whose queries all
+    attend one spike key far back (0.83 of the true mass of the last query block), the sampled scoring
+    covers mass 0.5 with the spike's block and the diagonal alone, where the mean-logit scoring, which
+    sees the spike diluted to 0.16, keeps background blocks too."""
+    length, block, d = 512, 64, 64
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(1, 1, length, d, generator=g) * 0.3
+    q = torch.randn(1, 1, length, d, generator=g) * 0.3
+    direction = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    k[0, 0, 70] += 8.0 * direction
+    q[0, 0, 71:] += 8.0 * direction
+    kvh = torch.zeros(1, dtype=torch.long)
+    last = length // block - 1
+
+    def kept(scoring: str) -> int:
+        cfg = AntidiagonalConfig(block_size=block, stride=8, mass=0.5, sink_blocks=0, scoring=scoring)
+        index = AntidiagonalPattern(cfg).estimate(q, k, scale=d**-0.5, softcap=None, kv_head_index=kvh)
+        return set(index.block_index[0, 0, last, : int(index.block_count[0, 0, last])].tolist())
+
+    assert kept("sampled_mass") == {1, last}
+    assert {1, last} < kept("mean_logit")
+    with pytest.raises(ValueError, match="antidiagonal.scoring must be one of"):
+        AntidiagonalConfig(scoring="mean")

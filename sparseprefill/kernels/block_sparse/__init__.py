@@ -36,11 +36,21 @@ def antidiagonal_block_mass(
     block_size: int,
     softcap: float | None = None,
     kv_head_index: torch.Tensor | None = None,
+    alternate: bool = False,
+    sampled: bool = False,
 ) -> torch.Tensor:
     """Estimated attention mass of each ``block_size`` x ``block_size`` block.
 
     Args:
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; ``block_size`` a multiple of ``stride``.
+        alternate: odd reshaped rows take their antidiagonal one query earlier. XAttention's fixed
+            antidiagonal pairs query ``S m + S - 1 - i`` with key ``S n + i``, offsets ``S - 1 - 2 i``:
+            for an even stride only odd offsets, so a slash (a head attending ``q - c`` for a fixed
+            ``c``) with an even offset is never sampled. Shifted rows sample the even offsets.
+        sampled: score each reshaped row by the softmax mass of its sampled pairs themselves
+            (``sum_i exp(s_i)`` per key group over the row's total) instead of XAttention's softmax of
+            the mean of the ``S`` logits, which dilutes a spike on one key ``S``-fold in the exponent.
+            Same FLOPs, ``S`` exponentials per (row, group) instead of one.
 
     Returns:
         ``[B, Hq, ceil(Lq / block_size), ceil(Lk / block_size)]`` fp32; each query-block row sums to 1
@@ -54,10 +64,12 @@ def antidiagonal_block_mass(
         from .triton_antidiagonal import antidiagonal_block_mass_triton
 
         return antidiagonal_block_mass_triton(
-            q, k, scale=scale, stride=stride, block_size=block_size, softcap=softcap, kv_head_index=kv_head_index
+            q, k, scale=scale, stride=stride, block_size=block_size, softcap=softcap, kv_head_index=kv_head_index,
+            alternate=alternate, sampled=sampled,
         )
     return antidiagonal_block_mass_naive(
-        q, k, scale=scale, stride=stride, block_size=block_size, softcap=softcap, kv_head_index=kv_head_index
+        q, k, scale=scale, stride=stride, block_size=block_size, softcap=softcap, kv_head_index=kv_head_index,
+        alternate=alternate, sampled=sampled,
     )
 
 

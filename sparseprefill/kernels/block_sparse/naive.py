@@ -14,12 +14,15 @@ from ..indices import BlockSparseIndex
 # 
 # Rows and keys are grouped by ``stride`` S. Reshaped row m scores reshaped key n with the antidiagonal
 # of their S x S sub-block of Q K^T, ``sum_i q[S m + S - 1 - i] . k[S n + i]`` (1/S of the FLOPs of
-# Q K^T, yet every query and key contributes). Scores are scaled by ``scale / S`` (an average logit),
+# Q K^T, yet every query and key contributes); with ``alternate``, odd rows use
+# ``q[S m + S - 2 - i]``, the antidiagonal of the other offset parity. Scores are scaled by ``scale / S`` (an average logit),
 # masked causally at group granularity, softmaxed over each reshaped row, and summed into
 # ``block_size`` x ``block_size`` blocks.
 
 # Reshaped rows scored at once: bounds the fp32 buffer at Hq * ROW_CHUNK * (Lk / S) floats.
 ROW_CHUNK = 1024
+# The sampled scoring keeps each pair's logit: Hq * SAMPLED_ROW_CHUNK * Lk floats (117 MB at 128K, 14 heads).
+SAMPLED_ROW_CHUNK = 16
 
 
 def _strided(x: torch.Tensor, stride: int, reverse: bool) -> torch.Tensor:
@@ -43,13 +46,25 @@ def antidiagonal_block_mass_naive(
     block_size: int,
     softcap: float | None,
     kv_head_index: torch.Tensor,
+    alternate: bool = False,
+    sampled: bool = False,
 ) -> torch.Tensor:
     """Reference of ``antidiagonal_block_mass``: ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` ->
-    ``[B, Hq, ceil(Lq / block_size), ceil(Lk / block_size)]`` fp32 block mass, rows summing to 1."""
+    ``[B, Hq, ceil(Lq / block_size), ceil(Lk / block_size)]`` fp32 block mass, rows summing to 1.
+    ``alternate``: odd reshaped rows read queries ``S m + S - 2 - i`` (one earlier). ``sampled``: the
+    softmax mass of the sampled pairs themselves (``_sampled_block_mass``)."""
+    if sampled:
+        return _sampled_block_mass(q, k, scale=scale, stride=stride, block_size=block_size, softcap=softcap,
+                                   kv_head_index=kv_head_index, alternate=alternate)
     b, hq, q_len, _ = q.shape
     k_len = k.shape[2]
     offset = query_offset(q_len, k_len)
     q_groups = _strided(q, stride, reverse=True)
+    if alternate and q_groups.shape[2] > 1:
+        # One zero row in front shifts every group's queries one position earlier.
+        shifted = _strided(torch.cat([q.new_zeros(*q.shape[:2], 1, q.shape[3]), q], dim=2), stride, reverse=True)
+        odd = (torch.arange(q_groups.shape[2], device=q.device) % 2 == 1)[None, None, :, None]
+        q_groups = torch.where(odd, shifted[:, :, : q_groups.shape[2]], q_groups)
     k_groups = _strided(k, stride, reverse=False)
     n_rows, n_cols = q_groups.shape[2], k_groups.shape[2]
     per_block = block_size // stride
@@ -72,6 +87,55 @@ def antidiagonal_block_mass_naive(
         per_col_block.index_add_(-1, col_block, probs)
         mass.index_add_(2, row_block, per_col_block)
         rows_in_block.index_add_(0, row_block, torch.ones(m1 - m0, device=q.device))
+    return mass / rows_in_block[None, None, :, None]
+
+
+def _sampled_block_mass(q, k, *, scale, stride, block_size, softcap, kv_head_index, alternate) -> torch.Tensor:
+    """The antidiagonal sample's own softmax mass per block: reshaped row ``m`` holds the ``S``
+    antidiagonal pairs ``(S m + S - 1 - i [- 1 on odd rows when alternating], S n + i)`` of every key
+    group ``n``; each pair's logit is exact (scaled, soft-capped), pairs outside the sequences or in the
+    future of their query are dropped, and each row is normalised over all its pairs:
+    ``p[m, n] = sum_i exp(s[m, n, i]) / sum_{n', i} exp(s[m, n', i])``. Unlike the mean of the ``S``
+    logits, a sum of their exponentials keeps a spike on one key, so the estimate tracks the true
+    mass. A row without any valid pair (only when ``Lq + Lk < S``) contributes nothing."""
+    b, hq, q_len, d = q.shape
+    k_len = k.shape[2]
+    offset = query_offset(q_len, k_len)
+    n_rows, n_cols = -(-q_len // stride), -(-k_len // stride)
+    per_block = block_size // stride
+    n_q_blocks, n_k_blocks = -(-q_len // block_size), -(-k_len // block_size)
+    dev = q.device
+    slots = torch.arange(stride, device=dev)
+    rows = torch.arange(n_rows, device=dev)
+    # Query position of (row, slot) and key position of (group, slot); slot i pairs them.
+    q_pos = rows[:, None] * stride + (stride - 1 - slots)[None, :]
+    if alternate:
+        q_pos = q_pos - (rows % 2)[:, None]
+    k_pos = torch.arange(n_cols, device=dev)[:, None] * stride + slots[None, :]
+    q_ok, k_ok = q_pos < q_len, k_pos < k_len
+    q_rows = q.float()[:, :, q_pos.clamp(max=q_len - 1)]  # [B, Hq, rows, S, D]
+    k_rows = k.float()[:, kv_head_index][:, :, k_pos.clamp(max=k_len - 1)]  # [B, Hq, groups, S, D]
+    mass = torch.zeros(b, hq, n_q_blocks, n_k_blocks, dtype=torch.float32, device=dev)
+    rows_in_block = torch.zeros(n_q_blocks, dtype=torch.float32, device=dev)
+    col_block = torch.arange(n_cols, device=dev) // per_block
+    for m0 in range(0, n_rows, SAMPLED_ROW_CHUNK):
+        m1 = min(m0 + SAMPLED_ROW_CHUNK, n_rows)
+        logits = torch.einsum("bhmid,bhnid->bhmni", q_rows[:, :, m0:m1], k_rows) * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        ok = (q_ok[m0:m1, None, :] & k_ok[None, :, :]
+              & (k_pos[None, :, :] <= q_pos[m0:m1, None, :] + offset))  # [rows, groups, S]
+        logits = logits.masked_fill(~ok, float("-inf"))
+        top = logits.amax(dim=(3, 4), keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        weights = torch.exp(logits - top).sum(-1)  # [B, Hq, rows, groups]
+        total = weights.sum(-1, keepdim=True)
+        probs = weights / torch.where(total > 0, total, torch.ones_like(total))
+        row_block = torch.arange(m0, m1, device=dev) // per_block
+        per_col_block = torch.zeros(b, hq, m1 - m0, n_k_blocks, dtype=torch.float32, device=dev)
+        per_col_block.index_add_(-1, col_block, probs)
+        mass.index_add_(2, row_block, per_col_block)
+        rows_in_block.index_add_(0, row_block, torch.ones(m1 - m0, device=dev))
     return mass / rows_in_block[None, None, :, None]
 
 
