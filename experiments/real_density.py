@@ -94,6 +94,10 @@ CANDIDATES = {
     "antidiag_m98": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(mass=0.98)),
     "antidiag_m99": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(mass=0.99)),
     "block_m99": SparseConfig(pattern="block_sparse", block_sparse=BlockSparseConfig(mass=0.99)),
+    # The sampled pairs' own softmax mass instead of the mean logit (AntidiagonalConfig.scoring).
+    "antidiag_sm95": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(scoring="sampled_mass")),
+    "antidiag_sm98": SparseConfig(pattern="antidiagonal",
+                                  antidiagonal=AntidiagonalConfig(mass=0.98, scoring="sampled_mass")),
     "a_shape": SparseConfig(pattern="a_shape"),
     "vs_q256": SparseConfig(pattern="vertical_slash", vertical_slash=VerticalSlashConfig(last_queries=256)),
     "vs_v98_s90": SparseConfig(pattern="vertical_slash",

@@ -15,7 +15,7 @@ goes, in the order given; ``--budget-s`` stops before a part step that would sta
   different dense kernel on the same weights), then each candidate: density, NLL delta over the last
   512 positions, top-1 agreement and KL against the cuDNN logits, prefill time against both dense
   backends, the pass key at five depths (for the candidates in ``--needle-candidates``).
-* ``layers``: per-layer sensitivity: ``auto`` in one layer at a time, every other layer dense
+* ``layers``: per-layer sensitivity: ``auto`` (or ``--layer-candidate``) in one layer at a time, every other layer dense
   (``SparseConfig.dense_layers``): KL, top-1 and NLL delta, and that layer's density.
 
     python experiments/real_speed.py --parts timing e2e layers --out DIR
@@ -270,13 +270,14 @@ def layers_part(args, models, budget, out_dir):
                 log(f"layers: budget spent at {length} layer {layer}")
                 break
             others = tuple(i for i in range(n_layers) if i != layer)
-            sparseprefill.patch(model, replace(CANDIDATES["auto"], dense_layers=others))
+            sparseprefill.patch(model, replace(CANDIDATES[args.layer_candidate], dense_layers=others))
             try:
                 logits = scored_logits(model, ids, SCORED_POSITIONS)
                 density = sparseprefill.stats(model).layers[layer].density
             finally:
                 sparseprefill.unpatch(model)
-            rows.append(dict(length=length, layer=layer, density=density, **agreement(reference, logits, ids)))
+            rows.append(dict(length=length, layer=layer, candidate=args.layer_candidate, density=density,
+                             **agreement(reference, logits, ids)))
             log(f"layers {length}: layer {layer} density {density:.3f} kl {rows[-1]['kl']:.5f} top1 {rows[-1]['top1']:.4f}")
         write_rows(out_dir / "layers.csv", rows)
     return rows
@@ -319,6 +320,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timing-lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--timing-candidates", nargs="+", default=list(TIMING_CANDIDATES), choices=list(CANDIDATES))
     ap.add_argument("--layer-lengths", type=int, nargs="+", default=[32768])
+    ap.add_argument("--layer-candidate", default="auto", choices=list(CANDIDATES),
+                    help="the candidate the layers part runs sparse in one layer at a time")
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     ap.add_argument("--needle-candidates", nargs="*", default=["dense", "default", "auto"],
                     choices=["dense", *CANDIDATES])
