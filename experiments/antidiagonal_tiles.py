@@ -6,8 +6,9 @@ and key groups before stop 28, computed twice: row statistics, then block mass):
 GEMM the operand loads per output bound the rate, so wider tiles and a single sweep are what to try.
 Every variant's block mass is checked against the shipped launch's before it is timed (the knobs
 change the schedule, not the result). Also timed: the sampled scoring (``sampled=True``, S
-exponentials per output) at the shipped tiles, and the selection that follows (``select_blocks``),
-so the whole estimate is priced. Rows: ``(shape, length, op, stride, tile_rows, tile_groups, warps,
+exponentials per output) at the shipped tiles, and the selection that follows (``select_blocks``,
+the Triton threshold search, beside its sorting reference ``select_blocks_naive``), so the whole
+estimate is priced. Rows: ``(shape, length, op, stride, tile_rows, tile_groups, warps,
 sweeps, ms, vs_cudnn, max_abs_diff, gpu, commit)``. On the GPU machine:
 
     python experiments/antidiagonal_tiles.py --lengths 32768 131072 --out DIR
@@ -23,6 +24,7 @@ import torch
 from sparseprefill.bench.common import bench_ms, git_commit, gpu_name, write_csv
 from sparseprefill.config import DEFAULT_ANTIDIAGONAL_STRIDE, DEFAULT_BLOCK_MASS, DEFAULT_BLOCK_SIZE
 from sparseprefill.kernels import select_blocks
+from sparseprefill.kernels.block_sparse import select_blocks_naive
 from sparseprefill.kernels.block_sparse.triton_antidiagonal import (
     NUM_WARPS,
     SWEEPS,
@@ -45,8 +47,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    ap.add_argument("--shipped-only", action="store_true",
+                    help="only the shipped launch at the default stride (no tile sweep): the estimate's price")
     ap.add_argument("--out", default=".cache/antidiagonal_tiles")
     args = ap.parse_args(argv)
+    sweep, strides = (SWEEP[:1], STRIDES[:1]) if args.shipped_only else (SWEEP, STRIDES)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device: the sweep times compiled Triton launches")
     out = Path(args.out)
@@ -67,11 +72,11 @@ def main(argv=None) -> int:
                     q, kr, vr, is_causal=True, scale=scale))
             base = dict(shape=shape, length=length, gpu=gpu, commit=commit)
             rows.append(dict(base, op="dense_cudnn", ms=dense_ms, vs_cudnn=1.0))
-            for stride in STRIDES:
+            for stride in strides:
                 kw = dict(scale=scale, stride=stride, block_size=DEFAULT_BLOCK_SIZE, softcap=None,
                           kv_head_index=kv_head_index)
                 reference = antidiagonal_block_mass_triton(q, k, **kw)
-                for tile_rows, tile_groups, warps, sweeps in SWEEP:
+                for tile_rows, tile_groups, warps, sweeps in sweep:
                     tiles = dict(tile_rows=tile_rows, tile_groups=tile_groups, num_warps=warps, sweeps=sweeps)
                     got = antidiagonal_block_mass_triton(q, k, **kw, **tiles)
                     diff = float((got - reference).abs().max())
@@ -92,11 +97,17 @@ def main(argv=None) -> int:
                 print(f"{shape} {length} stride {stride} sampled scoring: {sampled_ms:.3f} ms "
                       f"({sampled_ms / dense_ms:.3f} of cuDNN); rows sum to "
                       f"{float(sampled_ref.sum(-1).max()):.4f} at most", flush=True)
-                select_ms = bench_ms(lambda: select_blocks(
-                    reference, q_len=length, k_len=length, block_size_q=DEFAULT_BLOCK_SIZE,
-                    block_size_k=DEFAULT_BLOCK_SIZE, mass=DEFAULT_BLOCK_MASS))
-                rows.append(dict(base, op="select_blocks", stride=stride, ms=select_ms, vs_cudnn=select_ms / dense_ms))
-                print(f"{shape} {length} stride {stride} select_blocks: {select_ms:.3f} ms", flush=True)
+                # The shipped selection (the Triton threshold search) and its sorting reference.
+                grid = dict(q_len=length, k_len=length, block_size_q=DEFAULT_BLOCK_SIZE,
+                            block_size_k=DEFAULT_BLOCK_SIZE, mass=DEFAULT_BLOCK_MASS)
+                fast, sorting = select_blocks(reference, **grid), select_blocks_naive(reference, **grid)
+                same = (fast.block_count == sorting.block_count).float().mean()
+                print(f"{shape} {length} stride {stride} selection: {float(same):.6f} of the rows keep as many "
+                      f"blocks as the sorting reference", flush=True)
+                for op, select in (("select_blocks", select_blocks), ("select_blocks_sorting", select_blocks_naive)):
+                    select_ms = bench_ms(lambda: select(reference, **grid))
+                    rows.append(dict(base, op=op, stride=stride, ms=select_ms, vs_cudnn=select_ms / dense_ms))
+                    print(f"{shape} {length} stride {stride} {op}: {select_ms:.3f} ms", flush=True)
             write_csv(out / "antidiagonal_tiles.csv",
                       ["shape", "length", "op", "stride", "tile_rows", "tile_groups", "warps", "sweeps", "ms", "vs_cudnn",
                        "max_abs_diff", "gpu", "commit"], rows)

@@ -115,6 +115,20 @@ CANDIDATES = {
                                   antidiagonal=AntidiagonalConfig(scoring="sampled_mass")),
     "antidiag_sm98": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
                                   antidiagonal=AntidiagonalConfig(mass=0.98, scoring="sampled_mass")),
+    # The sampled scoring over both antidiagonal parities, and at stride 4 (twice the sampled pairs).
+    "antidiag_sm95_alt": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                      antidiagonal=AntidiagonalConfig(scoring="sampled_mass", alternate=True)),
+    "antidiag_sm98_alt": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                      antidiagonal=AntidiagonalConfig(mass=0.98, scoring="sampled_mass", alternate=True)),
+    "antidiag_s4_sm95": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                     antidiagonal=AntidiagonalConfig(stride=4, scoring="sampled_mass")),
+    # The sampled scoring at mass 0.98 with the exact spot check of 8 query blocks (heads below 0.9 recall
+    # there run dense).
+    "antidiag_sm98_sc90": SparseConfig(pattern="antidiagonal", min_sparse_len=0, antidiagonal=AntidiagonalConfig(
+        mass=0.98, scoring="sampled_mass", spot_check_recall=0.9)),
+    # The sampled scoring at mass 0.98 as a default would run it: the cost model decides per prefill.
+    "antidiag_default_sm98": SparseConfig(pattern="antidiagonal",
+                                          antidiagonal=AntidiagonalConfig(mass=0.98, scoring="sampled_mass")),
     # Every pair computed by the sparse kernel: the sparse path's own bf16 noise against cuDNN.
     "keep_all": SparseConfig.keep_everything(),
 }

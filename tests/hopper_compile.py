@@ -60,6 +60,7 @@ def _run_launches() -> None:
     from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton
     from sparseprefill.kernels.vertical_slash.triton_recall import block_recall_triton
     from sparseprefill.kernels.vertical_slash.triton_select import select_line_kinds_triton
+    from sparseprefill.kernels.block_sparse.triton_select import select_blocks_triton
 
     g = torch.Generator().manual_seed(0)
     hq, hkv, length = 4, 2, 200
@@ -75,6 +76,11 @@ def _run_launches() -> None:
                            block_size_q=64, block_size_k=64, mass=0.5)
     select_line_kinds_triton(torch.rand(2, 1, hq, length, generator=g), torch.zeros(2, 1, 1, length, dtype=torch.bool),
                              [0.9, 0.9], [None, 10], 1.0)
+    # The block selection on a short row (4 warps) and on a row past SMALL_ROW_BLOCKS (8 warps).
+    select_blocks_triton(torch.rand(1, hq, n_blocks, n_blocks, generator=g), q_len=length, k_len=length,
+                         block_size_q=64, block_size_k=64, mass=0.9, sink_blocks=1)
+    select_blocks_triton(torch.rand(1, 1, 1, 2048, generator=g), q_len=16, k_len=2048 * 16, block_size_q=16,
+                         block_size_k=16, mass=0.9, sink_blocks=1)
     # head_dim 64 with and without window and soft-cap; 128 (other tile sizes and stages) plain.
     for head_dim, window, softcap in ((64, None, None), (64, 50, 30.0), (128, None, None)):
         q, k, v = (torch.randn(1, h, length, head_dim, generator=g) for h in (hq, hkv, hkv))

@@ -11,21 +11,24 @@ import torch
 
 from ..common import (
     check_qkv,
-    compact,
     prepare_sparse_attention,
     resolve_kv_head_index,
 )
-from ..geometry import causal_block_layout
 from ..indices import BlockSparseIndex
-from ..mass_select import keep_by_cumulative_mass
+from ..mass_select import KEEP_ALL_MASS
 from ..recall import checked_recall_blocks
 from .naive import (
     antidiagonal_block_mass_naive,
     block_sparse_attention_naive,
     pooled_block_probs_naive,
+    select_blocks_naive,
 )
 
-__all__ = ["block_sparse_block_recall", "antidiagonal_block_mass", "antidiagonal_block_mass_naive", "pooled_block_probs", "pooled_block_probs_naive", "select_blocks", "block_sparse_attention", "block_sparse_attention_naive"]
+# Rows wider than this many key blocks (2M keys at 128-key blocks) take the sorting reference: the
+# Triton selection holds a whole row in registers.
+MAX_TRITON_KEY_BLOCKS = 16384
+
+__all__ = ["block_sparse_block_recall", "antidiagonal_block_mass", "antidiagonal_block_mass_naive", "pooled_block_probs", "pooled_block_probs_naive", "select_blocks", "select_blocks_naive", "block_sparse_attention", "block_sparse_attention_naive"]
 
 def antidiagonal_block_mass(
     q: torch.Tensor,
@@ -153,17 +156,25 @@ def select_blocks(
     sink_blocks: int = 1,
 ) -> BlockSparseIndex:
     """Scores ``[B, H, Rq, Rk]`` (non-negative, e.g. softmaxed block mass) -> ``BlockSparseIndex``
-    keeping, per query-block row, sink + diagonal blocks and the best others up to ``mass``."""
-    valid, forced = causal_block_layout(q_len, k_len, block_size_q, block_size_k, sink_blocks, block_scores.device)
-    if block_scores.shape[-2:] != valid.shape:
-        raise ValueError(f"block_scores {tuple(block_scores.shape)} do not match block grid {tuple(valid.shape)}")
-    valid = valid.expand_as(block_scores)
-    keep = keep_by_cumulative_mass(block_scores, valid, forced.expand_as(block_scores), mass, top_k=top_k)
-    count, index = compact(keep)
-    return BlockSparseIndex(
-        block_count=count, block_index=index, block_size_q=block_size_q, block_size_k=block_size_k,
-        q_len=q_len, k_len=k_len,
-    )
+    keeping, per query-block row, sink + diagonal blocks and the best others up to ``mass`` (or the
+    ``top_k`` best others).
+
+    On CUDA the mass rule runs as one Triton launch without a sort (``triton_select.py``), whose lists
+    are padded to the full ``Rk`` so the host never reads a count; ``top_k``, a keep-all ``mass`` and
+    other devices take the sorting reference (``select_blocks_naive``), whose lists are padded to the
+    longest row.
+    """
+    expected = (-(-q_len // block_size_q), -(-k_len // block_size_k))
+    if block_scores.dim() != 4 or tuple(block_scores.shape[-2:]) != expected:
+        raise ValueError(f"block_scores {tuple(block_scores.shape)} do not match block grid {expected}")
+    if block_scores.device.type == "cuda" and top_k is None and mass < KEEP_ALL_MASS \
+            and expected[1] <= MAX_TRITON_KEY_BLOCKS:
+        from .triton_select import select_blocks_triton
+
+        return select_blocks_triton(block_scores, q_len=q_len, k_len=k_len, block_size_q=block_size_q,
+                                    block_size_k=block_size_k, mass=mass, sink_blocks=sink_blocks)
+    return select_blocks_naive(block_scores, q_len=q_len, k_len=k_len, block_size_q=block_size_q,
+                               block_size_k=block_size_k, mass=mass, top_k=top_k, sink_blocks=sink_blocks)
 
 
 def block_sparse_block_recall(

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from ..common import attend_gathered, qk_scores
+from ..common import attend_gathered, compact, qk_scores
 from ..geometry import causal_block_layout, query_offset
 from ..indices import BlockSparseIndex
+from ..mass_select import keep_by_cumulative_mass
 
 # XAttention's strided antidiagonal block scoring.
 # 
@@ -211,3 +212,20 @@ def block_sparse_attention_naive(
         )
         out[:, :, row0:row1] = block_out.to(out.dtype)
     return out
+
+
+def select_blocks_naive(
+    block_scores: torch.Tensor, *, q_len: int, k_len: int, block_size_q: int, block_size_k: int, mass: float,
+    top_k: int | None = None, sink_blocks: int = 1,
+) -> BlockSparseIndex:
+    """``select_blocks`` by sorting (``keep_by_cumulative_mass``), lists padded to the longest row."""
+    valid, forced = causal_block_layout(q_len, k_len, block_size_q, block_size_k, sink_blocks, block_scores.device)
+    if block_scores.shape[-2:] != valid.shape:
+        raise ValueError(f"block_scores {tuple(block_scores.shape)} do not match block grid {tuple(valid.shape)}")
+    valid = valid.expand_as(block_scores)
+    keep = keep_by_cumulative_mass(block_scores, valid, forced.expand_as(block_scores), mass, top_k=top_k)
+    count, index = compact(keep)
+    return BlockSparseIndex(
+        block_count=count, block_index=index, block_size_q=block_size_q, block_size_k=block_size_k,
+        q_len=q_len, k_len=k_len,
+    )
