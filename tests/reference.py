@@ -561,6 +561,16 @@ FUZZ_EXAMPLES = int(os.environ.get("SPARSEPREFILL_FUZZ_EXAMPLES", "1000"))
 FUZZ_SHARD = os.environ.get("SPARSEPREFILL_FUZZ_SHARD")
 
 
+# A fuzz prints its running count this often (with ``-s``): a run cut by a timeout still shows how many
+# cases passed (hypothesis runs every case inside one test, whose result prints only at the end).
+FUZZ_PROGRESS_EVERY = 25
+
+
+def fuzz_progress(name: str, passed: int) -> None:
+    if passed % FUZZ_PROGRESS_EVERY == 0:
+        print(f"{name} fuzz: {passed} cases passed", flush=True)
+
+
 def gpu_fuzz(test):
     """``FUZZ_EXAMPLES`` deterministic cases per test; ``SPARSEPREFILL_FUZZ_SHARD=n`` draws stream ``n``."""
     from hypothesis import HealthCheck, seed, settings

@@ -147,6 +147,7 @@ def test_triton_select_fuzz(case):
     q_len, k_len, bq, bk, _, sink, mass, kind, _ = case
     _check_equal(_scores(case), q_len, k_len, bq, bk, mass, sink, exact=kind == "exact")
     FUZZ_CASES[0] += 1
+    reference.fuzz_progress("block selection", FUZZ_CASES[0])
 
 
 @pytest.mark.gpu

@@ -235,6 +235,7 @@ def test_antidiagonal_fuzz(shape):
     sampled_ref = antidiagonal_block_mass_naive(q, k, **kw, sampled=True)
     assert _rel_err(antidiagonal_block_mass_triton(q, k, **kw, sampled=True), sampled_ref) < AD_TOL[dtype], "sampled"
     COUNTS["antidiagonal"] += 1
+    reference.fuzz_progress("antidiagonal", COUNTS["antidiagonal"])
 
 
 @pytest.mark.gpu
