@@ -12,6 +12,7 @@ from ..kernels import antidiagonal_block_mass, select_blocks
 from ..kernels.indices import BlockSparseIndex
 from .base import SparsePattern
 from .block_sparse import misjudged_heads
+from .cost import SAMPLED_SCORING_COST_FACTOR
 
 
 class AntidiagonalPattern(SparsePattern):
@@ -19,6 +20,8 @@ class AntidiagonalPattern(SparsePattern):
 
     def __init__(self, config: AntidiagonalConfig):
         self.config = config
+        if config.scoring == AntidiagonalScoring.SAMPLED_MASS:
+            self.estimate_cost_factor = SAMPLED_SCORING_COST_FACTOR
 
     def estimate(self, q, k, *, scale, softcap, kv_head_index) -> BlockSparseIndex:
         cfg = self.config

@@ -44,6 +44,9 @@ class SparsePattern(abc.ABC):
     name: ClassVar[PatternName]
     # Query windows whose scores the estimate averages (the cost model prices each one past the first).
     query_windows: int = 1
+    # The estimate's part that grows like dense attention, relative to the pattern's measured one
+    # (``cost.PatternCost.estimate_dense_fraction``): an option that changes the estimate's work says so.
+    estimate_cost_factor: float = 1.0
 
     @abc.abstractmethod
     def estimate(

@@ -38,6 +38,7 @@ __all__ = [
     "DENSE_FLOPS_PER_MS_LARGE_HEAD",
     "DENSE_FLOPS_PER_MS_SMALL_HEAD",
     "MIN_PREDICTED_SPEEDUP",
+    "SAMPLED_SCORING_COST_FACTOR",
     "PatternCost",
     "PATTERN_COSTS",
     "dense_attention_ms",
@@ -57,6 +58,11 @@ DENSE_FLOPS_PER_MS_LARGE_HEAD = 5.5e11
 MIN_PREDICTED_SPEEDUP = 1.25
 # Head dims up to this use the small-head kernel efficiencies (64-row programs fit more warps).
 SMALL_HEAD_DIM = 64
+# The antidiagonal estimate's sampled scoring (S exponentials per output, a GEMM per antidiagonal slot)
+# against the mean-logit scoring, same tiles: 0.352-0.365 / 0.107-0.111 of dense on Qwen shapes (d 64),
+# 0.243-0.246 / 0.118-0.121 on Llama shapes (d 128), H200, experiments/antidiagonal_tiles.py. The
+# larger ratio, so that the cost model never prices the sampled scoring below what it costs.
+SAMPLED_SCORING_COST_FACTOR = 3.3
 
 
 @dataclass(frozen=True)
@@ -101,11 +107,13 @@ PATTERN_COSTS: dict[PatternName, PatternCost] = {
     # of cuDNN per pair; density 0.20-0.26 (mass 0.95).
     PatternName.BLOCK_SPARSE: PatternCost(0.4, 2.1e-6, 0.0, 0.90, 0.75, 0.25),
     # Antidiagonal scoring computes 1/S of Q K^T once (one sweep, 64 x 128 tiles): 0.11-0.14 of dense at
-    # 32K-128K on Qwen and Llama shapes (H100, experiments/antidiagonal_tiles.py; two sweeps over 64 x 64
-    # tiles took 0.24-0.50), plus the block selection (0.02-0.14 of dense: 0.57 ms at 32K, 2.1 at 128K on
-    # Qwen); density 0.232 / 0.217 at 32K / 64K with its default mass 0.95 (H100,
-    # experiments/real_density.py; 0.15-0.20 at mass 0.90 on the H200).
-    PatternName.ANTIDIAGONAL: PatternCost(0.5, 0.0, 0.15, 0.90, 0.75, 0.22),
+    # 32K-128K on Qwen and Llama shapes (H100; 0.107-0.121 on the H200; experiments/antidiagonal_tiles.py;
+    # two sweeps over 64 x 64 tiles took 0.24-0.50), plus the block selection, which without a sort is
+    # under 0.01 of dense (H200: 0.036 / 0.233 ms at 32K / 128K on Qwen shapes, 0.077 / 0.520 on Llama;
+    # the sort took 0.53-3.9 ms, 0.02-0.14 of dense); density 0.232 / 0.217 at 32K / 64K with its
+    # default mass 0.95 (H100, experiments/real_density.py; 0.15-0.20 at mass 0.90 on the H200). The
+    # sampled scoring (AntidiagonalConfig.scoring) costs more: SAMPLED_SCORING_COST_FACTOR.
+    PatternName.ANTIDIAGONAL: PatternCost(0.5, 0.0, 0.13, 0.90, 0.75, 0.22),
     # A fixed sink + window index: 0.87 ms per layer to build at 32K on Qwen; vertical-slash kernel;
     # density 0.24 at 32K with the default 4K of sink and window.
     PatternName.A_SHAPE: PatternCost(0.9, 0.0, 0.0, 0.75, 0.45, 0.25),
@@ -119,10 +127,11 @@ def dense_attention_ms(q_len: int, k_len: int, heads: int, head_dim: int) -> flo
 
 
 def sparse_attention_ms(pattern: PatternName, q_len: int, k_len: int, heads: int, head_dim: int,
-                        query_windows: int = 1) -> float:
+                        query_windows: int = 1, estimate_cost_factor: float = 1.0) -> float:
     """Predicted estimate + sparse attention time; the dense time for the dense pattern (such heads
     run dense either way, so they weigh the same on both sides of the comparison). ``query_windows``:
-    the vertical-slash estimate's scoring windows (each past the first adds its cost and density)."""
+    the vertical-slash estimate's scoring windows (each past the first adds its cost and density);
+    ``estimate_cost_factor``: scales the estimate's dense-like part (``SparsePattern.estimate_cost_factor``)."""
     dense = dense_attention_ms(q_len, k_len, heads, head_dim)
     cost = PATTERN_COSTS.get(PatternName(pattern))
     if cost is None:  # the dense pattern
@@ -131,7 +140,7 @@ def sparse_attention_ms(pattern: PatternName, q_len: int, k_len: int, heads: int
     extra_windows = max(query_windows, 1) - 1
     estimate = (cost.estimate_fixed_ms
                 + (cost.estimate_ms_per_head_key + extra_windows * cost.extra_window_ms_per_head_key) * heads * k_len
-                + cost.estimate_dense_fraction * dense)
+                + cost.estimate_dense_fraction * estimate_cost_factor * dense)
     density = min(cost.typical_density + extra_windows * cost.extra_window_density, 1.0)
     return estimate + density * dense / efficiency
 
@@ -162,7 +171,7 @@ def dense_break_even(pattern: PatternName | str, head_dim: int) -> float | None:
 
 def predicted_speedup(groups: Sequence[tuple], q_len: int, k_len: int, device_type: str) -> float:
     """Predicted dense time / sparse time of one prefill: ``groups`` lists (pattern, query heads,
-    head_dim[, query_windows]) of every head group, over all layers, that would run sparse. 0 on devices
+    head_dim[, query_windows[, estimate_cost_factor]]) of every head group, over all layers, that would run sparse. 0 on devices
     without a cost model (the CPU) and when no group would run sparse."""
     if device_type != "cuda" or not groups:
         return 0.0

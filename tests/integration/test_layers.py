@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[2] / PACKAGE
 LAYERS = {
     "kernels": 0,
     "config": 1,
+    "decode_config": 1,  # config's decode options and shared validators, re-exported by config
+    "_checks": 1,
     "patterns": 2,
     "profiles": 3,
     "patchers": 4,

@@ -253,10 +253,14 @@ def test_pooled_fuzz(shape):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_estimator_fuzz_ran_the_requested_number_of_cases():
+def test_estimator_fuzz_ran_the_requested_number_of_cases(request):
     # Runs after the fuzz tests (file order); Hypothesis may stop early if it exhausts distinct examples.
-    print(f"\nestimator fuzz cases run: {COUNTS}")
-    assert all(count >= min(EXAMPLES, 500) for count in COUNTS.values()), COUNTS
+    # Only the fuzzes selected in this session (``-k``) are held to the count; a selected one that ran
+    # no case fails.
+    selected = {name for name in COUNTS if any(item.name == f"test_{name}_fuzz" for item in request.session.items)}
+    print(f"\nestimator fuzz cases run: {COUNTS} (selected: {sorted(selected)})")
+    assert selected, "no estimator fuzz was selected"
+    assert all(COUNTS[name] >= min(EXAMPLES, 500) for name in selected), COUNTS
 
 
 # ------------------------------------------------------------------------------------------------

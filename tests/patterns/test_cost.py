@@ -18,8 +18,8 @@ QWEN = {"heads": 14, "head_dim": 64, "layers": 24}
 LLAMA_8B = {"heads": 32, "head_dim": 128, "layers": 32}
 
 
-def _speedup(shape, length, pattern=PatternName.AUTO, device="cuda", windows=1):
-    groups = [(pattern, shape["heads"], shape["head_dim"], windows)] * shape["layers"]
+def _speedup(shape, length, pattern=PatternName.AUTO, device="cuda", windows=1, estimate_factor=1.0):
+    groups = [(pattern, shape["heads"], shape["head_dim"], windows, estimate_factor)] * shape["layers"]
     return cost.predicted_speedup(groups, length, length, device)
 
 
@@ -60,6 +60,25 @@ def test_four_query_windows_move_the_crossover_past_64k():
     sparseprefill.patch(model, SparseConfig())
     try:
         assert all(group.pattern.query_windows == 4 for plan in _state(model).plans.values() for group in plan.groups)
+    finally:
+        sparseprefill.unpatch(model)
+
+
+def test_sampled_antidiagonal_scoring_is_priced_at_its_measured_cost():
+    # H200, Qwen shapes: the mean-logit estimate 0.107-0.111 of dense, the sampled one 0.352-0.365
+    # (experiments/antidiagonal_tiles.py); the model charges the larger share, so it predicts less.
+    antidiagonal = cost.PATTERN_COSTS[PatternName.ANTIDIAGONAL]
+    assert antidiagonal.estimate_dense_fraction * cost.SAMPLED_SCORING_COST_FACTOR >= 0.365
+    for length in (32768, 131072):
+        mean_logit = _speedup(QWEN, length, PatternName.ANTIDIAGONAL)
+        sampled = _speedup(QWEN, length, PatternName.ANTIDIAGONAL, estimate_factor=cost.SAMPLED_SCORING_COST_FACTOR)
+        assert sampled < mean_logit, length
+    # The patch prices each group with its own pattern's estimate factor.
+    model = tiny_model("llama")
+    sparseprefill.patch(model, SparseConfig(pattern="antidiagonal", antidiagonal={"scoring": "sampled_mass"}))
+    try:
+        factors = {group.pattern.estimate_cost_factor for plan in _state(model).plans.values() for group in plan.groups}
+        assert factors == {cost.SAMPLED_SCORING_COST_FACTOR}
     finally:
         sparseprefill.unpatch(model)
 
