@@ -12,7 +12,9 @@ earlier positions instead.
 Writes, per run: ``positions.csv`` (each scored position: KL, tokens, the lowest and the mean recall over
 layers and heads, the lowest-recall heads),
 ``heads.csv`` (per layer and head: density, mean and 5th-percentile recall over the scored rows and the
-mean over the ``--worst`` positions) and ``recall.png`` (per candidate, a layer x head map of the mean
+mean over the ``--worst`` positions), ``missed.csv`` (at each of the ``--worst`` positions, for its lowest-recall
+heads: where the mass their blocks missed lies, by key distance, on the 8 heaviest missed keys, and on
+the head's top 1% vertical columns from the last 64 queries) and ``recall.png`` (per candidate, a layer x head map of the mean
 recall at the worst positions, beside the KL of every position against the mass lost there).
 
     python experiments/drift_positions.py --lengths 65536 --candidates antidiag_m95 antidiag_sm95 --out DIR  # GPU
@@ -34,7 +36,8 @@ from sparseprefill.evals import offline_models
 from sparseprefill.evals.logits import reference_input_ids
 from sparseprefill.kernels.common import default_kv_head_index
 from sparseprefill.kernels.geometry import causal_pairs_total
-from sparseprefill.kernels.recall import window_recall
+from sparseprefill.kernels.indices import BlockSparseIndex
+from sparseprefill.kernels.recall import exact_probs, window_recall
 from sparseprefill.patchers import inspect_prefill
 
 from real_speed import CANDIDATES  # noqa: E402  (the sibling script: one set of named configurations)
@@ -42,6 +45,43 @@ from real_speed import CANDIDATES  # noqa: E402  (the sibling script: one set of
 # Heads listed per position in positions.csv, lowest recall first.
 LISTED_HEADS = 6
 CONTEXT_TOKENS = 12
+# What the mass a block selection missed looks like (missed.csv), per head and scored row: its share at
+# each key distance (tokens before the query), on the row's 8 heaviest missed keys, and on the head's
+# vertical columns (the top 1% of keys by mean exact probability over the last 64 queries: what a
+# vertical-slash estimate would keep whatever the blocks).
+DISTANCE_EDGES = (1024, 8192, 32768)
+TOP_MISSED_KEYS = 8
+VERTICAL_QUERIES = 64
+VERTICAL_SHARE = 0.01
+MISSED_FIELDS = ("missed", "near_1k", "1k_8k", "8k_32k", "beyond_32k", "top8_keys", "on_verticals")
+
+
+def missed_mass_shape(index, q, k, rows: int, *, scale, softcap, kv_head_index) -> torch.Tensor:
+    """``[H, rows, len(MISSED_FIELDS)]`` for the last ``rows`` query rows of a block-sparse selection."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    r0 = q_len - rows
+    probs = exact_probs(q, k, r0, q_len, scale=scale, softcap=softcap, kv_head_index=kv_head_index)[0]  # [H, P, Lk]
+    heads = probs.shape[0]
+    query_blocks = torch.arange(r0, q_len, device=q.device) // index.block_size_q
+    kept_blocks = torch.zeros(heads, rows, index.num_kv_blocks + 1, dtype=torch.bool, device=q.device)
+    ids = torch.where(index.slot_valid()[0][:, query_blocks], index.block_index[0][:, query_blocks].long(),
+                      index.num_kv_blocks)  # padding slots land in a spare column
+    kept_blocks.scatter_(-1, ids, True)
+    kept = kept_blocks[..., :-1].repeat_interleave(index.block_size_k, -1)[..., :k_len]
+    lost = torch.where(kept, 0.0, probs)
+    total_lost = lost.sum(-1)
+    denominator = total_lost.clamp_min(1e-30)
+    query_pos = torch.arange(r0, q_len, device=q.device) + (k_len - q_len)
+    distance = query_pos[:, None] - torch.arange(k_len, device=q.device)[None, :]  # [P, Lk]
+    edges = (0, *DISTANCE_EDGES, k_len + 1)
+    by_distance = [torch.where((distance >= lo) & (distance < hi), lost, 0.0).sum(-1) / denominator
+                   for lo, hi in zip(edges[:-1], edges[1:])]
+    top = lost.topk(min(TOP_MISSED_KEYS, k_len), dim=-1).values.sum(-1) / denominator
+    column_mass = probs[:, -VERTICAL_QUERIES:].mean(1)  # [H, Lk]
+    n_columns = max(1, int(VERTICAL_SHARE * k_len))
+    columns = column_mass.topk(n_columns, dim=-1).indices
+    on_columns = torch.gather(lost, -1, columns[:, None, :].expand(-1, rows, -1)).sum(-1) / denominator
+    return torch.stack([total_lost, *by_distance, top, on_columns], -1)
 
 
 class RowRecall:
@@ -51,12 +91,14 @@ class RowRecall:
         self.rows = rows
         self.recall: dict[int, torch.Tensor] = {}
         self.density: dict[int, torch.Tensor] = {}
+        self.missed: dict[int, torch.Tensor] = {}  # [H, P, len(MISSED_FIELDS)]
 
     def __call__(self, layer, q, k, v, out, selections, *, scale, softcap) -> None:
         hq, q_len, k_len = q.shape[1], q.shape[2], k.shape[2]
         kv_of_head = default_kv_head_index(hq, k.shape[1], q.device)
         recall = torch.ones(hq, self.rows)
         density = torch.ones(hq)
+        missed = torch.full((hq, self.rows, len(MISSED_FIELDS)), float("nan"))
         for heads, index in selections:
             if index is None:
                 continue
@@ -65,8 +107,12 @@ class RowRecall:
                                     softcap=softcap, kv_head_index=kv_of_head[head_ids])
             recall[list(heads)] = rows[0].float().cpu()
             density[list(heads)] = (index.computed_pairs()[0].float() / causal_pairs_total(q_len, k_len)).cpu()
+            if isinstance(index, BlockSparseIndex):
+                missed[list(heads)] = missed_mass_shape(index, q[:, head_ids], k, self.rows, scale=scale, softcap=softcap,
+                                                        kv_head_index=kv_of_head[head_ids]).cpu()
         self.recall[layer] = recall
         self.density[layer] = density
+        self.missed[layer] = missed
 
 
 def position_kl(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -116,7 +162,17 @@ def study(model, tok, ids, reference, length: int, name: str, args, gpu: str):
     log(f"{length} {name}: top-1 {top1:.4f}, KL mean {float(kl.mean()):.4f} max {float(kl.max()):.3f}; worst positions "
         + ", ".join(f"{length - positions - 1 + int(j)} (KL {float(kl[j]):.2f}, min recall {float(recall[:, :, j].min()):.3f})"
                     for j in worst[:4]))
-    return position_rows, head_rows, dict(kl=kl, recall=recall, worst=worst, name=name, length=length)
+    missed = torch.stack([probe.missed[layer][:, :-1] for layer in layers])  # [layers, H, P, fields]
+    missed_rows = []
+    for j in worst.tolist():
+        flat = recall[:, :, j].flatten()
+        for i in flat.argsort()[:LISTED_HEADS].tolist():
+            layer, head = divmod(i, recall.shape[1])
+            missed_rows.append(dict(length=length, candidate=name, position=length - positions - 1 + j, kl=float(kl[j]),
+                                    layer=layers[layer], head=head, recall=float(flat[i]),
+                                    **{field: float(v) for field, v in zip(MISSED_FIELDS, missed[layer, head, j])},
+                                    gpu=gpu, commit=args.commit))
+    return position_rows, head_rows, missed_rows, dict(kl=kl, recall=recall, worst=worst, name=name, length=length)
 
 
 def plot(panels, path: Path) -> Path:
@@ -157,18 +213,21 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     models = load_qwen_models(args.lengths, device=args.device, dtype=args.dtype, gguf=args.gguf, metadata=args.metadata)
-    position_rows, head_rows, panels = [], [], []
+    position_rows, head_rows, missed_rows, panels = [], [], [], []
     for length in args.lengths:
         model, tok = models[length > offline_models.QWEN_NATIVE_CONTEXT]
         ids = reference_input_ids(tok, length).to(args.device)
         reference = scored_logits(model, ids, args.positions)[:, :-1]
         for name in args.candidates:
-            positions, heads, panel = study(model, tok, ids, reference, length, name, args, gpu)
+            positions, heads, missed, panel = study(model, tok, ids, reference, length, name, args, gpu)
             position_rows += positions
             head_rows += heads
+            missed_rows += missed
             panels.append(panel)
             write_csv(out_dir / "positions.csv", list(position_rows[0]), position_rows)
             write_csv(out_dir / "heads.csv", list(head_rows[0]), head_rows)
+            if missed_rows:
+                write_csv(out_dir / "missed.csv", list(missed_rows[0]), missed_rows)
     print(plot(panels, out_dir / "recall.png"))
     return 0
 

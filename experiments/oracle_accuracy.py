@@ -10,6 +10,9 @@ Three granularities, one per kind of index the package's kernels execute:
   key always kept): the vertical-slash index's granularity (its column lists are per query block);
 - ``block``: per 64-row query block, 64x64 blocks ranked by their mass (the diagonal block always
   kept, as every block estimator keeps it): the block-sparse kernel's granularity;
+- ``blockrow``: the same blocks, but each row of the query block ranks them by its own mass and the
+  block keeps the union of its rows' shortest prefixes, so every row (not just the block's average)
+  holds the mass: what a block estimator would keep if it guarded its worst row;
 - ``column-sN``: not an oracle but its cheapest imitation: the ``column`` selection ranked from N evenly
   spaced rows of each query block instead of all 64 (the last row of the block among them; the
   block's own causal keys always kept, as the estimators keep a local band). How much of the column
@@ -50,7 +53,7 @@ from sparseprefill.evals import offline_models
 from sparseprefill.evals.logits import reference_input_ids
 
 IMPLEMENTATION_NAME = "sparseprefill_oracle"
-GRANULARITIES = ("key", "column", "block")
+GRANULARITIES = ("key", "column", "block", "blockrow")
 # Rows a query block holds for the column and block oracles: the package's index blocks.
 QUERY_BLOCK = 64
 KEY_BLOCK = 64
@@ -121,6 +124,18 @@ def oracle_keep(p: torch.Tensor, granularity: str, mass: float, row0: int) -> to
         own_key = torch.arange(row0, row0 + rows, device=p.device)[:, None] == torch.arange(keys, device=p.device)
         return keep | own_key
     key_blocks = keys // KEY_BLOCK
+    if granularity == "blockrow":
+        # Each row ranks the key blocks by its own mass (its diagonal block first) and keeps the fewest
+        # reaching ``mass`` of the row; the query block keeps the union: every row holds ``mass``, where
+        # the block oracle below guarantees it only on average over the block's rows.
+        row_mass = by_block.view(b, g, blocks, QUERY_BLOCK, key_blocks, KEY_BLOCK).sum(5)
+        diagonal = (row0 // KEY_BLOCK) + torch.arange(blocks, device=p.device) * (QUERY_BLOCK // KEY_BLOCK)
+        forced = diagonal.view(1, 1, blocks, 1, 1).expand(b, g, blocks, QUERY_BLOCK, 1)
+        srt, order = row_mass.scatter(-1, forced, float("inf")).sort(-1, descending=True)
+        srt = torch.where(torch.isinf(srt), row_mass.gather(-1, order), srt)
+        keep = _scatter_back(_first_kept(srt, mass), order).any(3)
+        keep = keep[:, :, :, None, :, None].expand(b, g, blocks, QUERY_BLOCK, key_blocks, KEY_BLOCK)
+        return keep.reshape(b, g, rows, keys)
     block_mass = by_block.view(b, g, blocks, QUERY_BLOCK, key_blocks, KEY_BLOCK).sum((3, 5))
     diagonal = (row0 // KEY_BLOCK) + torch.arange(blocks, device=p.device) * (QUERY_BLOCK // KEY_BLOCK)
     # The diagonal block first (every block estimator keeps it), then by mass.
