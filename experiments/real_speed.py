@@ -133,6 +133,18 @@ CANDIDATES = {
     # The sampled scoring at mass 0.98 as a default would run it: the cost model decides per prefill.
     "antidiag_default_sm98": SparseConfig(pattern="antidiagonal",
                                           antidiagonal=AntidiagonalConfig(mass=0.98, scoring="sampled_mass")),
+    # A local band of 8 / 16 key blocks (1K / 2K keys) before the diagonal kept whatever the scores
+    # (AntidiagonalConfig.local_blocks): the worst heads' missed mass sat on single keys ~1K back.
+    "antidiag_m95_l8": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                    antidiagonal=AntidiagonalConfig(local_blocks=8)),
+    "antidiag_m95_l16": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                     antidiagonal=AntidiagonalConfig(local_blocks=16)),
+    "antidiag_m98_l8": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                    antidiagonal=AntidiagonalConfig(mass=0.98, local_blocks=8)),
+    "antidiag_sm95_l8": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                     antidiagonal=AntidiagonalConfig(scoring="sampled_mass", local_blocks=8)),
+    "antidiag_sm98_l16": SparseConfig(pattern="antidiagonal", min_sparse_len=0, antidiagonal=AntidiagonalConfig(
+        mass=0.98, scoring="sampled_mass", local_blocks=16)),
     # Every pair computed by the sparse kernel: the sparse path's own bf16 noise against cuDNN.
     "keep_all": SparseConfig.keep_everything(),
 }

@@ -397,12 +397,13 @@ def pooled_block_probs_reference(q, k, *, scale, block_size, softcap=None, kv_he
     return out
 
 
-def causal_block_sets(q_len: int, k_len: int, block_size_q: int, block_size_k: int, sink_blocks: int):
+def causal_block_sets(q_len: int, k_len: int, block_size_q: int, block_size_k: int, sink_blocks: int,
+                      local_blocks: int = 0):
     """Per query block ``r``: (valid KV blocks, diagonal KV blocks, sink KV blocks) as Python sets.
 
     valid: the block holds a key <= the block's last query position; diagonal: the block holds a
-    key inside ``[first, last]`` query position of the block; sink: block id < ``sink_blocks``
-    (and valid)."""
+    key inside ``[first - local_blocks x block_size_k, last]`` query position of the block (the
+    diagonal and the local band); sink: block id < ``sink_blocks`` (and valid)."""
     rq = -(-q_len // block_size_q)
     rk = -(-k_len // block_size_k)
     out = []
@@ -415,7 +416,7 @@ def causal_block_sets(q_len: int, k_len: int, block_size_q: int, block_size_k: i
             keys = range(c * block_size_k, min((c + 1) * block_size_k, k_len))
             if keys.start <= p1:
                 valid.add(c)
-                if any(p0 <= j <= p1 for j in keys):
+                if any(p0 - local_blocks * block_size_k <= j <= p1 for j in keys):
                     diag.add(c)
                 if c < sink_blocks:
                     sink.add(c)

@@ -60,7 +60,8 @@ def _block_sparse_density(length: int, top_k: int, cfg: BlockSparseConfig, devic
     n = -(-length // cfg.block_size)
     scores = torch.rand(1, 1, n, n, generator=torch.Generator(device="cpu").manual_seed(0)).to(device)
     index = select_blocks(scores, q_len=length, k_len=length, block_size_q=cfg.block_size,
-                          block_size_k=cfg.block_size, mass=cfg.mass, top_k=top_k, sink_blocks=cfg.sink_blocks)
+                          block_size_k=cfg.block_size, mass=cfg.mass, top_k=top_k, sink_blocks=cfg.sink_blocks,
+                          local_blocks=cfg.local_blocks)
     return float(index.computed_pairs().sum()) / _causal_pairs(length)
 
 

@@ -120,15 +120,18 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> tor
 
 
 def causal_block_layout(
-    q_len: int, k_len: int, block_size_q: int, block_size_k: int, sink_blocks: int, device: torch.device | str
+    q_len: int, k_len: int, block_size_q: int, block_size_k: int, sink_blocks: int, device: torch.device | str,
+    local_blocks: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(valid, forced)`` ``[Rq, Rk]`` bool: blocks holding at least one causal pair, and the blocks
-    every row keeps (the first ``sink_blocks`` and the diagonal blocks spanned by the row's queries)."""
+    every row keeps: the first ``sink_blocks``, the diagonal blocks spanned by the row's queries, and
+    the blocks holding a key within ``local_blocks x block_size_k`` positions before the row's first
+    query (a local band)."""
     p0, p1 = query_block_bounds(q_len, k_len, block_size_q, device)
     n_kv = -(-k_len // block_size_k)
     kv_start = torch.arange(n_kv, device=device) * block_size_k
     kv_last = torch.clamp(kv_start + block_size_k, max=k_len) - 1
     valid = kv_start[None, :] <= p1[:, None]
-    diagonal = (kv_last[None, :] >= p0[:, None]) & valid
+    diagonal = (kv_last[None, :] >= p0[:, None] - local_blocks * block_size_k) & valid
     sink = (torch.arange(n_kv, device=device) < sink_blocks)[None, :] & valid
     return valid, diagonal | sink

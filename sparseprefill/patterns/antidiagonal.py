@@ -33,6 +33,7 @@ class AntidiagonalPattern(SparsePattern):
         return select_blocks(
             block_mass, q_len=q.shape[2], k_len=k.shape[2], block_size_q=cfg.block_size,
             block_size_k=cfg.block_size, mass=cfg.mass, sink_blocks=cfg.sink_blocks,
+            local_blocks=cfg.local_blocks,
         )
 
     def unpredictable_heads(self, q, k, index, *, scale, softcap, kv_head_index):

@@ -47,6 +47,7 @@ class BlockSparsePattern(SparsePattern):
         return select_blocks(
             probs, q_len=q.shape[2], k_len=k.shape[2], block_size_q=cfg.block_size, block_size_k=cfg.block_size,
             mass=cfg.mass, top_k=cfg.top_k, sink_blocks=cfg.sink_blocks,
+            local_blocks=cfg.local_blocks,
         )
 
     def unpredictable_heads(self, q, k, index, *, scale, softcap, kv_head_index) -> torch.Tensor | None:

@@ -134,19 +134,20 @@ def block_grids(draw):
 
 
 @PROPS
-@given(grid=block_grids(), mass=MASSES | st.just(1.0), use_top_k=st.booleans(), top_k=st.integers(0, 4))
-def test_select_blocks_keeps_sink_and_diagonal_and_stays_causal(grid, mass, use_top_k, top_k):
+@given(grid=block_grids(), mass=MASSES | st.just(1.0), use_top_k=st.booleans(), top_k=st.integers(0, 4),
+       local=st.sampled_from([0, 0, 1, 3]))
+def test_select_blocks_keeps_sink_and_diagonal_and_stays_causal(grid, mass, use_top_k, top_k, local):
     q_len, k_len, bq, bk, sink, seed = grid
     rq, rk = -(-q_len // bq), -(-k_len // bk)
     gen = torch.Generator().manual_seed(seed)
     scores = torch.rand(2, 3, rq, rk, generator=gen) ** 4  # skewed, like softmax mass
     index = select_blocks(
         scores, q_len=q_len, k_len=k_len, block_size_q=bq, block_size_k=bk, mass=mass,
-        top_k=top_k if use_top_k else None, sink_blocks=sink,
+        top_k=top_k if use_top_k else None, sink_blocks=sink, local_blocks=local,
     )
     assert (index.q_len, index.k_len, index.block_size_q, index.block_size_k) == (q_len, k_len, bq, bk)
     assert index.block_count.shape == (2, 3, rq)
-    sets = ref.causal_block_sets(q_len, k_len, bq, bk, sink)
+    sets = ref.causal_block_sets(q_len, k_len, bq, bk, sink, local)
     counts, ids = index.block_count.tolist(), index.block_index.tolist()
     for b in range(2):
         for h in range(3):
@@ -156,7 +157,7 @@ def test_select_blocks_keeps_sink_and_diagonal_and_stays_causal(grid, mass, use_
                 where = f"(b={b}, h={h}, block={r}: kept {kept}, valid {sorted(valid)}, diag {sorted(diag)}, sink {sorted(sink_set)})"
                 assert kept == sorted(set(kept)), f"ids not strictly ascending {where}"
                 assert set(kept) <= valid, f"non-causal block kept {where}"
-                assert diag <= set(kept), f"diagonal block dropped {where}"
+                assert diag <= set(kept), f"diagonal or local-band block dropped {where}"
                 assert sink_set <= set(kept), f"sink block dropped {where}"
                 row = scores[b, h, r].tolist()
                 total = sum(row[c] for c in valid)
@@ -186,6 +187,19 @@ def test_select_blocks_index_drives_the_kernel_like_its_dense_mask():
 def test_select_blocks_rejects_wrong_grid():
     with pytest.raises(ValueError):
         select_blocks(torch.rand(1, 1, 3, 3), q_len=64, k_len=64, block_size_q=16, block_size_k=16, mass=0.9)
+
+
+def test_select_blocks_local_band_by_hand():
+    """Blocks of 16 over 100 tokens, mass 0, sink 1, a band of 2: query block 5 (positions 80-95) keeps
+    the sink 0, the band 3-4 (keys 48-79) and its diagonal 5; block 1 keeps 0-1; the last block (96-99)
+    keeps 0 and 4-6."""
+    scores = torch.rand(1, 1, 7, 7, generator=torch.Generator().manual_seed(0))
+    index = select_blocks(scores, q_len=100, k_len=100, block_size_q=16, block_size_k=16, mass=0.0, sink_blocks=1,
+                          local_blocks=2)
+    lists = [index.block_index[0, 0, r, : index.block_count[0, 0, r]].tolist() for r in range(7)]
+    assert lists[5] == [0, 3, 4, 5] and lists[1] == [0, 1] and lists[6] == [0, 4, 5, 6], lists
+    with pytest.raises(ValueError, match="local_blocks"):
+        select_blocks(scores, q_len=100, k_len=100, block_size_q=16, block_size_k=16, mass=0.5, local_blocks=-1)
 
 
 def test_select_blocks_zero_mass_keeps_only_forced_blocks():

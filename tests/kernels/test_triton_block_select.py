@@ -39,18 +39,18 @@ def _grid(q_len, k_len, bq, bk):
     return -(-q_len // bq), -(-k_len // bk)
 
 
-def _check_equal(scores, q_len, k_len, bq, bk, mass, sink, exact: bool):
+def _check_equal(scores, q_len, k_len, bq, bk, mass, sink, exact: bool, local: int = 0):
     got = select_blocks_triton(scores, q_len=q_len, k_len=k_len, block_size_q=bq, block_size_k=bk, mass=mass,
-                               sink_blocks=sink)
+                               sink_blocks=sink, local_blocks=local)
     want = select_blocks_naive(scores.float().cpu(), q_len=q_len, k_len=k_len, block_size_q=bq, block_size_k=bk,
-                               mass=mass, sink_blocks=sink)
+                               mass=mass, sink_blocks=sink, local_blocks=local)
     rq, rk = _grid(q_len, k_len, bq, bk)
     assert got.block_index.shape == (*scores.shape[:2], rq, rk), "lists must span the full row"
     assert (got.q_len, got.k_len, got.block_size_q, got.block_size_k) == (q_len, k_len, bq, bk)
-    valid, forced = causal_block_layout(q_len, k_len, bq, bk, sink, "cpu")
+    valid, forced = causal_block_layout(q_len, k_len, bq, bk, sink, "cpu", local)
     flat = scores.float().cpu().clamp_min(0).flatten(0, 2)
     for row, ((kept, pad), (ref, _)) in enumerate(zip(_lists(got), _lists(want))):
-        where = f"row {row} (block {row % rq}), mass {mass}, sink {sink}: kernel kept {kept}, reference {ref}"
+        where = f"row {row} (block {row % rq}), mass {mass}, sink {sink}, local {local}: kernel kept {kept}, reference {ref}"
         assert all(p == -1 for p in pad), f"padding must be -1; {where}"
         if kept == ref:
             continue
@@ -81,11 +81,12 @@ def selection_cases(draw, max_len: int = 300):
     mass = draw(st.sampled_from(MASSES))
     kind = draw(st.sampled_from(["exact", "softmax", "spiky"]))
     seed = draw(st.integers(0, 2**31 - 1))
-    return q_len, k_len, bq, bk, heads, sink, mass, kind, seed
+    local = draw(st.sampled_from([0, 0, 1, 4]))
+    return q_len, k_len, bq, bk, heads, sink, mass, kind, seed, local
 
 
 def _scores(case, device=DEVICE):
-    q_len, k_len, bq, bk, heads, _, _, kind, seed = case
+    q_len, k_len, bq, bk, heads, _, _, kind, seed, _ = case
     rq, rk = _grid(q_len, k_len, bq, bk)
     gen = torch.Generator().manual_seed(seed)
     if kind == "exact":  # small multiples of 1/64 with many ties and zeros: fp32 sums are exact
@@ -100,8 +101,8 @@ def _scores(case, device=DEVICE):
           suppress_health_check=[HealthCheck.too_slow])
 @given(case=selection_cases())
 def test_triton_select_equals_sorting_reference(case):
-    q_len, k_len, bq, bk, _, sink, mass, kind, _ = case
-    _check_equal(_scores(case), q_len, k_len, bq, bk, mass, sink, exact=kind == "exact")
+    q_len, k_len, bq, bk, _, sink, mass, kind, _, local = case
+    _check_equal(_scores(case), q_len, k_len, bq, bk, mass, sink, exact=kind == "exact", local=local)
 
 
 @pytest.mark.parametrize("mass", [0.9, 0.95])
@@ -144,8 +145,8 @@ def test_select_blocks_dispatch_and_refusals():
 @reference.gpu_fuzz
 @given(case=selection_cases(max_len=8000))
 def test_triton_select_fuzz(case):
-    q_len, k_len, bq, bk, _, sink, mass, kind, _ = case
-    _check_equal(_scores(case), q_len, k_len, bq, bk, mass, sink, exact=kind == "exact")
+    q_len, k_len, bq, bk, _, sink, mass, kind, _, local = case
+    _check_equal(_scores(case), q_len, k_len, bq, bk, mass, sink, exact=kind == "exact", local=local)
     FUZZ_CASES[0] += 1
     reference.fuzz_progress("block selection", FUZZ_CASES[0])
 

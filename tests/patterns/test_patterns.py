@@ -490,3 +490,23 @@ def test_antidiagonal_sampled_scoring_reaches_the_estimate():
     assert {1, last} < kept("mean_logit")
     with pytest.raises(ValueError, match="antidiagonal.scoring must be one of"):
         AntidiagonalConfig(scoring="mean")
+
+
+@pytest.mark.parametrize("config_cls, pattern_cls", [(AntidiagonalConfig, AntidiagonalPattern),
+                                                     (BlockSparseConfig, BlockSparsePattern)])
+def test_local_blocks_reach_the_estimate(config_cls, pattern_cls):
+    """``local_blocks`` reaches the selection: at mass 0 (only forced blocks) every query block keeps its
+    diagonal and the ``local_blocks`` key blocks before it, whatever the scores; bad values are refused."""
+    length, block = 640, 64
+    q, k, _ = ref.make_qkv(5, 1, 2, 1, length, length, 32)
+    kvh = torch.zeros(2, dtype=torch.long)
+    extra = {"stride": 8} if config_cls is AntidiagonalConfig else {}
+    cfg = config_cls(block_size=block, mass=0.0, sink_blocks=0, local_blocks=3, **extra)
+    index = pattern_cls(cfg).estimate(q, k, scale=32**-0.5, softcap=None, kv_head_index=kvh)
+    for h in range(2):
+        for r in range(length // block):
+            kept = index.block_index[0, h, r, : int(index.block_count[0, h, r])].tolist()
+            assert kept == list(range(max(0, r - 3), r + 1)), (h, r, kept)
+    section = "antidiagonal" if config_cls is AntidiagonalConfig else "block_sparse"
+    with pytest.raises(ValueError, match=f"{section}.local_blocks"):
+        config_cls(local_blocks=-1)

@@ -154,10 +154,13 @@ def select_blocks(
     mass: float,
     top_k: int | None = None,
     sink_blocks: int = 1,
+    local_blocks: int = 0,
 ) -> BlockSparseIndex:
     """Scores ``[B, H, Rq, Rk]`` (non-negative, e.g. softmaxed block mass) -> ``BlockSparseIndex``
-    keeping, per query-block row, sink + diagonal blocks and the best others up to ``mass`` (or the
-    ``top_k`` best others).
+    keeping, per query-block row, sink + diagonal blocks, the ``local_blocks`` key blocks before the
+    diagonal (a local band: a query attending to one key a few hundred positions back is invisible in
+    a score averaged over the block's rows) and the best others up to ``mass`` (or the ``top_k`` best
+    others). Forced blocks count towards the mass.
 
     On CUDA the mass rule runs as one Triton launch without a sort (``triton_select.py``), whose lists
     are padded to the full ``Rk`` so the host never reads a count; ``top_k``, a keep-all ``mass`` and
@@ -167,14 +170,18 @@ def select_blocks(
     expected = (-(-q_len // block_size_q), -(-k_len // block_size_k))
     if block_scores.dim() != 4 or tuple(block_scores.shape[-2:]) != expected:
         raise ValueError(f"block_scores {tuple(block_scores.shape)} do not match block grid {expected}")
+    if local_blocks < 0 or sink_blocks < 0:
+        raise ValueError(f"sink_blocks ({sink_blocks}) and local_blocks ({local_blocks}) must be >= 0")
     if block_scores.device.type == "cuda" and top_k is None and mass < KEEP_ALL_MASS \
             and expected[1] <= MAX_TRITON_KEY_BLOCKS:
         from .triton_select import select_blocks_triton
 
         return select_blocks_triton(block_scores, q_len=q_len, k_len=k_len, block_size_q=block_size_q,
-                                    block_size_k=block_size_k, mass=mass, sink_blocks=sink_blocks)
+                                    block_size_k=block_size_k, mass=mass, sink_blocks=sink_blocks,
+                                    local_blocks=local_blocks)
     return select_blocks_naive(block_scores, q_len=q_len, k_len=k_len, block_size_q=block_size_q,
-                               block_size_k=block_size_k, mass=mass, top_k=top_k, sink_blocks=sink_blocks)
+                               block_size_k=block_size_k, mass=mass, top_k=top_k, sink_blocks=sink_blocks,
+                               local_blocks=local_blocks)
 
 
 def block_sparse_block_recall(

@@ -216,10 +216,11 @@ def block_sparse_attention_naive(
 
 def select_blocks_naive(
     block_scores: torch.Tensor, *, q_len: int, k_len: int, block_size_q: int, block_size_k: int, mass: float,
-    top_k: int | None = None, sink_blocks: int = 1,
+    top_k: int | None = None, sink_blocks: int = 1, local_blocks: int = 0,
 ) -> BlockSparseIndex:
     """``select_blocks`` by sorting (``keep_by_cumulative_mass``), lists padded to the longest row."""
-    valid, forced = causal_block_layout(q_len, k_len, block_size_q, block_size_k, sink_blocks, block_scores.device)
+    valid, forced = causal_block_layout(q_len, k_len, block_size_q, block_size_k, sink_blocks, block_scores.device,
+                                        local_blocks)
     if block_scores.shape[-2:] != valid.shape:
         raise ValueError(f"block_scores {tuple(block_scores.shape)} do not match block grid {tuple(valid.shape)}")
     valid = valid.expand_as(block_scores)

@@ -42,7 +42,7 @@ SMALL_ROW_BLOCKS = 1024
 @triton.jit(do_not_specialize=["q_len", "k_len", "n_k_blocks", "q_offset"])
 def _select_blocks_kernel(
     Scores, Count, Index, stride_sb, stride_sh, stride_sr, stride_sk, num_heads, n_q_blocks, n_k_blocks,
-    q_len, k_len, q_offset, block_size_q, block_size_k, sink_blocks, mass,
+    q_len, k_len, q_offset, block_size_q, block_size_k, sink_blocks, local_span, mass,
     BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -56,7 +56,7 @@ def _select_blocks_kernel(
     kv_start = cols * block_size_k
     kv_last = tl.minimum(kv_start + block_size_k, k_len) - 1
     valid = (cols < n_k_blocks) & (kv_start <= p1)
-    forced = valid & ((kv_last >= p0) | (cols < sink_blocks))
+    forced = valid & ((kv_last >= p0 - local_span) | (cols < sink_blocks))
     free = valid & ~forced
     scores = tl.load(Scores + b * stride_sb + h * stride_sh + row.to(tl.int64) * stride_sr + cols * stride_sk,
                      mask=valid, other=0.0).to(tl.float32)
@@ -96,7 +96,7 @@ def _select_blocks_kernel(
 
 def select_blocks_triton(
     block_scores: torch.Tensor, *, q_len: int, k_len: int, block_size_q: int, block_size_k: int, mass: float,
-    sink_blocks: int,
+    sink_blocks: int, local_blocks: int = 0,
 ) -> BlockSparseIndex:
     """``select_blocks`` (mass rule, ``mass`` below ``KEEP_ALL_MASS``) in one Triton launch.
 
@@ -116,7 +116,7 @@ def select_blocks_triton(
     if b * h * n_q_blocks:
         _select_blocks_kernel[(n_q_blocks, b * h)](
             block_scores, count, index, *block_scores.stride(), h, n_q_blocks, n_k_blocks, q_len, k_len,
-            query_offset(q_len, k_len), block_size_q, block_size_k, sink_blocks, float(mass),
+            query_offset(q_len, k_len), block_size_q, block_size_k, sink_blocks, local_blocks * block_size_k, float(mass),
             BLOCK_N=block_n, SEARCH_STEPS=THRESHOLD_SEARCH_STEPS, num_warps=4 if block_n <= SMALL_ROW_BLOCKS else 8,
         )
     return BlockSparseIndex(block_count=count, block_index=index, block_size_q=block_size_q,
