@@ -252,7 +252,8 @@ class AntidiagonalConfig:
     ``local_blocks`` (default 0): every query block also keeps the key blocks within this many blocks
     before its diagonal, whatever their score. A row whose mass sits on one key a few hundred positions
     back (a copy) holds a negligible share of its block averaged over the block's rows, so no block
-    threshold keeps it; on Qwen2.5-Coder-0.5B the worst-drifting heads lost their mass this way.
+    threshold keeps it. On Qwen2.5-Coder-0.5B it cuts the KL at 8K-32K (32K: top-1 0.977 at density
+    0.284 with 16 blocks), but not at 64K-128K, where the missed mass lies 8K-60K keys back.
     """
 
     block_size: int = DEFAULT_BLOCK_SIZE
