@@ -140,12 +140,13 @@ def qk_scores(q_rows: torch.Tensor, k: torch.Tensor, kv_head_index: torch.Tensor
     return scores
 
 
-def compact(keep: torch.Tensor, min_width: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def compact(keep: torch.Tensor, min_width: int = 1, *, trim: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``keep [..., N]`` bool -> ``(count [...] int32, index [..., W] int32)``: the kept positions in
-    ascending order, padded (with -1) to the largest count ``W``."""
+    ascending order, padded (with -1) to the largest count ``W`` (``trim=False``: to ``N``, so the host
+    never waits for the device to learn the count)."""
     count = keep.sum(-1)
     order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
-    width = max(int(count.max()) if count.numel() else 0, min_width)
+    width = max(int(count.max()) if count.numel() else 0, min_width) if trim else keep.shape[-1]
     width = min(width, keep.shape[-1]) if keep.shape[-1] else 0
     index = order[..., :width]
     slots = torch.arange(width, device=keep.device)

@@ -510,3 +510,45 @@ def test_local_blocks_reach_the_estimate(config_cls, pattern_cls):
     section = "antidiagonal" if config_cls is AntidiagonalConfig else "block_sparse"
     with pytest.raises(ValueError, match=f"{section}.local_blocks"):
         config_cls(local_blocks=-1)
+
+
+def test_vertical_share_adds_the_heads_best_columns():
+    """``vertical_share`` joins each head's best columns (by the last queries' scores) to the kept blocks:
+    a key every late query attends is listed for every query block that can see it even where its block
+    is not kept; all columns reproduce dense attention; the spot check reads the ranged index; bad
+    shares are refused."""
+    length, block, d = 512, 64, 32
+    q, k, v = ref.make_qkv(9, 1, 2, 1, length, length, d)
+    direction = torch.randn(d)
+    k[0, 0, 100] = 6.0 * direction  # a retrieval key in block 1
+    q[0, :, 300:] += 6.0 * direction
+    kvh = torch.zeros(2, dtype=torch.long)
+    kw = dict(scale=d**-0.5, softcap=None, kv_head_index=kvh)
+    only_forced = dict(block_size=block, stride=8, mass=0.0, sink_blocks=0)
+    blocks = AntidiagonalPattern(AntidiagonalConfig(**only_forced)).estimate(q, k, **kw)
+    assert isinstance(blocks, BlockSparseIndex)
+    index = AntidiagonalPattern(AntidiagonalConfig(**only_forced, vertical_share=0.01)).estimate(q, k, **kw)
+    assert isinstance(index, VerticalSlashIndex)
+    listed = index.to_dense_mask()
+    block_keys = blocks.to_dense_mask()
+    assert torch.equal(listed & block_keys, block_keys), "the kept blocks stay listed"
+    for h in range(2):
+        assert bool(listed[0, h, 128:, 100].all()) and not bool(block_keys[0, h, 128:, 100].any())
+        extra = (listed[0, h] & ~block_keys[0, h]).any(0).nonzero().flatten().tolist()
+        assert 100 in extra and len(extra) <= math.ceil(0.01 * length)
+
+    everything = AntidiagonalPattern(AntidiagonalConfig(**only_forced, vertical_share=1.0))
+    out = torch.full_like(q, float("nan"))
+    everything.run(q, k, v, out=out, **kw)
+    dense = ref.attention_reference(q, k, v, scale=d**-0.5, kv_head_index=kvh)
+    torch.testing.assert_close(out.double(), dense, atol=1e-5, rtol=1e-5)
+
+    checked = AntidiagonalPattern(AntidiagonalConfig(**only_forced, vertical_share=0.01, spot_check_recall=0.999))
+    flagged = checked.unpredictable_heads(q, k, index, **kw)
+    assert flagged.shape == (1, 2) and bool(flagged.all()), "diagonal blocks plus 6 columns miss mass here"
+    full = everything.estimate(q, k, **kw)
+    assert not bool(AntidiagonalPattern(AntidiagonalConfig(**only_forced, spot_check_recall=0.999))
+                    .unpredictable_heads(q, k, full, **kw).any())
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="antidiagonal.vertical_share"):
+            AntidiagonalConfig(vertical_share=bad)

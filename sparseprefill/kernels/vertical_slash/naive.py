@@ -286,3 +286,51 @@ def block_recall_naive(
     if not per_block:
         return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.float32, device=q.device)
     return torch.stack(per_block, dim=-1)
+
+
+def blocks_with_columns_index_naive(
+    blocks: BlockSparseIndex, vertical_index: torch.Tensor, vertical_count: torch.Tensor
+) -> VerticalSlashIndex:
+    """Reference of ``blocks_with_columns_index``, one query block at a time: the kept KV blocks as
+    ranges (a block that starts where the previous range ends extends it), then the listed columns
+    that are visible to the block's last row and lie in no kept block, ascending."""
+    b_size, h_size, n_rows = blocks.block_count.shape
+    _, last_row = query_block_bounds(blocks.q_len, blocks.k_len, blocks.block_size_q)
+    ranges, columns = {}, {}
+    for b in range(b_size):
+        for h in range(h_size):
+            head_columns = sorted(set(vertical_index[b, h, :int(vertical_count[b, h])].tolist()))
+            for r in range(n_rows):
+                kept = sorted(blocks.block_index[b, h, r, :int(blocks.block_count[b, h, r])].tolist())
+                row_ranges: list[list[int]] = []
+                for block in kept:
+                    start = block * blocks.block_size_k
+                    end = min(start + blocks.block_size_k, blocks.k_len)
+                    if row_ranges and row_ranges[-1][1] == start:
+                        row_ranges[-1][1] = end
+                    else:
+                        row_ranges.append([start, end])
+                ranges[b, h, r] = row_ranges
+                columns[b, h, r] = [c for c in head_columns if 0 <= c < blocks.k_len and c <= int(last_row[r])
+                                    and c // blocks.block_size_k not in set(kept)]
+    n_ranges = max([len(v) for v in ranges.values()] + [1])
+    n_columns = max([len(v) for v in columns.values()] + [1])
+    shape = (b_size, h_size, n_rows)
+    range_start = torch.zeros(*shape, n_ranges, dtype=torch.int32)
+    range_end = torch.zeros(*shape, n_ranges, dtype=torch.int32)
+    column_index = torch.zeros(*shape, n_columns, dtype=torch.int32)
+    range_count = torch.zeros(shape, dtype=torch.int32)
+    column_count = torch.zeros(shape, dtype=torch.int32)
+    for key, row_ranges in ranges.items():
+        range_count[key] = len(row_ranges)
+        for i, (start, end) in enumerate(row_ranges):
+            range_start[key][i], range_end[key][i] = start, end
+        column_count[key] = len(columns[key])
+        for i, c in enumerate(columns[key]):
+            column_index[key][i] = c
+    device = blocks.block_index.device
+    return VerticalSlashIndex(
+        range_count=range_count.to(device), range_start=range_start.to(device), range_end=range_end.to(device),
+        column_count=column_count.to(device), column_index=column_index.to(device),
+        block_size_q=blocks.block_size_q, q_len=blocks.q_len, k_len=blocks.k_len,
+    )
