@@ -264,8 +264,8 @@ class AntidiagonalConfig:
     ``DEFAULT_LAST_QUERIES`` queries (the vertical-slash estimate's column scores), wherever no kept
     block holds them. A key that a few rows of a block retrieve from far back holds a negligible share
     of its block's averaged score; on Qwen2.5-Coder-0.5B at 64K the top 1% of columns held 29-35% of
-    the mass the blocks missed on the worst heads. The index is then a ``VerticalSlashIndex`` (kept
-    blocks as ranges) and the vertical-slash kernel attends it.
+    the mass the blocks missed on the worst heads. The columns are a per-block list inside the block
+    index (``BlockSparseIndex.column_index``), which the block kernel attends after the blocks.
     """
 
     block_size: int = DEFAULT_BLOCK_SIZE

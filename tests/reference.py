@@ -69,7 +69,8 @@ def block_rows(r: int, block_size_q: int, q_len: int) -> range:
 
 def block_sparse_listed_mask(index) -> torch.Tensor:
     """``[B, H, Lq, Lk]`` bool: keys listed by a ``BlockSparseIndex`` (no causal mask), built by
-    looping over batch rows, heads, query blocks and the first ``block_count`` slots only."""
+    looping over batch rows, heads, query blocks and the first ``block_count`` (and ``column_count``)
+    slots only."""
     count = index.block_count.tolist()
     ids = index.block_index.tolist()
     b_n, h_n, rq = index.block_count.shape
@@ -84,6 +85,11 @@ def block_sparse_listed_mask(index) -> torch.Tensor:
                     k1 = min(k0 + index.block_size_k, index.k_len)
                     if rows and k1 > k0:
                         mask[b, h, rows.start : rows.stop, k0:k1] = True
+                if index.column_index is not None:
+                    for slot in range(int(index.column_count[b, h, r])):
+                        j = int(index.column_index[b, h, r, slot])
+                        if 0 <= j < index.k_len:
+                            mask[b, h, rows.start : rows.stop, j] = True
     return mask
 
 

@@ -106,6 +106,9 @@ def structured_qkv(heads: int, kv_heads: int, length: int, head_dim: int, device
 def flex_block_mask(index: BlockSparseIndex, length: int):
     from torch.nn.attention.flex_attention import BlockMask
 
+    if index.column_index is not None:
+        raise ValueError("a FlexAttention BlockMask lists whole blocks; this index also lists single key columns")
+
     def causal(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx
 

@@ -9,6 +9,9 @@ causal and sliding-window masks themselves, so an index may list keys a row cann
     block_count [B, H, Rq] int32        number of KV blocks of query block r
     block_index [B, H, Rq, N] int32     their ids, sorted ascending; entries >= count are padding
     KV block c covers keys [c * block_size_k, (c + 1) * block_size_k).
+    column_count [B, H, Rq] int32       optional (both or neither): single key columns besides the
+    column_index [B, H, Rq, V] int32    blocks, ascending in the first count and in no listed block
+                                        (a kernel sums blocks and columns: a key in both counts twice)
 
 ``VerticalSlashIndex`` (MInference/SGLang-like, with explicit range ends):
     range_count  [B, H, Rq] int32       number of key ranges (merged diagonal bands)
@@ -64,6 +67,8 @@ class BlockSparseIndex:
     block_size_k: int
     q_len: int
     k_len: int
+    column_count: torch.Tensor | None = None
+    column_index: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_int_tensor("block_count", self.block_count, 3)
@@ -72,6 +77,15 @@ class BlockSparseIndex:
             raise ValueError(
                 f"block_index {tuple(self.block_index.shape)} and block_count {tuple(self.block_count.shape)} disagree"
             )
+        if (self.column_count is None) != (self.column_index is None):
+            raise ValueError("column_count and column_index come together: give both or neither")
+        if self.column_count is not None:
+            _check_int_tensor("column_count", self.column_count, 3)
+            _check_int_tensor("column_index", self.column_index, 4)
+            if self.column_count.shape != self.block_count.shape or \
+                    self.column_index.shape[:3] != self.block_count.shape:
+                raise ValueError(f"columns {tuple(self.column_index.shape)} (counts {tuple(self.column_count.shape)}) "
+                                 f"must match block_count {tuple(self.block_count.shape)}")
         n_q_blocks = -(-self.q_len // self.block_size_q)
         if self.block_count.shape[2] != n_q_blocks:
             raise ValueError(f"index has {self.block_count.shape[2]} query blocks, Lq={self.q_len} needs {n_q_blocks}")
@@ -85,18 +99,31 @@ class BlockSparseIndex:
         slots = torch.arange(self.block_index.shape[-1], device=self.block_index.device)
         return slots < self.block_count[..., None]
 
+    def column_valid(self) -> torch.Tensor | None:
+        """``[B, H, Rq, V]`` bool: which entries of ``column_index`` are real (None without columns)."""
+        if self.column_index is None:
+            return None
+        slots = torch.arange(self.column_index.shape[-1], device=self.column_index.device)
+        return slots < self.column_count[..., None]
+
     def computed_pairs(self, window: int | None = None) -> torch.Tensor:
         """``[B, H]`` int64: causal (query, key) pairs the index makes a kernel compute."""
         p0, p1 = query_block_bounds(self.q_len, self.k_len, self.block_size_q, self.block_index.device)
+        p0, p1 = p0[:, None], p1[:, None]
         c0 = self.block_index.to(torch.int64) * self.block_size_k
         c1 = torch.clamp(c0 + self.block_size_k, max=self.k_len)
-        pairs = causal_pairs_in_rects(p0[:, None], p1[:, None], c0, c1, window)
-        return torch.where(self.slot_valid(), pairs, 0).sum(dim=(-1, -2))
+        pairs = torch.where(self.slot_valid(), causal_pairs_in_rects(p0, p1, c0, c1, window), 0).sum(dim=(-1, -2))
+        if self.column_index is not None:
+            cols = causal_pairs_in_columns(p0, p1, self.column_index.to(torch.int64), window)
+            pairs = pairs + torch.where(self.column_valid(), cols, 0).sum(dim=(-1, -2))
+        return pairs
 
     def without_heads(self, heads: torch.Tensor) -> "BlockSparseIndex":
         """The same index with every query block of the ``heads [B, H]`` (bool) rows emptied: a kernel
         writes zeros there (no listed key) and computes nothing."""
-        return replace(self, block_count=torch.where(heads[..., None], 0, self.block_count))
+        emptied = heads[..., None]
+        return replace(self, block_count=torch.where(emptied, 0, self.block_count),
+                       column_count=None if self.column_count is None else torch.where(emptied, 0, self.column_count))
 
     def to_dense_mask(self) -> torch.Tensor:
         """``[B, H, Lq, Lk]`` bool of listed keys (no causal mask applied). Debugging and plots only."""
@@ -105,8 +132,13 @@ class BlockSparseIndex:
         blocks = torch.zeros(b, h, rq, self.num_kv_blocks, dtype=torch.int32, device=self.block_index.device)
         ids = torch.where(self.slot_valid(), self.block_index.long(), 0)
         blocks.scatter_add_(-1, ids, self.slot_valid().to(torch.int32))
-        mask = (blocks > 0).repeat_interleave(self.block_size_q, dim=2).repeat_interleave(self.block_size_k, dim=3)
-        return mask[:, :, : self.q_len, : self.k_len]
+        per_block = (blocks > 0).repeat_interleave(self.block_size_k, dim=3)[..., : self.k_len]
+        if self.column_index is not None:
+            columns = torch.zeros(b, h, rq, self.k_len, dtype=torch.int32, device=self.block_index.device)
+            valid = self.column_valid()
+            columns.scatter_add_(-1, torch.where(valid, self.column_index.long(), 0), valid.to(torch.int32))
+            per_block = per_block | (columns > 0)
+        return per_block.repeat_interleave(self.block_size_q, dim=2)[:, :, : self.q_len]
 
 
 @dataclass(frozen=True)

@@ -23,18 +23,20 @@ def _none_if_zero(value):
 def block_sparse_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_count: torch.Tensor, block_index: torch.Tensor,
     kv_head_index: torch.Tensor, out: torch.Tensor, block_size_q: int, block_size_k: int, scale: float,
-    window: int, softcap: float,
+    window: int, softcap: float, column_count: torch.Tensor | None = None, column_index: torch.Tensor | None = None,
 ) -> None:
     from .block_sparse import block_sparse_attention
 
     index = BlockSparseIndex(block_count=block_count, block_index=block_index, block_size_q=block_size_q,
-                             block_size_k=block_size_k, q_len=q.shape[2], k_len=k.shape[2])
+                             block_size_k=block_size_k, q_len=q.shape[2], k_len=k.shape[2],
+                             column_count=column_count, column_index=column_index)
     block_sparse_attention(q, k, v, index, scale=scale, window=_none_if_zero(window),
                            softcap=_none_if_zero(softcap), kv_head_index=kv_head_index, out=out)
 
 
 @block_sparse_attention_op.register_fake
-def _(q, k, v, block_count, block_index, kv_head_index, out, block_size_q, block_size_k, scale, window, softcap):
+def _(q, k, v, block_count, block_index, kv_head_index, out, block_size_q, block_size_k, scale, window, softcap,
+      column_count=None, column_index=None):
     return None
 
 
@@ -84,7 +86,8 @@ def _(q, k, v, vertical_index, vertical_count, slash_offset, slash_count, block_
 def call_block_sparse(q, k, v, index: BlockSparseIndex, *, scale, window, softcap, kv_head_index, out):
     torch.ops.sparseprefill.block_sparse_attention(
         q, k, v, index.block_count, index.block_index, kv_head_index, out, index.block_size_q,
-        index.block_size_k, float(scale), int(window or 0), float(softcap or 0.0),
+        index.block_size_k, float(scale), int(window or 0), float(softcap or 0.0), index.column_count,
+        index.column_index,
     )
     return out
 

@@ -60,7 +60,12 @@ def _kept_mass(index: SparseIndex, probs: torch.Tensor, prefix: torch.Tensor, r0
         padded = torch.nn.functional.pad(probs, (0, pad)) if pad else probs
         block_mass = padded.reshape(*probs.shape[:3], n_blocks, bs).sum(-1)
         ids = index.block_index[:, :, rows].long().clamp(0, n_blocks - 1)
-        return torch.where(index.slot_valid()[:, :, rows], torch.gather(block_mass, -1, ids), 0.0).sum(-1)
+        kept = torch.where(index.slot_valid()[:, :, rows], torch.gather(block_mass, -1, ids), 0.0).sum(-1)
+        if index.column_index is not None:  # columns lie outside the kept blocks (the index contract)
+            columns = index.column_index[:, :, rows].long().clamp(0, probs.shape[-1] - 1)
+            on_columns = torch.where(index.column_valid()[:, :, rows], torch.gather(probs, -1, columns), 0.0)
+            kept = kept + on_columns.sum(-1)
+        return kept
     raise TypeError(f"cannot score an index of type {type(index).__name__}")
 
 

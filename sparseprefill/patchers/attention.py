@@ -117,7 +117,7 @@ def _run_span(
     for group in state.plans[layer].groups:
         stats.patterns[group.pattern.name.value] += len(group.heads)
         common = dict(scale=scale, softcap=softcap,
-                      dense_above=dense_break_even(group.pattern.kernel_pattern, q.shape[-1]) if route else None)
+                      dense_above=dense_break_even(group.pattern.name, q.shape[-1]) if route else None)
         if len(group.heads) == hq:
             result = group.pattern.run(q, k, v, kv_head_index=kv_of_head, out=out, **common)
         else:

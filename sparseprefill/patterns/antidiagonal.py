@@ -3,7 +3,7 @@
 Each query-block row keeps sink + diagonal blocks and then blocks in decreasing estimated mass
 until ``mass`` of the row is covered, so each head (and each row) gets the budget its own attention
 distribution needs. With ``vertical_share`` the head's best key columns (by the last queries' scores)
-join the kept blocks, and the index becomes a vertical-slash one (blocks as ranges).
+join the kept blocks as the index's single columns, which the block kernel attends after the blocks.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 
 from ..config import DEFAULT_LAST_QUERIES, AntidiagonalConfig, AntidiagonalScoring, PatternName
 from ..kernels import antidiagonal_block_mass, select_blocks, vertical_slash_scores
-from ..kernels.indices import BlockSparseIndex, VerticalSlashIndex
-from ..kernels.vertical_slash import blocks_with_columns_index
+from ..kernels.block_sparse import blocks_with_columns
+from ..kernels.indices import BlockSparseIndex
 from .base import SparsePattern
 from .block_sparse import misjudged_heads
 from .cost import SAMPLED_SCORING_COST_FACTOR
@@ -37,12 +37,7 @@ class AntidiagonalPattern(SparsePattern):
         if config.scoring == AntidiagonalScoring.SAMPLED_MASS:
             self.estimate_cost_factor = SAMPLED_SCORING_COST_FACTOR
 
-    @property
-    def kernel_pattern(self) -> PatternName:
-        # Blocks with columns are listed as ranges and columns: the vertical-slash kernel attends them.
-        return PatternName.VERTICAL_SLASH if self.config.vertical_share > 0 else self.name
-
-    def estimate(self, q, k, *, scale, softcap, kv_head_index) -> BlockSparseIndex | VerticalSlashIndex:
+    def estimate(self, q, k, *, scale, softcap, kv_head_index) -> BlockSparseIndex:
         cfg = self.config
         block_mass = antidiagonal_block_mass(
             q, k, scale=scale, stride=cfg.stride, block_size=cfg.block_size, softcap=softcap,
@@ -58,7 +53,7 @@ class AntidiagonalPattern(SparsePattern):
             return blocks
         vertical, _ = vertical_slash_scores(q, k, scale=scale, last_queries=DEFAULT_LAST_QUERIES, softcap=softcap,
                                             kv_head_index=kv_head_index)
-        return blocks_with_columns_index(blocks, *best_columns(vertical, cfg.vertical_share))
+        return blocks_with_columns(blocks, *best_columns(vertical, cfg.vertical_share))
 
     def unpredictable_heads(self, q, k, index, *, scale, softcap, kv_head_index):
         return misjudged_heads(q, k, index, self.config.spot_check_recall, scale=scale, softcap=softcap,

@@ -48,13 +48,6 @@ class SparsePattern(abc.ABC):
     # (``cost.PatternCost.estimate_dense_fraction``): an option that changes the estimate's work says so.
     estimate_cost_factor: float = 1.0
 
-    @property
-    def kernel_pattern(self) -> PatternName:
-        """The pattern whose kernel attends this pattern's index, which prices it in the cost model and
-        sets its heads' dense break-even (``cost.dense_break_even``): its own, unless an option makes
-        the estimate hand its keys to another kernel."""
-        return self.name
-
     @abc.abstractmethod
     def estimate(
         self, q: torch.Tensor, k: torch.Tensor, *, scale: float, softcap: float | None, kv_head_index: torch.Tensor

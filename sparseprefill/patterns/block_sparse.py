@@ -12,8 +12,7 @@ from ..config import SPOT_CHECK_BLOCKS, BlockSparseConfig, PatternName
 from ..kernels import pooled_block_probs, select_blocks
 from ..kernels.block_sparse import block_sparse_block_recall
 from ..kernels.geometry import spread_window_ends
-from ..kernels.indices import BlockSparseIndex, VerticalSlashIndex
-from ..kernels.vertical_slash import vertical_slash_block_recall
+from ..kernels.indices import BlockSparseIndex
 from .base import SparsePattern
 
 
@@ -23,16 +22,14 @@ def spot_check_blocks(q_len: int, block_size: int) -> list[int]:
     return sorted({(end - 1) // block_size for end in spread_window_ends(q_len, block_size, SPOT_CHECK_BLOCKS)})
 
 
-def misjudged_heads(q, k, index: BlockSparseIndex | VerticalSlashIndex, threshold: float | None, *, scale, softcap,
+def misjudged_heads(q, k, index: BlockSparseIndex, threshold: float | None, *, scale, softcap,
                     kv_head_index) -> torch.Tensor | None:
     """``[B, H]`` bool: heads whose ``index`` keeps less than ``threshold`` of the exact mass (mean over a
     block's rows) on any spot-checked query block; None when the check is off."""
     if threshold is None:
         return None
     blocks = spot_check_blocks(q.shape[2], index.block_size_q)
-    # A block estimate with columns (``AntidiagonalConfig.vertical_share``) lists its keys as ranges.
-    recall_of = vertical_slash_block_recall if isinstance(index, VerticalSlashIndex) else block_sparse_block_recall
-    recall = recall_of(q, k, index, blocks, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+    recall = block_sparse_block_recall(q, k, index, blocks, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
     return recall.amin(dim=-1) < threshold
 
 

@@ -127,20 +127,16 @@ def dense_attention_ms(q_len: int, k_len: int, heads: int, head_dim: int) -> flo
 
 
 def sparse_attention_ms(pattern: PatternName, q_len: int, k_len: int, heads: int, head_dim: int,
-                        query_windows: int = 1, estimate_cost_factor: float = 1.0,
-                        kernel_pattern: PatternName | None = None) -> float:
+                        query_windows: int = 1, estimate_cost_factor: float = 1.0) -> float:
     """Predicted estimate + sparse attention time; the dense time for the dense pattern (such heads
     run dense either way, so they weigh the same on both sides of the comparison). ``query_windows``:
     the vertical-slash estimate's scoring windows (each past the first adds its cost and density);
-    ``estimate_cost_factor``: scales the estimate's dense-like part (``SparsePattern.estimate_cost_factor``);
-    ``kernel_pattern``: the pattern whose kernel attends the index, when not ``pattern``'s own
-    (``SparsePattern.kernel_pattern``), whose rate per pair is used."""
+    ``estimate_cost_factor``: scales the estimate's dense-like part (``SparsePattern.estimate_cost_factor``)."""
     dense = dense_attention_ms(q_len, k_len, heads, head_dim)
     cost = PATTERN_COSTS.get(PatternName(pattern))
     if cost is None:  # the dense pattern
         return dense
-    kernel_cost = cost if kernel_pattern is None else PATTERN_COSTS.get(PatternName(kernel_pattern), cost)
-    efficiency = kernel_cost.efficiency_small_head if head_dim <= SMALL_HEAD_DIM else kernel_cost.efficiency_large_head
+    efficiency = cost.efficiency_small_head if head_dim <= SMALL_HEAD_DIM else cost.efficiency_large_head
     extra_windows = max(query_windows, 1) - 1
     estimate = (cost.estimate_fixed_ms
                 + (cost.estimate_ms_per_head_key + extra_windows * cost.extra_window_ms_per_head_key) * heads * k_len
@@ -175,7 +171,7 @@ def dense_break_even(pattern: PatternName | str, head_dim: int) -> float | None:
 
 def predicted_speedup(groups: Sequence[tuple], q_len: int, k_len: int, device_type: str) -> float:
     """Predicted dense time / sparse time of one prefill: ``groups`` lists (pattern, query heads,
-    head_dim[, query_windows[, estimate_cost_factor[, kernel_pattern]]]) of every head group, over all layers, that would run sparse. 0 on devices
+    head_dim[, query_windows[, estimate_cost_factor]]) of every head group, over all layers, that would run sparse. 0 on devices
     without a cost model (the CPU) and when no group would run sparse."""
     if device_type != "cuda" or not groups:
         return 0.0

@@ -8,7 +8,7 @@ import torch
 
 from sparseprefill.kernels import build_vertical_slash_index, select_blocks
 from sparseprefill.kernels import library  # registers the ops
-from sparseprefill.kernels.block_sparse import block_sparse_attention
+from sparseprefill.kernels.block_sparse import block_sparse_attention, blocks_with_columns
 from sparseprefill.kernels.common import compact
 from sparseprefill.kernels.vertical_slash import vertical_slash_attention
 
@@ -21,14 +21,19 @@ def _qkv(hq=4, hkv=2, lq=70, lk=90, d=32, seed=0):
     return make(1, hq, lq, d), make(1, hkv, lk, d), make(1, hkv, lk, d)
 
 
-@pytest.mark.parametrize("window,softcap", [(0, 0.0), (20, 0.0), (0, 30.0)])
-def test_block_sparse_op_passes_opcheck_and_matches(window, softcap):
+@pytest.mark.parametrize("window,softcap,columns", [(0, 0.0, False), (20, 0.0, False), (0, 30.0, False),
+                                                    (20, 0.0, True)])
+def test_block_sparse_op_passes_opcheck_and_matches(window, softcap, columns):
     q, k, v = _qkv()
     index = select_blocks(torch.rand(1, 4, 3, 3, device=DEVICE), q_len=70, k_len=90, block_size_q=32,
                           block_size_k=32, mass=0.7)
+    if columns:
+        picked = torch.tensor([3, 40, 41, 77], dtype=torch.int32, device=DEVICE).expand(1, 4, 4)
+        index = blocks_with_columns(index, picked, torch.full((1, 4), 4, dtype=torch.int32, device=DEVICE))
     kvh = torch.arange(4, device=DEVICE) // 2
     out = torch.full_like(q, float("nan"))
-    args = (q, k, v, index.block_count, index.block_index, kvh, out, 32, 32, 0.2, window, softcap)
+    args = (q, k, v, index.block_count, index.block_index, kvh, out, 32, 32, 0.2, window, softcap,
+            index.column_count, index.column_index)
     torch.library.opcheck(torch.ops.sparseprefill.block_sparse_attention.default, args)
     library.call_block_sparse(q, k, v, index, scale=0.2, window=window, softcap=softcap, kv_head_index=kvh, out=out)
     expected = block_sparse_attention(q, k, v, index, scale=0.2, window=window or None, softcap=softcap or None)

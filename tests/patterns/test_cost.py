@@ -83,35 +83,6 @@ def test_sampled_antidiagonal_scoring_is_priced_at_its_measured_cost():
         sparseprefill.unpatch(model)
 
 
-def test_blocks_with_columns_are_priced_at_the_vertical_slash_kernel_rate():
-    """``AntidiagonalConfig.vertical_share`` hands the kept blocks to the vertical-slash kernel, which
-    computes a pair at its own (lower) rate: the cost model and the heads' dense break-even use it."""
-    vertical_slash = cost.PATTERN_COSTS[PatternName.VERTICAL_SLASH]
-    antidiagonal = cost.PATTERN_COSTS[PatternName.ANTIDIAGONAL]
-    assert vertical_slash.efficiency_small_head < antidiagonal.efficiency_small_head
-    for length in (32768, 131072):
-        blocks = cost.sparse_attention_ms(PatternName.ANTIDIAGONAL, length, length, 14, 64)
-        ranged = cost.sparse_attention_ms(PatternName.ANTIDIAGONAL, length, length, 14, 64,
-                                          kernel_pattern=PatternName.VERTICAL_SLASH)
-        dense = cost.dense_attention_ms(length, length, 14, 64)
-        expected = antidiagonal.typical_density * dense * (1 / vertical_slash.efficiency_small_head
-                                                           - 1 / antidiagonal.efficiency_small_head)
-        assert ranged - blocks == pytest.approx(expected), length
-    model = tiny_model("llama")
-    sparseprefill.patch(model, SparseConfig(pattern="antidiagonal", antidiagonal={"vertical_share": 0.01}))
-    try:
-        kernels = {group.pattern.kernel_pattern for plan in _state(model).plans.values() for group in plan.groups}
-        assert kernels == {PatternName.VERTICAL_SLASH}
-    finally:
-        sparseprefill.unpatch(model)
-    sparseprefill.patch(model, SparseConfig(pattern="antidiagonal"))
-    try:
-        kernels = {group.pattern.kernel_pattern for plan in _state(model).plans.values() for group in plan.groups}
-        assert kernels == {PatternName.ANTIDIAGONAL}
-    finally:
-        sparseprefill.unpatch(model)
-
-
 def test_dense_break_even_is_the_kernel_rate():
     for pattern, cfg in cost.PATTERN_COSTS.items():
         for head_dim, efficiency in ((64, cfg.efficiency_small_head), (128, cfg.efficiency_large_head)):

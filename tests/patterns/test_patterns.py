@@ -515,8 +515,8 @@ def test_local_blocks_reach_the_estimate(config_cls, pattern_cls):
 def test_vertical_share_adds_the_heads_best_columns():
     """``vertical_share`` joins each head's best columns (by the last queries' scores) to the kept blocks:
     a key every late query attends is listed for every query block that can see it even where its block
-    is not kept; all columns reproduce dense attention; the spot check reads the ranged index; bad
-    shares are refused."""
+    is not kept; all columns reproduce dense attention; the spot check counts the columns; bad shares
+    are refused."""
     length, block, d = 512, 64, 32
     q, k, v = ref.make_qkv(9, 1, 2, 1, length, length, d)
     direction = torch.randn(d)
@@ -526,9 +526,9 @@ def test_vertical_share_adds_the_heads_best_columns():
     kw = dict(scale=d**-0.5, softcap=None, kv_head_index=kvh)
     only_forced = dict(block_size=block, stride=8, mass=0.0, sink_blocks=0)
     blocks = AntidiagonalPattern(AntidiagonalConfig(**only_forced)).estimate(q, k, **kw)
-    assert isinstance(blocks, BlockSparseIndex)
+    assert isinstance(blocks, BlockSparseIndex) and blocks.column_index is None
     index = AntidiagonalPattern(AntidiagonalConfig(**only_forced, vertical_share=0.01)).estimate(q, k, **kw)
-    assert isinstance(index, VerticalSlashIndex)
+    assert torch.equal(index.block_index, blocks.block_index) and index.column_index is not None
     listed = index.to_dense_mask()
     block_keys = blocks.to_dense_mask()
     assert torch.equal(listed & block_keys, block_keys), "the kept blocks stay listed"

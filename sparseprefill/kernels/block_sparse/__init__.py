@@ -17,8 +17,10 @@ from ..common import (
 from ..indices import BlockSparseIndex
 from ..mass_select import KEEP_ALL_MASS
 from ..recall import checked_recall_blocks
+from .columns import blocks_with_columns
 from .naive import (
     antidiagonal_block_mass_naive,
+    blocks_with_columns_naive,
     block_sparse_attention_naive,
     pooled_block_probs_naive,
     select_blocks_naive,
@@ -28,7 +30,7 @@ from .naive import (
 # Triton selection holds a whole row in registers.
 MAX_TRITON_KEY_BLOCKS = 16384
 
-__all__ = ["block_sparse_block_recall", "antidiagonal_block_mass", "antidiagonal_block_mass_naive", "pooled_block_probs", "pooled_block_probs_naive", "select_blocks", "select_blocks_naive", "block_sparse_attention", "block_sparse_attention_naive"]
+__all__ = ["blocks_with_columns", "blocks_with_columns_naive", "block_sparse_block_recall", "antidiagonal_block_mass", "antidiagonal_block_mass_naive", "pooled_block_probs", "pooled_block_probs_naive", "select_blocks", "select_blocks_naive", "block_sparse_attention", "block_sparse_attention_naive"]
 
 def antidiagonal_block_mass(
     q: torch.Tensor,

@@ -4,6 +4,8 @@ block scores (XAttention), mean-pooled block scores, and attention over listed K
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..common import attend_gathered, compact, qk_scores
@@ -193,7 +195,8 @@ def block_sparse_attention_naive(
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Reference of ``block_sparse_attention``: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, ``index``
-    ``[B, Hq, ceil(Lq / block_size_q), N]`` -> ``out [B, Hq, Lq, D]`` (exact softmax over the listed blocks)."""
+    ``[B, Hq, ceil(Lq / block_size_q), N]`` -> ``out [B, Hq, Lq, D]`` (exact softmax over the listed blocks
+    and columns)."""
     q_len, k_len = q.shape[2], k.shape[2]
     offset = query_offset(q_len, k_len)
     bq, bk = index.block_size_q, index.block_size_k
@@ -206,6 +209,12 @@ def block_sparse_attention_naive(
         ids = index.block_index[:, :, r, :n].long()
         positions = (ids[..., None] * bk + within_block).flatten(-2)
         valid = (slot_valid[:, :, r, :n, None] & (positions.view(*ids.shape, bk) < k_len)).flatten(-2)
+        if index.column_index is not None:
+            n_columns = max(int(index.column_count[:, :, r].max()) if index.column_count.numel() else 0, 1)
+            columns = index.column_index[:, :, r, :n_columns].long()
+            column_ok = index.column_valid()[:, :, r, :n_columns] & (columns >= 0) & (columns < k_len)
+            positions = torch.cat([positions, torch.where(column_ok, columns, 0)], dim=-1)
+            valid = torch.cat([valid, column_ok], dim=-1)
         q_positions = torch.arange(row0, row1, device=q.device) + offset
         block_out = attend_gathered(
             q[:, :, row0:row1], k, v, positions, valid, q_positions, kv_head_index, scale, window, softcap
@@ -230,3 +239,29 @@ def select_blocks_naive(
         block_count=count, block_index=index, block_size_q=block_size_q, block_size_k=block_size_k,
         q_len=q_len, k_len=k_len,
     )
+
+
+def blocks_with_columns_naive(
+    blocks: BlockSparseIndex, vertical_index: torch.Tensor, vertical_count: torch.Tensor
+) -> BlockSparseIndex:
+    """Reference of ``blocks_with_columns``, one query block at a time: the listed columns that the
+    block's last row can see and whose KV block the row does not keep, ascending."""
+    b_size, h_size, n_rows = blocks.block_count.shape
+    offset = query_offset(blocks.q_len, blocks.k_len)
+    picked = {}
+    for b in range(b_size):
+        for h in range(h_size):
+            head_columns = sorted(set(vertical_index[b, h, :int(vertical_count[b, h])].tolist()))
+            for r in range(n_rows):
+                kept = set(blocks.block_index[b, h, r, :int(blocks.block_count[b, h, r])].tolist())
+                last_row = offset + min((r + 1) * blocks.block_size_q, blocks.q_len) - 1
+                picked[b, h, r] = [c for c in head_columns if 0 <= c < blocks.k_len and c <= last_row
+                                   and c // blocks.block_size_k not in kept]
+    width = max([len(cols) for cols in picked.values()] + [1])
+    column_count = torch.zeros(b_size, h_size, n_rows, dtype=torch.int32)
+    column_index = torch.zeros(b_size, h_size, n_rows, width, dtype=torch.int32)
+    for key, cols in picked.items():
+        column_count[key] = len(cols)
+        column_index[key][: len(cols)] = torch.tensor(cols, dtype=torch.int32)
+    device = blocks.block_index.device
+    return replace(blocks, column_count=column_count.to(device), column_index=column_index.to(device))

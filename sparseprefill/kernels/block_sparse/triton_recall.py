@@ -1,7 +1,8 @@
 """Triton recall of a block-sparse index on a few query blocks, through the vertical-slash recall kernel.
 
 The checked rows of the index are rewritten as one key range per kept KV block (``[id x bs, id x bs +
-bs)``, clipped to ``Lk``) in a table with one row per checked block, and the vertical-slash recall
+bs)``, clipped to ``Lk``), plus the index's single columns if it has them, in a table with one row per
+checked block, and the vertical-slash recall
 kernel walks them (``listed_keys_recall_triton(rows_per_check=True)``): the same two passes (the dense
 normaliser over every visible key, then the listed keys), so the two estimators' checks share one kernel.
 """
@@ -31,9 +32,13 @@ def block_sparse_recall_triton(
     first_key = index.block_index[:, :, rows].to(torch.int64) * index.block_size_k
     start = first_key.clamp(max=index.k_len).to(torch.int32).contiguous()
     end = (first_key + index.block_size_k).clamp(max=index.k_len).to(torch.int32).contiguous()
-    no_columns = torch.zeros_like(count)
-    column_slot = torch.zeros(*count.shape, 1, dtype=torch.int32, device=count.device)
-    return listed_keys_recall_triton(q, k, (count, start, end, no_columns, column_slot), blocks, index.block_size_q,
+    if index.column_index is not None:
+        column_count = index.column_count[:, :, rows].to(torch.int32).contiguous()
+        column_slot = index.column_index[:, :, rows].to(torch.int32).contiguous()
+    else:
+        column_count = torch.zeros_like(count)
+        column_slot = torch.zeros(*count.shape, 1, dtype=torch.int32, device=count.device)
+    return listed_keys_recall_triton(q, k, (count, start, end, column_count, column_slot), blocks, index.block_size_q,
                                      rows_per_check=True, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
 
 

@@ -16,10 +16,8 @@ from ..common import (
 )
 from ..indices import VerticalSlashIndex, VerticalSlashLines
 from ..recall import checked_recall_blocks
-from .from_blocks import blocks_with_columns_index
 from .naive import (
     block_recall_naive,
-    blocks_with_columns_index_naive,
     build_vertical_slash_index_naive,
     select_lines_naive,
     split_ranges_naive,
@@ -29,7 +27,7 @@ from .naive import (
 )
 from .select import select_line_kinds, select_lines
 
-__all__ = ["blocks_with_columns_index", "blocks_with_columns_index_naive", "vertical_slash_block_recall", "vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_line_kinds", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "range_piece_keys", "range_pieces_pay", "split_ranges_naive", "vertical_slash_attention", "vertical_slash_attention_naive", "vertical_slash_lines", "vertical_slash_lines_attention", "vertical_slash_lines_attention_naive"]
+__all__ = ["vertical_slash_block_recall", "vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_line_kinds", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "range_piece_keys", "range_pieces_pay", "split_ranges_naive", "vertical_slash_attention", "vertical_slash_attention_naive", "vertical_slash_lines", "vertical_slash_lines_attention", "vertical_slash_lines_attention_naive"]
 
 def vertical_slash_scores(
     q: torch.Tensor,
