@@ -146,7 +146,7 @@ CANDIDATES = {
     "antidiag_sm98_l16": SparseConfig(pattern="antidiagonal", min_sparse_len=0, antidiagonal=AntidiagonalConfig(
         mass=0.98, scoring="sampled_mass", local_blocks=16)),
     # The head's best 1% / 2% of key columns (last 64 queries' scores) beside the kept blocks
-    # (AntidiagonalConfig.vertical_share; the vertical-slash kernel attends both): at 64K the top 1%
+    # (AntidiagonalConfig.vertical_share; the block kernel attends both): at 64K the top 1%
     # of columns held 29-35% of the mass the blocks missed on the worst heads.
     "antidiag_m98_v1": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
                                     antidiagonal=AntidiagonalConfig(mass=0.98, vertical_share=0.01)),
@@ -157,6 +157,14 @@ CANDIDATES = {
     "antidiag_m95_v1_l8": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
                                        antidiagonal=AntidiagonalConfig(vertical_share=0.01, local_blocks=8)),
     "antidiag_m98_v1_sc90": SparseConfig(pattern="antidiagonal", min_sparse_len=0, antidiagonal=AntidiagonalConfig(
+        mass=0.98, vertical_share=0.01, spot_check_recall=0.9)),
+    # The spot check stricter (heads below 0.95 of the exact mass on the checked blocks run dense), with and
+    # without the columns; and the columns with the check as a default would run them (the cost model decides).
+    "antidiag_m98_sc95": SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                                      antidiagonal=AntidiagonalConfig(mass=0.98, spot_check_recall=0.95)),
+    "antidiag_m98_v1_sc95": SparseConfig(pattern="antidiagonal", min_sparse_len=0, antidiagonal=AntidiagonalConfig(
+        mass=0.98, vertical_share=0.01, spot_check_recall=0.95)),
+    "antidiag_default_m98_v1_sc90": SparseConfig(pattern="antidiagonal", antidiagonal=AntidiagonalConfig(
         mass=0.98, vertical_share=0.01, spot_check_recall=0.9)),
     # Stride 4 with the mean logit: twice the sampled pairs (and the scoring's cost), a spike diluted 4x
     # instead of 8x.

@@ -22,6 +22,7 @@ from hypothesis import strategies as st  # noqa: E402
 from tests import reference  # noqa: E402
 from sparseprefill.kernels import build_vertical_slash_index, select_blocks  # noqa: E402
 from sparseprefill.kernels.vertical_slash.naive import build_vertical_slash_index_naive  # noqa: E402
+from sparseprefill.kernels.block_sparse.columns import blocks_with_columns  # noqa: E402
 from sparseprefill.kernels.block_sparse.naive import block_sparse_attention_naive  # noqa: E402
 from sparseprefill.kernels.block_sparse.triton_attention import block_sparse_attention_triton  # noqa: E402
 from sparseprefill.kernels.common import compact  # noqa: E402
@@ -84,6 +85,17 @@ def _inputs(batch, hq, hkv, q_len, k_len, d, dtype, seed):
     return make(batch, hq, q_len, d), make(batch, hkv, k_len, d), make(batch, hkv, k_len, d), g
 
 
+def _with_random_columns(index, k_len, density, seed, g):
+    """Every other case adds per-head key columns (``blocks_with_columns``), ascending in a full-width list
+    whose unused tail holds garbage, as the estimator leaves it."""
+    if seed % 4 < 2:
+        return index
+    batch, heads = index.block_count.shape[:2]
+    count, cols = compact(torch.rand(batch, heads, k_len, generator=g, device="cuda") < density * 0.2, trim=False)
+    cols = torch.where(torch.arange(cols.shape[-1], device="cuda") < count[..., None], cols, k_len + 5)
+    return blocks_with_columns(index, cols, count)
+
+
 @FUZZ
 @given(shapes())
 def test_block_sparse_fuzz(shape):
@@ -92,6 +104,7 @@ def test_block_sparse_fuzz(shape):
     scores = torch.rand(batch, hq, -(-q_len // block), -(-k_len // block), generator=g, device="cuda")
     index = select_blocks(scores, q_len=q_len, k_len=k_len, block_size_q=block, block_size_k=block, mass=density,
                           sink_blocks=int(seed % 2))
+    index = _with_random_columns(index, k_len, density, seed, g)
     _compare(block_sparse_attention_naive, block_sparse_attention_triton, q, k, v, index, window, softcap)
     COUNTS["block_sparse"] += 1
 
@@ -165,6 +178,7 @@ def test_block_sparse_recall_fuzz(shape):
     n_q, n_k = -(-q_len // block), -(-k_len // block)
     index = select_blocks(torch.rand(batch, hq, n_q, n_k, generator=g, device="cuda"), q_len=q_len, k_len=k_len,
                           block_size_q=block, block_size_k=block, mass=density)
+    index = _with_random_columns(index, k_len, density, seed, g)
     kw = dict(scale=d**-0.5, softcap=softcap, kv_head_index=torch.arange(hq, device="cuda") // (hq // hkv))
     blocks = torch.arange(n_q)
     got = block_sparse_recall_triton(q, k, index, blocks, **kw)
