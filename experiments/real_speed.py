@@ -255,6 +255,11 @@ def timing_part(args, models, budget, out_dir):
                 if getattr(cfg.vertical_slash, "heldout_recall", None) is not None:
                     timed["heldout_check"] = timed_ms(lambda: pattern.unpredictable_heads(q, k, index, **kw))
                 graph_ms, graph_error = None, "not a line pattern: no fused path"
+                if not isinstance(pattern, LinePattern):
+                    # A block estimate on the GPU sizes nothing on the host (full-width lists): the whole
+                    # unrouted run should capture.
+                    graph_ms, graph_error = _graph_ms(lambda: pattern.run(q, k, v, out=out, **kw))
+                    timed["run_graph"] = graph_ms
                 if isinstance(pattern, LinePattern):  # the lines and the fused path exist for line patterns only
                     timed["estimate_lines"] = timed_ms(lambda: pattern.estimate_lines(q, k, **kw))
                     fused = build_pattern(cfg.pattern,
@@ -264,7 +269,7 @@ def timing_part(args, models, budget, out_dir):
                     timed["run_fused_graph"] = graph_ms
                 for op, ms in timed.items():
                     rows.append(dict(base, op=f"{name}:{op}", ms=ms, density=density,
-                                     note=graph_error if op == "run_fused_graph" else None))
+                                     note=graph_error if op in ("run_fused_graph", "run_graph") else None))
                 log(f"timing {length} layer {layer} {name}: density {density:.3f}, run {timed['run']:.2f} ms, "
                     f"routed {timed['run_routed']:.2f} ms, fused {timed.get('run_fused', float('nan')):.2f} ms (graph "
                     f"{graph_ms if graph_ms is None else round(graph_ms, 2)} ms: {graph_error or 'captured'}), "

@@ -94,6 +94,28 @@ class BlockSparseIndex:
     def num_kv_blocks(self) -> int:
         return -(-self.k_len // self.block_size_k)
 
+    def at_full_width(self) -> "BlockSparseIndex":
+        """The same index with ``block_index`` padded (with -1) to every key block, a width known from the
+        shapes alone (what traced code and CUDA graphs need); a wider list is returned as is."""
+        missing = self.num_kv_blocks - self.block_index.shape[-1]
+        if missing <= 0:
+            return self
+        return replace(self, block_index=torch.nn.functional.pad(self.block_index, (0, missing), value=-1))
+
+    def with_heads_whole(self, heads: torch.Tensor) -> "BlockSparseIndex":
+        """The same index (at full width) with every query block of the ``heads [B, H]`` (bool) rows
+        listing every key block its last row can see, and no columns: the block kernel then computes
+        those heads exactly, with no host read of ``heads`` (what traced code and CUDA graphs need)."""
+        full = self.at_full_width()
+        device = full.block_index.device
+        _, last_row = query_block_bounds(self.q_len, self.k_len, self.block_size_q, device)
+        visible = torch.clamp(last_row // self.block_size_k + 1, max=self.num_kv_blocks).to(torch.int32)
+        every_block = torch.arange(full.block_index.shape[-1], dtype=full.block_index.dtype, device=device)
+        whole = heads[..., None]
+        return replace(full, block_count=torch.where(whole, visible, full.block_count),
+                       block_index=torch.where(whole[..., None], every_block, full.block_index),
+                       column_count=None if full.column_count is None else torch.where(whole, 0, full.column_count))
+
     def slot_valid(self) -> torch.Tensor:
         """``[B, H, Rq, N]`` bool: which entries of ``block_index`` are real."""
         slots = torch.arange(self.block_index.shape[-1], device=self.block_index.device)

@@ -125,7 +125,7 @@ def _run_span(
             part = torch.empty_like(q[:, heads])
             result = group.pattern.run(q[:, heads], k, v, kv_head_index=kv_of_head[heads], out=part, **common)
             out[:, heads] = part
-        stats.estimated_dense_heads += result.dense_heads
+        stats.record_dense_heads(result.dense_heads)
         computed.append(result.computed_pairs.sum())
         selections.append((group.heads, result.index))
     if state.inspector is not None:

@@ -81,7 +81,8 @@ class LayerStats:
     # (batch row, head) pairs of sparse calls whose estimate kept past the kernel's break-even, or failed
     # the pattern's own check (VerticalSlashConfig.heldout_recall), so they ran dense attention instead
     # (SparseConfig.route_dense_heads); their pairs count as computed.
-    estimated_dense_heads: int = 0
+    _dense_heads_total: int = field(default=0, repr=False)
+    _dense_heads_pending: list = field(default_factory=list, repr=False)
     # Computed-pair counts recorded as device tensors, read back when the stats are read: an int() per
     # layer in the forward pass would stall the host until the GPU caught up, once per layer.
     _computed_total: int = field(default=0, repr=False)
@@ -92,6 +93,22 @@ class LayerStats:
         if self._pending:
             self._computed_total += int(torch.stack([t.reshape(()) for t in self._pending]).sum())
             self._pending.clear()
+
+    @property
+    def estimated_dense_heads(self) -> int:
+        if self._dense_heads_pending:
+            self._dense_heads_total += int(torch.stack([t.reshape(()) for t in self._dense_heads_pending]).sum())
+            self._dense_heads_pending.clear()
+        return self._dense_heads_total
+
+    def record_dense_heads(self, count: int | torch.Tensor) -> None:
+        """``count``: an int, or a 0-d device tensor (from a traced graph; read when the stats are read)."""
+        if isinstance(count, torch.Tensor):
+            self._dense_heads_pending.append(count)
+            if len(self._dense_heads_pending) >= MAX_PENDING_COUNTS:
+                self._dense_heads_pending = [torch.stack(self._dense_heads_pending).sum()]
+        else:
+            self._dense_heads_total += count
 
     @property
     def computed_pairs(self) -> int:

@@ -27,11 +27,12 @@ class PatternOutput:
     """``computed_pairs [B, H]``: causal pairs the kernel computed (density numerator); ``index`` what
     the kernel read (``VerticalSlashLines`` for line patterns on their fused path; heads routed dense
     keep their estimated entries); ``dense_heads``: (batch row, head) pairs whose estimate kept at least
-    ``dense_above`` of their pairs and that therefore ran dense attention."""
+    ``dense_above`` of their pairs and that therefore ran dense attention (a 0-d device tensor where
+    the routing ran inside a traced graph)."""
 
     computed_pairs: torch.Tensor
     index: Union[SparseIndex, VerticalSlashLines]
-    dense_heads: int = 0
+    dense_heads: int | torch.Tensor = 0
 
 
 def inspectable_index(index: Union[SparseIndex, VerticalSlashLines]) -> SparseIndex:
@@ -47,6 +48,9 @@ class SparsePattern(abc.ABC):
     # The estimate's part that grows like dense attention, relative to the pattern's measured one
     # (``cost.PatternCost.estimate_dense_fraction``): an option that changes the estimate's work says so.
     estimate_cost_factor: float = 1.0
+    # The estimate is a ``torch.library`` op of fixed output shapes (or plain traceable torch): ``run`` lets
+    # torch.compile trace it instead of running it eagerly outside the graph.
+    traceable_estimate: ClassVar[bool] = False
 
     @abc.abstractmethod
     def estimate(
@@ -98,13 +102,20 @@ class SparsePattern(abc.ABC):
         lists at least that share, or that ``unpredictable_heads`` flags, runs dense attention instead
         (``fast_dense_attention``: SDPA on the GPU), which costs one host read of the per-head flags."""
         kwargs = dict(scale=scale, softcap=softcap, kv_head_index=kv_head_index)
-        index = _estimate_outside_compile(self, q, k, **kwargs)
+        index = (self.estimate(q, k, **kwargs) if self.traceable_estimate
+                 else _estimate_outside_compile(self, q, k, **kwargs))
         pairs = index.computed_pairs()
         causal = causal_pairs_total(q.shape[2], k.shape[2])
         dense = None if dense_above is None else pairs >= dense_above * causal
         if dense is not None:
             unpredictable = self.unpredictable_heads(q, k, index, **kwargs)
             dense = dense if unpredictable is None else dense | unpredictable
+        if dense is not None and isinstance(index, BlockSparseIndex) and torch.compiler.is_compiling():
+            # Traced code cannot branch on the flags: the routed heads list every visible block and the
+            # block kernel computes them exactly (at its rate, not cuDNN's), with no host read.
+            self.attend(q, k, v, index.with_heads_whole(dense), out=out, **kwargs)
+            return PatternOutput(computed_pairs=torch.where(dense, causal, pairs), index=index,
+                                 dense_heads=dense.sum())
         dense_host = None if dense is None else dense.cpu()  # the one host read routing costs
         if dense_host is None or not dense_host.any():
             self.attend(q, k, v, index, out=out, **kwargs)
@@ -180,13 +191,15 @@ def attend_heads_dense(
                                                     scale=scale, softcap=softcap)
 
 
-# Estimates launch Triton kernels directly and some (block selection) size their indices on the host,
-# which torch.compile cannot trace: run them eagerly, so a compiled patched model breaks its graph there
-# once per sparse layer with this one reason instead of dynamo's data-dependent-shape traces, and
-# fullgraph=True fails saying why.
+# The vertical-slash family's and the pooled block estimates launch Triton kernels directly and some
+# size their indices on the host, which torch.compile cannot trace: run them eagerly, so a compiled
+# patched model breaks its graph there once per sparse layer with this one reason instead of dynamo's
+# data-dependent-shape traces, and fullgraph=True fails saying why. (The antidiagonal estimate is an op
+# of fixed shapes: ``traceable_estimate``.)
 ESTIMATE_COMPILE_REASON = (
-    "sparseprefill: sparse estimation runs outside torch.compile (Triton launches; some estimators "
-    "size their indices on the host), so fullgraph=True cannot compile a patched model's sparse layers yet"
+    "sparseprefill: sparse estimation runs outside torch.compile for this pattern (Triton launches; some "
+    "estimators size their indices on the host), so fullgraph=True cannot compile its sparse layers; "
+    "pattern='antidiagonal' compiles whole"
 )
 
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..config import SPOT_CHECK_BLOCKS, BlockSparseConfig, PatternName
-from ..kernels import pooled_block_probs, select_blocks
-from ..kernels.block_sparse import block_sparse_block_recall
+from ..kernels import library, pooled_block_probs, select_blocks
 from ..kernels.geometry import spread_window_ends
 from ..kernels.indices import BlockSparseIndex
 from .base import SparsePattern
@@ -29,7 +28,8 @@ def misjudged_heads(q, k, index: BlockSparseIndex, threshold: float | None, *, s
     if threshold is None:
         return None
     blocks = spot_check_blocks(q.shape[2], index.block_size_q)
-    recall = block_sparse_block_recall(q, k, index, blocks, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+    recall = library.call_block_sparse_block_recall(q, k, index, blocks, scale=scale, softcap=softcap,
+                                                    kv_head_index=kv_head_index)
     return recall.amin(dim=-1) < threshold
 
 

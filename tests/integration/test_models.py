@@ -490,3 +490,29 @@ def test_torch_compile_of_a_patched_model_runs_and_fullgraph_says_why_not():
         torch._dynamo.reset()
         sparseprefill.unpatch(model)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fullgraph_compile_of_an_antidiagonal_patched_model_matches_eager(family):
+    """The antidiagonal estimate is one op of fixed shapes, so a patched model compiles whole
+    (``fullgraph=True``) and gives the eager logits and the same stats (density, phases)."""
+    model = tiny_model(family, qk_scale=PEAKED_QK)
+    ids = random_ids(ODD_LENGTH)
+    config = SparseConfig(pattern="antidiagonal", min_sparse_len=0,
+                          antidiagonal=AntidiagonalConfig(block_size=16, mass=0.6, vertical_share=0.05))
+    sparseprefill.patch(model, config)
+    try:
+        eager = _logits(model, ids)
+        eager_stats = sparseprefill.stats(model).to_dict()
+        assert 0 < eager_stats["density"] < 1, eager_stats["density"]
+        sparseprefill.reset_stats(model)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+        compiled_stats = sparseprefill.stats(model).to_dict()
+    finally:
+        torch._dynamo.reset()
+        sparseprefill.unpatch(model)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for key in ("density", "phases", "fallbacks", "estimated_dense_heads"):
+        assert compiled_stats[key] == eager_stats[key], key

@@ -3,6 +3,8 @@ with the public functions."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -97,3 +99,35 @@ def test_vertical_slash_lines_op_passes_opcheck_matches_and_compiles():
     compiled_out, compiled_pairs = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v, pairs)
     torch.testing.assert_close(compiled_out, 2 * out)
     assert int(compiled_pairs) == int(lines.block_pairs.sum())
+
+
+@pytest.mark.parametrize("columns", [False, True])
+def test_block_recall_op_passes_opcheck_and_matches(columns):
+    from sparseprefill.kernels.block_sparse import block_sparse_block_recall
+
+    q, k, _ = _qkv(seed=3)
+    index = select_blocks(torch.rand(1, 4, 3, 3, device=DEVICE), q_len=70, k_len=90, block_size_q=32,
+                          block_size_k=32, mass=0.5)
+    if columns:
+        picked = torch.tensor([3, 40, 77], dtype=torch.int32, device=DEVICE).expand(1, 4, 3)
+        index = blocks_with_columns(index, picked, torch.full((1, 4), 3, dtype=torch.int32, device=DEVICE))
+    kvh = torch.arange(4, device=DEVICE) // 2
+    args = (q, k, index.block_count, index.block_index, kvh, [0, 2], 32, 32, 0.2, 0.0, index.column_count,
+            index.column_index)
+    torch.library.opcheck(torch.ops.sparseprefill.block_sparse_block_recall.default, args)
+    got = library.call_block_sparse_block_recall(q, k, index, [0, 2], scale=0.2, softcap=None, kv_head_index=kvh)
+    torch.testing.assert_close(got, block_sparse_block_recall(q, k, index, [0, 2], scale=0.2, kv_head_index=kvh))
+
+
+@pytest.mark.parametrize("share", [0.0, 0.05])
+def test_antidiagonal_estimate_op_passes_opcheck_with_fixed_shapes(share):
+    from sparseprefill.patterns.antidiagonal import antidiagonal_estimate_op
+
+    q, k, _ = _qkv(seed=4)
+    kvh = torch.arange(4, device=DEVICE) // 2
+    args = (q, k, kvh, 0.2, 0.0, 4, 16, 0.7, 1, 0, False, False, share)
+    torch.library.opcheck(torch.ops.sparseprefill.antidiagonal_estimate.default, args)
+    count, index, column_count, column_index = antidiagonal_estimate_op(*args)
+    # Widths known from the shapes alone: every key block, and ceil(share * Lk) columns.
+    assert index.shape == (1, 4, 5, 6) and column_index.shape == (1, 4, 5, math.ceil(share * 90))
+    assert bool((count >= 1).all()) and (share > 0 or int(column_count.sum()) == 0)

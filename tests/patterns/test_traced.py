@@ -1,0 +1,130 @@
+"""The antidiagonal pattern traced by torch.compile (``fullgraph=True``): its estimate is one op of fixed
+output shapes, and routing heads dense runs inside the graph (the routed heads list every visible block;
+the block kernel computes them exactly). Traced and eager runs must agree on every output element, the
+pairs counted and the heads routed; the routed heads must equal exact attention."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from sparseprefill.config import AntidiagonalConfig
+from sparseprefill.kernels.block_sparse import block_sparse_block_recall, select_blocks
+from sparseprefill.kernels.indices import BlockSparseIndex
+from sparseprefill.patterns import AntidiagonalPattern
+from sparseprefill.patterns.block_sparse import spot_check_blocks
+
+from tests import reference as ref
+from tests.reference import torch_single_thread  # noqa: F401  (autouse fixture)
+
+CONFIGS = {
+    "blocks": AntidiagonalConfig(block_size=16, stride=4, mass=0.7),
+    # The spot check's threshold is set per case to the median head's checked recall.
+    "columns_and_spot_check": AntidiagonalConfig(block_size=16, stride=4, mass=0.7, vertical_share=0.04),
+}
+
+
+def _run(pattern, q, k, v, kv_head_index, dense_above):
+    out = torch.full_like(q, float("nan"))
+    result = pattern.run(q, k, v, scale=q.shape[-1] ** -0.5, softcap=None, kv_head_index=kv_head_index, out=out,
+                         dense_above=dense_above)
+    return out, result.computed_pairs, torch.as_tensor(result.dense_heads)
+
+
+@pytest.mark.parametrize("q_len,k_len", [(200, 200), (150, 233)])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_traced_run_matches_eager_and_routes_inside_the_graph(name, q_len, k_len):
+    b, hq, hkv, d = 2, 6, 2, 32
+    q, k, v = ref.make_qkv(17, b, hq, hkv, q_len, k_len, d, spread=2.0)
+    kv_head_index = torch.arange(hq) // (hq // hkv)
+    config = CONFIGS[name]
+    pattern = AntidiagonalPattern(config)
+    _, plain_pairs, _ = _run(pattern, q, k, v, kv_head_index, None)
+    causal = int(ref.pair_count(None, q_len, k_len))
+    density = plain_pairs.double() / causal
+    median = lambda x: float(x.flatten().sort().values[x.numel() // 2])  # noqa: E731
+    threshold = median(density)  # about half the heads
+    if name == "columns_and_spot_check":  # about half the heads by the check instead
+        index = pattern.estimate(q, k, scale=d**-0.5, softcap=None, kv_head_index=kv_head_index)
+        recall = block_sparse_block_recall(q, k, index, spot_check_blocks(q_len, config.block_size),
+                                           scale=d**-0.5, kv_head_index=kv_head_index).amin(-1)
+        pattern = AntidiagonalPattern(replace(config, spot_check_recall=median(recall)))
+        threshold = 1.01
+    eager_out, eager_pairs, eager_dense = _run(pattern, q, k, v, kv_head_index, threshold)
+    assert 0 < int(eager_dense) < b * hq, density
+
+    torch._dynamo.reset()
+    try:
+        traced = torch.compile(lambda *a: _run(pattern, *a, threshold), fullgraph=True, backend="aot_eager")
+        out, pairs, dense = traced(q, k, v, kv_head_index)
+    finally:
+        torch._dynamo.reset()
+    assert not torch.isnan(out).any(), "some output rows were never written"
+    assert int(dense) == int(eager_dense)
+    assert torch.equal(pairs, eager_pairs)
+    torch.testing.assert_close(out, eager_out, atol=2e-6, rtol=2e-6)
+    routed = eager_pairs == causal
+    exact = ref.attention_reference(q, k, v, scale=d**-0.5, kv_head_index=kv_head_index)
+    torch.testing.assert_close(out[routed].double(), exact[routed], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("q_len,k_len,block_q,block_k", [(97, 97, 16, 32), (40, 130, 16, 16), (64, 64, 32, 32)])
+def test_heads_whole_list_every_visible_key_and_leave_the_others(q_len, k_len, block_q, block_k):
+    b, h = 2, 3
+    g = torch.Generator().manual_seed(q_len)
+    scores = torch.rand(b, h, -(-q_len // block_q), -(-k_len // block_k), generator=g)
+    index = select_blocks(scores, q_len=q_len, k_len=k_len, block_size_q=block_q, block_size_k=block_k, mass=0.3)
+    columns = torch.randint(0, k_len, (b, h, index.block_count.shape[-1], 3), generator=g, dtype=torch.int32)
+    index = BlockSparseIndex(block_count=index.block_count, block_index=index.block_index, block_size_q=block_q,
+                             block_size_k=block_k, q_len=q_len, k_len=k_len,
+                             column_count=torch.full_like(index.block_count, 3), column_index=columns)
+    full = index.at_full_width()
+    assert full.block_index.shape[-1] == -(-k_len // block_k)
+    assert torch.equal(full.to_dense_mask(), index.to_dense_mask())
+    assert torch.equal(full.computed_pairs(), index.computed_pairs())
+    heads = torch.tensor([[True, False, True], [False, False, True]])
+    whole = index.with_heads_whole(heads)
+    causal = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+    listed = whole.to_dense_mask()
+    for row in range(b):
+        for head in range(h):
+            if heads[row, head]:
+                assert bool((listed[row, head] | ~causal).all())
+                assert int(whole.computed_pairs()[row, head]) == int(causal.sum())
+                assert int(whole.column_count[row, head].sum()) == 0
+            else:
+                assert torch.equal(listed[row, head], index.to_dense_mask()[row, head])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_block_estimate_and_its_attention_capture_in_a_cuda_graph(name):
+    """No host read between the estimate and the attention on the GPU: the whole run (unrouted) captures
+    in a CUDA graph, and replaying it on new q/k/v gives the eager result for those inputs."""
+    b, hq, hkv, length, d = 1, 4, 2, 700, 64
+    inputs = [tuple(t.cuda().to(torch.bfloat16) for t in ref.make_qkv(seed, b, hq, hkv, length, length, d, spread=2.0))
+              for seed in (3, 4)]
+    kv_head_index = (torch.arange(hq) // (hq // hkv)).cuda()
+    pattern = AntidiagonalPattern(replace(CONFIGS[name], block_size=64))
+    static = [t.clone() for t in inputs[0]]
+    out = torch.empty_like(static[0])
+    run = lambda: pattern.run(*static, scale=d**-0.5, softcap=None, kv_head_index=kv_head_index, out=out)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # compiles the Triton kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = run()
+    for q, k, v in inputs:
+        for target, source in zip(static, (q, k, v)):
+            target.copy_(source)
+        out.fill_(float("nan"))
+        graph.replay()
+        expected = torch.full_like(q, float("nan"))
+        eager = pattern.run(q, k, v, scale=d**-0.5, softcap=None, kv_head_index=kv_head_index, out=expected)
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        assert torch.equal(result.computed_pairs, eager.computed_pairs)
