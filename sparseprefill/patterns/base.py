@@ -191,15 +191,15 @@ def attend_heads_dense(
                                                     scale=scale, softcap=softcap)
 
 
-# The vertical-slash family's and the pooled block estimates launch Triton kernels directly and some
+# The vertical-slash family's estimates launch Triton kernels directly and some
 # size their indices on the host, which torch.compile cannot trace: run them eagerly, so a compiled
 # patched model breaks its graph there once per sparse layer with this one reason instead of dynamo's
-# data-dependent-shape traces, and fullgraph=True fails saying why. (The antidiagonal estimate is an op
-# of fixed shapes: ``traceable_estimate``.)
+# data-dependent-shape traces, and fullgraph=True fails saying why. (The block estimates are ops of
+# fixed shapes: ``traceable_estimate``.)
 ESTIMATE_COMPILE_REASON = (
     "sparseprefill: sparse estimation runs outside torch.compile for this pattern (Triton launches; some "
     "estimators size their indices on the host), so fullgraph=True cannot compile its sparse layers; "
-    "pattern='antidiagonal' compiles whole"
+    "pattern='antidiagonal' or 'block_sparse' compiles whole"
 )
 
 

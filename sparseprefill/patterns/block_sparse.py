@@ -1,7 +1,8 @@
 """Block-sparse from mean-pooled Q/K block scores (FlexPrefill's query-aware map).
 
 Blocks are ranked by softmax over pooled scores; each query-block row keeps the sink and diagonal
-blocks plus the best others until ``mass`` of the row is covered (or the ``top_k`` best).
+blocks plus the best others until ``mass`` of the row is covered (or the ``top_k`` best). The estimate
+is one ``torch.library`` op of fixed output shapes, so torch.compile traces through it.
 """
 
 from __future__ import annotations
@@ -33,22 +34,42 @@ def misjudged_heads(q, k, index: BlockSparseIndex, threshold: float | None, *, s
     return recall.amin(dim=-1) < threshold
 
 
+@torch.library.custom_op(f"{library.NAMESPACE}::pooled_block_estimate", mutates_args=())
+def pooled_block_estimate_op(
+    q: torch.Tensor, k: torch.Tensor, kv_head_index: torch.Tensor, scale: float, softcap: float, block_size: int,
+    mass: float, top_k: int, sink_blocks: int, local_blocks: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block_count [B, H, Rq], block_index [B, H, Rq, Rk])`` int32 (lists at the full key-block width);
+    ``top_k`` 0 and ``softcap`` 0 are none."""
+    probs = pooled_block_probs(q, k, scale=scale, block_size=block_size, softcap=softcap or None,
+                               kv_head_index=kv_head_index)
+    index = select_blocks(probs, q_len=q.shape[2], k_len=k.shape[2], block_size_q=block_size,
+                          block_size_k=block_size, mass=mass, top_k=top_k or None, sink_blocks=sink_blocks,
+                          local_blocks=local_blocks).at_full_width()
+    return index.block_count, index.block_index
+
+
+@pooled_block_estimate_op.register_fake
+def _(q, k, kv_head_index, scale, softcap, block_size, mass, top_k, sink_blocks, local_blocks):
+    b, h, q_len, _ = q.shape
+    rows, key_blocks = -(-q_len // block_size), -(-k.shape[2] // block_size)
+    return q.new_empty(b, h, rows, dtype=torch.int32), q.new_empty(b, h, rows, key_blocks, dtype=torch.int32)
+
+
 class BlockSparsePattern(SparsePattern):
     name = PatternName.BLOCK_SPARSE
+    traceable_estimate = True
 
     def __init__(self, config: BlockSparseConfig):
         self.config = config
 
     def estimate(self, q, k, *, scale, softcap, kv_head_index) -> BlockSparseIndex:
         cfg = self.config
-        probs = pooled_block_probs(
-            q, k, scale=scale, block_size=cfg.block_size, softcap=softcap, kv_head_index=kv_head_index
-        )
-        return select_blocks(
-            probs, q_len=q.shape[2], k_len=k.shape[2], block_size_q=cfg.block_size, block_size_k=cfg.block_size,
-            mass=cfg.mass, top_k=cfg.top_k, sink_blocks=cfg.sink_blocks,
-            local_blocks=cfg.local_blocks,
-        )
+        block_count, block_index = pooled_block_estimate_op(
+            q, k, kv_head_index, scale, softcap or 0.0, cfg.block_size, cfg.mass, cfg.top_k or 0, cfg.sink_blocks,
+            cfg.local_blocks)
+        return BlockSparseIndex(block_count=block_count, block_index=block_index, block_size_q=cfg.block_size,
+                                block_size_k=cfg.block_size, q_len=q.shape[2], k_len=k.shape[2])
 
     def unpredictable_heads(self, q, k, index, *, scale, softcap, kv_head_index) -> torch.Tensor | None:
         return misjudged_heads(q, k, index, self.config.spot_check_recall, scale=scale, softcap=softcap,

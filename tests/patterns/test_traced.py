@@ -1,5 +1,5 @@
-"""The antidiagonal pattern traced by torch.compile (``fullgraph=True``): its estimate is one op of fixed
-output shapes, and routing heads dense runs inside the graph (the routed heads list every visible block;
+"""The block patterns (antidiagonal, pooled) traced by torch.compile (``fullgraph=True``): each estimate is
+one op of fixed output shapes, and routing heads dense runs inside the graph (the routed heads list every visible block;
 the block kernel computes them exactly). Traced and eager runs must agree on every output element, the
 pairs counted and the heads routed; the routed heads must equal exact attention."""
 
@@ -10,19 +10,21 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sparseprefill.config import AntidiagonalConfig
+from sparseprefill.config import AntidiagonalConfig, BlockSparseConfig
 from sparseprefill.kernels.block_sparse import block_sparse_block_recall, select_blocks
 from sparseprefill.kernels.indices import BlockSparseIndex
-from sparseprefill.patterns import AntidiagonalPattern
+from sparseprefill.patterns import AntidiagonalPattern, BlockSparsePattern
 from sparseprefill.patterns.block_sparse import spot_check_blocks
 
 from tests import reference as ref
 from tests.reference import torch_single_thread  # noqa: F401  (autouse fixture)
 
 CONFIGS = {
-    "blocks": AntidiagonalConfig(block_size=16, stride=4, mass=0.7),
+    "blocks": (AntidiagonalPattern, AntidiagonalConfig(block_size=16, stride=4, mass=0.7)),
     # The spot check's threshold is set per case to the median head's checked recall.
-    "columns_and_spot_check": AntidiagonalConfig(block_size=16, stride=4, mass=0.7, vertical_share=0.04),
+    "columns_and_spot_check": (AntidiagonalPattern,
+                               AntidiagonalConfig(block_size=16, stride=4, mass=0.7, vertical_share=0.04)),
+    "pooled_blocks": (BlockSparsePattern, BlockSparseConfig(block_size=16, mass=0.7)),
 }
 
 
@@ -39,8 +41,8 @@ def test_traced_run_matches_eager_and_routes_inside_the_graph(name, q_len, k_len
     b, hq, hkv, d = 2, 6, 2, 32
     q, k, v = ref.make_qkv(17, b, hq, hkv, q_len, k_len, d, spread=2.0)
     kv_head_index = torch.arange(hq) // (hq // hkv)
-    config = CONFIGS[name]
-    pattern = AntidiagonalPattern(config)
+    pattern_cls, config = CONFIGS[name]
+    pattern = pattern_cls(config)
     _, plain_pairs, _ = _run(pattern, q, k, v, kv_head_index, None)
     causal = int(ref.pair_count(None, q_len, k_len))
     density = plain_pairs.double() / causal
@@ -107,7 +109,8 @@ def test_a_block_estimate_and_its_attention_capture_in_a_cuda_graph(name):
     inputs = [tuple(t.cuda().to(torch.bfloat16) for t in ref.make_qkv(seed, b, hq, hkv, length, length, d, spread=2.0))
               for seed in (3, 4)]
     kv_head_index = (torch.arange(hq) // (hq // hkv)).cuda()
-    pattern = AntidiagonalPattern(replace(CONFIGS[name], block_size=64))
+    pattern_cls, config = CONFIGS[name]
+    pattern = pattern_cls(replace(config, block_size=64))
     static = [t.clone() for t in inputs[0]]
     out = torch.empty_like(static[0])
     run = lambda: pattern.run(*static, scale=d**-0.5, softcap=None, kv_head_index=kv_head_index, out=out)  # noqa: E731
