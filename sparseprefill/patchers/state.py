@@ -274,7 +274,7 @@ class PatchState:
             if len(self._cost_decisions) >= MAX_COST_DECISIONS:  # chunked prefill sees many lengths
                 self._cost_decisions.clear()
             groups = [(group.pattern.name, len(group.heads), head_dim, group.pattern.query_windows,
-                       group.pattern.estimate_cost_factor)
+                       group.pattern.estimate_cost_factor, group.pattern.cost_extras)
                       for layer, head_dim in self.head_dims.items() for group in self.plans[layer].groups]
             speedup = predicted_speedup(groups, q_len, k_len, device_type)
             self._cost_decisions[key] = None if speedup >= MIN_PREDICTED_SPEEDUP else FallbackReason.COST_MODEL

@@ -16,6 +16,7 @@ from ..config import PatternName
 from ..kernels import BlockSparseIndex, VerticalSlashIndex, fast_dense_attention, library
 from ..kernels.geometry import causal_pairs_total
 from ..kernels.indices import VerticalSlashLines
+from .cost import NO_EXTRAS, EstimateExtras
 
 SparseIndex = Union[BlockSparseIndex, VerticalSlashIndex, None]
 
@@ -48,6 +49,8 @@ class SparsePattern(abc.ABC):
     # The estimate's part that grows like dense attention, relative to the pattern's measured one
     # (``cost.PatternCost.estimate_dense_fraction``): an option that changes the estimate's work says so.
     estimate_cost_factor: float = 1.0
+    # What the pattern's options add to its measured cost (``cost.EstimateExtras``).
+    cost_extras: EstimateExtras = NO_EXTRAS
     # The estimate is a ``torch.library`` op of fixed output shapes (or plain traceable torch): ``run`` lets
     # torch.compile trace it instead of running it eagerly outside the graph.
     traceable_estimate: ClassVar[bool] = False

@@ -37,6 +37,8 @@ from ..kernels.geometry import causal_pairs_total
 __all__ = [
     "DENSE_FLOPS_PER_MS_LARGE_HEAD",
     "DENSE_FLOPS_PER_MS_SMALL_HEAD",
+    "EstimateExtras",
+    "NO_EXTRAS",
     "MIN_PREDICTED_SPEEDUP",
     "SAMPLED_SCORING_COST_FACTOR",
     "PatternCost",
@@ -46,6 +48,7 @@ __all__ = [
     "kernel_time_ratio",
     "sparse_attention_ms",
     "predicted_speedup",
+    "vertical_share_extras",
 ]
 
 # cuDNN's causal attention rate on the H200 (FLOP per ms): 470 TFLOP/s measured at head_dim 64
@@ -120,6 +123,34 @@ PATTERN_COSTS: dict[PatternName, PatternCost] = {
 }
 
 
+@dataclass(frozen=True)
+class EstimateExtras:
+    """What an option adds to its pattern's measured cost, per layer: ``fixed_ms``, ``ms_per_head_key``
+    (times query heads x keys) and ``density`` (kept pairs, as a share of the causal ones)."""
+
+    fixed_ms: float = 0.0
+    ms_per_head_key: float = 0.0
+    density: float = 0.0
+
+
+NO_EXTRAS = EstimateExtras()
+
+# AntidiagonalConfig.vertical_share: the last 64 queries' column scores, a top-k per head and the per-block
+# column lists cost 1.1-1.9 ms more estimate per layer at 32K and 2.6 ms at 128K on Qwen's real q/k (14
+# heads, H100, experiments/real_speed.py --parts timing, benchmarks/results/real_qwen_h100/run15_block_columns);
+# the whole layer took 0.6-2.3 / 2.8-4.6 ms more. Most of the 32K part is launches (0.5 ms more when the
+# layer replays from a CUDA graph). The kept columns add at most ``share`` of the pairs.
+VERTICAL_SHARE_FIXED_MS = 1.0
+VERTICAL_SHARE_MS_PER_HEAD_KEY = 1.4e-6
+
+
+def vertical_share_extras(share: float) -> EstimateExtras:
+    """The cost of the head's best ``share`` of key columns beside the kept blocks (none at 0)."""
+    if share == 0:
+        return NO_EXTRAS
+    return EstimateExtras(VERTICAL_SHARE_FIXED_MS, VERTICAL_SHARE_MS_PER_HEAD_KEY, share)
+
+
 def dense_attention_ms(q_len: int, k_len: int, heads: int, head_dim: int) -> float:
     """Predicted dense causal attention time of ``heads`` query heads on the GPU."""
     rate = DENSE_FLOPS_PER_MS_SMALL_HEAD if head_dim <= SMALL_HEAD_DIM else DENSE_FLOPS_PER_MS_LARGE_HEAD
@@ -127,11 +158,13 @@ def dense_attention_ms(q_len: int, k_len: int, heads: int, head_dim: int) -> flo
 
 
 def sparse_attention_ms(pattern: PatternName, q_len: int, k_len: int, heads: int, head_dim: int,
-                        query_windows: int = 1, estimate_cost_factor: float = 1.0) -> float:
+                        query_windows: int = 1, estimate_cost_factor: float = 1.0,
+                        extras: EstimateExtras = NO_EXTRAS) -> float:
     """Predicted estimate + sparse attention time; the dense time for the dense pattern (such heads
     run dense either way, so they weigh the same on both sides of the comparison). ``query_windows``:
     the vertical-slash estimate's scoring windows (each past the first adds its cost and density);
-    ``estimate_cost_factor``: scales the estimate's dense-like part (``SparsePattern.estimate_cost_factor``)."""
+    ``estimate_cost_factor``: scales the estimate's dense-like part (``SparsePattern.estimate_cost_factor``);
+    ``extras``: what the pattern's options add (``SparsePattern.cost_extras``)."""
     dense = dense_attention_ms(q_len, k_len, heads, head_dim)
     cost = PATTERN_COSTS.get(PatternName(pattern))
     if cost is None:  # the dense pattern
@@ -141,7 +174,8 @@ def sparse_attention_ms(pattern: PatternName, q_len: int, k_len: int, heads: int
     estimate = (cost.estimate_fixed_ms
                 + (cost.estimate_ms_per_head_key + extra_windows * cost.extra_window_ms_per_head_key) * heads * k_len
                 + cost.estimate_dense_fraction * estimate_cost_factor * dense)
-    density = min(cost.typical_density + extra_windows * cost.extra_window_density, 1.0)
+    estimate += extras.fixed_ms + extras.ms_per_head_key * heads * k_len
+    density = min(cost.typical_density + extra_windows * cost.extra_window_density + extras.density, 1.0)
     return estimate + density * dense / efficiency
 
 
@@ -171,7 +205,7 @@ def dense_break_even(pattern: PatternName | str, head_dim: int) -> float | None:
 
 def predicted_speedup(groups: Sequence[tuple], q_len: int, k_len: int, device_type: str) -> float:
     """Predicted dense time / sparse time of one prefill: ``groups`` lists (pattern, query heads,
-    head_dim[, query_windows[, estimate_cost_factor]]) of every head group, over all layers, that would run sparse. 0 on devices
+    head_dim[, query_windows[, estimate_cost_factor[, extras]]]) of every head group, over all layers, that would run sparse. 0 on devices
     without a cost model (the CPU) and when no group would run sparse."""
     if device_type != "cuda" or not groups:
         return 0.0

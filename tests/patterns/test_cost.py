@@ -83,6 +83,26 @@ def test_sampled_antidiagonal_scoring_is_priced_at_its_measured_cost():
         sparseprefill.unpatch(model)
 
 
+def test_vertical_share_is_priced_at_its_measured_cost():
+    # H100, Qwen's real q/k, per layer (run15_block_columns/timing.csv): the columns (share 0.01) took
+    # 1.1-1.9 ms more estimate at 32K and 2.6 ms at 128K, and the whole layer 0.6-2.3 / 2.8-4.6 ms more.
+    def extra(length):
+        plain = cost.sparse_attention_ms(PatternName.ANTIDIAGONAL, length, length, 14, 64)
+        return cost.sparse_attention_ms(PatternName.ANTIDIAGONAL, length, length, 14, 64,
+                                        extras=cost.vertical_share_extras(0.01)) - plain
+    assert 1.1 <= extra(32768) <= 2.3
+    assert 2.8 <= extra(131072) <= 4.6
+    assert cost.vertical_share_extras(0.0) == cost.NO_EXTRAS
+    # The patch prices each group with its own pattern's extras.
+    model = tiny_model("llama")
+    sparseprefill.patch(model, SparseConfig(pattern="antidiagonal", antidiagonal={"vertical_share": 0.02}))
+    try:
+        extras = {group.pattern.cost_extras for plan in _state(model).plans.values() for group in plan.groups}
+        assert extras == {cost.vertical_share_extras(0.02)} and cost.vertical_share_extras(0.02).density == 0.02
+    finally:
+        sparseprefill.unpatch(model)
+
+
 def test_dense_break_even_is_the_kernel_rate():
     for pattern, cfg in cost.PATTERN_COSTS.items():
         for head_dim, efficiency in ((64, cfg.efficiency_small_head), (128, cfg.efficiency_large_head)):
