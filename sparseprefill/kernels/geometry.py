@@ -79,6 +79,18 @@ def causal_pairs_in_rects(
     return total
 
 
+def block_pair_table(q_len: int, k_len: int, block_size_q: int, block_size_k: int, window: int | None = None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[Rq, Rk]`` int32: causal (query, key) pairs of each (query block, key block) pair (a block holds
+    at most ``block_size_q x block_size_k`` of them). Counting a block index looks its slots up here
+    instead of evaluating ``causal_pairs_in_rects`` on every slot: ~20 elementwise passes over
+    ``Rq x Rk`` instead of over ``B x H x Rq x width``."""
+    p0, p1 = query_block_bounds(q_len, k_len, block_size_q, device)
+    c0 = torch.arange(-(-k_len // block_size_k), device=device, dtype=torch.int64) * block_size_k
+    c1 = torch.clamp(c0 + block_size_k, max=k_len)
+    return causal_pairs_in_rects(p0[:, None], p1[:, None], c0[None, :], c1[None, :], window).to(torch.int32)
+
+
 def causal_pairs_in_columns(p0: torch.Tensor, p1: torch.Tensor, columns: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Pairs contributed by single key columns ``j`` to query positions ``[p0, p1]``: rows
     ``max(p0, j) .. min(p1, j + W - 1)``. Broadcasts; int64 out."""

@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .geometry import causal_pairs_in_columns, causal_pairs_in_rects, query_block_bounds
+from .geometry import block_pair_table, causal_pairs_in_columns, causal_pairs_in_rects, query_block_bounds
 
 __all__ = ["BlockSparseIndex", "VerticalSlashIndex", "VerticalSlashLines"]
 
@@ -130,12 +130,20 @@ class BlockSparseIndex:
 
     def computed_pairs(self, window: int | None = None) -> torch.Tensor:
         """``[B, H]`` int64: causal (query, key) pairs the index makes a kernel compute."""
-        p0, p1 = query_block_bounds(self.q_len, self.k_len, self.block_size_q, self.block_index.device)
-        p0, p1 = p0[:, None], p1[:, None]
-        c0 = self.block_index.to(torch.int64) * self.block_size_k
-        c1 = torch.clamp(c0 + self.block_size_k, max=self.k_len)
-        pairs = torch.where(self.slot_valid(), causal_pairs_in_rects(p0, p1, c0, c1, window), 0).sum(dim=(-1, -2))
+        device = self.block_index.device
+        table = block_pair_table(self.q_len, self.k_len, self.block_size_q, self.block_size_k, window, device)
+        n_rows, n_kv = table.shape
+        if table.numel() == 0:
+            pairs = torch.zeros(self.block_count.shape[:2], dtype=torch.int64, device=device)
+        else:
+            # Padding slots may hold anything: clamped into the row's table, then masked.
+            row_start = (torch.arange(n_rows, device=device, dtype=torch.int32) * n_kv)[:, None]
+            slots = self.block_index.clamp(0, n_kv - 1) + row_start
+            per_slot = torch.where(self.slot_valid(), table.flatten()[slots], 0)
+            pairs = per_slot.sum(dim=(-1, -2), dtype=torch.int64)
         if self.column_index is not None:
+            p0, p1 = query_block_bounds(self.q_len, self.k_len, self.block_size_q, device)
+            p0, p1 = p0[:, None], p1[:, None]
             cols = causal_pairs_in_columns(p0, p1, self.column_index.to(torch.int64), window)
             pairs = pairs + torch.where(self.column_valid(), cols, 0).sum(dim=(-1, -2))
         return pairs
