@@ -2,12 +2,14 @@
 
     sparseprefill bench kernels --lengths 8192 32768 131072 --densities 0.02 0.05 0.1 0.2 0.5 --out results/
     python -m sparseprefill.bench.kernels ...     # the same options
+    sparseprefill bench kernels --qk-from qwen2.5-coder --lengths 32768 131072 --out results/   # real q/k
 
 Llama-3.1-8B attention shapes by default (32 query heads, 8 KV heads, head_dim 128, bf16). Every
 provider runs in the same process, warm, timed with ``triton.testing.do_bench`` medians. Sparse
 indices are random at the requested density (sink and diagonal blocks always kept), so the timing
 measures the kernel, not an estimator. Writes tidy CSV rows (op, provider, length, density, gpu,
-commit, ms, tflops) and prints a table.
+commit, ms, tflops) and prints a table. ``--qk-from MODEL`` times estimation + attention on a real
+model's captured q/k/v instead (``bench/real_qk.py``).
 """
 
 from __future__ import annotations
@@ -375,13 +377,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minference-src", default=None, metavar="DIR",
                         help="unpacked minference sdist whose CUDA converter is compiled here (else an installed "
                              "minference is used if there is one)")
+    parser.add_argument("--qk-from", default=None, metavar="MODEL",
+                        help="time estimation + attention on this model's real post-RoPE q/k/v instead of synthetic "
+                             "inputs (a Hugging Face path or id, or qwen2.5-coder / smollm2 / gemma3 offline), at "
+                             "--lengths; writes real_qk.csv and real_qk.png")
+    parser.add_argument("--qk-layers", type=int, nargs="+", default=None,
+                        help="with --qk-from: the layers to capture (default: first, quarter, half, three "
+                             "quarters, last)")
+    parser.add_argument("--qk-configs", nargs="+", default=None, metavar="NAME",
+                        help="with --qk-from: configurations to time (default: all of "
+                             "sparseprefill.bench.real_qk.QK_CONFIGS)")
     parser.add_argument("--out", default=None, help="directory for kernels.csv and kernels.png")
 
 
+def _run_real_qk(args: argparse.Namespace) -> int:
+    from .plot import plot_beside_csv
+    from .real_qk import QK_CONFIGS, plot_real_qk, run_real_qk
+
+    configs = {name: QK_CONFIGS[name] for name in args.qk_configs} if args.qk_configs else None
+    run_real_qk(args.qk_from, args.lengths, configs=configs, layers=args.qk_layers, out_dir=args.out)
+    if args.out is not None:
+        plot_beside_csv(plot_real_qk, args.out, "real_qk")
+    return 0
+
+
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.qk_from is None and (args.qk_layers or args.qk_configs):
+        print("error: --qk-layers and --qk-configs need --qk-from MODEL", file=sys.stderr)
+        return 2
+    from .real_qk import QK_CONFIGS
+
+    unknown = sorted(set(args.qk_configs or ()) - set(QK_CONFIGS))
+    if unknown:
+        print(f"error: --qk-configs {unknown} unknown; known: {sorted(QK_CONFIGS)}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: the kernel benchmark needs a CUDA GPU", file=sys.stderr)
         return 1
+    if args.qk_from is not None:
+        return _run_real_qk(args)
     if args.minference_src is not None and not Path(args.minference_src, "csrc").is_dir():
         print(f"error: --minference-src {args.minference_src} has no csrc/ (expected an unpacked minference sdist)",
               file=sys.stderr)
