@@ -29,7 +29,7 @@ class PatternOutput:
     the kernel read (``VerticalSlashLines`` for line patterns on their fused path; heads routed dense
     keep their estimated entries); ``dense_heads``: (batch row, head) pairs whose estimate kept at least
     ``dense_above`` of their pairs and that therefore ran dense attention (a 0-d device tensor where
-    the routing ran inside a traced graph)."""
+    the routing ran inside a traced graph or a CUDA-graph capture)."""
 
     computed_pairs: torch.Tensor
     index: Union[SparseIndex, VerticalSlashLines]
@@ -113,9 +113,9 @@ class SparsePattern(abc.ABC):
         if dense is not None:
             unpredictable = self.unpredictable_heads(q, k, index, **kwargs)
             dense = dense if unpredictable is None else dense | unpredictable
-        if dense is not None and isinstance(index, BlockSparseIndex) and torch.compiler.is_compiling():
-            # Traced code cannot branch on the flags: the routed heads list every visible block and the
-            # block kernel computes them exactly (at its rate, not cuDNN's), with no host read.
+        if dense is not None and isinstance(index, BlockSparseIndex) and _no_host_reads(q):
+            # Traced or captured code cannot branch on the flags: the routed heads list every visible block
+            # and the block kernel computes them exactly (at its rate, not cuDNN's), with no host read.
             self.attend(q, k, v, index.with_heads_whole(dense), out=out, **kwargs)
             return PatternOutput(computed_pairs=torch.where(dense, causal, pairs), index=index,
                                  dense_heads=dense.sum())
@@ -204,6 +204,12 @@ ESTIMATE_COMPILE_REASON = (
     "estimators size their indices on the host), so fullgraph=True cannot compile its sparse layers; "
     "pattern='antidiagonal' or 'block_sparse' compiles whole"
 )
+
+
+def _no_host_reads(q: torch.Tensor) -> bool:
+    """Inside a torch.compile trace or a CUDA-graph capture, where reading a device value on the host
+    breaks the graph (or the capture)."""
+    return torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _estimate(pattern: SparsePattern, q, k, as_lines: bool = False, **kwargs):

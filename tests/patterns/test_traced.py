@@ -101,10 +101,12 @@ def test_heads_whole_list_every_visible_key_and_leave_the_others(q_len, k_len, b
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("routed", [False, True], ids=["unrouted", "routed"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_a_block_estimate_and_its_attention_capture_in_a_cuda_graph(name):
-    """No host read between the estimate and the attention on the GPU: the whole run (unrouted) captures
-    in a CUDA graph, and replaying it on new q/k/v gives the eager result for those inputs."""
+def test_a_block_estimate_and_its_attention_capture_in_a_cuda_graph(name, routed):
+    """No host read between the estimate and the attention on the GPU: the whole run, heads routed dense
+    included, captures in a CUDA graph, and replaying it on new q/k/v gives the eager result for those
+    inputs (the routed heads through the block kernel instead of SDPA)."""
     b, hq, hkv, length, d = 1, 4, 2, 700, 64
     inputs = [tuple(t.cuda().to(torch.bfloat16) for t in ref.make_qkv(seed, b, hq, hkv, length, length, d, spread=2.0))
               for seed in (3, 4)]
@@ -113,11 +115,20 @@ def test_a_block_estimate_and_its_attention_capture_in_a_cuda_graph(name):
     pattern = pattern_cls(replace(config, block_size=64))
     static = [t.clone() for t in inputs[0]]
     out = torch.empty_like(static[0])
-    run = lambda: pattern.run(*static, scale=d**-0.5, softcap=None, kv_head_index=kv_head_index, out=out)  # noqa: E731
+    # Routing by density (about half the heads) inside the capture: the routed heads list every block.
+    plain = pattern.run(*static, scale=d**-0.5, softcap=None, kv_head_index=kv_head_index, out=out)
+    density = plain.computed_pairs.double() / int(ref.pair_count(None, length, length))
+    threshold = float(density.flatten().sort().values[density.numel() // 2]) if routed else None
+    run = lambda: pattern.run(*static, scale=d**-0.5, softcap=None, kv_head_index=kv_head_index, out=out,  # noqa: E731
+                              dense_above=threshold)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         run()  # compiles the Triton kernels outside the capture
+        kw = dict(scale=d**-0.5, softcap=None, kv_head_index=kv_head_index)
+        if routed:  # and the block kernel on the routed (whole-head) lists
+            index = pattern.estimate(*static[:2], **kw)
+            pattern.attend(*static, index.with_heads_whole(density >= threshold), out=out, **kw)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -128,6 +139,13 @@ def test_a_block_estimate_and_its_attention_capture_in_a_cuda_graph(name):
         out.fill_(float("nan"))
         graph.replay()
         expected = torch.full_like(q, float("nan"))
-        eager = pattern.run(q, k, v, scale=d**-0.5, softcap=None, kv_head_index=kv_head_index, out=expected)
-        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        eager = pattern.run(q, k, v, scale=d**-0.5, softcap=None, kv_head_index=kv_head_index, out=expected,
+                            dense_above=threshold)
         assert torch.equal(result.computed_pairs, eager.computed_pairs)
+        assert (0 < int(eager.dense_heads) < b * hq) if routed else eager.dense_heads == 0
+        dense = eager.computed_pairs == int(ref.pair_count(None, length, length)) if routed else \
+            torch.zeros(b, hq, dtype=torch.bool, device="cuda")
+        assert not torch.isnan(out).any()
+        torch.testing.assert_close(out[~dense], expected[~dense], atol=0, rtol=0)
+        # Eager routes through SDPA, the capture through the block kernel: the same exact attention in bf16.
+        torch.testing.assert_close(out[dense], expected[dense], atol=2e-2, rtol=2e-2)
