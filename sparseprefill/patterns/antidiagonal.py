@@ -23,7 +23,7 @@ from ..kernels.indices import BlockSparseIndex
 from ..kernels.library import NAMESPACE
 from .base import SparsePattern
 from .block_sparse import misjudged_heads
-from .cost import SAMPLED_SCORING_COST_FACTOR, vertical_share_extras
+from .cost import SAMPLED_SCORING_COST_FACTOR, antidiagonal_extras
 
 
 def best_columns(vertical: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +80,7 @@ class AntidiagonalPattern(SparsePattern):
         self.config = config
         if config.scoring == AntidiagonalScoring.SAMPLED_MASS:
             self.estimate_cost_factor = SAMPLED_SCORING_COST_FACTOR
-        self.cost_extras = vertical_share_extras(config.vertical_share)
+        self.cost_extras = antidiagonal_extras(config.mass, config.vertical_share)
 
     def estimate(self, q, k, *, scale, softcap, kv_head_index) -> BlockSparseIndex:
         cfg = self.config

@@ -29,7 +29,7 @@ reference, slower than dense at every measured density, so the default runs dens
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import PatternName
 from ..kernels.geometry import causal_pairs_total
@@ -37,6 +37,7 @@ from ..kernels.geometry import causal_pairs_total
 __all__ = [
     "DENSE_FLOPS_PER_MS_LARGE_HEAD",
     "DENSE_FLOPS_PER_MS_SMALL_HEAD",
+    "ANTIDIAGONAL_DENSITY_BY_MASS",
     "EstimateExtras",
     "NO_EXTRAS",
     "MIN_PREDICTED_SPEEDUP",
@@ -48,6 +49,8 @@ __all__ = [
     "kernel_time_ratio",
     "sparse_attention_ms",
     "predicted_speedup",
+    "antidiagonal_extras",
+    "antidiagonal_mass_density",
     "vertical_share_extras",
 ]
 
@@ -142,6 +145,33 @@ NO_EXTRAS = EstimateExtras()
 # layer replays from a CUDA graph). The kept columns add at most ``share`` of the pairs.
 VERTICAL_SHARE_FIXED_MS = 1.0
 VERTICAL_SHARE_MS_PER_HEAD_KEY = 1.4e-6
+
+
+# What the antidiagonal estimate keeps on Qwen2.5-Coder-0.5B's natural text by its ``mass`` (mean of 32K and
+# 64K, H100/H200; docs/benchmarks.md): 0.15-0.20 at 0.90, 0.232 / 0.217 at 0.95 (the pattern's typical
+# density), 0.335 / 0.310 at 0.98, 0.415 / 0.382 at 0.99. Between the points the model interpolates;
+# below the lowest it keeps the lowest (no measurement says how far it falls), above the highest it
+# rises to every pair at mass 1.
+ANTIDIAGONAL_DENSITY_BY_MASS = ((0.90, 0.175), (0.95, 0.22), (0.98, 0.31), (0.99, 0.40), (1.0, 1.0))
+
+
+def antidiagonal_mass_density(mass: float) -> float:
+    """The typical density the antidiagonal estimate keeps at ``mass`` (``ANTIDIAGONAL_DENSITY_BY_MASS``)."""
+    points = ANTIDIAGONAL_DENSITY_BY_MASS
+    if mass <= points[0][0]:
+        return points[0][1]
+    for (m0, d0), (m1, d1) in zip(points, points[1:]):
+        if mass <= m1:
+            return d0 + (d1 - d0) * (mass - m0) / (m1 - m0)
+    return points[-1][1]
+
+
+def antidiagonal_extras(mass: float, vertical_share: float) -> EstimateExtras:
+    """What the antidiagonal options add to its measured cost: the density its ``mass`` keeps beyond the
+    pattern's typical one (negative below it), and the columns of ``vertical_share``."""
+    columns = vertical_share_extras(vertical_share)
+    extra_density = antidiagonal_mass_density(mass) - PATTERN_COSTS[PatternName.ANTIDIAGONAL].typical_density
+    return replace(columns, density=columns.density + extra_density)
 
 
 def vertical_share_extras(share: float) -> EstimateExtras:
