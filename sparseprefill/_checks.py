@@ -25,9 +25,14 @@ def _check_positive_int(name: str, value: int, *, allow_zero: bool = False) -> N
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def _check_spot_check(section: str, value: float | None) -> None:
+def _check_spot_check(section: str, value: float | None, quantile: float | None = None) -> None:
     if value is not None:
         _check_fraction(f"{section}.spot_check_recall", value)
+    if quantile is not None:
+        _check_fraction(f"{section}.spot_check_quantile", quantile, allow_zero=True)
+        if value is None:
+            raise ValueError(f"{section}.spot_check_quantile is {quantile!r} but {section}.spot_check_recall is None: "
+                             "the quantile chooses what the check compares with spot_check_recall; set both")
 
 
 def _coerce_enum(config: Any, attribute: str, kind: type[enum.Enum], name: str) -> None:

@@ -88,6 +88,7 @@ def block_sparse_block_recall_op(
     q: torch.Tensor, k: torch.Tensor, block_count: torch.Tensor, block_index: torch.Tensor,
     kv_head_index: torch.Tensor, blocks: list[int], block_size_q: int, block_size_k: int, scale: float,
     softcap: float, column_count: torch.Tensor | None = None, column_index: torch.Tensor | None = None,
+    per_row: bool = False,
 ) -> torch.Tensor:
     from .block_sparse import block_sparse_block_recall
 
@@ -95,21 +96,22 @@ def block_sparse_block_recall_op(
                              block_size_k=block_size_k, q_len=q.shape[2], k_len=k.shape[2],
                              column_count=column_count, column_index=column_index)
     return block_sparse_block_recall(q, k, index, blocks, scale=scale, softcap=_none_if_zero(softcap),
-                                     kv_head_index=kv_head_index)
+                                     kv_head_index=kv_head_index, per_row=per_row)
 
 
 @block_sparse_block_recall_op.register_fake
 def _(q, k, block_count, block_index, kv_head_index, blocks, block_size_q, block_size_k, scale, softcap,
-      column_count=None, column_index=None):
-    return q.new_empty(q.shape[0], q.shape[1], len(blocks), dtype=torch.float32)
+      column_count=None, column_index=None, per_row=False):
+    return q.new_empty(q.shape[0], q.shape[1], len(blocks), *((block_size_q,) if per_row else ()),
+                       dtype=torch.float32)
 
 
 def call_block_sparse_block_recall(q, k, index: BlockSparseIndex, blocks: list[int], *, scale, softcap,
-                                   kv_head_index) -> torch.Tensor:
+                                   kv_head_index, per_row: bool = False) -> torch.Tensor:
     """``block_sparse_block_recall`` through its op (traceable: the checked blocks are fixed by the shapes)."""
     return torch.ops.sparseprefill.block_sparse_block_recall(
         q, k, index.block_count, index.block_index, kv_head_index, [int(b) for b in blocks], index.block_size_q,
-        index.block_size_k, float(scale), float(softcap or 0.0), index.column_count, index.column_index,
+        index.block_size_k, float(scale), float(softcap or 0.0), index.column_count, index.column_index, per_row,
     )
 
 

@@ -95,4 +95,4 @@ class AntidiagonalPattern(SparsePattern):
 
     def unpredictable_heads(self, q, k, index, *, scale, softcap, kv_head_index):
         return misjudged_heads(q, k, index, self.config.spot_check_recall, scale=scale, softcap=softcap,
-                               kv_head_index=kv_head_index)
+                               kv_head_index=kv_head_index, quantile=self.config.spot_check_quantile)

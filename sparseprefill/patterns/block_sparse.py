@@ -23,15 +23,23 @@ def spot_check_blocks(q_len: int, block_size: int) -> list[int]:
 
 
 def misjudged_heads(q, k, index: BlockSparseIndex, threshold: float | None, *, scale, softcap,
-                    kv_head_index) -> torch.Tensor | None:
-    """``[B, H]`` bool: heads whose ``index`` keeps less than ``threshold`` of the exact mass (mean over a
-    block's rows) on any spot-checked query block; None when the check is off."""
+                    kv_head_index, quantile: float | None = None) -> torch.Tensor | None:
+    """``[B, H]`` bool: heads whose ``index`` keeps less than ``threshold`` of the exact mass on the
+    spot-checked query blocks (``quantile`` None: the mean over a block's rows, on any checked block;
+    else that quantile of the per-row recall over every checked row); None when the check is off."""
     if threshold is None:
         return None
-    blocks = spot_check_blocks(q.shape[2], index.block_size_q)
+    q_len, rows = q.shape[2], index.block_size_q
+    blocks = spot_check_blocks(q_len, rows)
     recall = library.call_block_sparse_block_recall(q, k, index, blocks, scale=scale, softcap=softcap,
-                                                    kv_head_index=kv_head_index)
-    return recall.amin(dim=-1) < threshold
+                                                    kv_head_index=kv_head_index, per_row=quantile is not None)
+    if quantile is None:
+        return recall.amin(dim=-1) < threshold
+    # The rows past the prompt (NaN) are dropped by position, known from the shapes alone, so that the
+    # quantile is taken over real rows and the check stays traceable.
+    inside = [i * rows + r for i, block in enumerate(blocks) for r in range(min(rows, q_len - block * rows))]
+    per_row = recall.flatten(-2)[..., inside]
+    return torch.quantile(per_row, quantile, dim=-1) < threshold
 
 
 @torch.library.custom_op(f"{library.NAMESPACE}::pooled_block_estimate", mutates_args=())
@@ -73,4 +81,4 @@ class BlockSparsePattern(SparsePattern):
 
     def unpredictable_heads(self, q, k, index, *, scale, softcap, kv_head_index) -> torch.Tensor | None:
         return misjudged_heads(q, k, index, self.config.spot_check_recall, scale=scale, softcap=softcap,
-                               kv_head_index=kv_head_index)
+                               kv_head_index=kv_head_index, quantile=self.config.spot_check_quantile)

@@ -107,6 +107,7 @@ def test_block_sparse_fuzz(shape):
     index = _with_random_columns(index, k_len, density, seed, g)
     _compare(block_sparse_attention_naive, block_sparse_attention_triton, q, k, v, index, window, softcap)
     COUNTS["block_sparse"] += 1
+    reference.fuzz_progress("block sparse", COUNTS["block_sparse"])
 
 
 @FUZZ
@@ -122,6 +123,7 @@ def test_vertical_slash_fuzz(shape):
         build_vertical_slash_index_naive(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block))
     _compare(vertical_slash_attention_naive, vertical_slash_attention_triton, q, k, v, index, window, softcap)
     COUNTS["vertical_slash"] += 1
+    reference.fuzz_progress("vertical slash", COUNTS["vertical_slash"])
 
 
 @FUZZ
@@ -140,6 +142,7 @@ def test_vertical_slash_lines_fuzz(shape):
              (ref_lines, lines), window, softcap)
     assert torch.equal(lines.block_pairs, ref_lines.block_pairs)
     COUNTS["vertical_slash_lines"] += 1
+    reference.fuzz_progress("vertical slash lines", COUNTS["vertical_slash_lines"])
 
 
 RECALL_ABS_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -163,6 +166,7 @@ def test_block_recall_fuzz(shape):
     assert not torch.isnan(got).any()
     assert float((got - expected).abs().max()) <= RECALL_ABS_TOL[dtype]
     COUNTS["block_recall"] += 1
+    reference.fuzz_progress("block recall", COUNTS["block_recall"])
 
 
 @FUZZ
@@ -187,6 +191,7 @@ def test_block_sparse_recall_fuzz(shape):
     assert not torch.isnan(got).any()
     assert float((got - expected).abs().max()) <= RECALL_ABS_TOL[dtype]
     COUNTS["block_sparse_recall"] += 1
+    reference.fuzz_progress("block sparse recall", COUNTS["block_sparse_recall"])
 
 
 def test_fuzz_ran_the_requested_number_of_cases():

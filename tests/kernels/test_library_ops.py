@@ -101,8 +101,9 @@ def test_vertical_slash_lines_op_passes_opcheck_matches_and_compiles():
     assert int(compiled_pairs) == int(lines.block_pairs.sum())
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["block_means", "per_row"])
 @pytest.mark.parametrize("columns", [False, True])
-def test_block_recall_op_passes_opcheck_and_matches(columns):
+def test_block_recall_op_passes_opcheck_and_matches(columns, per_row):
     from sparseprefill.kernels.block_sparse import block_sparse_block_recall
 
     q, k, _ = _qkv(seed=3)
@@ -112,11 +113,16 @@ def test_block_recall_op_passes_opcheck_and_matches(columns):
         picked = torch.tensor([3, 40, 77], dtype=torch.int32, device=DEVICE).expand(1, 4, 3)
         index = blocks_with_columns(index, picked, torch.full((1, 4), 3, dtype=torch.int32, device=DEVICE))
     kvh = torch.arange(4, device=DEVICE) // 2
-    args = (q, k, index.block_count, index.block_index, kvh, [0, 2], 32, 32, 0.2, 0.0, index.column_count,
-            index.column_index)
+    # opcheck compares outputs without equal_nan: per row it checks whole blocks (0 and 1), whose rows all
+    # lie inside the prompt; the partial block 2 (NaN past row 70) is compared below.
+    args = (q, k, index.block_count, index.block_index, kvh, [0, 1] if per_row else [0, 2], 32, 32, 0.2, 0.0,
+            index.column_count, index.column_index, per_row)
     torch.library.opcheck(torch.ops.sparseprefill.block_sparse_block_recall.default, args)
-    got = library.call_block_sparse_block_recall(q, k, index, [0, 2], scale=0.2, softcap=None, kv_head_index=kvh)
-    torch.testing.assert_close(got, block_sparse_block_recall(q, k, index, [0, 2], scale=0.2, kv_head_index=kvh))
+    got = library.call_block_sparse_block_recall(q, k, index, [0, 2], scale=0.2, softcap=None, kv_head_index=kvh,
+                                                 per_row=per_row)
+    expected = block_sparse_block_recall(q, k, index, [0, 2], scale=0.2, kv_head_index=kvh, per_row=per_row)
+    assert got.shape == ((1, 4, 2, 32) if per_row else (1, 4, 2))
+    torch.testing.assert_close(got, expected, equal_nan=True)  # per row: NaN on rows 70-95, past the prompt
 
 
 @pytest.mark.parametrize("share", [0.0, 0.05])

@@ -108,3 +108,13 @@ def test_block_sparse_recall_kernel_matches_window_recall(case, dtype):
     torch.testing.assert_close(got, _window_recall_per_block(index, q, k, blocks, kw), atol=ABS_TOL[dtype], rtol=0)
     if mass == 1.0:
         torch.testing.assert_close(got, torch.ones_like(got), atol=ABS_TOL[dtype], rtol=0)
+    # Each row's recall (the spot check's quantile): the naive twin's rows, NaN exactly past the prompt.
+    from sparseprefill.kernels.vertical_slash.naive import block_recall_naive
+
+    rows = block_sparse_recall_triton(q, k, index, blocks, per_row=True, **kw)
+    expected = block_recall_naive(q.float(), k.float(), index, blocks, per_row=True, **kw)
+    assert rows.shape == (b, hq, blocks.numel(), block)
+    outside = (blocks[:, None] * block + torch.arange(block) >= lq).to(DEVICE).expand_as(rows)
+    assert torch.equal(torch.isnan(rows), outside) and torch.equal(torch.isnan(expected), outside)
+    torch.testing.assert_close(rows[~outside], expected[~outside], atol=ABS_TOL[dtype], rtol=0)
+    torch.testing.assert_close(rows.nanmean(-1), got, atol=1e-5, rtol=0)

@@ -195,17 +195,19 @@ def block_sparse_block_recall(
     scale: float,
     softcap: float | None = None,
     kv_head_index: torch.Tensor | None = None,
+    per_row: bool = False,
 ) -> torch.Tensor:
     """Mean recall of a block-sparse ``index`` on whole query blocks: for each query block ``blocks[i]``,
     the share of each row's exact causal attention mass that the block's kept KV blocks hold, averaged
-    over the block's rows.
+    over the block's rows (``per_row``: each row's share, not averaged).
 
     Args:
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; index: ``BlockSparseIndex`` over ``Hq`` heads.
         blocks: ``[nb]`` int query-block numbers, on the host (a list or CPU tensor).
 
     Returns:
-        ``[B, Hq, nb]`` fp32 in [0, 1]. On the GPU the vertical-slash recall kernel reads the checked
+        ``[B, Hq, nb]`` fp32 in [0, 1] (``per_row``: ``[B, Hq, nb, block_size_q]``, NaN on rows past the
+        prompt). On the GPU the vertical-slash recall kernel reads the checked
         rows as ranges (one per kept KV block) and never holds the ``rows x Lk`` probabilities; the
         reference (``block_recall_naive``) does.
     """
@@ -216,5 +218,6 @@ def block_sparse_block_recall(
         from .triton_recall import block_sparse_recall_triton
 
         return block_sparse_recall_triton(q, k, index, blocks, scale=scale, softcap=softcap,
-                                          kv_head_index=kv_head_index)
-    return block_recall_naive(q, k, index, blocks, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+                                          kv_head_index=kv_head_index, per_row=per_row)
+    return block_recall_naive(q, k, index, blocks, scale=scale, softcap=softcap, kv_head_index=kv_head_index,
+                              per_row=per_row)

@@ -24,9 +24,11 @@ def block_sparse_recall_triton(
     scale: float,
     softcap: float | None,
     kv_head_index: torch.Tensor,
+    per_row: bool = False,
 ) -> torch.Tensor:
     """GPU ``block_sparse_block_recall``: ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]``, ``index``
-    ``[B, Hq, Rq, N]``, ``blocks [nb]`` query blocks -> ``[B, Hq, nb]`` fp32 mean recall per block."""
+    ``[B, Hq, Rq, N]``, ``blocks [nb]`` query blocks -> ``[B, Hq, nb]`` fp32 mean recall per block
+    (``per_row``: ``[B, Hq, nb, block_size_q]``, each row's, NaN past the prompt)."""
     rows = blocks.to(device=index.block_index.device, dtype=torch.long)
     count = index.block_count[:, :, rows].to(torch.int32).contiguous()
     first_key = index.block_index[:, :, rows].to(torch.int64) * index.block_size_k
@@ -39,7 +41,8 @@ def block_sparse_recall_triton(
         column_count = torch.zeros_like(count)
         column_slot = torch.zeros(*count.shape, 1, dtype=torch.int32, device=count.device)
     return listed_keys_recall_triton(q, k, (count, start, end, column_count, column_slot), blocks, index.block_size_q,
-                                     rows_per_check=True, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+                                     rows_per_check=True, scale=scale, softcap=softcap, kv_head_index=kv_head_index,
+                                     per_row=per_row)
 
 
 __all__ = ["block_sparse_recall_triton"]

@@ -272,17 +272,21 @@ def block_recall_naive(
     scale: float,
     softcap: float | None,
     kv_head_index: torch.Tensor,
+    per_row: bool = False,
 ) -> torch.Tensor:
     """Reference of ``triton_recall.block_recall_triton`` (and of the block-sparse index's check,
     ``block_sparse/triton_recall.py``): ``[B, H, nb]`` mean over each query block's rows of the exact
-    attention mass its listed keys hold (``window_recall`` on the block's rows)."""
-    q_len = q.shape[2]
+    attention mass its listed keys hold (``window_recall`` on the block's rows); with ``per_row`` each
+    row's recall, ``[B, H, nb, block_size_q]``, NaN on rows past the prompt."""
+    q_len, rows = q.shape[2], index.block_size_q
     per_block = []
     for block in blocks.tolist():
-        r0 = block * index.block_size_q
-        r1 = min(r0 + index.block_size_q, q_len)
+        r0 = block * rows
+        r1 = min(r0 + rows, q_len)
         (recall,) = window_recall([index], q, k, r0, r1, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
-        per_block.append(recall.mean(-1))
+        per_block.append(torch.nn.functional.pad(recall, (0, rows - (r1 - r0)), value=float("nan")) if per_row
+                         else recall.mean(-1))
     if not per_block:
-        return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.float32, device=q.device)
-    return torch.stack(per_block, dim=-1)
+        return torch.empty(q.shape[0], q.shape[1], 0, *((rows,) if per_row else ()), dtype=torch.float32,
+                           device=q.device)
+    return torch.stack(per_block, dim=2)

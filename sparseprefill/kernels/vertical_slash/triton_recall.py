@@ -37,6 +37,7 @@ def _block_recall_kernel(
     num_heads, n_checked, q_len, k_len, q_offset, score_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, DENSE_N: tl.constexpr,
     SPARSE_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, ROW_PER_CHECK: tl.constexpr = False,
+    PER_ROW: tl.constexpr = False,
 ):
     w = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -91,9 +92,13 @@ def _block_recall_kernel(
     kept_shift = tl.where(m_kept == float("-inf"), 0.0, tl.exp2(m_kept - tl.where(seen, m_all, 0.0)))
     recall = tl.where(seen, kept_shift * l_kept / tl.where(seen, l_all, 1.0), 0.0)
     recall = tl.minimum(recall, 1.0)  # fp32 rounding of the two sums over the same keys
-    rows = tl.sum(seen.to(tl.float32), 0)
-    mean = tl.sum(recall, 0) / tl.maximum(rows, 1.0)
-    tl.store(Out + pid_bh * n_checked + w, tl.where(rows > 0, mean, 1.0))
+    if PER_ROW:  # Out [B x Hq, nb, BLOCK_Q]: each row's recall, NaN for rows past the prompt
+        offs_row = tl.arange(0, BLOCK_Q)
+        tl.store(Out + (pid_bh * n_checked + w) * BLOCK_Q + offs_row, tl.where(seen, recall, float("nan")))
+    else:
+        rows = tl.sum(seen.to(tl.float32), 0)
+        mean = tl.sum(recall, 0) / tl.maximum(rows, 1.0)
+        tl.store(Out + pid_bh * n_checked + w, tl.where(rows > 0, mean, 1.0))
 
 
 def block_recall_triton(
@@ -124,11 +129,13 @@ def listed_keys_recall_triton(
     scale: float,
     softcap: float | None,
     kv_head_index: torch.Tensor,
+    per_row: bool = False,
 ) -> torch.Tensor:
     """Mean recall per checked query block of the keys ``lists`` name: ``(range_count [B, Hq, R],
     range_start / range_end [B, Hq, R, W], column_count [B, Hq, R], column_index [B, Hq, R, C])`` in the
     ``VerticalSlashIndex`` layout, with ``R`` every query block (``rows_per_check=False``) or one row per
-    entry of ``blocks [nb]`` (``True``) -> ``[B, Hq, nb]`` fp32."""
+    entry of ``blocks [nb]`` (``True``) -> ``[B, Hq, nb]`` fp32; with ``per_row`` each row's recall instead,
+    ``[B, Hq, nb, block_q]``, NaN on rows past the prompt."""
     from .triton_attention import vertical_slash_tile_sizes
 
     b, hq, q_len, head_dim = q.shape
@@ -136,7 +143,7 @@ def listed_keys_recall_triton(
     range_count, range_start, range_end, column_count, column_index = lists
     _, sparse_n, _, num_warps, num_stages, block_d = vertical_slash_tile_sizes(head_dim, block_q, q.element_size())
     blocks = blocks.to(device=q.device, dtype=torch.int32).contiguous()
-    out = torch.empty(b, hq, blocks.numel(), dtype=torch.float32, device=q.device)
+    out = torch.empty(b, hq, blocks.numel(), *((block_q,) if per_row else ()), dtype=torch.float32, device=q.device)
     if blocks.numel() == 0:
         return out
     _block_recall_kernel[(blocks.numel(), b * hq)](
@@ -149,7 +156,7 @@ def listed_keys_recall_triton(
         float(scale), float(softcap) if softcap is not None else 1.0,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_Q=block_q, DENSE_N=min(RECALL_KEY_TILE, sparse_n * 2),
         SPARSE_N=sparse_n, HAS_SOFTCAP=softcap is not None,
-        UPCAST=q.device.type == "cpu" or q.dtype == torch.float32, ROW_PER_CHECK=rows_per_check,
+        UPCAST=q.device.type == "cpu" or q.dtype == torch.float32, ROW_PER_CHECK=rows_per_check, PER_ROW=per_row,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
