@@ -7,6 +7,8 @@ is one ``torch.library`` op of fixed output shapes, so torch.compile traces thro
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..config import SPOT_CHECK_BLOCKS, BlockSparseConfig, PatternName
@@ -38,8 +40,17 @@ def misjudged_heads(q, k, index: BlockSparseIndex, threshold: float | None, *, s
     # The rows past the prompt (NaN) are dropped by position, known from the shapes alone, so that the
     # quantile is taken over real rows and the check stays traceable.
     inside = [i * rows + r for i, block in enumerate(blocks) for r in range(min(rows, q_len - block * rows))]
-    per_row = recall.flatten(-2)[..., inside]
-    return torch.quantile(per_row, quantile, dim=-1) < threshold
+    return _quantile_last_dim(recall.flatten(-2)[..., inside], quantile) < threshold
+
+
+def _quantile_last_dim(values: torch.Tensor, quantile: float) -> torch.Tensor:
+    """``torch.quantile(values, quantile, dim=-1)`` (linear interpolation) from a sort and two fixed
+    positions: torch.quantile checks its arguments with data-dependent ops that torch.compile (2.11) cannot
+    trace in a full graph."""
+    ordered = values.sort(dim=-1).values
+    position = quantile * (values.shape[-1] - 1)
+    below, above = math.floor(position), math.ceil(position)
+    return torch.lerp(ordered[..., below], ordered[..., above], position - below)
 
 
 @torch.library.custom_op(f"{library.NAMESPACE}::pooled_block_estimate", mutates_args=())

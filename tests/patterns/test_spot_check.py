@@ -140,3 +140,11 @@ def test_a_quantile_without_a_recall_threshold_or_outside_the_unit_interval_is_r
         with pytest.raises(ValueError, match="spot_check_quantile must be in"):
             section(spot_check_recall=0.9, spot_check_quantile=1.5)
         assert section(spot_check_recall=0.9, spot_check_quantile=0.0).spot_check_quantile == 0.0
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.05, 0.37, 0.5, 1.0])
+def test_the_traceable_quantile_equals_torch_quantile(quantile):
+    from sparseprefill.patterns.block_sparse import _quantile_last_dim
+
+    values = torch.rand(2, 3, 101, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(_quantile_last_dim(values, quantile), torch.quantile(values, quantile, dim=-1))
