@@ -15,6 +15,13 @@ goes, in the order given; ``--budget-s`` stops before a part step that would sta
   different dense kernel on the same weights), then each candidate: density, NLL delta over the last
   512 positions, top-1 agreement and KL against the cuDNN logits, prefill time against both dense
   backends, the pass key at five depths (for the candidates in ``--needle-candidates``).
+* ``profile``: a per-head profile of the long-context (YaRN) model made by the package's profiler
+  (``calibrate.profile_model``) on held-out natural text (standard-library sources that the evaluated
+  text does not contain, ``HELD_OUT_MODULES``) at ``--profile-lengths``, with the antidiagonal estimate
+  at ``--profile-antidiagonal-masses`` among the candidates beside the profiler's own (A-shape windows,
+  vertical-slash masses, dense); written to ``profile.json`` / ``profile.png`` and evaluated by ``e2e``
+  as the candidate ``profile`` (forced sparse; ``--profile PATH`` evaluates an existing one). The
+  profile's fingerprint includes the rope scaling, so it applies only at the YaRN lengths (above 32K).
 * ``layers``: per-layer sensitivity: ``auto`` (or ``--layer-candidate``) in one layer at a time, every other layer dense
   (``SparseConfig.dense_layers``): KL, top-1 and NLL delta, and that layer's density.
 
@@ -186,6 +193,12 @@ CANDIDATES = {
     "keep_all": SparseConfig.keep_everything(),
 }
 TIMING_CANDIDATES = ("auto", "auto_w1", "keep_all")
+# Calibration text for the profile part: standard-library sources outside the evaluated text
+# (evals.logits.LONG_TEXT_MODULES), so the profile is judged on text it was not made on.
+HELD_OUT_MODULES = ("_pydecimal", "email._header_value_parser", "email.message", "configparser", "mailbox",
+                    "optparse", "imaplib", "smtplib", "ftplib", "calendar", "statistics", "fractions", "textwrap",
+                    "csv", "pprint", "gettext", "locale", "shlex", "socketserver", "queue", "heapq", "string")
+PROFILE_CANDIDATE = "profile"
 
 
 class Budget:
@@ -309,11 +322,18 @@ def e2e_part(args, models, budget, out_dir):
             rows.append(dict(length=length, candidate="dense_flash", density=1.0, ms=flash_ms,
                              **agreement(reference, flash, ids)))
         log(f"{length}: dense cuDNN {dense.get('ms')} ms, flash {flash_ms} ms, needles {dense.get('needles')}")
-        for name in args.candidates:
+        for name in [*args.candidates, *([PROFILE_CANDIDATE] if args.profile else [])]:
             if budget.left() < 20:
                 log(f"e2e: budget spent at {length} before {name}")
                 break
-            sparseprefill.patch(model, CANDIDATES[name])
+            if name == PROFILE_CANDIDATE:
+                try:  # forced sparse: every head on the profile's pattern, whatever the cost model says
+                    sparseprefill.patch(model, SparseConfig(min_sparse_len=0), profile=args.profile)
+                except sparseprefill.ProfileMismatchError as error:
+                    log(f"{length}: profile not applied ({str(error).splitlines()[0]})")
+                    continue
+            else:
+                sparseprefill.patch(model, CANDIDATES[name])
             try:
                 logits = scored_logits(model, ids, SCORED_POSITIONS)
                 row = dict(length=length, candidate=name, **stats_columns(sparseprefill.stats(model)),
@@ -330,6 +350,47 @@ def e2e_part(args, models, budget, out_dir):
             log(f"{length}: {name}: {describe_row(row)}")
         write_rows(out_dir / "e2e.csv", rows)
     return rows
+
+
+def held_out_text() -> str:
+    """The profile part's calibration text: the sources of ``HELD_OUT_MODULES`` (those this Python has)."""
+    import importlib
+    import inspect
+
+    parts = []
+    for name in HELD_OUT_MODULES:
+        try:
+            parts.append(inspect.getsource(importlib.import_module(name)))
+        except (ImportError, OSError, TypeError):
+            continue
+    return "\n\n".join(parts)
+
+
+def profile_part(args, models, budget, out_dir):
+    """Profile the long-context model on held-out text; ``args.profile`` then names the written JSON."""
+    import tempfile
+
+    from sparseprefill.calibrate import profiler
+    from sparseprefill.config import PatternName
+    from sparseprefill.profiles.schema import HeadSetting
+
+    model, tok = models[True]
+    antidiagonal = tuple(HeadSetting(PatternName.ANTIDIAGONAL, {"mass": m}) for m in args.profile_antidiagonal_masses)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "held_out.txt"
+        text.write_text(held_out_text(), encoding="utf-8")
+        options = profiler.ProfilerOptions(lengths=tuple(args.profile_lengths), samples=args.profile_samples,
+                                           candidates=profiler.default_candidates() + antidiagonal,
+                                           text_files=(str(text),))
+        log(f"profile: lengths {args.profile_lengths}, {args.profile_samples} sample(s), "
+            f"{len(options.candidates)} candidates")
+        result = profiler.profile_model(model, tok, options, progress=False)
+    path = out_dir / "profile.json"
+    profiler.write_outputs(result, path, out_dir / "profile.png")
+    summary = result.summary_table()
+    (out_dir / "profile_summary.txt").write_text(summary + "\n")
+    log(f"profile: {result.seconds:.0f} s\n{summary}")
+    args.profile = str(path)
 
 
 def layers_part(args, models, budget, out_dir):
@@ -387,7 +448,12 @@ def plot_e2e(csv_path: Path, png_path: Path) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", choices=("timing", "e2e", "layers"), default=["timing", "e2e", "layers"])
+    ap.add_argument("--parts", nargs="+", choices=("timing", "e2e", "layers", "profile"),
+                    default=["timing", "e2e", "layers"])
+    ap.add_argument("--profile", help="a per-head profile JSON: e2e adds the candidate 'profile' (forced sparse)")
+    ap.add_argument("--profile-lengths", type=int, nargs="+", default=[16384, 32768])
+    ap.add_argument("--profile-samples", type=int, default=1)
+    ap.add_argument("--profile-antidiagonal-masses", type=float, nargs="*", default=[0.95, 0.98])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     ap.add_argument("--timing-lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--timing-candidates", nargs="+", default=list(TIMING_CANDIDATES), choices=list(CANDIDATES))
@@ -419,14 +485,18 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     used = {n for part, ns in (("e2e", args.lengths), ("timing", args.timing_lengths), ("layers", args.layer_lengths))
             if part in args.parts for n in ns}
+    if "profile" in args.parts:
+        if args.profile:
+            ap.error("--parts profile writes the profile; --profile names an existing one")
+        used.add(top)  # the profile is made on the long-context (YaRN) model
     (out_dir / "meta.json").write_text(json.dumps(
         dict(commit=git_commit(), gpu=gpu_name(args.device) if args.device == "cuda" else "cpu", dtype=args.dtype,
              parts=args.parts, lengths=args.lengths, timing_lengths=args.timing_lengths,
              layer_lengths=args.layer_lengths, candidates={n: CANDIDATES[n].to_dict() for n in args.candidates}),
         indent=1))
     models = load_qwen_models(used, device=args.device, dtype=args.dtype, gguf=args.gguf, metadata=args.metadata)
-    parts = {"timing": timing_part, "e2e": e2e_part, "layers": layers_part}
-    for part in args.parts:
+    parts = {"timing": timing_part, "e2e": e2e_part, "layers": layers_part, "profile": profile_part}
+    for part in sorted(args.parts, key=lambda name: name != "profile"):  # the profile first: e2e evaluates it
         parts[part](args, models, budget, out_dir)
     if "e2e" in args.parts and (out_dir / "e2e.csv").exists():
         plot_beside_csv(plot_e2e, out_dir, "e2e")
