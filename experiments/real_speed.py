@@ -381,9 +381,10 @@ def profile_part(args, models, budget, out_dir):
         text.write_text(held_out_text(), encoding="utf-8")
         options = profiler.ProfilerOptions(lengths=tuple(args.profile_lengths), samples=args.profile_samples,
                                            candidates=profiler.default_candidates() + antidiagonal,
-                                           text_files=(str(text),))
+                                           text_files=(str(text),), objective=args.profile_objective,
+                                           target_recall=args.profile_target)
         log(f"profile: lengths {args.profile_lengths}, {args.profile_samples} sample(s), "
-            f"{len(options.candidates)} candidates")
+            f"{len(options.candidates)} candidates, {args.profile_objective} recall >= {args.profile_target}")
         result = profiler.profile_model(model, tok, options, progress=False)
     path = out_dir / "profile.json"
     profiler.write_outputs(result, path, out_dir / "profile.png")
@@ -454,13 +455,15 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-lengths", type=int, nargs="+", default=[16384, 32768])
     ap.add_argument("--profile-samples", type=int, default=1)
     ap.add_argument("--profile-antidiagonal-masses", type=float, nargs="*", default=[0.95, 0.98])
+    ap.add_argument("--profile-objective", default="mean", choices=("mean", "p5"))
+    ap.add_argument("--profile-target", type=float, default=0.95)
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     ap.add_argument("--timing-lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--timing-candidates", nargs="+", default=list(TIMING_CANDIDATES), choices=list(CANDIDATES))
     ap.add_argument("--layer-lengths", type=int, nargs="+", default=[32768])
     ap.add_argument("--layer-candidate", default="auto", choices=list(CANDIDATES),
                     help="the candidate the layers part runs sparse in one layer at a time")
-    ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    ap.add_argument("--candidates", nargs="*", default=list(CANDIDATES), choices=list(CANDIDATES))
     ap.add_argument("--needle-candidates", nargs="*", default=["dense", "default", "auto"],
                     choices=["dense", *CANDIDATES])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

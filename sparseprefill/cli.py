@@ -301,7 +301,11 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calibration prompt lengths in tokens")
     parser.add_argument("--samples", type=_positive_int, default=profiler.DEFAULT_SAMPLES, help="prompts per length")
     parser.add_argument("--target-recall", type=_fraction, default=profiler.DEFAULT_TARGET_RECALL,
-                        help="mean attention-mass recall every head must keep at every length")
+                        help="attention-mass recall every head must keep at every length (see --objective)")
+    parser.add_argument("--objective", choices=[o.value for o in profiler.RecallObjective],
+                        default=profiler.RecallObjective.MEAN.value,
+                        help="which statistic of a head's per-row recall must reach the target: the mean over "
+                             "rows, or the 5th-percentile row (stricter: keeps the few rows that retrieve)")
     parser.add_argument("--text", nargs="+", default=(), metavar="FILE",
                         help="calibrate on windows of these text files instead of synthetic retrieval prompts")
     parser.add_argument("--out", required=True, help="profile JSON to write")
@@ -312,7 +316,8 @@ def _run_profile(args: argparse.Namespace) -> int:
     from .calibrate import profiler
 
     options = profiler.ProfilerOptions(lengths=tuple(args.lengths), samples=args.samples,
-                                       target_recall=args.target_recall, text_files=tuple(args.text))
+                                       target_recall=args.target_recall, text_files=tuple(args.text),
+                                       objective=args.objective)
     if args.dtype is None:
         args.dtype = "float32"  # recall is measured against exact fp32 attention
     model, tokenizer = _load_model(args)

@@ -98,7 +98,7 @@ PATTERN_PARAMS: Mapping[PatternName, Mapping[str, ParamSpec]] = types.MappingPro
 ALLOWED_PATTERNS: tuple[PatternName, ...] = tuple(PATTERN_PARAMS)
 assert PatternName.AUTO not in ALLOWED_PATTERNS
 
-MEASURED_KEYS = ("recall", "density")
+MEASURED_KEYS = ("recall", "recall_p5", "density")
 
 
 def _check_param(kind: ParamKind, value: Any, path: str) -> Any:

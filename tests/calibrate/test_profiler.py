@@ -194,3 +194,51 @@ def test_no_qualifying_candidate_gives_none():
     names, settings = CHOICES[0][:2], CHOICES[1][:2]
     measured = _measured((0.5, 0.1), (0.6, 0.2))
     assert profiler_module.choose_candidate(names, settings, measured, 0.95, 64) is None
+
+
+# Cheap candidates and a loose target, so that on the tiny model's short prompts some head qualifies for
+# a sparse setting by its mean recall but not by its worst rows (the default candidates are all past
+# their kernels' break-even density at 640 tokens, and every head would be dense under both objectives).
+OBJECTIVE_OPTIONS = ProfilerOptions(lengths=(640,), samples=1, target_recall=0.8, candidates=(
+    HeadSetting(PatternName.A_SHAPE, {"sink_tokens": 16, "local_tokens": 64}),
+    HeadSetting(PatternName.A_SHAPE, {"sink_tokens": 16, "local_tokens": 128}),
+    *(HeadSetting(PatternName.VERTICAL_SLASH, {"vertical_mass": m, "slash_mass": m}) for m in (0.5, 0.8, 0.95)),
+    HeadSetting(PatternName.DENSE, {}),
+))
+
+
+@pytest.fixture(scope="module")
+def tiny_profiles_mean_and_p5():
+    """The same tiny model and prompt profiled under each objective."""
+    from dataclasses import replace
+
+    model = tiny_model("llama", qk_scale=8.0)
+    return {objective: profile_model(model, CharTokenizer(), replace(OBJECTIVE_OPTIONS, objective=objective),
+                                     progress=False)
+            for objective in ("mean", "p5")}
+
+
+def test_the_p5_objective_keeps_each_heads_worst_rows_and_costs_at_least_the_mean_objective(
+        tiny_profiles_mean_and_p5):
+    """Under ``p5`` every head's 5th-percentile row meets the target at every length; the p5 of a head's
+    rows never exceeds their mean, so its qualifying settings are a subset of the mean objective's and
+    each head's predicted kernel time can only grow; on this model it does for some heads."""
+    mean, p5 = (tiny_profiles_mean_and_p5[o].profile for o in ("mean", "p5"))
+    assert p5.calibration.objective == "attention_mass_recall_p5"
+    assert mean.calibration.objective == "attention_mass_recall_mean"
+    head_dim = p5.model.head_dim
+    longest = str(max(OBJECTIVE_OPTIONS.lengths))
+    costlier = 0
+    for layer_mean, layer_p5 in zip(mean.layers, p5.layers):
+        for by_mean, by_p5 in zip(layer_mean, layer_p5):
+            assert all(r >= OBJECTIVE_OPTIONS.target_recall for r in by_p5.measured["recall_p5"].values()), by_p5
+            time_mean = cost.kernel_time_ratio(by_mean.pattern, by_mean.measured["density"][longest], head_dim)
+            time_p5 = cost.kernel_time_ratio(by_p5.pattern, by_p5.measured["density"][longest], head_dim)
+            assert time_p5 >= time_mean - 1e-9, (by_mean, by_p5)
+            costlier += time_p5 > time_mean + 1e-9
+    assert costlier > 0, "the tail objective chose the same settings as the mean for every head"
+
+
+def test_an_unknown_objective_is_refused():
+    with pytest.raises(ValueError, match="objective must be one of"):
+        ProfilerOptions(objective="median")
