@@ -327,8 +327,10 @@ def e2e_part(args, models, budget, out_dir):
                 log(f"e2e: budget spent at {length} before {name}")
                 break
             if name == PROFILE_CANDIDATE:
-                try:  # forced sparse: every head on the profile's pattern, whatever the cost model says
-                    sparseprefill.patch(model, SparseConfig(min_sparse_len=0), profile=args.profile)
+                try:  # forced sparse: every head on the profile's pattern, whatever the cost model says, and
+                    # past the profile's calibration lengths too (what is measured is the profile itself)
+                    sparseprefill.patch(model, SparseConfig(min_sparse_len=0), profile=args.profile,
+                                        allow_profile_extrapolation=True)
                 except sparseprefill.ProfileMismatchError as error:
                     log(f"{length}: profile not applied ({str(error).splitlines()[0]})")
                     continue

@@ -114,7 +114,10 @@ def _run_span(
     selections = []
     # Heads whose estimate keeps past their kernel's break-even run dense (the GPU has a cost model).
     route = cfg.route_dense_heads and q.device.type == "cuda"
-    for group in state.plans[layer].groups:
+    plans, beyond_profile = state.plans_for(k_len)
+    if beyond_profile:
+        stats.record_fallback(FallbackReason.PROFILE_RANGE)
+    for group in plans[layer].groups:
         stats.patterns[group.pattern.name.value] += len(group.heads)
         common = dict(scale=scale, softcap=softcap,
                       dense_above=dense_break_even(group.pattern.name, q.shape[-1]) if route else None)

@@ -107,6 +107,7 @@ def patch(
     *,
     profile: Any = None,
     allow_profile_mismatch: bool = False,
+    allow_profile_extrapolation: bool = False,
 ) -> nn.Module:
     """Replace the attention of a supported causal LM with sparse prefill. Returns the model.
 
@@ -119,6 +120,11 @@ def patch(
             leaves out. Its model fingerprint must match ``model.config``.
         allow_profile_mismatch: apply a profile whose fingerprint differs (a warning lists the
             differences); a different layer or head layout is always refused.
+        allow_profile_extrapolation: keep a measured profile's settings on prompts longer than its
+            longest calibration prompt. By default such a prompt runs ``config``'s own pattern instead
+            (once-only warning; ``stats()`` counts it as ``profile_beyond_calibration``): per-head settings
+            measured on shorter prompts did not hold on longer ones on a real model (docs/benchmarks.md,
+            stop 33). Imported profiles (``calibration.samples == 0``) are used at every length.
 
     Tensor parallelism (``from_pretrained(..., tp_plan="auto")`` or ``distributed_config=`` under
     ``torchrun``): patch each rank's model after loading it sharded. The plans (from ``config`` or the
@@ -144,16 +150,26 @@ def patch(
             f"{type(model).__name__} already selects attn_implementation={IMPLEMENTATION_NAME!r} without a patch state"
         )
     _register()
+    config_plans = None  # the config's own pattern in every layer
+    if profile is None or not allow_profile_extrapolation:
+        pattern = build_pattern(config.pattern, config)
+        config_plans = {module.layer_idx: full_plan(pattern, module.config.num_attention_heads) for module in modules}
+    beyond_profile_plans, profile_max_len = None, None
     if profile is not None:
         profile = load_profile(profile) if not isinstance(profile, Profile) else profile
         check_profile_matches(profile, model.config, allow_mismatch=allow_profile_mismatch)
         plans = _plans_from_profile(profile, config, modules)
+        if profile.calibration.samples > 0 and not allow_profile_extrapolation:
+            beyond_profile_plans, profile_max_len = config_plans, max(profile.calibration.lengths)
     else:
-        pattern = build_pattern(config.pattern, config)
-        plans = {module.layer_idx: full_plan(pattern, module.config.num_attention_heads) for module in modules}
+        plans = config_plans
     plans = _with_dense_layers(plans, config, modules)
     # The profile and the plans above speak of the config's (global) heads.
     head_counts = {module.layer_idx: _global_head_counts(module) for module in modules}
+    if beyond_profile_plans is not None:
+        beyond_profile_plans = _with_dense_layers(beyond_profile_plans, config, modules)
+        if tensor_parallel is not None and tensor_parallel.heads_sharded:
+            beyond_profile_plans, _ = localize_plans(beyond_profile_plans, head_counts, tensor_parallel)
     if tensor_parallel is not None and tensor_parallel.heads_sharded:
         plans, head_counts = localize_plans(plans, head_counts, tensor_parallel)
     config_objects = {id(model.config): model.config}
@@ -164,6 +180,7 @@ def patch(
         fallback_implementation=_fallback_implementation(model, previous), plans=plans,
         stats={module.layer_idx: LayerStats(module.layer_idx) for module in modules},
         config_ids=tuple(config_objects), profile=profile, decode_configs=_decode_configs(profile, config),
+        beyond_profile_plans=beyond_profile_plans, profile_max_len=profile_max_len,
         head_counts=head_counts, tensor_parallel=tensor_parallel,
         head_dims={module.layer_idx: _head_dim(module) for module in modules
                    if getattr(module, "sliding_window", None) is None},

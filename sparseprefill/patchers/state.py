@@ -35,7 +35,8 @@ class Phase(str, enum.Enum):
 
 
 class FallbackReason(str, enum.Enum):
-    """Why a call ran dense."""
+    """Why a call did not run as planned: dense, or (``PROFILE_RANGE``) the config's own pattern instead of
+    the profile's."""
 
     DECODE = "decode"  # Lq == 1
     SHORT = "short_prompt"  # Lk < min_sparse_len
@@ -52,6 +53,11 @@ class FallbackReason(str, enum.Enum):
     DECODE_SLIDING = "decode_sliding_window"  # a sliding-window layer (its window is already the budget)
     DECODE_MASK = "decode_unsupported_mask"  # static cache (keys past the query), non-contiguous padding, or
     # a mask type the decode path cannot read
+    # A prompt longer than every prompt the profile was calibrated on: its per-head settings were never
+    # measured there, so the config's own pattern ran instead (patch(allow_profile_extrapolation=True) keeps
+    # the profile). On Qwen2.5-Coder-0.5B profiles calibrated at <= 32K fell from top-1 0.94-0.97 to 0.69
+    # at 64K, and one calibrated at 64K ran 128K less accurately than one mass for every head.
+    PROFILE_RANGE = "profile_beyond_calibration"
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,9 @@ class LayerStats:
         self._last = (computed, causal)
 
     def record_fallback(self, reason: FallbackReason) -> None:
+        if reason is FallbackReason.PROFILE_RANGE:  # sparse still, on the config's pattern: not a dense call
+            self.fallbacks[reason.value] += 1
+            return
         if not self.fallbacks[reason.value]:
             logger.info("sparseprefill: layer %d runs dense for %s", self.layer_idx, reason.value)
         self.phases[Phase.DENSE.value] += 1
@@ -248,6 +257,10 @@ class PatchState:
     # group attended all its keys). The decode accuracy experiment measures here.
     decode_inspector: Callable[..., None] | None = None
     profile: Any = None  # the Profile the plans came from, if any
+    # With a measured profile: the plans of the config's own pattern, for prompts longer than
+    # ``profile_max_len`` (the profile's longest calibration prompt; FallbackReason.PROFILE_RANGE).
+    beyond_profile_plans: dict[int, LayerPlan] | None = None
+    profile_max_len: int | None = None
     # Decode retrieval state (``patterns/retrieval.DecodeState``: per-layer page summaries and selections),
     # created on the first sparse decode call when SparseConfig.decode is set.
     decode: Any = None
@@ -262,6 +275,20 @@ class PatchState:
     # their exact window whether or not the prompt runs sparse).
     head_dims: dict[int, int] = field(default_factory=dict)
     _cost_decisions: dict[tuple[int, int, str], FallbackReason | None] = field(default_factory=dict)
+    _warned_profile_range: bool = False
+
+    def plans_for(self, k_len: int) -> tuple[dict[int, LayerPlan], bool]:
+        """The plans a prefill over ``k_len`` keys runs, and whether they replace a profile's plans
+        because the prompt is longer than every calibration prompt."""
+        if self.beyond_profile_plans is not None and k_len > self.profile_max_len:
+            if not self._warned_profile_range:
+                logger.warning("sparseprefill: a %d-token prompt is longer than the profile's calibration prompts "
+                               "(at most %d tokens); running the config's pattern (%s) instead of the profile's "
+                               "(patch(..., allow_profile_extrapolation=True) keeps it)", k_len,
+                               self.profile_max_len, self.config.pattern.value)
+                self._warned_profile_range = True
+            return self.beyond_profile_plans, True
+        return self.plans, False
 
     def prefill_dense_reason(self, q_len: int, k_len: int, device_type: str) -> FallbackReason | None:
         """Why a plain prefill of ``q_len`` queries over ``k_len`` keys runs dense, or None (sparse):
@@ -275,7 +302,7 @@ class PatchState:
                 self._cost_decisions.clear()
             groups = [(group.pattern.name, len(group.heads), head_dim, group.pattern.query_windows,
                        group.pattern.estimate_cost_factor, group.pattern.cost_extras)
-                      for layer, head_dim in self.head_dims.items() for group in self.plans[layer].groups]
+                      for layer, head_dim in self.head_dims.items() for group in self.plans_for(k_len)[0][layer].groups]
             speedup = predicted_speedup(groups, q_len, k_len, device_type)
             self._cost_decisions[key] = None if speedup >= MIN_PREDICTED_SPEEDUP else FallbackReason.COST_MODEL
             logger.debug("cost model: Lq=%d Lk=%d on %s predicts %.2fx -> %s", q_len, k_len, device_type, speedup,
