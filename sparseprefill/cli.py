@@ -275,6 +275,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="default: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--long-context", action="store_true",
+                        help="offline models only: the model's documented long-context rope scaling "
+                             "(qwen2.5-coder: YaRN x4, to 128K tokens); a profile records it in its fingerprint")
 
 
 def _cuda_available() -> bool:
@@ -290,7 +293,19 @@ def _load_model(args: argparse.Namespace):
 
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     spec = ModelSpec(args.model, gguf_file=args.gguf_file, tokenizer=args.tokenizer)
-    return load_model(spec, dtype=getattr(torch, dtype), device=args.device)
+    return load_model(spec, dtype=getattr(torch, dtype), device=args.device, long_context=args.long_context)
+
+
+def _check_long_context(args: argparse.Namespace, command: str) -> int | None:
+    """One line and exit status 2 when --long-context names a model without one, before anything loads."""
+    from .evals.harness import long_context_models
+
+    if args.long_context and (args.model not in long_context_models() or args.gguf_file or args.tokenizer):
+        print(f"sparseprefill {command}: error: argument --long-context: only for the offline models "
+              f"{', '.join(long_context_models())} (as named, without --gguf-file/--tokenizer); got {args.model!r}",
+              file=sys.stderr)
+        return 2
+    return None
 
 
 def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
@@ -320,6 +335,9 @@ def _run_profile(args: argparse.Namespace) -> int:
                                        objective=args.objective)
     if args.dtype is None:
         args.dtype = "float32"  # recall is measured against exact fp32 attention
+    refused = _check_long_context(args, "profile")
+    if refused is not None:
+        return refused
     model, tokenizer = _load_model(args)
     result = profiler.profile_model(model, tokenizer, options)
     written = profiler.write_outputs(result, args.out, args.plot)
@@ -416,6 +434,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         return 2
     if args.target == "ruler" and args.generate_only:
         return _generate_ruler_samples(args)
+    refused = _check_long_context(args, f"eval {args.target}")
+    if refused is not None:
+        return refused
     model, tokenizer = _load_model(args)
     common = dict(model_name=args.model if args.gguf_file is None else args.gguf_file, progress=not args.quiet)
     if args.target == "ruler":

@@ -23,6 +23,7 @@ __all__ = [
     "ModelSpec",
     "load_model",
     "load_tokenizer",
+    "long_context_models",
     "greedy_generate",
     "parse_variants",
     "batched",
@@ -79,13 +80,25 @@ def load_tokenizer(spec: ModelSpec | str) -> Any:
     return tokenizer
 
 
-def load_model(spec: ModelSpec | str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Any, Any]:
-    """(model in eval mode on ``device``, tokenizer)."""
+def long_context_models() -> tuple[str, ...]:
+    """The offline models with a documented long-context rope scaling (``load_model(long_context=True)``)."""
+    from . import offline_models
+
+    return tuple(name for name in OFFLINE_MODELS if offline_models.SPECS[name].long_context_rope)
+
+
+def load_model(spec: ModelSpec | str, dtype: torch.dtype = torch.float32, device: str = "cpu", *,
+               long_context: bool = False) -> tuple[Any, Any]:
+    """(model in eval mode on ``device``, tokenizer). ``long_context``: an offline model with its
+    long-context rope scaling (``long_context_models()``; Qwen2.5-Coder: YaRN to 128K)."""
     from . import offline_models
 
     spec = ModelSpec(spec) if isinstance(spec, str) else spec
+    if long_context and not (_is_offline_name(spec) and spec.name in long_context_models()):
+        raise ValueError(f"long_context is for the offline models {', '.join(long_context_models())}; "
+                         f"got {spec.name!r}")
     if _is_offline_name(spec):
-        model, _ = offline_models.load(offline_models.SPECS[spec.name], dtype=dtype)
+        model, _ = offline_models.load(offline_models.SPECS[spec.name], dtype=dtype, long_context=long_context)
     else:
         from transformers import AutoModelForCausalLM
 

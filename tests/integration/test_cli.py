@@ -288,3 +288,37 @@ def test_an_unknown_eval_variant_is_refused_before_the_model_loads(capsys, monke
     assert cli.main(["eval", "ppl", "smollm2", "--variants", "bogus", "--out", "o"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "argument --variants: unknown variant 'bogus'" in err[0]
+
+
+@pytest.mark.parametrize("argv", [
+    ["profile", "smollm2", "--long-context", "--out", "x.json"],
+    ["eval", "ppl", "gemma3", "--long-context", "--out", "o"],
+])
+def test_long_context_for_a_model_without_one_is_refused_before_loading(argv, capsys, monkeypatch):
+    def no_load(args):
+        raise AssertionError("the model must not load for a bad --long-context")
+
+    monkeypatch.setattr(cli, "_load_model", no_load)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "argument --long-context: only for the offline models qwen2.5-coder" in err[0]
+
+
+def test_long_context_reaches_the_loader_for_qwen(tmp_path, monkeypatch):
+    """``--long-context`` loads Qwen with YaRN (here: the loader is replaced and records what it was asked)."""
+    from sparseprefill.evals import harness
+
+    from tests.calibrate.test_profiler import CharTokenizer
+
+    asked, real_loader = {}, harness.load_model
+
+    def loader(spec, dtype, device, *, long_context):
+        asked.update(name=spec.name, long_context=long_context)
+        return tiny_model("llama", qk_scale=8.0), CharTokenizer()
+
+    monkeypatch.setattr(harness, "load_model", loader)
+    assert cli.main(["profile", "qwen2.5-coder", "--long-context", "--lengths", "448", "--samples", "1",
+                     "--out", str(tmp_path / "p.json"), "--device", "cpu"]) == 0
+    assert asked == {"name": "qwen2.5-coder", "long_context": True}
+    with pytest.raises(ValueError, match="long_context is for the offline models qwen2.5-coder"):
+        real_loader("smollm2", long_context=True)  # refused before anything loads
