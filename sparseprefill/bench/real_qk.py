@@ -4,8 +4,10 @@ Synthetic inputs tune kernels; what the default keeps, and how fast, depends on 
 captures the post-RoPE q/k/v of a few layers from one exact forward of ``MODEL`` over natural long text
 (``evals.logits.reference_input_ids``), then times, per layer and length, in the same process and warm:
 SDPA with the cuDNN and flash backends (dense baselines), and for each named configuration the whole
-sparse layer (``pattern.run``: estimate, index, attention, host included) and its estimate alone, with
-the density it kept. Rows are tidy (op, length, layer, density, ms, speedup against cuDNN, GPU, commit);
+sparse layer (``pattern.run``: estimate, index, attention, host included; every head sparse), the
+layer as ``patch()`` runs it (``patched_layer``: on the GPU, heads whose estimate keeps past their kernel's
+break-even density, or that fail the pattern's own check, run dense, as ``SparseConfig.route_dense_heads``
+routes them) and its estimate alone, each with the density it kept. Rows are tidy (op, length, layer, density, ms, speedup against cuDNN, GPU, commit);
 a PNG shows each configuration's speedup per layer and length.
 
 ``MODEL`` is a Hugging Face path or id, or one of the offline models (``qwen2.5-coder``, ``smollm2``,
@@ -26,6 +28,7 @@ from ..evals.logits import reference_input_ids
 from ..kernels.common import default_kv_head_index
 from ..kernels.geometry import causal_pairs_total
 from ..patterns import build_pattern
+from ..patterns.cost import dense_break_even
 from .common import bench_ms, git_commit, gpu_name, prefill_sdpa_backend, write_csv
 from .real_model import capture_layers, log
 
@@ -74,6 +77,14 @@ def _layers(model: Any, layers: list[int] | None) -> list[int]:
     return layers
 
 
+def patched_dense_above(config: SparseConfig, pattern, head_dim: int, device_type: str) -> float | None:
+    """The ``dense_above`` a patched layer passes to ``pattern.run`` (``patchers.attention``): the kernel's
+    break-even density where heads are routed (``route_dense_heads``, on the GPU only), else None."""
+    if not (config.route_dense_heads and device_type == "cuda"):
+        return None
+    return dense_break_even(pattern.name, head_dim)
+
+
 def _time_layer(q, k, v, scale, configs: dict[str, SparseConfig], device: str) -> list[dict]:
     hq, hkv, length = q.shape[1], k.shape[1], q.shape[2]
     kv_head_index = default_kv_head_index(hq, hkv, q.device)
@@ -91,8 +102,12 @@ def _time_layer(q, k, v, scale, configs: dict[str, SparseConfig], device: str) -
         kwargs = dict(scale=scale, softcap=None, kv_head_index=kv_head_index)
         density = float(pattern.run(q, k, v, out=out, **kwargs).computed_pairs.sum()) / causal
         run_ms = bench_ms(lambda: pattern.run(q, k, v, out=out, **kwargs), device)
+        routed = dict(kwargs, dense_above=patched_dense_above(config, pattern, q.shape[-1], q.device.type))
+        patched_density = float(pattern.run(q, k, v, out=out, **routed).computed_pairs.sum()) / causal
+        patched_ms = bench_ms(lambda: pattern.run(q, k, v, out=out, **routed), device)
         estimate_ms = bench_ms(lambda: pattern.estimate(q, k, **kwargs), device)
         rows += [dict(op="sparse_layer", config=name, density=density, ms=run_ms),
+                 dict(op="patched_layer", config=name, density=patched_density, ms=patched_ms),
                  dict(op="estimate", config=name, density=density, ms=estimate_ms)]
     cudnn = rows[0]["ms"]
     for row in rows:
@@ -131,17 +146,20 @@ def run_real_qk(model_name: str, lengths: list[int], *, configs: dict[str, Spars
 
 
 def plot_real_qk(csv_path: str | Path, png_path: str | Path) -> Path:
-    """One panel per length: each configuration's whole sparse layer against cuDNN, per captured layer."""
+    """One panel per length: each configuration's layer as ``patch()`` runs it (``patched_layer``; the
+    all-sparse layer for CSVs written before that row existed) against cuDNN, per captured layer."""
     import csv
 
     from .plot import pyplot, save_figure
 
     series: dict[int, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
     with open(csv_path) as handle:
-        for row in csv.DictReader(handle):
-            if row["op"] in ("sparse_layer", "dense_flash"):
-                label = row["config"] or row["op"]
-                series[int(row["length"])][label].append((int(row["layer"]), float(row["vs_cudnn"])))
+        rows = list(csv.DictReader(handle))
+    layer_op = "patched_layer" if any(row["op"] == "patched_layer" for row in rows) else "sparse_layer"
+    for row in rows:
+        if row["op"] in (layer_op, "dense_flash"):
+            label = row["config"] or row["op"]
+            series[int(row["length"])][label].append((int(row["layer"]), float(row["vs_cudnn"])))
     plt = pyplot()
     fig, axes = plt.subplots(1, max(len(series), 1), figsize=(4.5 * max(len(series), 1), 3.6), squeeze=False)
     for axis, (length, by_config) in zip(axes[0], sorted(series.items())):

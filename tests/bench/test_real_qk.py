@@ -41,14 +41,15 @@ def test_rows_for_every_layer_and_config_with_densities_from_the_real_capture(mo
                        out_dir=tmp_path)
     with open(tmp_path / "real_qk.csv") as handle:
         written = list(csv.DictReader(handle))
-    assert len(written) == len(rows) == 2 * (2 + 2 * len(configs)) and set(written[0]) == set(FIELDS)
+    assert len(written) == len(rows) == 2 * (2 + 3 * len(configs)) and set(written[0]) == set(FIELDS)
     for layer in (0, 1):
         ops = {(r["op"], r["config"]): r for r in rows if r["layer"] == layer}
         assert ops[("dense_cudnn", "")]["vs_cudnn"] == 1.0
         for name in configs:
-            layer_row, estimate = ops[("sparse_layer", name)], ops[("estimate", name)]
+            layer_row, patched, estimate = (ops[(op, name)] for op in ("sparse_layer", "patched_layer", "estimate"))
             assert 0 < layer_row["density"] <= 1 and layer_row["density"] == estimate["density"]
-            assert layer_row["ms"] > 0 and estimate["ms"] > 0
+            assert patched["density"] == layer_row["density"]  # the patcher routes heads on the GPU only
+            assert layer_row["ms"] > 0 and patched["ms"] > 0 and estimate["ms"] > 0
     assert plot_real_qk(tmp_path / "real_qk.csv", tmp_path / "real_qk.png").stat().st_size > 0
 
 
@@ -61,3 +62,18 @@ def test_bad_arguments_are_refused_before_any_model_loads(capsys):
     with pytest.raises(ValueError, match=f"outside the model's {model.config.num_hidden_layers} layers"):
         _layers(model, [5])
     assert _layers(model, None) == list(range(model.config.num_hidden_layers))
+
+
+def test_the_patched_layer_routes_like_the_patcher():
+    """``patched_layer`` passes the kernel's break-even density where ``patch()`` routes heads (the GPU,
+    ``route_dense_heads``), and nothing elsewhere."""
+    from sparseprefill.bench.real_qk import patched_dense_above
+    from sparseprefill.patterns import build_pattern
+    from sparseprefill.patterns.cost import dense_break_even
+
+    config = SparseConfig(min_sparse_len=0)
+    pattern = build_pattern(config.pattern, config)
+    assert patched_dense_above(config, pattern, 64, "cuda") == dense_break_even(pattern.name, 64) is not None
+    assert patched_dense_above(config, pattern, 64, "cpu") is None
+    unrouted = SparseConfig(min_sparse_len=0, route_dense_heads=False)
+    assert patched_dense_above(unrouted, pattern, 64, "cuda") is None
