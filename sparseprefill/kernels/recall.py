@@ -13,6 +13,7 @@ counted twice; keys in a row's future have probability 0, so listing them costs 
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -136,3 +137,11 @@ def checked_recall_blocks(q: torch.Tensor, k: torch.Tensor, index: BlockSparseIn
     if blocks.numel() and not (0 <= int(blocks.min()) and int(blocks.max()) < n_blocks):
         raise ValueError(f"blocks must be query blocks of the index (0..{n_blocks - 1}), got {blocks.tolist()}")
     return kv_head_index, blocks
+
+
+@functools.lru_cache(maxsize=256)
+def checked_blocks_on(blocks: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The checked query blocks as a tensor on ``device``, built once per (blocks, device, dtype): a
+    host-to-device copy on every call cannot run inside a CUDA-graph capture, and a capture replays
+    the first call's buffer, which this keeps alive. Callers must not write to it."""
+    return torch.tensor(blocks, dtype=dtype, device=device)

@@ -38,9 +38,11 @@ def misjudged_heads(q, k, index: BlockSparseIndex, threshold: float | None, *, s
     if quantile is None:
         return recall.amin(dim=-1) < threshold
     # The rows past the prompt (NaN) are dropped by position, known from the shapes alone, so that the
-    # quantile is taken over real rows and the check stays traceable.
-    inside = [i * rows + r for i, block in enumerate(blocks) for r in range(min(rows, q_len - block * rows))]
-    return _quantile_last_dim(recall.flatten(-2)[..., inside], quantile) < threshold
+    # quantile is taken over real rows and the check stays traceable. Only the prompt's last block can be
+    # partial and it is the last one checked, so the real rows are a prefix: a slice, not an index tensor
+    # (whose host-to-device copy could not run inside a CUDA-graph capture).
+    real_rows = sum(min(rows, q_len - block * rows) for block in blocks)
+    return _quantile_last_dim(recall.flatten(-2)[..., :real_rows], quantile) < threshold
 
 
 def _quantile_last_dim(values: torch.Tensor, quantile: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..indices import BlockSparseIndex
+from ..recall import checked_blocks_on
 from ..vertical_slash.triton_recall import listed_keys_recall_triton
 
 
@@ -29,7 +30,7 @@ def block_sparse_recall_triton(
     """GPU ``block_sparse_block_recall``: ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]``, ``index``
     ``[B, Hq, Rq, N]``, ``blocks [nb]`` query blocks -> ``[B, Hq, nb]`` fp32 mean recall per block
     (``per_row``: ``[B, Hq, nb, block_size_q]``, each row's, NaN past the prompt)."""
-    rows = blocks.to(device=index.block_index.device, dtype=torch.long)
+    rows = checked_blocks_on(tuple(blocks.tolist()), index.block_index.device, torch.long)
     count = index.block_count[:, :, rows].to(torch.int32).contiguous()
     first_key = index.block_index[:, :, rows].to(torch.int64) * index.block_size_k
     start = first_key.clamp(max=index.k_len).to(torch.int32).contiguous()

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..indices import VerticalSlashIndex
+from ..recall import checked_blocks_on
 from ..triton_common import column_keys, load_rows, log2_scores, mask_scores, program_head, query_rows, row_stats_step
 
 RECALL_KEY_TILE = 64  # keys per tile of the dense pass; ranges and columns use the attention's tile
@@ -142,7 +143,7 @@ def listed_keys_recall_triton(
     k_len = k.shape[2]
     range_count, range_start, range_end, column_count, column_index = lists
     _, sparse_n, _, num_warps, num_stages, block_d = vertical_slash_tile_sizes(head_dim, block_q, q.element_size())
-    blocks = blocks.to(device=q.device, dtype=torch.int32).contiguous()
+    blocks = checked_blocks_on(tuple(int(b) for b in blocks.tolist()), q.device, torch.int32)
     out = torch.empty(b, hq, blocks.numel(), *((block_q,) if per_row else ()), dtype=torch.float32, device=q.device)
     if blocks.numel() == 0:
         return out
