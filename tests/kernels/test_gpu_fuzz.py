@@ -148,6 +148,14 @@ def test_vertical_slash_lines_fuzz(shape):
 RECALL_ABS_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
+def _split_keys(seed: int) -> int:
+    """Keys per program of the recall kernel: the shipped split on half the cases, a short one (several
+    parts folded) on the other half."""
+    from sparseprefill.kernels.vertical_slash.triton_recall import RECALL_SPLIT_KEYS
+
+    return RECALL_SPLIT_KEYS if seed % 2 else 128 * (1 + seed % 7)
+
+
 @FUZZ
 @given(shapes())
 def test_block_recall_fuzz(shape):
@@ -160,7 +168,7 @@ def test_block_recall_fuzz(shape):
     index = build_vertical_slash_index(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block)
     kw = dict(scale=d**-0.5, softcap=softcap, kv_head_index=torch.arange(hq, device="cuda") // (hq // hkv))
     blocks = torch.arange(-(-q_len // block), device="cuda")
-    got = block_recall_triton(q, k, index, blocks, **kw)
+    got = block_recall_triton(q, k, index, blocks, split_keys=_split_keys(seed), **kw)
     expected = torch.stack([window_recall([index], q.float(), k.float(), r * block, min(r * block + block, q_len),
                                           **kw)[0].mean(-1) for r in blocks.tolist()], dim=-1)
     assert not torch.isnan(got).any()
@@ -185,7 +193,7 @@ def test_block_sparse_recall_fuzz(shape):
     index = _with_random_columns(index, k_len, density, seed, g)
     kw = dict(scale=d**-0.5, softcap=softcap, kv_head_index=torch.arange(hq, device="cuda") // (hq // hkv))
     blocks = torch.arange(n_q)
-    got = block_sparse_recall_triton(q, k, index, blocks, **kw)
+    got = block_sparse_recall_triton(q, k, index, blocks, split_keys=_split_keys(seed), **kw)
     expected = torch.stack([window_recall([index], q.float(), k.float(), r * block, min(r * block + block, q_len),
                                           **kw)[0].mean(-1) for r in blocks.tolist()], dim=-1)
     assert not torch.isnan(got).any()

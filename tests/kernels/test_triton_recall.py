@@ -17,6 +17,7 @@ from sparseprefill.kernels.vertical_slash.triton_recall import block_recall_trit
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 ABS_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+SPLIT_KEYS = 64  # keys per program when the tests split them: several parts on these short inputs
 
 # (batch, q heads, kv heads, Lq, Lk, head_dim, block, softcap, column share, diagonal share)
 CASES = [
@@ -63,6 +64,9 @@ def test_block_recall_kernel_matches_window_recall(case, dtype):
     torch.testing.assert_close(got, _window_recall_per_block(index, q, k, blocks, kw), atol=ABS_TOL[dtype], rtol=0)
     if column_share == diagonal_share == 1.0:
         torch.testing.assert_close(got, torch.ones_like(got), atol=ABS_TOL[dtype], rtol=0)
+    # The keys split over programs (SPLIT_KEYS: 2-3 parts here) and folded: the same recall.
+    split = block_recall_triton(q, k, index, blocks, split_keys=SPLIT_KEYS, **kw)
+    torch.testing.assert_close(split, got, atol=1e-5, rtol=0)
 
 
 def test_block_recall_kernel_with_no_blocks():
@@ -111,10 +115,23 @@ def test_block_sparse_recall_kernel_matches_window_recall(case, dtype):
     # Each row's recall (the spot check's quantile): the naive twin's rows, NaN exactly past the prompt.
     from sparseprefill.kernels.vertical_slash.naive import block_recall_naive
 
-    rows = block_sparse_recall_triton(q, k, index, blocks, per_row=True, **kw)
+    torch.testing.assert_close(block_sparse_recall_triton(q, k, index, blocks, split_keys=SPLIT_KEYS, **kw), got,
+                               atol=1e-5, rtol=0)
+    rows = block_sparse_recall_triton(q, k, index, blocks, per_row=True, split_keys=SPLIT_KEYS, **kw)
     expected = block_recall_naive(q.float(), k.float(), index, blocks, per_row=True, **kw)
     assert rows.shape == (b, hq, blocks.numel(), block)
     outside = (blocks[:, None] * block + torch.arange(block) >= lq).to(DEVICE).expand_as(rows)
     assert torch.equal(torch.isnan(rows), outside) and torch.equal(torch.isnan(expected), outside)
     torch.testing.assert_close(rows[~outside], expected[~outside], atol=ABS_TOL[dtype], rtol=0)
     torch.testing.assert_close(rows.nanmean(-1), got, atol=1e-5, rtol=0)
+
+
+def test_a_split_that_is_not_a_multiple_of_the_key_tiles_is_refused():
+    q = torch.randn(1, 2, 64, 64, device=DEVICE)
+    index = build_vertical_slash_index(*(t.to(DEVICE) for t in (
+        torch.zeros(1, 2, 1, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32),
+        torch.zeros(1, 2, 1, dtype=torch.int32), torch.ones(1, 2, dtype=torch.int32))), q_len=64, k_len=64,
+        block_size_q=64)
+    with pytest.raises(ValueError, match="split_keys must be a positive multiple of the key tiles"):
+        block_recall_triton(q, q, index, torch.tensor([0]), scale=0.125, softcap=None,
+                            kv_head_index=torch.arange(2, device=DEVICE), split_keys=48)

@@ -13,7 +13,7 @@ import torch
 
 from ..indices import BlockSparseIndex
 from ..recall import checked_blocks_on
-from ..vertical_slash.triton_recall import listed_keys_recall_triton
+from ..vertical_slash.triton_recall import RECALL_SPLIT_KEYS, listed_keys_recall_triton
 
 
 def block_sparse_recall_triton(
@@ -26,6 +26,7 @@ def block_sparse_recall_triton(
     softcap: float | None,
     kv_head_index: torch.Tensor,
     per_row: bool = False,
+    split_keys: int = RECALL_SPLIT_KEYS,
 ) -> torch.Tensor:
     """GPU ``block_sparse_block_recall``: ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]``, ``index``
     ``[B, Hq, Rq, N]``, ``blocks [nb]`` query blocks -> ``[B, Hq, nb]`` fp32 mean recall per block
@@ -43,7 +44,7 @@ def block_sparse_recall_triton(
         column_slot = torch.zeros(*count.shape, 1, dtype=torch.int32, device=count.device)
     return listed_keys_recall_triton(q, k, (count, start, end, column_count, column_slot), blocks, index.block_size_q,
                                      rows_per_check=True, scale=scale, softcap=softcap, kv_head_index=kv_head_index,
-                                     per_row=per_row)
+                                     per_row=per_row, split_keys=split_keys)
 
 
 __all__ = ["block_sparse_recall_triton"]
