@@ -230,9 +230,13 @@ class PatchStats:
         for s in self.layers:
             d = "-" if s.density is None else f"{s.density:.3f}"
             phases = ", ".join(f"{k}={v}" for k, v in sorted(s.phases.items())) or "no calls"
-            falls = ", ".join(f"{k}={v}" for k, v in sorted(s.fallbacks.items()))
+            beyond = s.fallbacks.get(FallbackReason.PROFILE_RANGE.value, 0)
+            falls = ", ".join(f"{k}={v}" for k, v in sorted(s.fallbacks.items())
+                              if k != FallbackReason.PROFILE_RANGE.value)
             routed = f" [{s.estimated_dense_heads} head calls dense by estimate]" if s.estimated_dense_heads else ""
-            lines.append(f"{s.layer_idx:>5}  {d:>7}  {phases}" + (f" [dense: {falls}]" if falls else "") + routed)
+            config_pattern = f" [config's pattern, not the profile's: {FallbackReason.PROFILE_RANGE.value}={beyond}]"
+            lines.append(f"{s.layer_idx:>5}  {d:>7}  {phases}" + (f" [dense: {falls}]" if falls else "") + routed
+                         + (config_pattern if beyond else ""))
         return "\n".join(lines)
 
 

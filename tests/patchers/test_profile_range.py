@@ -65,6 +65,8 @@ def test_a_longer_prompt_runs_the_configs_pattern_visibly_and_exactly_as_without
         assert layer.phases == plain.phases  # sparse, not counted as a dense call
     warnings = [r for r in caplog.records if "longer than the profile's calibration prompts" in r.getMessage()]
     assert len(warnings) == 1 and f"{BEYOND}-token prompt" in warnings[0].getMessage()
+    printed = str(stats)
+    assert f"[config's pattern, not the profile's: {RANGE}=1]" in printed and "[dense:" not in printed
 
 
 def test_extrapolation_on_request_and_imported_profiles_keep_the_profile(model):
