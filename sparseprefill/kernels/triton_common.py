@@ -124,6 +124,29 @@ def attend_key_tile(q, k_base, v_base, start_n, limit, offs_d, d_ok, stride_kn, 
 
 
 @triton.jit
+def attend_key_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd,
+                     q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale, softcap, window,
+                     RANGE_N: tl.constexpr, WIDE_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
+    """Attend the contiguous keys ``[start, end)``: whole ``WIDE_N``-key tiles while they fit, then
+    ``RANGE_N``-key tiles for the rest (``WIDE_N == 0``: ``RANGE_N`` tiles only). A range starts
+    wherever its band does, so its last tile is partial: narrow tiles waste little of it, wide tiles
+    run each key at a higher rate; the split keeps both."""
+    if WIDE_N > 0:
+        wide_end = start + (tl.maximum(end - start, 0) // WIDE_N) * WIDE_N
+        for start_n in range(start, wide_end, WIDE_N):
+            m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start_n, end, offs_d, d_ok, stride_kn, stride_kd,
+                                            stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
+                                            score_scale, softcap, window, WIDE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+        start = wide_end
+    for start_n in range(start, end, RANGE_N):
+        m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start_n, end, offs_d, d_ok, stride_kn, stride_kd,
+                                        stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
+                                        score_scale, softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def head_block(num_heads, length, first_block, BLOCK: tl.constexpr):
     """Prologue of a grid (blocks of ``BLOCK`` positions, batch x head): the program's batch row, head,
     block number (``first_block + program_id(0)``), its ``BLOCK`` position offsets and their in-range

@@ -297,3 +297,48 @@ def test_vertical_slash_triton_on_range_pieces_matches_naive(case, dtype):
     vertical_slash_attention_triton(q, k, v, pieces, out=out, **kw)
     ref = vertical_slash_attention_naive(q.float(), k.float(), v.float(), whole, out=torch.empty_like(q, dtype=torch.float32), **kw)
     assert _rel_err(out, ref) < REL_TOL[dtype]
+
+
+# (batch, q heads, kv heads, Lq, Lk, head_dim, block, window, softcap): bands of up to ~300 keys.
+WIDE_TILE_CASES = [
+    (1, 2, 1, 290, 290, 64, 32, None, None),
+    (1, 2, 2, 257, 300, 128, 64, None, None),
+    (1, 3, 1, 280, 280, 64, 32, 100, 20.0),
+]
+
+
+@pytest.mark.parametrize("wide_key_tile", [0, 16, 64, 128])
+@pytest.mark.parametrize("case", WIDE_TILE_CASES, ids=lambda c: f"L{c[3]}x{c[4]}D{c[5]}bs{c[6]}w{c[7]}c{c[8]}")
+def test_vertical_slash_triton_wide_range_tiles_match_naive(case, wide_key_tile):
+    """Ranges walked as whole ``wide_key_tile``-key tiles, then narrow ones, in both vertical-slash
+    kernels: dense bands make ranges long enough for several wide tiles and a partial rest."""
+    from sparseprefill.kernels.vertical_slash import vertical_slash_lines
+    from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton
+
+    b, hq, hkv, lq, lk, d, block, window, softcap = case
+    q, k, v = _inputs(case, torch.float32, seed=7 * lq + wide_key_tile)
+    g = torch.Generator(device="cpu").manual_seed(lk + wide_key_tile)
+    vertical_count, vertical_index = compact((torch.rand(b, hq, lk, generator=g) < 0.1).to(DEVICE))
+    slash_count, slash_offset = compact((torch.rand(b, hq, lk, generator=g) < 0.6).to(DEVICE))
+    line_args = (vertical_index, vertical_count, slash_offset, slash_count)
+    index = build_vertical_slash_index(*line_args, q_len=lq, k_len=lk, block_size_q=block)
+    assert int((index.range_end - index.range_start).max()) > wide_key_tile + 32, "bands too short"
+    kvh = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    kw = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kvh)
+    ref = vertical_slash_attention_naive(q, k, v, index, out=torch.empty_like(q), **kw)
+    out = vertical_slash_attention_triton(q, k, v, index, out=torch.full_like(q, float("nan")),
+                                          wide_key_tile=wide_key_tile, **kw)
+    assert _rel_err(out, ref) < REL_TOL[torch.float32]
+    lines = vertical_slash_lines(*line_args, q_len=lq, k_len=lk, block_size_q=block)
+    fused = vertical_slash_lines_attention_triton(q, k, v, lines, out=torch.full_like(q, float("nan")),
+                                                  wide_key_tile=wide_key_tile, **kw)
+    assert _rel_err(fused, ref) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("bad", [48, 8])
+def test_vertical_slash_wide_tile_must_be_a_triton_tile(bad):
+    from sparseprefill.kernels.vertical_slash.triton_attention import vertical_slash_launch
+
+    q = torch.zeros(1, 1, 4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match=f"power of two >= 16.*got {bad}"):
+        vertical_slash_launch(q, 64, 1.0, None, None, wide_key_tile=bad)

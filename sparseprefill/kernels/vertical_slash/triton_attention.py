@@ -14,6 +14,8 @@ import triton.language as tl
 
 from ..indices import VerticalSlashIndex
 from ..triton_common import (
+    LARGE_TILE_BYTES,
+    attend_key_range,
     attend_key_tile,
     column_keys,
     empty_softmax_state,
@@ -42,7 +44,7 @@ def _vertical_slash_fwd_kernel(
     score_scale, softcap, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RANGE_N: tl.constexpr,
     COLUMN_N: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    COLUMN_STAGES: tl.constexpr, RANGE_PIECES: tl.constexpr = False,
+    COLUMN_STAGES: tl.constexpr, RANGE_PIECES: tl.constexpr = False, WIDE_N: tl.constexpr = 0,
 ):
     b, h, index_row_id, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base = query_tile(
         Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -64,11 +66,10 @@ def _vertical_slash_fwd_kernel(
         for r in range(0, n_ranges):
             start = tl.load(RangeStart + range_row + r * stride_rn)
             end = tl.minimum(tl.load(RangeEnd + range_row + r * stride_rn), k_len)
-            for start_n in range(start, end, RANGE_N):
-                m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start_n, end, offs_d, d_ok, stride_kn, stride_kd,
-                                                stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
-                                                score_scale, softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP,
-                                                UPCAST)
+            m_i, l_i, acc = attend_key_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd,
+                                             stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
+                                             score_scale, softcap, window, RANGE_N, WIDE_N, HAS_WINDOW, HAS_SOFTCAP,
+                                             UPCAST)
 
     n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + index_row_id * stride_ccm)
     column_row = ColumnIndex + b * stride_cb + h * stride_ch + index_row_id * stride_cm
@@ -88,6 +89,19 @@ def _vertical_slash_fwd_kernel(
 # 32K, since merged ranges are short (median ~80 keys) and a 64-key grid wastes their last tile;
 # 128-key column tiles and 8 warps were slower (experiments/vertical_slash_tiles.py --sweep).
 VERTICAL_SLASH_KEY_TILE = 32
+
+
+# Whole tiles of this many keys lead each merged range (the rest in VERTICAL_SLASH_KEY_TILE tiles), where
+# K and V tiles this wide fit the shared-memory budget of the large tiles (LARGE_TILE_BYTES): 64-key
+# tiles ran every causal pair at 0.72 of cuDNN's rate against 0.61-0.63 for 32-key ones at head_dim 128
+# (0.82 at 64), but lost 7-16% on the default's short bands as the only tile (partial last tiles).
+VERTICAL_SLASH_WIDE_KEY_TILE = 64
+
+
+def vertical_slash_wide_tile(head_dim: int, element_bytes: int) -> int:
+    """Keys per leading whole tile of a merged range (0: none), for this head_dim and element size."""
+    fits = element_bytes * triton.next_power_of_2(head_dim) <= LARGE_TILE_BYTES
+    return VERTICAL_SLASH_WIDE_KEY_TILE if fits else 0
 
 
 # Range pieces (bands cut to the key tile, walked as one flat loop) measured faster above this
@@ -118,10 +132,15 @@ def vertical_slash_tile_sizes(head_dim: int, block_q: int, element_bytes: int) -
 
 
 def vertical_slash_launch(q: torch.Tensor, block_q: int, scale: float, window: int | None,
-                          softcap: float | None) -> tuple[int, tuple, dict]:
+                          softcap: float | None, wide_key_tile: int | None = None) -> tuple[int, tuple, dict]:
     """What both vertical-slash attention kernels are launched with: ``(BLOCK_M, trailing scalars
-    (scale, softcap, window), tile constexprs and launch options)``."""
+    (scale, softcap, window), tile constexprs and launch options)``. ``wide_key_tile`` overrides the
+    leading whole tiles' width (``vertical_slash_wide_tile``; 0: none), for measurements."""
     head_dim = q.shape[-1]
+    if wide_key_tile is None:
+        wide_key_tile = vertical_slash_wide_tile(head_dim, q.element_size())
+    elif wide_key_tile and (wide_key_tile & (wide_key_tile - 1) or wide_key_tile < 16):
+        raise ValueError(f"wide_key_tile must be 0 or a power of two >= 16 (a Triton tile), got {wide_key_tile}")
     block_m, range_n, column_n, num_warps, num_stages, block_d = vertical_slash_tile_sizes(
         head_dim, block_q, q.element_size()
     )
@@ -130,7 +149,7 @@ def vertical_slash_launch(q: torch.Tensor, block_q: int, scale: float, window: i
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, RANGE_N=range_n, COLUMN_N=column_n, BLOCK_Q=block_q,
         HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         UPCAST=q.device.type == "cpu" or q.dtype == torch.float32,  # the CPU interpreter gets bf16 wrong
-        num_warps=num_warps, num_stages=num_stages,
+        WIDE_N=wide_key_tile, num_warps=num_warps, num_stages=num_stages,
     )
     return block_m, scalars, options
 
@@ -146,12 +165,14 @@ def vertical_slash_attention_triton(
     softcap: float | None,
     kv_head_index: torch.Tensor,
     out: torch.Tensor,
+    wide_key_tile: int | None = None,
 ) -> torch.Tensor:
     """GPU ``vertical_slash_attention``: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, ``index``
-    ``[B, Hq, ceil(Lq / block_size_q), ...]`` -> ``out [B, Hq, Lq, D]`` (written in place)."""
+    ``[B, Hq, ceil(Lq / block_size_q), ...]`` -> ``out [B, Hq, Lq, D]`` (written in place).
+    ``wide_key_tile``: keys per leading whole tile of a range (0: none; None: the shipped policy)."""
     b, hq, q_len, _ = q.shape
     k_len = k.shape[2]
-    block_m, scalars, options = vertical_slash_launch(q, index.block_size_q, scale, window, softcap)
+    block_m, scalars, options = vertical_slash_launch(q, index.block_size_q, scale, window, softcap, wide_key_tile)
     options["RANGE_PIECES"] = index.max_range_keys is not None and index.max_range_keys <= options["RANGE_N"]
     options["COLUMN_STAGES"] = vertical_slash_column_stages(options["num_stages"])
     grid = (index.range_count.shape[2] * (index.block_size_q // block_m), b * hq)
@@ -166,5 +187,6 @@ def vertical_slash_attention_triton(
     return out
 
 
-__all__ = ["RANGE_PIECES_ABOVE_HEAD_DIM", "vertical_slash_attention_triton", "vertical_slash_launch",
+__all__ = ["RANGE_PIECES_ABOVE_HEAD_DIM", "VERTICAL_SLASH_WIDE_KEY_TILE", "vertical_slash_attention_triton",
+           "vertical_slash_launch", "vertical_slash_wide_tile",
            "vertical_slash_tile_sizes"]

@@ -34,7 +34,7 @@ import triton.language as tl
 from ..geometry import query_block_bounds
 from ..indices import VerticalSlashLines
 from ..triton_common import (
-    attend_key_tile,
+    attend_key_range,
     empty_softmax_state,
     load_rows,
     log2_scores,
@@ -117,17 +117,6 @@ def plan_lines(lines: VerticalSlashLines, lines_sorted: bool) -> dict[str, torch
 
 
 @triton.jit
-def _attend_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd,
-                  q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale, softcap, window,
-                  RANGE_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
-    for start_n in range(start, end, RANGE_N):
-        m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start_n, end, offs_d, d_ok, stride_kn, stride_kd,
-                                        stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
-                                        score_scale, softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
-    return m_i, l_i, acc
-
-
-@triton.jit
 def _lines_fwd_kernel(
     Q, K, V, Out, Verticals, VisibleColumns, Slashes, Prefix, RunFirst, RunLast, RunCount, PlainRuns, BlockPairs,
     KvHeadIndex,
@@ -139,7 +128,7 @@ def _lines_fwd_kernel(
     score_scale, softcap, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RANGE_N: tl.constexpr,
     COLUMN_N: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, WIDE_N: tl.constexpr = 0,
 ):
     b, h, r, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base = query_tile(
         Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -168,9 +157,9 @@ def _lines_fwd_kernel(
         d_last = tl.load(RunLast + runs + j)
         start = p0 - d_last
         end = p1 - d_first + 1
-        m_i, l_i, acc = _attend_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd, stride_vn,
-                                      stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale,
-                                      softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+        m_i, l_i, acc = attend_key_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd, stride_vn,
+                                         stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale,
+                                         softcap, window, RANGE_N, WIDE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
         pairs += _keys_below_pairs(end, p0_wide, p1_wide) - _keys_below_pairs(start, p0_wide, p1_wide)
 
     # --- then the visible bands clipped at key 0 (or cut by visibility), merged into one range
@@ -180,9 +169,9 @@ def _lines_fwd_kernel(
     d_top = tl.load(Slashes + bh * n_slash_slots + n_visible - 1, mask=n_visible > 0, other=0)
     start = tl.maximum(p0 - d_top, 0)
     end = tl.where(has_more & (d_first <= p1), p1 - d_first + 1, start)
-    m_i, l_i, acc = _attend_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd, stride_vn,
-                                  stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale,
-                                  softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+    m_i, l_i, acc = attend_key_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd, stride_vn,
+                                     stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale,
+                                     softcap, window, RANGE_N, WIDE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
     pairs += _keys_below_pairs(end, p0_wide, p1_wide) - _keys_below_pairs(start, p0_wide, p1_wide)
 
     # --- the head's columns up to p1 that no band covers
@@ -226,14 +215,17 @@ def vertical_slash_lines_attention_triton(
     kv_head_index: torch.Tensor,
     out: torch.Tensor,
     lines_sorted: bool = False,
+    wide_key_tile: int | None = None,
 ) -> torch.Tensor:
     """GPU ``vertical_slash_lines_attention``: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, per-head
     ``lines`` -> ``out [B, Hq, Lq, D]`` (written in place) and ``lines.block_pairs``. ``lines_sorted``:
-    the caller guarantees each line list ascends (``select_lines`` output), which spares two sorts."""
+    the caller guarantees each line list ascends (``select_lines`` output), which spares two sorts.
+    ``wide_key_tile``: as for ``vertical_slash_attention_triton``."""
     b, hq, q_len, _ = q.shape
     k_len = k.shape[2]
     plan = plan_lines(lines, lines_sorted)
-    block_m, scalars, options = vertical_slash_launch(q, lines.block_size_q, scale, window, softcap)
+    block_m, scalars, options = vertical_slash_launch(q, lines.block_size_q, scale, window, softcap,
+                                                      wide_key_tile)
     n_blocks = lines.block_pairs.shape[-1]
     grid = (n_blocks * (lines.block_size_q // block_m), b * hq)
     _lines_fwd_kernel[grid](
