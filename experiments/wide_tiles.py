@@ -7,7 +7,7 @@ range as whole ``wide_key_tile``-key tiles first, then 32-key tiles for the rest
 (``triton_common.attend_key_range``). This times, in one process and warm, the index kernel
 (ranges whole), the index kernel on range pieces (the head_dim-128 default's layout, where the wide
 tiles do not apply), and the fused lines kernel, each with ``wide_key_tile`` 0 (the old loop), 64 and
-128, against SDPA cuDNN, on:
+128, and the index kernel on 128-row query blocks (the same lines), against SDPA cuDNN, on:
 
 - the structured synthetic input (Llama-3.1-8B and Qwen2.5-0.5B head shapes), and
 - with ``--qk-from MODEL``, real post-RoPE q/k/v of a few layers (``bench.real_qk``'s capture).
@@ -32,7 +32,7 @@ from sparseprefill.bench.common import git_commit, gpu_name
 from sparseprefill.bench.kernels import structured_qkv
 from sparseprefill.config import SparseConfig
 from sparseprefill.kernels.geometry import causal_pairs_total
-from sparseprefill.kernels.vertical_slash import range_piece_keys
+from sparseprefill.kernels.vertical_slash import range_piece_keys, vertical_slash_lines
 from sparseprefill.kernels.vertical_slash.triton_attention import vertical_slash_attention_triton
 from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton
 from sparseprefill.patterns.vertical_slash import VerticalSlashPattern
@@ -86,7 +86,11 @@ def measure(source, length, q, k, v, scale, wides, gpu, commit) -> list[dict]:
     index = lines.to_index(slashes_sorted=True)
     pieces = lines.to_index(slashes_sorted=True, max_range_keys=range_piece_keys(head_dim, index.block_size_q,
                                                                                   q.element_size()))
-    density = float(index.computed_pairs().sum()) / causal
+    # The same lines over 128-row query blocks: 128-row programs (8 warps) read each K/V tile for twice
+    # the rows, but a band over a wider block spans more keys (more pairs computed).
+    index_128 = vertical_slash_lines(lines.vertical_index, lines.vertical_count, lines.slash_offset, lines.slash_count,
+                                     q_len=length, k_len=length, block_size_q=2 * index.block_size_q
+                                     ).to_index(slashes_sorted=True)
     kw = dict(scale=scale, window=None, softcap=None, kv_head_index=kv_head_index)
     runs = {
         "index_whole": lambda wide, out: vertical_slash_attention_triton(q, k, v, index, out=out, wide_key_tile=wide, **kw),
@@ -94,8 +98,11 @@ def measure(source, length, q, k, v, scale, wides, gpu, commit) -> list[dict]:
                                                                           **kw),
         "fused_lines": lambda wide, out: vertical_slash_lines_attention_triton(q, k, v, lines, out=out, lines_sorted=True,
                                                                                wide_key_tile=wide, **kw),
+        "index_whole_block128": lambda wide, out: vertical_slash_attention_triton(q, k, v, index_128, out=out,
+                                                                                  wide_key_tile=wide, **kw),
     }
     for kernel, run in runs.items():
+        density = float((index_128 if kernel == "index_whole_block128" else index).computed_pairs().sum()) / causal
         first = None
         for wide in (wides if kernel != "index_pieces" else [0]):
             out = torch.full_like(q, float("nan"))
