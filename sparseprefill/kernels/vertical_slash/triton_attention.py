@@ -95,7 +95,8 @@ VERTICAL_SLASH_KEY_TILE = 32
 # K and V tiles this wide fit the shared-memory budget of the large tiles (LARGE_TILE_BYTES): 64-key
 # tiles ran every causal pair at 0.72 of cuDNN's rate against 0.61-0.63 for 32-key ones at head_dim 128
 # (0.82 at 64), but lost 7-16% on the default's short bands as the only tile (partial last tiles).
-VERTICAL_SLASH_WIDE_KEY_TILE = 64
+# Off (0) until timed on a GPU: experiments/wide_tiles.py measures 0 / 64 / 128 on the default's indices.
+VERTICAL_SLASH_WIDE_KEY_TILE = 0
 
 
 def vertical_slash_wide_tile(head_dim: int, element_bytes: int) -> int:
