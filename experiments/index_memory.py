@@ -29,8 +29,8 @@ from sparseprefill.bench.kernels import structured_qkv
 from sparseprefill.config import SparseConfig
 from sparseprefill.kernels.vertical_slash.triton_lines import plan_lines
 from sparseprefill.patterns.vertical_slash import VerticalSlashPattern
+from vertical_slash_ceiling import SHAPES  # query heads, KV heads, head_dim (this folder is on sys.path)
 
-SHAPES = {"llama": (32, 8, 128), "qwen": (14, 2, 64)}  # query heads, KV heads, head_dim
 FIELDS = ["shape", "length", "step", "peak_mib", "resident_mib", "kv_cache_mib", "peak_of_kv", "gpu", "commit"]
 MIB = 2**20
 

@@ -36,8 +36,8 @@ from sparseprefill.kernels.vertical_slash import range_piece_keys, vertical_slas
 from sparseprefill.kernels.vertical_slash.triton_attention import vertical_slash_attention_triton
 from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton
 from sparseprefill.patterns.vertical_slash import VerticalSlashPattern
+from vertical_slash_ceiling import SHAPES, check  # query heads, KV heads, head_dim (this folder is on sys.path)
 
-SHAPES = {"llama": (32, 8, 128), "qwen": (14, 2, 64)}  # query heads, KV heads, head_dim
 FIELDS = ["source", "length", "kernel", "wide_key_tile", "ms", "density", "of_cudnn", "vs_wide0", "max_err",
           "gpu", "commit"]
 
@@ -64,12 +64,6 @@ def real_inputs(model_name, lengths, layers, device):
             yield f"{model_name}_layer{layer}", length, q, k, v, scale
         del captured
         torch.cuda.empty_cache()
-
-
-def reference_error(q, k, v, index, out, scale, kv_head_index) -> float:
-    from vertical_slash_ceiling import check  # the ceiling study's last-two-blocks check
-
-    return check(q, k, v, index, out, scale, kv_head_index)
 
 
 def measure(source, length, q, k, v, scale, wides, gpu, commit) -> list[dict]:
@@ -115,7 +109,7 @@ def measure(source, length, q, k, v, scale, wides, gpu, commit) -> list[dict]:
             if first is None:
                 first = (out.clone(), ms)
             vs0 = float((out.float() - first[0].float()).abs().max())
-            err = reference_error(q, k, v, index, out, scale, kv_head_index) if kernel == "index_whole" else ""
+            err = check(q, k, v, index, out, scale, kv_head_index) if kernel == "index_whole" else ""
             rows.append(dict(source=source, length=length, kernel=kernel, wide_key_tile=wide, ms=ms, density=density,
                              of_cudnn=density * cudnn_ms / ms, vs_wide0=vs0, max_err=err, gpu=gpu, commit=commit))
             print(f"  {source} {length} {kernel:<13} wide {wide:>3}: {ms:8.3f} ms, {density * cudnn_ms / ms:.2f} of "
