@@ -95,7 +95,8 @@ VERTICAL_SLASH_KEY_TILE = 32
 # K and V tiles this wide fit the shared-memory budget of the large tiles (LARGE_TILE_BYTES): 64-key
 # tiles ran every causal pair at 0.72 of cuDNN's rate against 0.61-0.63 for 32-key ones at head_dim 128
 # (0.82 at 64), but lost 7-16% on the default's short bands as the only tile (partial last tiles).
-# Off (0) until timed on a GPU: experiments/wide_tiles.py measures 0 / 64 / 128 on the default's indices.
+# Off (0): as leading tiles they made the index kernel 1.15-1.30x slower (64) and 1.50-2.34x (128) at
+# 32K and 128K on Llama and Qwen shapes (H100, experiments/wide_tiles.py, stop 35).
 VERTICAL_SLASH_WIDE_KEY_TILE = 0
 
 
