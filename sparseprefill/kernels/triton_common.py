@@ -78,10 +78,35 @@ def mask_scores(s, offs_n, n_ok, q_pos, window, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
-def online_softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr):
+def online_softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr, RESCALE_SLACK: tl.constexpr = 0.0):
     """Fold one tile of log2 scores ``s [M, N]`` and values ``v [N, D]`` into the running max, sum and
-    accumulator (FlashAttention-2's rescaling)."""
+    accumulator (FlashAttention-2's rescaling).
+
+    ``RESCALE_SLACK > 0`` (log2 units) rescales lazily, as FlashAttention-4 does: the running max moves,
+    and ``acc`` and ``l`` are rescaled, only when some row of the tile exceeds it by more than the slack;
+    otherwise the tile's probabilities are taken against the stale max, so they stay below
+    ``2 ** RESCALE_SLACK`` (fp32 sums and bf16 probabilities hold that exactly as well). The result is
+    the same softmax: ``acc / l`` does not depend on which max both were taken against. It spares the
+    ``[M, D]`` multiply of every tile whose maxima barely move, at the price of a block-wide max and a
+    branch per tile."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
+    if RESCALE_SLACK > 0:
+        # A row still at -inf that now sees a key counts as growing without bound: it must rescale.
+        growth = tl.max(tl.where(m_new > m_i, m_new - m_i, 0.0), 0)
+        if growth > RESCALE_SLACK:
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_shift)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        if UPCAST:
+            acc = acc + exact_dot(p, v)
+        else:
+            acc = acc + tl.dot(p.to(v.dtype), v)
+        return m_i, l_i, acc
     # A row that has seen no key yet keeps max -inf; shift by 0 so exp2 gives exact zeros, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_shift)
@@ -106,7 +131,7 @@ def store_rows(base, rows, row_ok, stride_row, offs_d, d_ok, stride_d, acc, l_i)
 def attend_key_tile(q, k_base, v_base, start_n, limit, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd,
                     q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale, softcap, window,
                     BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    UPCAST: tl.constexpr):
+                    UPCAST: tl.constexpr, RESCALE_SLACK: tl.constexpr = 0.0):
     """Attend the contiguous keys ``[start_n, start_n + BLOCK_N)`` below ``limit``. Masks are applied
     only when the tile can cross ``limit``, the diagonal or the window edge, so interior tiles run
     mask-free."""
@@ -120,14 +145,14 @@ def attend_key_tile(q, k_base, v_base, start_n, limit, offs_d, d_ok, stride_kn, 
         needs_mask = needs_mask | (start_n <= last_q_pos - window)
     if needs_mask:
         s = mask_scores(s, offs_n, n_ok, q_pos, window, HAS_WINDOW)
-    return online_softmax_step(s, v, m_i, l_i, acc, UPCAST)
+    return online_softmax_step(s, v, m_i, l_i, acc, UPCAST, RESCALE_SLACK)
 
 
 @triton.jit
 def attend_key_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd,
                      q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale, softcap, window,
                      RANGE_N: tl.constexpr, WIDE_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr):
+                     HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, RESCALE_SLACK: tl.constexpr = 0.0):
     """Attend the contiguous keys ``[start, end)``: whole ``WIDE_N``-key tiles while they fit, then
     ``RANGE_N``-key tiles for the rest (``WIDE_N == 0``: ``RANGE_N`` tiles only). A range starts
     wherever its band does, so its last tile is partial: narrow tiles waste little of it, wide tiles
@@ -137,12 +162,14 @@ def attend_key_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, str
         for start_n in range(start, wide_end, WIDE_N):
             m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start_n, end, offs_d, d_ok, stride_kn, stride_kd,
                                             stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
-                                            score_scale, softcap, window, WIDE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+                                            score_scale, softcap, window, WIDE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST,
+                                            RESCALE_SLACK)
         start = wide_end
     for start_n in range(start, end, RANGE_N):
         m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start_n, end, offs_d, d_ok, stride_kn, stride_kd,
                                         stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
-                                        score_scale, softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+                                        score_scale, softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST,
+                                        RESCALE_SLACK)
     return m_i, l_i, acc
 
 
@@ -223,6 +250,26 @@ def empty_softmax_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 # Shared memory per SM on Hopper is 228 KB; Q, K and V tiles (K/V staged num_stages deep) must fit.
 # Rows per program and keys per tile shrink for head_dim 256 and for fp32 inputs (twice the bytes).
+# The online softmax's lazy-rescale slack in log2 units (``online_softmax_step``; 0: rescale every tile,
+# FlashAttention-2's way). Nsight Compute put the vertical-slash kernel at 2.8-3.2x cuDNN's instructions
+# per computed pair, issue-bound (H100, experiments/kernel_profile.py, stop 35); an [M, D] rescale per
+# 32-key tile is one of the per-tile costs a slack of 8 (FlashAttention-4's: probabilities < 256) skips.
+# Off until the GPU fuzz has run it; the attention kernels take ``rescale_slack=`` to measure it.
+ONLINE_SOFTMAX_RESCALE_SLACK = 0.0
+
+
+def checked_rescale_slack(rescale_slack: float | None) -> float:
+    """The lazy-rescale slack a kernel launches with: ``rescale_slack``, or the shipped one for None.
+    Refused outside [0, 64]: beyond 64 the stale-max probabilities could pass bf16's and fp32's range."""
+    slack = ONLINE_SOFTMAX_RESCALE_SLACK if rescale_slack is None else float(rescale_slack)
+    if not 0.0 <= slack <= MAX_RESCALE_SLACK:
+        raise ValueError(f"rescale_slack must lie in [0, {MAX_RESCALE_SLACK:g}] (log2 units), got {rescale_slack}")
+    return slack
+
+
+# 2**64 per probability times 2**31 keys stays below fp32's 2**128.
+MAX_RESCALE_SLACK = 64.0
+
 LARGE_TILE_BYTES = 2 * 128  # element bytes x padded head_dim up to which 128-row programs fit
 
 

@@ -342,3 +342,65 @@ def test_vertical_slash_wide_tile_must_be_a_triton_tile(bad):
     q = torch.zeros(1, 1, 4, 64, device=DEVICE)
     with pytest.raises(ValueError, match=f"power of two >= 16.*got {bad}"):
         vertical_slash_launch(q, 64, 1.0, None, None, wide_key_tile=bad)
+
+
+# (batch, q heads, kv heads, Lq, Lk, head_dim, block, window, softcap): long enough for many tiles per
+# row, a window (rows that start with fully masked tiles) and a soft-cap.
+RESCALE_CASES = [
+    (1, 2, 1, 260, 260, 64, 32, None, None),
+    (1, 2, 2, 193, 230, 128, 64, 70, None),
+    (1, 3, 1, 240, 240, 64, 32, None, 20.0),
+]
+
+
+def _rising_logit_inputs(case, seed):
+    """q, k, v whose logits grow along the keys (later keys score up to ~4x the earlier ones), so a row's
+    running max keeps rising from tile to tile by more than a small slack and less than a large one."""
+    q, k, v = _inputs(case, torch.float32, seed)
+    ramp = 1.0 + 3.0 * torch.arange(k.shape[2], device=DEVICE, dtype=torch.float32) / k.shape[2]
+    return 3.0 * q, k * ramp[:, None], v
+
+
+@pytest.mark.parametrize("rescale_slack", [0.0, 0.5, 8.0, 64.0])
+@pytest.mark.parametrize("case", RESCALE_CASES, ids=lambda c: f"L{c[3]}x{c[4]}D{c[5]}bs{c[6]}w{c[7]}c{c[8]}")
+def test_lazy_rescale_matches_naive(case, rescale_slack):
+    """The online softmax's lazy rescale (``rescale_slack``) gives the reference softmax in the three
+    prefill kernels: vertical-slash on its index and from lines, and block-sparse with columns."""
+    from sparseprefill.kernels.block_sparse.columns import blocks_with_columns
+    from sparseprefill.kernels.vertical_slash import vertical_slash_lines
+    from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton
+
+    b, hq, hkv, lq, lk, d, block, window, softcap = case
+    q, k, v = _rising_logit_inputs(case, seed=lq + int(4 * rescale_slack))
+    g = torch.Generator(device="cpu").manual_seed(lk)
+    vertical_count, vertical_index = compact((torch.rand(b, hq, lk, generator=g) < 0.15).to(DEVICE))
+    slash_count, slash_offset = compact((torch.rand(b, hq, lk, generator=g) < 0.3).to(DEVICE))
+    line_args = (vertical_index, vertical_count, slash_offset, slash_count)
+    kvh = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    kw = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kvh)
+
+    index = build_vertical_slash_index(*line_args, q_len=lq, k_len=lk, block_size_q=block)
+    ref = vertical_slash_attention_naive(q, k, v, index, out=torch.empty_like(q), **kw)
+    out = vertical_slash_attention_triton(q, k, v, index, out=torch.full_like(q, float("nan")),
+                                          rescale_slack=rescale_slack, **kw)
+    assert _rel_err(out, ref) < REL_TOL[torch.float32]
+    lines = vertical_slash_lines(*line_args, q_len=lq, k_len=lk, block_size_q=block)
+    fused = vertical_slash_lines_attention_triton(q, k, v, lines, out=torch.full_like(q, float("nan")),
+                                                  rescale_slack=rescale_slack, **kw)
+    assert _rel_err(fused, ref) < REL_TOL[torch.float32]
+
+    scores = torch.rand(b, hq, -(-lq // block), -(-lk // block), generator=g).to(DEVICE)
+    blocks = select_blocks(scores, q_len=lq, k_len=lk, block_size_q=block, block_size_k=block, mass=0.5)
+    blocks = blocks_with_columns(blocks, vertical_index, vertical_count)
+    ref = block_sparse_attention_naive(q, k, v, blocks, out=torch.empty_like(q), **kw)
+    out = block_sparse_attention_triton(q, k, v, blocks, out=torch.full_like(q, float("nan")),
+                                        rescale_slack=rescale_slack, **kw)
+    assert _rel_err(out, ref) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("bad", [-1.0, 65.0])
+def test_rescale_slack_out_of_range_is_refused(bad):
+    from sparseprefill.kernels.triton_common import checked_rescale_slack
+
+    with pytest.raises(ValueError, match=r"rescale_slack must lie in \[0, 64\].*got"):
+        checked_rescale_slack(bad)

@@ -16,6 +16,7 @@ import triton.language as tl
 from ..indices import BlockSparseIndex
 from ..triton_common import (
     attend_key_tile,
+    checked_rescale_slack,
     column_keys,
     empty_softmax_state,
     load_rows,
@@ -48,6 +49,7 @@ def _block_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_Q: tl.constexpr, KV_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, HAS_COLUMNS: tl.constexpr = False, COLUMN_N: tl.constexpr = 32,
+    RESCALE_SLACK: tl.constexpr = 0.0,
 ):
     b, h, index_row_id, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base = query_tile(
         Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -64,7 +66,8 @@ def _block_sparse_fwd_kernel(
         start_n = kv_block * KV_BLOCK + (t % SUBS) * BLOCK_N
         m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start_n, k_len, offs_d, d_ok, stride_kn, stride_kd,
                                         stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
-                                        score_scale, softcap, window, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+                                        score_scale, softcap, window, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST,
+                                        RESCALE_SLACK)
 
     if HAS_COLUMNS:
         n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + index_row_id * stride_ccm)
@@ -75,7 +78,7 @@ def _block_sparse_fwd_kernel(
             v = load_rows(v_base, offs_n, n_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
             s = mask_scores(log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP), offs_n, n_ok, q_pos, window,
                             HAS_WINDOW)
-            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST)
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST, RESCALE_SLACK)
 
     store_rows(Out + b * stride_ob + h * stride_oh, offs_m, m_ok, stride_om, offs_d, d_ok, stride_od, acc, l_i)
 
@@ -91,9 +94,11 @@ def block_sparse_attention_triton(
     softcap: float | None,
     kv_head_index: torch.Tensor,
     out: torch.Tensor,
+    rescale_slack: float | None = None,
 ) -> torch.Tensor:
     """GPU ``block_sparse_attention``: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, ``index``
-    ``[B, Hq, ceil(Lq / block_size_q), N]`` -> ``out [B, Hq, Lq, D]`` (written in place)."""
+    ``[B, Hq, ceil(Lq / block_size_q), N]`` -> ``out [B, Hq, Lq, D]`` (written in place).
+    ``rescale_slack``: the online softmax's lazy-rescale slack (None: the shipped one), for measurements."""
     b, hq, q_len, head_dim = q.shape
     k_len = k.shape[2]
     block_m, block_n, num_warps, num_stages, block_d = tile_sizes(
@@ -116,7 +121,7 @@ def block_sparse_attention_triton(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_Q=index.block_size_q, KV_BLOCK=index.block_size_k, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         UPCAST=interpret or q.dtype == torch.float32, HAS_COLUMNS=has_columns, COLUMN_N=BLOCK_COLUMN_TILE,
-        num_warps=num_warps, num_stages=num_stages,
+        RESCALE_SLACK=checked_rescale_slack(rescale_slack), num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -17,6 +17,7 @@ from ..triton_common import (
     LARGE_TILE_BYTES,
     attend_key_range,
     attend_key_tile,
+    checked_rescale_slack,
     column_keys,
     empty_softmax_state,
     load_rows,
@@ -45,6 +46,7 @@ def _vertical_slash_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RANGE_N: tl.constexpr,
     COLUMN_N: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     COLUMN_STAGES: tl.constexpr, RANGE_PIECES: tl.constexpr = False, WIDE_N: tl.constexpr = 0,
+    RESCALE_SLACK: tl.constexpr = 0.0,
 ):
     b, h, index_row_id, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base = query_tile(
         Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -61,7 +63,8 @@ def _vertical_slash_fwd_kernel(
             end = tl.minimum(tl.load(RangeEnd + range_row + r * stride_rn), k_len)
             m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd,
                                             stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
-                                            score_scale, softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+                                            score_scale, softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST,
+                                            RESCALE_SLACK)
     else:
         for r in range(0, n_ranges):
             start = tl.load(RangeStart + range_row + r * stride_rn)
@@ -69,7 +72,7 @@ def _vertical_slash_fwd_kernel(
             m_i, l_i, acc = attend_key_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd,
                                              stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
                                              score_scale, softcap, window, RANGE_N, WIDE_N, HAS_WINDOW, HAS_SOFTCAP,
-                                             UPCAST)
+                                             UPCAST, RESCALE_SLACK)
 
     n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + index_row_id * stride_ccm)
     column_row = ColumnIndex + b * stride_cb + h * stride_ch + index_row_id * stride_cm
@@ -79,7 +82,7 @@ def _vertical_slash_fwd_kernel(
         k = load_rows(k_base, offs_n, n_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
         v = load_rows(v_base, offs_n, n_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
         s = mask_scores(log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP), offs_n, n_ok, q_pos, window, HAS_WINDOW)
-        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST, RESCALE_SLACK)
 
     store_rows(Out + b * stride_ob + h * stride_oh, offs_m, m_ok, stride_om, offs_d, d_ok, stride_od, acc, l_i)
 
@@ -134,10 +137,12 @@ def vertical_slash_tile_sizes(head_dim: int, block_q: int, element_bytes: int) -
 
 
 def vertical_slash_launch(q: torch.Tensor, block_q: int, scale: float, window: int | None,
-                          softcap: float | None, wide_key_tile: int | None = None) -> tuple[int, tuple, dict]:
+                          softcap: float | None, wide_key_tile: int | None = None,
+                          rescale_slack: float | None = None) -> tuple[int, tuple, dict]:
     """What both vertical-slash attention kernels are launched with: ``(BLOCK_M, trailing scalars
     (scale, softcap, window), tile constexprs and launch options)``. ``wide_key_tile`` overrides the
-    leading whole tiles' width (``vertical_slash_wide_tile``; 0: none), for measurements."""
+    leading whole tiles' width (``vertical_slash_wide_tile``; 0: none) and ``rescale_slack`` the online
+    softmax's lazy-rescale slack (``checked_rescale_slack``), for measurements."""
     head_dim = q.shape[-1]
     if wide_key_tile is None:
         wide_key_tile = vertical_slash_wide_tile(head_dim, q.element_size())
@@ -151,7 +156,8 @@ def vertical_slash_launch(q: torch.Tensor, block_q: int, scale: float, window: i
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, RANGE_N=range_n, COLUMN_N=column_n, BLOCK_Q=block_q,
         HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         UPCAST=q.device.type == "cpu" or q.dtype == torch.float32,  # the CPU interpreter gets bf16 wrong
-        WIDE_N=wide_key_tile, num_warps=num_warps, num_stages=num_stages,
+        WIDE_N=wide_key_tile, RESCALE_SLACK=checked_rescale_slack(rescale_slack), num_warps=num_warps,
+        num_stages=num_stages,
     )
     return block_m, scalars, options
 
@@ -168,13 +174,16 @@ def vertical_slash_attention_triton(
     kv_head_index: torch.Tensor,
     out: torch.Tensor,
     wide_key_tile: int | None = None,
+    rescale_slack: float | None = None,
 ) -> torch.Tensor:
     """GPU ``vertical_slash_attention``: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, ``index``
     ``[B, Hq, ceil(Lq / block_size_q), ...]`` -> ``out [B, Hq, Lq, D]`` (written in place).
-    ``wide_key_tile``: keys per leading whole tile of a range (0: none; None: the shipped policy)."""
+    ``wide_key_tile``: keys per leading whole tile of a range (0: none; None: the shipped policy);
+    ``rescale_slack``: the online softmax's lazy-rescale slack (None: the shipped one)."""
     b, hq, q_len, _ = q.shape
     k_len = k.shape[2]
-    block_m, scalars, options = vertical_slash_launch(q, index.block_size_q, scale, window, softcap, wide_key_tile)
+    block_m, scalars, options = vertical_slash_launch(q, index.block_size_q, scale, window, softcap, wide_key_tile,
+                                                      rescale_slack)
     options["RANGE_PIECES"] = index.max_range_keys is not None and index.max_range_keys <= options["RANGE_N"]
     options["COLUMN_STAGES"] = vertical_slash_column_stages(options["num_stages"])
     grid = (index.range_count.shape[2] * (index.block_size_q // block_m), b * hq)

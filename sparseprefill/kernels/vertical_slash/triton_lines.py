@@ -128,7 +128,7 @@ def _lines_fwd_kernel(
     score_scale, softcap, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RANGE_N: tl.constexpr,
     COLUMN_N: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, WIDE_N: tl.constexpr = 0,
+    UPCAST: tl.constexpr, WIDE_N: tl.constexpr = 0, RESCALE_SLACK: tl.constexpr = 0.0,
 ):
     b, h, r, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base = query_tile(
         Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -159,7 +159,8 @@ def _lines_fwd_kernel(
         end = p1 - d_first + 1
         m_i, l_i, acc = attend_key_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd, stride_vn,
                                          stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale,
-                                         softcap, window, RANGE_N, WIDE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+                                         softcap, window, RANGE_N, WIDE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST,
+                                         RESCALE_SLACK)
         pairs += _keys_below_pairs(end, p0_wide, p1_wide) - _keys_below_pairs(start, p0_wide, p1_wide)
 
     # --- then the visible bands clipped at key 0 (or cut by visibility), merged into one range
@@ -171,7 +172,8 @@ def _lines_fwd_kernel(
     end = tl.where(has_more & (d_first <= p1), p1 - d_first + 1, start)
     m_i, l_i, acc = attend_key_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd, stride_vn,
                                      stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale,
-                                     softcap, window, RANGE_N, WIDE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST)
+                                     softcap, window, RANGE_N, WIDE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST,
+                                     RESCALE_SLACK)
     pairs += _keys_below_pairs(end, p0_wide, p1_wide) - _keys_below_pairs(start, p0_wide, p1_wide)
 
     # --- the head's columns up to p1 that no band covers
@@ -194,7 +196,7 @@ def _lines_fwd_kernel(
         k = load_rows(k_base, cols, slot_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
         v = load_rows(v_base, cols, slot_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
         s = mask_scores(log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP), cols, keep, q_pos, window, HAS_WINDOW)
-        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST, RESCALE_SLACK)
         column_rows += tl.where(keep, p1 - tl.maximum(p0, cols) + 1, 0)
     pairs += tl.sum(column_rows.to(tl.int64), 0)
 
@@ -216,16 +218,17 @@ def vertical_slash_lines_attention_triton(
     out: torch.Tensor,
     lines_sorted: bool = False,
     wide_key_tile: int | None = None,
+    rescale_slack: float | None = None,
 ) -> torch.Tensor:
     """GPU ``vertical_slash_lines_attention``: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, per-head
     ``lines`` -> ``out [B, Hq, Lq, D]`` (written in place) and ``lines.block_pairs``. ``lines_sorted``:
     the caller guarantees each line list ascends (``select_lines`` output), which spares two sorts.
-    ``wide_key_tile``: as for ``vertical_slash_attention_triton``."""
+    ``wide_key_tile``, ``rescale_slack``: as for ``vertical_slash_attention_triton``."""
     b, hq, q_len, _ = q.shape
     k_len = k.shape[2]
     plan = plan_lines(lines, lines_sorted)
     block_m, scalars, options = vertical_slash_launch(q, lines.block_size_q, scale, window, softcap,
-                                                      wide_key_tile)
+                                                      wide_key_tile, rescale_slack)
     n_blocks = lines.block_pairs.shape[-1]
     grid = (n_blocks * (lines.block_size_q // block_m), b * hq)
     _lines_fwd_kernel[grid](

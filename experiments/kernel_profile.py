@@ -1,0 +1,270 @@
+"""Where the default's sparse kernels spend their time, by hardware counters (Nsight Compute), beside
+cuDNN's dense kernel on the same q/k/v.
+
+Issue 15 asks, where a kernel misses its rate target, for the floor and for what the profile shows.
+Every earlier kernel study here timed variants (do_bench medians); none read a counter. This script
+is the target program of ``ncu``: on the structured input (``bench.kernels.structured_qkv``, Llama-3.1-8B
+or Qwen2.5-0.5B attention shapes, bf16) it builds the default's vertical-slash lines, its per-block
+index (whole bands and range pieces) and the antidiagonal estimate's block index, compiles and warms
+every kernel, then launches each exactly once between ``cudaProfilerStart`` and ``cudaProfilerStop``, so
+``ncu --profile-from-start off`` profiles those launches and nothing else, in this order:
+
+    cudnn (SDPA, causal, GQA), index_whole, index_pieces, fused_lines, block_sparse (antidiagonal index)
+
+It also writes, for each Triton kernel, what the compiler made of it (``triton_kernels.json``: registers
+and spills per thread, shared memory, warps, stages, and whether its PTX issues Hopper's asynchronous
+warpgroup MMA, ``wgmma``, or the synchronous ``mma.sync``), and the do_bench time of each launch.
+``--time-slacks 0 8`` instead times every sparse launch at those lazy-rescale slacks of the online
+softmax (``triton_common.online_softmax_step``) at ``--lengths``, for ``--shapes``.
+
+On the GPU machine (``--clock-control none``: METHOD.md leaves the clocks alone; the fused path's plan
+launches torch kernels of its own, which the name filter skips; ``--set full`` takes ~10 s per profiled
+launch):
+
+    ncu --clock-control none --profile-from-start off --kernel-name regex:"_fwd_kernel|sdpa" --set full \\
+        --csv --page raw python experiments/kernel_profile.py --shape qwen --length 32768 --out DIR > DIR/ncu_raw.csv
+    python experiments/kernel_profile.py --summarize DIR/ncu_raw.csv --out DIR
+
+``--summarize`` keeps the counters that place a kernel against its ceilings (time, SM and tensor-pipe
+utilisation, issue activity, achieved occupancy and what limits it, memory throughput, L2 hit rate, the
+warp stall reasons) as ``profile_summary.csv`` and prints them side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+# Run order inside the profiled window; the raw CSV lists kernels in launch order.
+LAUNCHES = ("cudnn", "index_whole", "index_pieces", "fused_lines", "block_sparse")
+
+# Raw-page counters kept by --summarize (Nsight Compute metric names), with a short label.
+COUNTERS = {
+    "gpu__time_duration.sum": "time",
+    "smsp__inst_executed.sum": "instructions",
+    "sm__throughput.avg.pct_of_peak_sustained_elapsed": "sm_throughput_pct",
+    "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue_active_pct",
+    "sm__warps_active.avg.pct_of_peak_sustained_active": "achieved_occupancy_pct",
+    "sm__maximum_warps_per_active_cycle_pct": "theoretical_occupancy_pct",
+    "launch__registers_per_thread": "registers",
+    "launch__shared_mem_per_block_dynamic": "smem_dynamic",
+    "launch__shared_mem_per_block_static": "smem_static",
+    "launch__occupancy_limit_registers": "blocks_per_sm_by_registers",
+    "launch__occupancy_limit_shared_mem": "blocks_per_sm_by_smem",
+    "launch__occupancy_limit_warps": "blocks_per_sm_by_warps",
+    "launch__grid_size": "grid",
+    "launch__block_size": "threads_per_block",
+    "launch__waves_per_multiprocessor": "waves",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram_pct",
+    "lts__t_sector_hit_rate.pct": "l2_hit_pct",
+    "l1tex__t_sector_hit_rate.pct": "l1_hit_pct",
+}
+# Tensor-pipe utilisation: Hopper reports wgmma (gmma) and mma.sync (hmma) on separate pipes.
+TENSOR_PIPE = re.compile(r"^sm__pipe_tensor_(op_gmma|op_hmma|)_?cycles_active\.avg\.pct_of_peak_sustained_(active|elapsed)$")
+STALL = re.compile(r"^smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio$")
+TOP_STALLS = 6
+
+
+def build_cases(shape: str, length: int):
+    """q, k, v, scale, kv_head_index and one zero-argument launch per entry of ``LAUNCHES``."""
+    from vertical_slash_ceiling import SHAPES  # this folder is on sys.path
+
+    from sparseprefill.bench.kernels import structured_qkv
+    from sparseprefill.config import SparseConfig
+    from sparseprefill.kernels.block_sparse.triton_attention import block_sparse_attention_triton
+    from sparseprefill.kernels.vertical_slash import range_piece_keys
+    from sparseprefill.kernels.vertical_slash.triton_attention import vertical_slash_attention_triton
+    from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton
+    from sparseprefill.patterns import build_pattern
+
+    heads, kv_heads, head_dim = SHAPES[shape]
+    q, k, v = structured_qkv(heads, kv_heads, length, head_dim, torch.device("cuda"))
+    scale = head_dim**-0.5
+    kv_head_index = (torch.arange(heads, device="cuda") // (heads // kv_heads)).long()
+    config = SparseConfig()
+    est = dict(scale=scale, softcap=None, kv_head_index=kv_head_index)
+    vs = build_pattern("vertical_slash", config)
+    lines = vs.estimate_lines(q, k, **est)
+    index = lines.to_index(slashes_sorted=True)
+    pieces = lines.to_index(slashes_sorted=True,
+                            max_range_keys=range_piece_keys(head_dim, index.block_size_q, q.element_size()))
+    blocks = build_pattern("antidiagonal", config).estimate(q, k, **est)
+    kw = dict(scale=scale, window=None, softcap=None, kv_head_index=kv_head_index)
+    outs = {name: torch.empty_like(q) for name in LAUNCHES}
+
+    def cudnn(slack=None):
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                                                    scale=scale)
+
+    launches = {
+        "cudnn": cudnn,
+        "index_whole": lambda slack=None: vertical_slash_attention_triton(
+            q, k, v, index, out=outs["index_whole"], rescale_slack=slack, **kw),
+        "index_pieces": lambda slack=None: vertical_slash_attention_triton(
+            q, k, v, pieces, out=outs["index_pieces"], rescale_slack=slack, **kw),
+        "fused_lines": lambda slack=None: vertical_slash_lines_attention_triton(
+            q, k, v, lines, out=outs["fused_lines"], lines_sorted=True, rescale_slack=slack, **kw),
+        "block_sparse": lambda slack=None: block_sparse_attention_triton(
+            q, k, v, blocks, out=outs["block_sparse"], rescale_slack=slack, **kw),
+    }
+    causal = length * (length + 1) // 2 * heads
+    densities = {"cudnn": 1.0, "index_whole": float(index.computed_pairs().sum()) / causal,
+                 "index_pieces": float(pieces.computed_pairs().sum()) / causal,
+                 "fused_lines": float(index.computed_pairs().sum()) / causal,
+                 "block_sparse": float(blocks.computed_pairs().sum()) / causal}
+    return launches, densities
+
+
+def compiled_kernels() -> list[dict]:
+    """What Triton compiled for the package's attention kernels in this process (one entry per
+    specialisation): registers, spills, shared memory, warps, stages, and the MMA instructions used."""
+    from sparseprefill.kernels.block_sparse import triton_attention as block_module
+    from sparseprefill.kernels.vertical_slash import triton_attention as vs_module
+    from sparseprefill.kernels.vertical_slash import triton_lines as lines_module
+
+    found = []
+    for name, fn in (("_vertical_slash_fwd_kernel", vs_module._vertical_slash_fwd_kernel),
+                     ("_lines_fwd_kernel", lines_module._lines_fwd_kernel),
+                     ("_block_sparse_fwd_kernel", block_module._block_sparse_fwd_kernel)):
+        for cache in getattr(fn, "device_caches", {}).values():
+            kernels = cache[0] if isinstance(cache, tuple) else cache
+            for compiled in getattr(kernels, "values", lambda: [])():
+                meta = getattr(compiled, "metadata", None)
+                ptx = (getattr(compiled, "asm", {}) or {}).get("ptx", "")
+                found.append(dict(kernel=name, registers=getattr(compiled, "n_regs", None),
+                                  spills=getattr(compiled, "n_spills", None),
+                                  shared_bytes=getattr(meta, "shared", None), num_warps=getattr(meta, "num_warps", None),
+                                  num_stages=getattr(meta, "num_stages", None),
+                                  wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+                                  cp_async=ptx.count("cp.async"), tma=ptx.count("cp.async.bulk.tensor")))
+    return found
+
+
+def time_slacks(args) -> None:
+    """do_bench of every sparse launch at each ``--time-slacks`` value (the online softmax's lazy-rescale
+    slack), outputs checked against the slack-0 output; rows to ``rescale_slack.csv``."""
+    import triton
+
+    from sparseprefill.bench.common import git_commit, gpu_name
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shape in args.shapes:
+        for length in args.lengths:
+            launches, densities = build_cases(shape, length)
+            launches["cudnn"]()
+            cudnn_ms = triton.testing.do_bench(launches["cudnn"])
+            for name in LAUNCHES[1:]:
+                first = None
+                for slack in args.time_slacks:
+                    out = launches[name](slack)
+                    ms = triton.testing.do_bench(lambda: launches[name](slack))
+                    if first is None:
+                        first = (out.clone(), ms)
+                    diff = float((out.float() - first[0].float()).abs().max())
+                    rows.append(dict(shape=shape, length=length, kernel=name, rescale_slack=slack, ms=ms,
+                                     density=densities[name], of_cudnn=densities[name] * cudnn_ms / ms,
+                                     vs_first=first[1] / ms, max_diff_vs_first=diff, cudnn_ms=cudnn_ms,
+                                     gpu=gpu_name("cuda"), commit=git_commit()))
+                    print(f"{shape} {length} {name:<13} slack {slack:>4}: {ms:8.3f} ms, {rows[-1]['of_cudnn']:.2f} of "
+                          f"cuDNN per pair, x{first[1] / ms:.3f} vs slack {args.time_slacks[0]}, |d| {diff:.1e}",
+                          flush=True)
+            launches = None  # free this case's tensors before the next
+            torch.cuda.empty_cache()
+            with open(args.out / "rescale_slack.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+
+
+def profile(args) -> None:
+    import triton
+
+    launches, densities = build_cases(args.shape, args.length)
+    times = {}
+    for name, launch in launches.items():
+        launch()  # compile
+        times[name] = triton.testing.do_bench(launch)
+    # Written before the profiled window: a profiler cut short by its time limit still leaves these.
+    args.out.mkdir(parents=True, exist_ok=True)
+    facts = dict(shape=args.shape, length=args.length, launch_order=list(LAUNCHES), do_bench_ms=times,
+                 density=densities, triton=compiled_kernels())
+    (args.out / f"triton_kernels_{args.shape}_{args.length}.json").write_text(json.dumps(facts, indent=1))
+    print(json.dumps(facts, indent=1), file=sys.stderr)
+    torch.cuda.synchronize()
+    cudart = torch.cuda.cudart()
+    cudart.cudaProfilerStart()
+    for name in LAUNCHES:
+        launches[name]()
+    torch.cuda.synchronize()
+    cudart.cudaProfilerStop()
+
+
+def summarize(path: Path, out: Path) -> None:
+    """Nsight Compute's raw CSV (``--csv --page raw``; header, units, one row per launch) -> the
+    counters of ``COUNTERS``, the tensor pipes and the top warp stall reasons per launch."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    reader = list(csv.reader(lines[start:]))
+    header, units, rows = reader[0], reader[1], reader[2:]
+    table = []
+    for row in rows:
+        record = dict(zip(header, row))
+        unit = dict(zip(header, units))
+        summary = {"kernel": record.get("Kernel Name", "")[:60]}
+        for metric, label in COUNTERS.items():
+            if metric in record:
+                summary[label] = record[metric]
+                if label == "time":
+                    summary["time_unit"] = unit[metric]
+        for metric, value in record.items():
+            match = TENSOR_PIPE.match(metric)
+            if match:
+                summary[f"tensor_{match.group(1) or 'all'}_{match.group(2)}_pct"] = value
+        stalls = sorted(((float(v or 0), STALL.match(m).group(1)) for m, v in record.items() if STALL.match(m)),
+                        reverse=True)
+        total = sum(value for value, _ in stalls) or 1.0
+        summary["stalls"] = "; ".join(f"{name} {value:.2f} ({value / total:.0%})" for value, name in stalls[:TOP_STALLS])
+        table.append(summary)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = sorted({key for row in table for key in row}, key=lambda k: (k != "kernel", k))
+    with open(out / "profile_summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(table)
+    for row in table:
+        print("\n".join(f"{key:>28}: {row[key]}" for key in fields if key in row), end="\n\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="qwen", choices=["llama", "qwen"])
+    parser.add_argument("--length", type=int, default=32768)
+    parser.add_argument("--summarize", type=Path, metavar="RAW_CSV", help="summarise an ncu raw CSV, then exit")
+    parser.add_argument("--time-slacks", type=float, nargs="+", metavar="SLACK",
+                        help="instead of profiling: time the sparse launches at these lazy-rescale slacks")
+    parser.add_argument("--shapes", nargs="+", default=["qwen", "llama"], choices=["llama", "qwen"],
+                        help="with --time-slacks")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072], help="with --time-slacks")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.summarize:
+        summarize(args.summarize, args.out)
+        return
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device (run it under ncu on the GPU machine)")
+    if args.time_slacks:
+        time_slacks(args)
+        return
+    profile(args)
+
+
+if __name__ == "__main__":
+    main()
