@@ -71,8 +71,12 @@ def layer_work(q, k, scale) -> dict:
     return row
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def captured_qwen_layers(description: str, argv=None):
+    """The command line both CPU counting scripts share (``--length``, ``--device``, ``--dtype``,
+    ``--layer-stride``, ``--metadata``, ``--out``), refused in one line before any model loads, then
+    ``(args, {layer: (q, k, v, scale)})`` of every ``--layer-stride``-th layer of Qwen2.5-Coder-0.5B on the
+    natural text."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -82,11 +86,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not 128 <= args.length <= 32768:
         ap.error("--length must lie in [128, 32768] (native context; no YaRN here)")
+    if args.layer_stride < 1:
+        ap.error(f"--layer-stride must be >= 1, got {args.layer_stride}")
     args.out.mkdir(parents=True, exist_ok=True)
     model, tok = load_qwen_models([args.length], device=args.device, dtype=args.dtype, metadata=args.metadata)[False]
     n_layers = model.config.num_hidden_layers
-    captured = capture_layers(model, reference_input_ids(tok, args.length).to(args.device),
-                              range(0, n_layers, args.layer_stride))
+    return args, capture_layers(model, reference_input_ids(tok, args.length).to(args.device),
+                                range(0, n_layers, args.layer_stride))
+
+
+def main(argv=None) -> int:
+    args, captured = captured_qwen_layers(__doc__, argv)
     rows = []
     for layer, (q, k, _, scale) in captured.items():
         rows.append(dict(layer=layer, **layer_work(q, k, scale)))

@@ -300,6 +300,22 @@ def test_vertical_slash_triton_on_range_pieces_matches_naive(case, dtype):
 
 
 # (batch, q heads, kv heads, Lq, Lk, head_dim, block, window, softcap): bands of up to ~300 keys.
+def _check_both_vertical_slash_kernels(q, k, v, index, line_args, block, kw, **kernel_options):
+    """The index kernel on ``index`` and the fused kernel on the same lines, each with
+    ``kernel_options``, against the naive attention of ``index`` (fp32 tolerance, NaN-filled outputs)."""
+    from sparseprefill.kernels.vertical_slash import vertical_slash_lines
+    from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton
+
+    ref = vertical_slash_attention_naive(q, k, v, index, out=torch.empty_like(q), **kw)
+    out = vertical_slash_attention_triton(q, k, v, index, out=torch.full_like(q, float("nan")), **kernel_options,
+                                          **kw)
+    assert _rel_err(out, ref) < REL_TOL[torch.float32]
+    lines = vertical_slash_lines(*line_args, q_len=q.shape[2], k_len=k.shape[2], block_size_q=block)
+    fused = vertical_slash_lines_attention_triton(q, k, v, lines, out=torch.full_like(q, float("nan")),
+                                                  **kernel_options, **kw)
+    assert _rel_err(fused, ref) < REL_TOL[torch.float32]
+
+
 WIDE_TILE_CASES = [
     (1, 2, 1, 290, 290, 64, 32, None, None),
     (1, 2, 2, 257, 300, 128, 64, None, None),
@@ -312,8 +328,6 @@ WIDE_TILE_CASES = [
 def test_vertical_slash_triton_wide_range_tiles_match_naive(case, wide_key_tile):
     """Ranges walked as whole ``wide_key_tile``-key tiles, then narrow ones, in both vertical-slash
     kernels: dense bands make ranges long enough for several wide tiles and a partial rest."""
-    from sparseprefill.kernels.vertical_slash import vertical_slash_lines
-    from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton
 
     b, hq, hkv, lq, lk, d, block, window, softcap = case
     q, k, v = _inputs(case, torch.float32, seed=7 * lq + wide_key_tile)
@@ -325,14 +339,7 @@ def test_vertical_slash_triton_wide_range_tiles_match_naive(case, wide_key_tile)
     assert int((index.range_end - index.range_start).max()) > wide_key_tile + 32, "bands too short"
     kvh = torch.arange(hq, device=DEVICE) // (hq // hkv)
     kw = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kvh)
-    ref = vertical_slash_attention_naive(q, k, v, index, out=torch.empty_like(q), **kw)
-    out = vertical_slash_attention_triton(q, k, v, index, out=torch.full_like(q, float("nan")),
-                                          wide_key_tile=wide_key_tile, **kw)
-    assert _rel_err(out, ref) < REL_TOL[torch.float32]
-    lines = vertical_slash_lines(*line_args, q_len=lq, k_len=lk, block_size_q=block)
-    fused = vertical_slash_lines_attention_triton(q, k, v, lines, out=torch.full_like(q, float("nan")),
-                                                  wide_key_tile=wide_key_tile, **kw)
-    assert _rel_err(fused, ref) < REL_TOL[torch.float32]
+    _check_both_vertical_slash_kernels(q, k, v, index, line_args, block, kw, wide_key_tile=wide_key_tile)
 
 
 @pytest.mark.parametrize("bad", [48, 8])
@@ -367,8 +374,6 @@ def test_lazy_rescale_matches_naive(case, rescale_slack):
     """The online softmax's lazy rescale (``rescale_slack``) gives the reference softmax in the three
     prefill kernels: vertical-slash on its index and from lines, and block-sparse with columns."""
     from sparseprefill.kernels.block_sparse.columns import blocks_with_columns
-    from sparseprefill.kernels.vertical_slash import vertical_slash_lines
-    from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton
 
     b, hq, hkv, lq, lk, d, block, window, softcap = case
     q, k, v = _rising_logit_inputs(case, seed=lq + int(4 * rescale_slack))
@@ -380,14 +385,7 @@ def test_lazy_rescale_matches_naive(case, rescale_slack):
     kw = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kvh)
 
     index = build_vertical_slash_index(*line_args, q_len=lq, k_len=lk, block_size_q=block)
-    ref = vertical_slash_attention_naive(q, k, v, index, out=torch.empty_like(q), **kw)
-    out = vertical_slash_attention_triton(q, k, v, index, out=torch.full_like(q, float("nan")),
-                                          rescale_slack=rescale_slack, **kw)
-    assert _rel_err(out, ref) < REL_TOL[torch.float32]
-    lines = vertical_slash_lines(*line_args, q_len=lq, k_len=lk, block_size_q=block)
-    fused = vertical_slash_lines_attention_triton(q, k, v, lines, out=torch.full_like(q, float("nan")),
-                                                  rescale_slack=rescale_slack, **kw)
-    assert _rel_err(fused, ref) < REL_TOL[torch.float32]
+    _check_both_vertical_slash_kernels(q, k, v, index, line_args, block, kw, rescale_slack=rescale_slack)
 
     scores = torch.rand(b, hq, -(-lq // block), -(-lk // block), generator=g).to(DEVICE)
     blocks = select_blocks(scores, q_len=lq, k_len=lk, block_size_q=block, block_size_k=block, mass=0.5)
