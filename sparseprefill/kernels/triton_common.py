@@ -85,7 +85,7 @@ def online_softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr, RESCALE_SLACK
     ``RESCALE_SLACK > 0`` (log2 units) rescales lazily, as FlashAttention-4 does: the running max moves,
     and ``acc`` and ``l`` are rescaled, only when some row of the tile exceeds it by more than the slack;
     otherwise the tile's probabilities are taken against the stale max, so they stay below
-    ``2 ** RESCALE_SLACK`` (fp32 sums and bf16 probabilities hold that exactly as well). The result is
+    ``2 ** RESCALE_SLACK``, which fp32 sums and bf16 / fp16 probabilities hold (``MAX_RESCALE_SLACK``). The result is
     the same softmax: ``acc / l`` does not depend on which max both were taken against. It spares the
     ``[M, D]`` multiply of every tile whose maxima barely move, at the price of a block-wide max and a
     branch per tile."""
@@ -248,10 +248,8 @@ def empty_softmax_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     return m_i, l_i, acc
 
 
-# Shared memory per SM on Hopper is 228 KB; Q, K and V tiles (K/V staged num_stages deep) must fit.
-# Rows per program and keys per tile shrink for head_dim 256 and for fp32 inputs (twice the bytes).
 # The online softmax's lazy-rescale slack in log2 units (``online_softmax_step``; 0: rescale every tile,
-# FlashAttention-2's way). Nsight Compute put the vertical-slash kernel at 2.8-3.2x cuDNN's instructions
+# FlashAttention-2's way). Nsight Compute put the vertical-slash kernel at 2.7-3.2x cuDNN's instructions
 # per computed pair, issue-bound (H100, experiments/kernel_profile.py, stop 35); an [M, D] rescale per
 # 32-key tile is one of the per-tile costs a slack of 8 (FlashAttention-4's: probabilities < 256) skips.
 # Off until the GPU fuzz has run it; the attention kernels take ``rescale_slack=`` to measure it.
@@ -260,16 +258,20 @@ ONLINE_SOFTMAX_RESCALE_SLACK = 0.0
 
 def checked_rescale_slack(rescale_slack: float | None) -> float:
     """The lazy-rescale slack a kernel launches with: ``rescale_slack``, or the shipped one for None.
-    Refused outside [0, 64]: beyond 64 the stale-max probabilities could pass bf16's and fp32's range."""
+    Refused outside [0, MAX_RESCALE_SLACK]."""
     slack = ONLINE_SOFTMAX_RESCALE_SLACK if rescale_slack is None else float(rescale_slack)
     if not 0.0 <= slack <= MAX_RESCALE_SLACK:
         raise ValueError(f"rescale_slack must lie in [0, {MAX_RESCALE_SLACK:g}] (log2 units), got {rescale_slack}")
     return slack
 
 
-# 2**64 per probability times 2**31 keys stays below fp32's 2**128.
-MAX_RESCALE_SLACK = 64.0
+# Stale-max probabilities reach 2**slack and are cast to the value dtype for the PV product: fp16's
+# largest finite value is 65504 < 2**16, so 15 is the widest slack every supported dtype holds.
+MAX_RESCALE_SLACK = 15.0
 
+
+# Shared memory per SM on Hopper is 228 KB; Q, K and V tiles (K/V staged num_stages deep) must fit.
+# Rows per program and keys per tile shrink for head_dim 256 and for fp32 inputs (twice the bytes).
 LARGE_TILE_BYTES = 2 * 128  # element bytes x padded head_dim up to which 128-row programs fit
 
 

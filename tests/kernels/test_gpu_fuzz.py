@@ -34,6 +34,7 @@ from sparseprefill.kernels.vertical_slash.naive import vertical_slash_lines_atte
 from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton  # noqa: E402
 from sparseprefill.kernels.vertical_slash.triton_recall import block_recall_triton  # noqa: E402
 from sparseprefill.kernels.recall import window_recall  # noqa: E402
+from sparseprefill.kernels.triton_common import MAX_RESCALE_SLACK  # noqa: E402
 
 EXAMPLES = reference.FUZZ_EXAMPLES
 REL_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
@@ -114,8 +115,8 @@ def test_block_sparse_fuzz(shape):
 
 def _rescale_slack(seed: int) -> float | None:
     """The online softmax's lazy-rescale slack: the shipped one (None) on a quarter of the cases, eager
-    (0), FlashAttention-4's 8 or the largest allowed (64) on the others."""
-    return (None, 0.0, 8.0, 64.0)[(seed // 16) % 4]
+    (0), FlashAttention-4's 8 or the largest allowed (``MAX_RESCALE_SLACK``, what fp16 holds) on the others."""
+    return (None, 0.0, 8.0, MAX_RESCALE_SLACK)[(seed // 16) % 4]
 
 
 def _wide_key_tile(seed: int, head_dim: int) -> int | None:

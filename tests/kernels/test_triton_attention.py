@@ -368,7 +368,7 @@ def _rising_logit_inputs(case, seed):
     return 3.0 * q, k * ramp[:, None], v
 
 
-@pytest.mark.parametrize("rescale_slack", [0.0, 0.5, 8.0, 64.0])
+@pytest.mark.parametrize("rescale_slack", [0.0, 0.5, 8.0, 15.0])
 @pytest.mark.parametrize("case", RESCALE_CASES, ids=lambda c: f"L{c[3]}x{c[4]}D{c[5]}bs{c[6]}w{c[7]}c{c[8]}")
 def test_lazy_rescale_matches_naive(case, rescale_slack):
     """The online softmax's lazy rescale (``rescale_slack``) gives the reference softmax in the three
@@ -396,9 +396,9 @@ def test_lazy_rescale_matches_naive(case, rescale_slack):
     assert _rel_err(out, ref) < REL_TOL[torch.float32]
 
 
-@pytest.mark.parametrize("bad", [-1.0, 65.0])
+@pytest.mark.parametrize("bad", [-1.0, 16.0])
 def test_rescale_slack_out_of_range_is_refused(bad):
     from sparseprefill.kernels.triton_common import checked_rescale_slack
 
-    with pytest.raises(ValueError, match=r"rescale_slack must lie in \[0, 64\].*got"):
+    with pytest.raises(ValueError, match=r"rescale_slack must lie in \[0, 15\].*got"):
         checked_rescale_slack(bad)
