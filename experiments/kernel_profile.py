@@ -11,6 +11,9 @@ every kernel, then launches each exactly once between ``cudaProfilerStart`` and 
 
     cudnn (SDPA, causal, GQA), index_whole, index_pieces, fused_lines, block_sparse (antidiagonal index)
 
+(with ``--rescale-slacks 0 8`` each sparse launch twice in a row, at each slack; ``launch_order`` in the
+JSON names them).
+
 It also writes, for each Triton kernel, what the compiler made of it (``triton_kernels.json``: registers
 and spills per thread, shared memory, warps, stages, and whether its PTX issues Hopper's asynchronous
 warpgroup MMA, ``wgmma``, or the synchronous ``mma.sync``), and the do_bench time of each launch.
@@ -72,7 +75,8 @@ TOP_STALLS = 6
 
 
 def build_cases(shape: str, length: int):
-    """q, k, v, scale, kv_head_index and one zero-argument launch per entry of ``LAUNCHES``."""
+    """``(launches, densities)``: per entry of ``LAUNCHES`` a launch taking an optional lazy-rescale slack
+    (ignored by cuDNN), and the share of causal pairs its index computes."""
     from vertical_slash_ceiling import SHAPES  # this folder is on sys.path
 
     from sparseprefill.bench.kernels import structured_qkv
@@ -188,21 +192,23 @@ def profile(args) -> None:
     import triton
 
     launches, densities = build_cases(args.shape, args.length)
+    # The profiled window, in order: cuDNN once, then each sparse launch at each --rescale-slacks value.
+    order = [("cudnn", None)] + [(name, slack) for name in LAUNCHES[1:] for slack in args.rescale_slacks]
     times = {}
-    for name, launch in launches.items():
-        launch()  # compile
-        times[name] = triton.testing.do_bench(launch)
+    for name, slack in order:
+        launches[name](slack)  # compile
+        times[f"{name}@{slack}"] = triton.testing.do_bench(lambda: launches[name](slack))
     # Written before the profiled window: a profiler cut short by its time limit still leaves these.
     args.out.mkdir(parents=True, exist_ok=True)
-    facts = dict(shape=args.shape, length=args.length, launch_order=list(LAUNCHES), do_bench_ms=times,
-                 density=densities, triton=compiled_kernels())
+    facts = dict(shape=args.shape, length=args.length, launch_order=[f"{n}@{s}" for n, s in order],
+                 do_bench_ms=times, density=densities, triton=compiled_kernels())
     (args.out / f"triton_kernels_{args.shape}_{args.length}.json").write_text(json.dumps(facts, indent=1))
     print(json.dumps(facts, indent=1), file=sys.stderr)
     torch.cuda.synchronize()
     cudart = torch.cuda.cudart()
     cudart.cudaProfilerStart()
-    for name in LAUNCHES:
-        launches[name]()
+    for name, slack in order:
+        launches[name](slack)
     torch.cuda.synchronize()
     cudart.cudaProfilerStop()
 
@@ -248,6 +254,8 @@ def main() -> None:
     parser.add_argument("--shape", default="qwen", choices=["llama", "qwen"])
     parser.add_argument("--length", type=int, default=32768)
     parser.add_argument("--summarize", type=Path, metavar="RAW_CSV", help="summarise an ncu raw CSV, then exit")
+    parser.add_argument("--rescale-slacks", type=float, nargs="+", default=[None], metavar="SLACK",
+                        help="profile each sparse launch at these lazy-rescale slacks (default: the shipped one)")
     parser.add_argument("--time-slacks", type=float, nargs="+", metavar="SLACK",
                         help="instead of profiling: time the sparse launches at these lazy-rescale slacks")
     parser.add_argument("--shapes", nargs="+", default=["qwen", "llama"], choices=["llama", "qwen"],
