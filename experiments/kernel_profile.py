@@ -9,7 +9,8 @@ index (whole bands and range pieces) and the antidiagonal estimate's block index
 every kernel, then launches each exactly once between ``cudaProfilerStart`` and ``cudaProfilerStop``, so
 ``ncu --profile-from-start off`` profiles those launches and nothing else, in this order:
 
-    cudnn (SDPA, causal, GQA), index_whole, index_pieces, fused_lines, block_sparse (antidiagonal index)
+    cudnn (SDPA, causal, GQA), index_whole, index_pieces, index_whole_tma, index_pieces_tma (the same with
+    range tiles through tensor descriptors, ``range_tma``), fused_lines, block_sparse (antidiagonal index)
 
 (with ``--rescale-slacks 0 8`` each sparse launch twice in a row, at each slack; ``launch_order`` in the
 JSON names them).
@@ -45,7 +46,8 @@ from pathlib import Path
 import torch
 
 # Run order inside the profiled window; the raw CSV lists kernels in launch order.
-LAUNCHES = ("cudnn", "index_whole", "index_pieces", "fused_lines", "block_sparse")
+LAUNCHES = ("cudnn", "index_whole", "index_pieces", "index_whole_tma", "index_pieces_tma", "fused_lines",
+            "block_sparse")
 
 # Raw-page counters kept by --summarize (Nsight Compute metric names), with a short label.
 COUNTERS = {
@@ -113,6 +115,11 @@ def build_cases(shape: str, length: int):
             q, k, v, index, out=outs["index_whole"], rescale_slack=slack, **kw),
         "index_pieces": lambda slack=None: vertical_slash_attention_triton(
             q, k, v, pieces, out=outs["index_pieces"], rescale_slack=slack, **kw),
+        # The same indices with range tiles loaded through tensor descriptors (TMA).
+        "index_whole_tma": lambda slack=None: vertical_slash_attention_triton(
+            q, k, v, index, out=outs["index_whole_tma"], rescale_slack=slack, range_tma=True, **kw),
+        "index_pieces_tma": lambda slack=None: vertical_slash_attention_triton(
+            q, k, v, pieces, out=outs["index_pieces_tma"], rescale_slack=slack, range_tma=True, **kw),
         "fused_lines": lambda slack=None: vertical_slash_lines_attention_triton(
             q, k, v, lines, out=outs["fused_lines"], lines_sorted=True, rescale_slack=slack, **kw),
         "block_sparse": lambda slack=None: block_sparse_attention_triton(
@@ -121,6 +128,8 @@ def build_cases(shape: str, length: int):
     causal = length * (length + 1) // 2 * heads
     densities = {"cudnn": 1.0, "index_whole": float(index.computed_pairs().sum()) / causal,
                  "index_pieces": float(pieces.computed_pairs().sum()) / causal,
+                 "index_whole_tma": float(index.computed_pairs().sum()) / causal,
+                 "index_pieces_tma": float(pieces.computed_pairs().sum()) / causal,
                  "fused_lines": float(index.computed_pairs().sum()) / causal,
                  "block_sparse": float(blocks.computed_pairs().sum()) / causal}
     return launches, densities

@@ -139,6 +139,36 @@ def attend_key_tile(q, k_base, v_base, start_n, limit, offs_d, d_ok, stride_kn, 
     n_ok = offs_n < limit
     k = load_rows(k_base, offs_n, n_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
     v = load_rows(v_base, offs_n, n_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
+    return attend_loaded_tile(q, k, v, offs_n, n_ok, start_n, limit, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
+                              score_scale, softcap, window, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST, RESCALE_SLACK)
+
+
+@triton.jit
+def attend_key_tile_tma(q, k_desc, v_desc, b, kv_h, start_n, limit, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
+                        score_scale, softcap, window, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                        RESCALE_SLACK: tl.constexpr = 0.0):
+    """``attend_key_tile`` with K and V loaded through tensor descriptors (``[B, Hkv, Lk, D]``, box
+    ``[1, 1, BLOCK_N, BLOCK_D]``; Hopper's TMA): one copy per tile instead of per-element addresses and
+    bounds. Keys past ``Lk`` and head-dim lanes past ``D`` arrive as zeros; keys of the head at or
+    past ``limit`` arrive as they are and are masked out of the scores (finite values, zero weight)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < limit
+    k = k_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    v = v_desc.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return attend_loaded_tile(q, k, v, offs_n, n_ok, start_n, limit, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
+                              score_scale, softcap, window, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST, RESCALE_SLACK)
+
+
+@triton.jit
+def attend_loaded_tile(q, k, v, offs_n, n_ok, start_n, limit, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
+                       score_scale, softcap, window, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, RESCALE_SLACK: tl.constexpr):
+    """Scores, masks (only where the tile can cross ``limit``, the diagonal or the window edge) and the
+    online-softmax step of a loaded key tile ``k, v [BLOCK_N, D]`` at keys ``offs_n``."""
     s = log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP)
     needs_mask = (start_n + BLOCK_N > limit) | (start_n + BLOCK_N - 1 > first_q_pos)
     if HAS_WINDOW:
@@ -146,6 +176,19 @@ def attend_key_tile(q, k_base, v_base, start_n, limit, offs_d, d_ok, stride_kn, 
     if needs_mask:
         s = mask_scores(s, offs_n, n_ok, q_pos, window, HAS_WINDOW)
     return online_softmax_step(s, v, m_i, l_i, acc, UPCAST, RESCALE_SLACK)
+
+
+@triton.jit
+def attend_key_range_tma(q, k_desc, v_desc, b, kv_h, start, end, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
+                         score_scale, softcap, window, RANGE_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                         RESCALE_SLACK: tl.constexpr = 0.0):
+    """Attend the contiguous keys ``[start, end)`` in ``RANGE_N``-key tiles loaded by TMA."""
+    for start_n in range(start, end, RANGE_N):
+        m_i, l_i, acc = attend_key_tile_tma(q, k_desc, v_desc, b, kv_h, start_n, end, q_pos, first_q_pos,
+                                            last_q_pos, m_i, l_i, acc, score_scale, softcap, window, RANGE_N,
+                                            BLOCK_D, HAS_WINDOW, HAS_SOFTCAP, UPCAST, RESCALE_SLACK)
+    return m_i, l_i, acc
 
 
 @triton.jit

@@ -402,3 +402,30 @@ def test_rescale_slack_out_of_range_is_refused(bad):
 
     with pytest.raises(ValueError, match=r"rescale_slack must lie in \[0, 15\].*got"):
         checked_rescale_slack(bad)
+
+
+@pytest.mark.parametrize("pieces", [False, True], ids=["whole", "pieces"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}bs{c[6]}w{c[7]}c{c[8]}")
+def test_vertical_slash_range_tiles_by_tensor_descriptor_match_naive(case, pieces):
+    """``range_tma``: range tiles through tensor descriptors (zero-filled past Lk and past D: head dims
+    80 and 256 pad their lanes), whole bands and range pieces, against the naive twin."""
+    b, hq, hkv, lq, lk, d, block, window, softcap = case
+    q, k, v = _inputs(case, torch.float32, seed=11 * lq + pieces)
+    g = torch.Generator(device="cpu").manual_seed(lk)
+    vertical_count, vertical_index = compact((torch.rand(b, hq, lk, generator=g) < 0.1).to(DEVICE))
+    slash_count, slash_offset = compact((torch.rand(b, hq, lk, generator=g) < 0.3).to(DEVICE))
+    index = build_vertical_slash_index(vertical_index, vertical_count, slash_offset, slash_count, q_len=lq, k_len=lk,
+                                       block_size_q=block, max_range_keys=32 if pieces else None)
+    kvh = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    kw = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kvh)
+    ref = vertical_slash_attention_naive(q, k, v, index, out=torch.empty_like(q), **kw)
+    out = vertical_slash_attention_triton(q, k, v, index, out=torch.full_like(q, float("nan")), range_tma=True, **kw)
+    assert _rel_err(out, ref) < REL_TOL[torch.float32]
+
+
+def test_range_tma_refuses_unaligned_strides():
+    from sparseprefill.kernels.vertical_slash.triton_attention import range_tile_descriptor
+
+    k = torch.zeros(1, 1, 8, 66)[..., :65]  # row stride 66 fp32 elements = 264 bytes, not a 16-byte multiple
+    with pytest.raises(ValueError, match=r"range_tma needs.*got strides \(528, 528, 66, 1\)"):
+        range_tile_descriptor(k, 32, 128)

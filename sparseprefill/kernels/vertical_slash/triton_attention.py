@@ -16,7 +16,9 @@ from ..indices import VerticalSlashIndex
 from ..triton_common import (
     LARGE_TILE_BYTES,
     attend_key_range,
+    attend_key_range_tma,
     attend_key_tile,
+    attend_key_tile_tma,
     checked_rescale_slack,
     column_keys,
     empty_softmax_state,
@@ -32,7 +34,7 @@ from ..triton_common import (
 
 @triton.jit
 def _vertical_slash_fwd_kernel(
-    Q, K, V, Out, RangeCount, RangeStart, RangeEnd, ColumnCount, ColumnIndex, KvHeadIndex,
+    Q, K, V, Out, RangeCount, RangeStart, RangeEnd, ColumnCount, ColumnIndex, KvHeadIndex, KDesc, VDesc,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -46,7 +48,7 @@ def _vertical_slash_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RANGE_N: tl.constexpr,
     COLUMN_N: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     COLUMN_STAGES: tl.constexpr, RANGE_PIECES: tl.constexpr = False, WIDE_N: tl.constexpr = 0,
-    RESCALE_SLACK: tl.constexpr = 0.0,
+    RESCALE_SLACK: tl.constexpr = 0.0, RANGE_TMA: tl.constexpr = False,
 ):
     b, h, index_row_id, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base = query_tile(
         Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -55,7 +57,25 @@ def _vertical_slash_fwd_kernel(
 
     n_ranges = tl.load(RangeCount + b * stride_rcb + h * stride_rch + index_row_id * stride_rcm)
     range_row = b * stride_rb + h * stride_rh + index_row_id * stride_rm
-    if RANGE_PIECES:
+    if RANGE_TMA:
+        # Range tiles by tensor descriptor (KDesc / VDesc over [B, Hkv, Lk, D]): the counters put the
+        # pointer path's per-element addresses, bounds and cp.async loads at most of its excess
+        # instructions over cuDNN's (integer ALU 43% vs 24%, load/store 21% vs 1.7% busy at d64).
+        b32 = b.to(tl.int32)
+        kv_h32 = tl.load(KvHeadIndex + h).to(tl.int32)
+        for r in range(0, n_ranges):
+            start = tl.load(RangeStart + range_row + r * stride_rn)
+            end = tl.minimum(tl.load(RangeEnd + range_row + r * stride_rn), k_len)
+            if RANGE_PIECES:
+                m_i, l_i, acc = attend_key_tile_tma(q, KDesc, VDesc, b32, kv_h32, start, end, q_pos, first_q_pos,
+                                                    last_q_pos, m_i, l_i, acc, score_scale, softcap, window, RANGE_N,
+                                                    BLOCK_D, HAS_WINDOW, HAS_SOFTCAP, UPCAST, RESCALE_SLACK)
+            else:
+                m_i, l_i, acc = attend_key_range_tma(q, KDesc, VDesc, b32, kv_h32, start, end, q_pos, first_q_pos,
+                                                     last_q_pos, m_i, l_i, acc, score_scale, softcap, window,
+                                                     RANGE_N, BLOCK_D, HAS_WINDOW, HAS_SOFTCAP, UPCAST,
+                                                     RESCALE_SLACK)
+    elif RANGE_PIECES:
         # Every range fits one tile (the builder cut them): one flat loop, which the compiler
         # software-pipelines across ranges; a merged band is ~3 tiles, too short a loop to pipeline.
         for r in range(0, n_ranges):
@@ -136,6 +156,30 @@ def vertical_slash_tile_sizes(head_dim: int, block_q: int, element_bytes: int) -
     return block_m, key_tile, key_tile, num_warps, num_stages, block_d
 
 
+# Range tiles loaded through tensor descriptors (Hopper's TMA) instead of per-element pointers. Off:
+# written after Nsight Compute placed the kernel's excess instructions in address/mask arithmetic and
+# per-thread loads (stop 35), tested in the interpreter, not yet timed on a GPU.
+VERTICAL_SLASH_RANGE_TMA = False
+
+
+def range_tile_descriptor(x: torch.Tensor, range_n: int, block_d: int):
+    """A tensor descriptor over ``x [B, Hkv, Lk, D]`` with a ``[1, 1, range_n, block_d]`` box (rows past
+    ``Lk`` and lanes past ``D`` read as zeros). TMA needs a 16-byte aligned base, a contiguous last
+    dimension and 16-byte multiples for the other strides: refused otherwise, with what was found."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError as error:
+        raise ValueError(f"range_tma needs Triton's host tensor descriptors (triton.tools.tensor_descriptor); "
+                         f"Triton {triton.__version__} has none") from error
+    element = x.element_size()
+    misaligned = [s for s in x.stride()[:-1] if (s * element) % 16]
+    if x.stride(-1) != 1 or misaligned or x.data_ptr() % 16:
+        raise ValueError(f"range_tma needs K/V with a contiguous last dimension, 16-byte strides and a 16-byte "
+                         f"aligned base; got strides {tuple(x.stride())} of {element}-byte elements at "
+                         f"address {x.data_ptr()} mod 16 = {x.data_ptr() % 16}")
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, range_n, block_d])
+
+
 def vertical_slash_launch(q: torch.Tensor, block_q: int, scale: float, window: int | None,
                           softcap: float | None, wide_key_tile: int | None = None,
                           rescale_slack: float | None = None) -> tuple[int, tuple, dict]:
@@ -175,21 +219,30 @@ def vertical_slash_attention_triton(
     out: torch.Tensor,
     wide_key_tile: int | None = None,
     rescale_slack: float | None = None,
+    range_tma: bool | None = None,
 ) -> torch.Tensor:
     """GPU ``vertical_slash_attention``: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, ``index``
     ``[B, Hq, ceil(Lq / block_size_q), ...]`` -> ``out [B, Hq, Lq, D]`` (written in place).
     ``wide_key_tile``: keys per leading whole tile of a range (0: none; None: the shipped policy);
-    ``rescale_slack``: the online softmax's lazy-rescale slack (None: the shipped one)."""
+    ``rescale_slack``: the online softmax's lazy-rescale slack (None: the shipped one); ``range_tma``:
+    range tiles through tensor descriptors (None: ``VERTICAL_SLASH_RANGE_TMA``), for measurements."""
     b, hq, q_len, _ = q.shape
     k_len = k.shape[2]
     block_m, scalars, options = vertical_slash_launch(q, index.block_size_q, scale, window, softcap, wide_key_tile,
                                                       rescale_slack)
     options["RANGE_PIECES"] = index.max_range_keys is not None and index.max_range_keys <= options["RANGE_N"]
     options["COLUMN_STAGES"] = vertical_slash_column_stages(options["num_stages"])
+    options["RANGE_TMA"] = VERTICAL_SLASH_RANGE_TMA if range_tma is None else bool(range_tma)
+    k_desc, v_desc = k, v  # unread unless RANGE_TMA
+    if options["RANGE_TMA"]:
+        if options["WIDE_N"]:
+            raise ValueError(f"range_tma walks ranges in {options['RANGE_N']}-key tiles; wide_key_tile must be 0, "
+                             f"got {options['WIDE_N']}")
+        k_desc, v_desc = (range_tile_descriptor(x, options["RANGE_N"], options["BLOCK_D"]) for x in (k, v))
     grid = (index.range_count.shape[2] * (index.block_size_q // block_m), b * hq)
     _vertical_slash_fwd_kernel[grid](
         q, k, v, out, index.range_count, index.range_start, index.range_end, index.column_count,
-        index.column_index, kv_head_index.to(torch.int32),
+        index.column_index, kv_head_index.to(torch.int32), k_desc, v_desc,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *index.range_count.stride(), *index.range_start.stride(),
         *index.column_count.stride(), *index.column_index.stride(),
@@ -198,6 +251,6 @@ def vertical_slash_attention_triton(
     return out
 
 
-__all__ = ["RANGE_PIECES_ABOVE_HEAD_DIM", "VERTICAL_SLASH_WIDE_KEY_TILE", "vertical_slash_attention_triton",
+__all__ = ["RANGE_PIECES_ABOVE_HEAD_DIM", "VERTICAL_SLASH_RANGE_TMA", "VERTICAL_SLASH_WIDE_KEY_TILE", "vertical_slash_attention_triton",
            "vertical_slash_launch", "vertical_slash_wide_tile",
            "vertical_slash_tile_sizes"]
