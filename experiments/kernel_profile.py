@@ -10,7 +10,8 @@ every kernel, then launches each exactly once between ``cudaProfilerStart`` and 
 ``ncu --profile-from-start off`` profiles those launches and nothing else, in this order:
 
     cudnn (SDPA, causal, GQA), index_whole, index_pieces, index_whole_tma, index_pieces_tma (the same with
-    range tiles through tensor descriptors, ``range_tma``), fused_lines, block_sparse (antidiagonal index)
+    range tiles through tensor descriptors, ``range_tma``), fused_lines, block_sparse (antidiagonal index),
+    block_sparse_tma (its K/V tiles through tensor descriptors, ``block_tma``)
 
 (with ``--rescale-slacks 0 8`` each sparse launch twice in a row, at each slack; ``launch_order`` in the
 JSON names them).
@@ -47,7 +48,7 @@ import torch
 
 # Run order inside the profiled window; the raw CSV lists kernels in launch order.
 LAUNCHES = ("cudnn", "index_whole", "index_pieces", "index_whole_tma", "index_pieces_tma", "fused_lines",
-            "block_sparse")
+            "block_sparse", "block_sparse_tma")
 
 # Raw-page counters kept by --summarize (Nsight Compute metric names), with a short label.
 COUNTERS = {
@@ -124,6 +125,8 @@ def build_cases(shape: str, length: int):
             q, k, v, lines, out=outs["fused_lines"], lines_sorted=True, rescale_slack=slack, **kw),
         "block_sparse": lambda slack=None: block_sparse_attention_triton(
             q, k, v, blocks, out=outs["block_sparse"], rescale_slack=slack, **kw),
+        "block_sparse_tma": lambda slack=None: block_sparse_attention_triton(
+            q, k, v, blocks, out=outs["block_sparse_tma"], rescale_slack=slack, block_tma=True, **kw),
     }
     causal = length * (length + 1) // 2 * heads
     densities = {"cudnn": 1.0, "index_whole": float(index.computed_pairs().sum()) / causal,
@@ -131,7 +134,8 @@ def build_cases(shape: str, length: int):
                  "index_whole_tma": float(index.computed_pairs().sum()) / causal,
                  "index_pieces_tma": float(pieces.computed_pairs().sum()) / causal,
                  "fused_lines": float(index.computed_pairs().sum()) / causal,
-                 "block_sparse": float(blocks.computed_pairs().sum()) / causal}
+                 "block_sparse": float(blocks.computed_pairs().sum()) / causal,
+                 "block_sparse_tma": float(blocks.computed_pairs().sum()) / causal}
     return launches, densities
 
 

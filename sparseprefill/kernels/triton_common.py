@@ -6,6 +6,7 @@ Scores live in the log2 domain: the softmax scale is multiplied by log2(e) = 1.4
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -311,6 +312,25 @@ def checked_rescale_slack(rescale_slack: float | None) -> float:
 # Stale-max probabilities reach 2**slack and are cast to the value dtype for the PV product: fp16's
 # largest finite value is 65504 < 2**16, so 15 is the widest slack every supported dtype holds.
 MAX_RESCALE_SLACK = 15.0
+
+
+def key_tile_descriptor(x: torch.Tensor, keys: int, block_d: int, option: str):
+    """A tensor descriptor over ``x [B, Hkv, Lk, D]`` with a ``[1, 1, keys, block_d]`` box (rows past ``Lk``
+    and lanes past ``D`` read as zeros), for the kernels' TMA key tiles (``option`` names the kernel
+    option in errors). TMA needs a 16-byte aligned base, a contiguous last dimension and 16-byte
+    multiples for the other strides: refused otherwise, with what was found."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError as error:
+        raise ValueError(f"{option} needs Triton's host tensor descriptors (triton.tools.tensor_descriptor); "
+                         f"Triton {triton.__version__} has none") from error
+    element = x.element_size()
+    misaligned = [s for s in x.stride()[:-1] if (s * element) % 16]
+    if x.stride(-1) != 1 or misaligned or x.data_ptr() % 16:
+        raise ValueError(f"{option} needs K/V with a contiguous last dimension, 16-byte strides and a 16-byte "
+                         f"aligned base; got strides {tuple(x.stride())} of {element}-byte elements at "
+                         f"address {x.data_ptr()} mod 16 = {x.data_ptr() % 16}")
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, keys, block_d])
 
 
 # Shared memory per SM on Hopper is 228 KB; Q, K and V tiles (K/V staged num_stages deep) must fit.

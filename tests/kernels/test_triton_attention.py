@@ -423,9 +423,38 @@ def test_vertical_slash_range_tiles_by_tensor_descriptor_match_naive(case, piece
     assert _rel_err(out, ref) < REL_TOL[torch.float32]
 
 
-def test_range_tma_refuses_unaligned_strides():
-    from sparseprefill.kernels.vertical_slash.triton_attention import range_tile_descriptor
+@pytest.mark.parametrize("option", ["range_tma", "block_tma"])
+def test_tma_key_tiles_refuse_unaligned_strides(option):
+    q, k, v = _inputs(CASES[0], torch.float32, seed=3)
+    k = torch.zeros(*k.shape[:-1], 66, device=DEVICE)[..., :64]  # row stride 66 fp32 = 264 bytes, not 16-byte
+    b, hq, hkv, lq, lk, d, block, _, _ = CASES[0]
+    kw = dict(scale=d**-0.5, window=None, softcap=None, kv_head_index=torch.arange(hq, device=DEVICE) // (hq // hkv))
+    with pytest.raises(ValueError, match=rf"{option} needs K/V.*got strides \(13332, 6666, 66, 1\)"):
+        if option == "range_tma":
+            count, lines = compact(torch.ones(b, hq, 3, dtype=torch.bool, device=DEVICE))
+            index = build_vertical_slash_index(lines, count, lines, count, q_len=lq, k_len=lk, block_size_q=block)
+            vertical_slash_attention_triton(q, k, v, index, out=torch.empty_like(q), range_tma=True, **kw)
+        else:
+            scores = torch.rand(b, hq, -(-lq // block), -(-lk // block), device=DEVICE)
+            index = select_blocks(scores, q_len=lq, k_len=lk, block_size_q=block, block_size_k=block, mass=0.5)
+            block_sparse_attention_triton(q, k, v, index, out=torch.empty_like(q), block_tma=True, **kw)
 
-    k = torch.zeros(1, 1, 8, 66)[..., :65]  # row stride 66 fp32 elements = 264 bytes, not a 16-byte multiple
-    with pytest.raises(ValueError, match=r"range_tma needs.*got strides \(528, 528, 66, 1\)"):
-        range_tile_descriptor(k, 32, 128)
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}bs{c[6]}w{c[7]}c{c[8]}")
+def test_block_sparse_tiles_by_tensor_descriptor_match_naive(case):
+    """``block_tma``: the block kernel's K/V tiles through tensor descriptors, with per-block columns
+    (pointer loads) after them, against the naive twin."""
+    from sparseprefill.kernels.block_sparse.columns import blocks_with_columns
+
+    b, hq, hkv, lq, lk, d, block, window, softcap = case
+    q, k, v = _inputs(case, torch.float32, seed=13 * lq)
+    g = torch.Generator(device="cpu").manual_seed(lk)
+    scores = torch.rand(b, hq, -(-lq // block), -(-lk // block), generator=g).to(DEVICE)
+    index = select_blocks(scores, q_len=lq, k_len=lk, block_size_q=block, block_size_k=block, mass=0.6)
+    vertical_count, vertical_index = compact((torch.rand(b, hq, lk, generator=g) < 0.05).to(DEVICE))
+    index = blocks_with_columns(index, vertical_index, vertical_count)
+    kvh = torch.arange(hq, device=DEVICE) // (hq // hkv)
+    kw = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kvh)
+    ref = block_sparse_attention_naive(q, k, v, index, out=torch.empty_like(q), **kw)
+    out = block_sparse_attention_triton(q, k, v, index, out=torch.full_like(q, float("nan")), block_tma=True, **kw)
+    assert _rel_err(out, ref) < REL_TOL[torch.float32]

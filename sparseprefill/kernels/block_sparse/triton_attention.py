@@ -16,9 +16,11 @@ import triton.language as tl
 from ..indices import BlockSparseIndex
 from ..triton_common import (
     attend_key_tile,
+    attend_key_tile_tma,
     checked_rescale_slack,
     column_keys,
     empty_softmax_state,
+    key_tile_descriptor,
     load_rows,
     log2_scores,
     mask_scores,
@@ -28,6 +30,10 @@ from ..triton_common import (
     tile_sizes,
 )
 
+# K/V block tiles loaded through tensor descriptors (Hopper's TMA) instead of per-element pointers: off
+# until a GPU times it (written at stop 35 beside the vertical-slash kernel's ``range_tma``).
+BLOCK_SPARSE_TMA = False
+
 # Gathered key columns per tile: the vertical-slash kernel's column tile (VERTICAL_SLASH_KEY_TILE), not
 # tuned separately here; the columns are a small share of a block index's keys.
 BLOCK_COLUMN_TILE = 32
@@ -35,7 +41,7 @@ BLOCK_COLUMN_TILE = 32
 
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, Out, BlockCount, BlockIndex, ColumnCount, ColumnIndex, KvHeadIndex,
+    Q, K, V, Out, BlockCount, BlockIndex, ColumnCount, ColumnIndex, KvHeadIndex, KDesc, VDesc,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -49,7 +55,7 @@ def _block_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_Q: tl.constexpr, KV_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, HAS_COLUMNS: tl.constexpr = False, COLUMN_N: tl.constexpr = 32,
-    RESCALE_SLACK: tl.constexpr = 0.0,
+    RESCALE_SLACK: tl.constexpr = 0.0, BLOCK_TMA: tl.constexpr = False,
 ):
     b, h, index_row_id, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base = query_tile(
         Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -61,13 +67,24 @@ def _block_sparse_fwd_kernel(
     # One flat loop over (listed block, tile within it): a single loop the compiler can software-
     # pipeline, and one set of staged K/V buffers (an unrolled inner loop multiplies them).
     SUBS: tl.constexpr = KV_BLOCK // BLOCK_N
+    if BLOCK_TMA:
+        b32 = b.to(tl.int32)
+        kv_h32 = tl.load(KvHeadIndex + h).to(tl.int32)
+    else:  # unread: the pointer path needs no descriptor coordinates
+        b32 = 0
+        kv_h32 = 0
     for t in range(0, count * SUBS):
         kv_block = tl.load(index_row + (t // SUBS) * stride_in)
         start_n = kv_block * KV_BLOCK + (t % SUBS) * BLOCK_N
-        m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start_n, k_len, offs_d, d_ok, stride_kn, stride_kd,
-                                        stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
-                                        score_scale, softcap, window, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST,
-                                        RESCALE_SLACK)
+        if BLOCK_TMA:  # K/V tiles by tensor descriptor (TMA), as the vertical-slash kernel's range_tma
+            m_i, l_i, acc = attend_key_tile_tma(q, KDesc, VDesc, b32, kv_h32, start_n, k_len, q_pos, first_q_pos,
+                                                last_q_pos, m_i, l_i, acc, score_scale, softcap, window, BLOCK_N,
+                                                BLOCK_D, HAS_WINDOW, HAS_SOFTCAP, UPCAST, RESCALE_SLACK)
+        else:
+            m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start_n, k_len, offs_d, d_ok, stride_kn, stride_kd,
+                                            stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
+                                            score_scale, softcap, window, BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST,
+                                            RESCALE_SLACK)
 
     if HAS_COLUMNS:
         n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + index_row_id * stride_ccm)
@@ -95,10 +112,12 @@ def block_sparse_attention_triton(
     kv_head_index: torch.Tensor,
     out: torch.Tensor,
     rescale_slack: float | None = None,
+    block_tma: bool | None = None,
 ) -> torch.Tensor:
     """GPU ``block_sparse_attention``: ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, ``index``
     ``[B, Hq, ceil(Lq / block_size_q), N]`` -> ``out [B, Hq, Lq, D]`` (written in place).
-    ``rescale_slack``: the online softmax's lazy-rescale slack (None: the shipped one), for measurements."""
+    ``rescale_slack``: the online softmax's lazy-rescale slack (None: the shipped one); ``block_tma``: K/V
+    tiles through tensor descriptors (None: ``BLOCK_SPARSE_TMA``); both for measurements."""
     b, hq, q_len, head_dim = q.shape
     k_len = k.shape[2]
     block_m, block_n, num_warps, num_stages, block_d = tile_sizes(
@@ -111,9 +130,12 @@ def block_sparse_attention_triton(
     # Without columns the block lists stand in for the column pointers, which the kernel never reads.
     column_count = index.column_count if has_columns else count
     column_index = index.column_index if has_columns else ids
+    use_tma = BLOCK_SPARSE_TMA if block_tma is None else bool(block_tma)
+    k_desc, v_desc = ((key_tile_descriptor(x, block_n, block_d, "block_tma") for x in (k, v)) if use_tma
+                      else (k, v))  # unread without BLOCK_TMA
     grid = (count.shape[2] * (index.block_size_q // block_m), b * hq)
     _block_sparse_fwd_kernel[grid](
-        q, k, v, out, count, ids, column_count, column_index, kv_head_index.to(torch.int32),
+        q, k, v, out, count, ids, column_count, column_index, kv_head_index.to(torch.int32), k_desc, v_desc,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *count.stride(), *ids.stride(), *column_count.stride(), *column_index.stride(),
         hq, q_len, k_len, k_len - q_len,
@@ -121,9 +143,10 @@ def block_sparse_attention_triton(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_Q=index.block_size_q, KV_BLOCK=index.block_size_k, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         UPCAST=interpret or q.dtype == torch.float32, HAS_COLUMNS=has_columns, COLUMN_N=BLOCK_COLUMN_TILE,
-        RESCALE_SLACK=checked_rescale_slack(rescale_slack), num_warps=num_warps, num_stages=num_stages,
+        RESCALE_SLACK=checked_rescale_slack(rescale_slack), BLOCK_TMA=use_tma, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 
 
-__all__ = ["block_sparse_attention_triton", "tile_sizes"]
+__all__ = ["BLOCK_SPARSE_TMA", "block_sparse_attention_triton", "tile_sizes"]

@@ -21,6 +21,7 @@ from ..triton_common import (
     attend_key_tile_tma,
     checked_rescale_slack,
     column_keys,
+    key_tile_descriptor,
     empty_softmax_state,
     load_rows,
     log2_scores,
@@ -162,24 +163,6 @@ def vertical_slash_tile_sizes(head_dim: int, block_q: int, element_bytes: int) -
 VERTICAL_SLASH_RANGE_TMA = False
 
 
-def range_tile_descriptor(x: torch.Tensor, range_n: int, block_d: int):
-    """A tensor descriptor over ``x [B, Hkv, Lk, D]`` with a ``[1, 1, range_n, block_d]`` box (rows past
-    ``Lk`` and lanes past ``D`` read as zeros). TMA needs a 16-byte aligned base, a contiguous last
-    dimension and 16-byte multiples for the other strides: refused otherwise, with what was found."""
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError as error:
-        raise ValueError(f"range_tma needs Triton's host tensor descriptors (triton.tools.tensor_descriptor); "
-                         f"Triton {triton.__version__} has none") from error
-    element = x.element_size()
-    misaligned = [s for s in x.stride()[:-1] if (s * element) % 16]
-    if x.stride(-1) != 1 or misaligned or x.data_ptr() % 16:
-        raise ValueError(f"range_tma needs K/V with a contiguous last dimension, 16-byte strides and a 16-byte "
-                         f"aligned base; got strides {tuple(x.stride())} of {element}-byte elements at "
-                         f"address {x.data_ptr()} mod 16 = {x.data_ptr() % 16}")
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, range_n, block_d])
-
-
 def vertical_slash_launch(q: torch.Tensor, block_q: int, scale: float, window: int | None,
                           softcap: float | None, wide_key_tile: int | None = None,
                           rescale_slack: float | None = None) -> tuple[int, tuple, dict]:
@@ -238,7 +221,7 @@ def vertical_slash_attention_triton(
         if options["WIDE_N"]:
             raise ValueError(f"range_tma walks ranges in {options['RANGE_N']}-key tiles; wide_key_tile must be 0, "
                              f"got {options['WIDE_N']}")
-        k_desc, v_desc = (range_tile_descriptor(x, options["RANGE_N"], options["BLOCK_D"]) for x in (k, v))
+        k_desc, v_desc = (key_tile_descriptor(x, options["RANGE_N"], options["BLOCK_D"], "range_tma") for x in (k, v))
     grid = (index.range_count.shape[2] * (index.block_size_q // block_m), b * hq)
     _vertical_slash_fwd_kernel[grid](
         q, k, v, out, index.range_count, index.range_start, index.range_end, index.column_count,
