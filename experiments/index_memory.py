@@ -8,6 +8,8 @@ measures with ``torch.cuda.max_memory_allocated`` above what q, k, v already hol
 - ``lines``: the whole estimate (scores, the selection's sort and lists);
 - ``lines_to_index``: estimate + the per-block ``VerticalSlashIndex`` (the default's path; ranges cut
   into pieces where the shipped layout cuts them);
+- ``lines_to_index_head``: the same index with one column list per head (``column_layout="head"``);
+- ``lines_to_index_head_whole``: the same with whole bands (no range pieces);
 - ``lines_plan``: estimate + the fused kernel's per-head tables (``plan_lines``);
 
 each as the peak during the step and what stays allocated after it (the index or the tables the
@@ -71,6 +73,10 @@ def main() -> None:
                 "lines": lambda: pattern.estimate_lines(q, k, **kw),
                 "lines_to_index": lambda: pattern.estimate_lines(q, k, **kw).to_index(slashes_sorted=True,
                                                                                       max_range_keys=cut),
+                "lines_to_index_head": lambda: pattern.estimate_lines(q, k, **kw).to_index(
+                    slashes_sorted=True, max_range_keys=cut, column_layout="head"),
+                "lines_to_index_head_whole": lambda: pattern.estimate_lines(q, k, **kw).to_index(
+                    slashes_sorted=True, column_layout="head"),
                 "lines_plan": lambda: plan_lines(pattern.estimate_lines(q, k, **kw), lines_sorted=True),
             }
             for step, fn in steps.items():

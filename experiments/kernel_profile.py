@@ -10,8 +10,10 @@ every kernel, then launches each exactly once between ``cudaProfilerStart`` and 
 ``ncu --profile-from-start off`` profiles those launches and nothing else, in this order:
 
     cudnn (SDPA, causal, GQA), index_whole, index_pieces, index_whole_tma, index_pieces_tma (the same with
-    range tiles through tensor descriptors, ``range_tma``), fused_lines, block_sparse (antidiagonal index),
-    block_sparse_tma (its K/V tiles through tensor descriptors, ``block_tma``)
+    range tiles through tensor descriptors, ``range_tma``), index_whole_head, index_pieces_head (the same
+    keys with one column list per head, masked per block: ``column_layout="head"``), index_whole_head_tma,
+    fused_lines,
+    block_sparse (antidiagonal index), block_sparse_tma (its K/V tiles through tensor descriptors, ``block_tma``)
 
 (with ``--rescale-slacks 0 8`` each sparse launch twice in a row, at each slack; ``launch_order`` in the
 JSON names them).
@@ -47,8 +49,8 @@ from pathlib import Path
 import torch
 
 # Run order inside the profiled window; the raw CSV lists kernels in launch order.
-LAUNCHES = ("cudnn", "index_whole", "index_pieces", "index_whole_tma", "index_pieces_tma", "fused_lines",
-            "block_sparse", "block_sparse_tma")
+LAUNCHES = ("cudnn", "index_whole", "index_pieces", "index_whole_tma", "index_pieces_tma", "index_whole_head",
+            "index_pieces_head", "index_whole_head_tma", "fused_lines", "block_sparse", "block_sparse_tma")
 
 # Raw-page counters kept by --summarize (Nsight Compute metric names), with a short label.
 COUNTERS = {
@@ -78,8 +80,9 @@ TOP_STALLS = 6
 
 
 def build_cases(shape: str, length: int):
-    """``(launches, densities)``: per entry of ``LAUNCHES`` a launch taking an optional lazy-rescale slack
-    (ignored by cuDNN), and the share of causal pairs its index computes."""
+    """``(launches, densities, conversions)``: per entry of ``LAUNCHES`` a launch taking an optional
+    lazy-rescale slack (ignored by cuDNN), the share of causal pairs its index computes, and the index
+    conversion of the default's lines per column layout."""
     from vertical_slash_ceiling import SHAPES  # this folder is on sys.path
 
     from sparseprefill.bench.kernels import structured_qkv
@@ -101,6 +104,9 @@ def build_cases(shape: str, length: int):
     index = lines.to_index(slashes_sorted=True)
     pieces = lines.to_index(slashes_sorted=True,
                             max_range_keys=range_piece_keys(head_dim, index.block_size_q, q.element_size()))
+    piece_keys = range_piece_keys(head_dim, index.block_size_q, q.element_size())
+    index_head = lines.to_index(slashes_sorted=True, column_layout="head")
+    pieces_head = lines.to_index(slashes_sorted=True, max_range_keys=piece_keys, column_layout="head")
     blocks = build_pattern("antidiagonal", config).estimate(q, k, **est)
     kw = dict(scale=scale, window=None, softcap=None, kv_head_index=kv_head_index)
     outs = {name: torch.empty_like(q) for name in LAUNCHES}
@@ -113,18 +119,25 @@ def build_cases(shape: str, length: int):
     launches = {
         "cudnn": cudnn,
         "index_whole": lambda slack=None: vertical_slash_attention_triton(
-            q, k, v, index, out=outs["index_whole"], rescale_slack=slack, **kw),
+            q, k, v, index, out=outs["index_whole"], rescale_slack=slack, range_tma=False, **kw),
         "index_pieces": lambda slack=None: vertical_slash_attention_triton(
-            q, k, v, pieces, out=outs["index_pieces"], rescale_slack=slack, **kw),
+            q, k, v, pieces, out=outs["index_pieces"], rescale_slack=slack, range_tma=False, **kw),
         # The same indices with range tiles loaded through tensor descriptors (TMA).
         "index_whole_tma": lambda slack=None: vertical_slash_attention_triton(
             q, k, v, index, out=outs["index_whole_tma"], rescale_slack=slack, range_tma=True, **kw),
         "index_pieces_tma": lambda slack=None: vertical_slash_attention_triton(
             q, k, v, pieces, out=outs["index_pieces_tma"], rescale_slack=slack, range_tma=True, **kw),
+        # The same keys with per-head column lists, masked per block (O(lines) index memory).
+        "index_whole_head": lambda slack=None: vertical_slash_attention_triton(
+            q, k, v, index_head, out=outs["index_whole_head"], rescale_slack=slack, range_tma=False, **kw),
+        "index_pieces_head": lambda slack=None: vertical_slash_attention_triton(
+            q, k, v, pieces_head, out=outs["index_pieces_head"], rescale_slack=slack, range_tma=False, **kw),
+        "index_whole_head_tma": lambda slack=None: vertical_slash_attention_triton(
+            q, k, v, index_head, out=outs["index_whole_head_tma"], rescale_slack=slack, range_tma=True, **kw),
         "fused_lines": lambda slack=None: vertical_slash_lines_attention_triton(
             q, k, v, lines, out=outs["fused_lines"], lines_sorted=True, rescale_slack=slack, **kw),
         "block_sparse": lambda slack=None: block_sparse_attention_triton(
-            q, k, v, blocks, out=outs["block_sparse"], rescale_slack=slack, **kw),
+            q, k, v, blocks, out=outs["block_sparse"], rescale_slack=slack, block_tma=False, **kw),
         "block_sparse_tma": lambda slack=None: block_sparse_attention_triton(
             q, k, v, blocks, out=outs["block_sparse_tma"], rescale_slack=slack, block_tma=True, **kw),
     }
@@ -133,10 +146,17 @@ def build_cases(shape: str, length: int):
                  "index_pieces": float(pieces.computed_pairs().sum()) / causal,
                  "index_whole_tma": float(index.computed_pairs().sum()) / causal,
                  "index_pieces_tma": float(pieces.computed_pairs().sum()) / causal,
+                 "index_whole_head": float(index_head.computed_pairs().sum()) / causal,
+                 "index_pieces_head": float(pieces_head.computed_pairs().sum()) / causal,
+                 "index_whole_head_tma": float(index_head.computed_pairs().sum()) / causal,
                  "fused_lines": float(index.computed_pairs().sum()) / causal,
                  "block_sparse": float(blocks.computed_pairs().sum()) / causal,
                  "block_sparse_tma": float(blocks.computed_pairs().sum()) / causal}
-    return launches, densities
+    # The index conversion itself (the plan's host read included), per column layout, whole bands.
+    conversions = {f"convert_{layout}": (lambda layout=layout: lines.to_index(slashes_sorted=True,
+                                                                              column_layout=layout))
+                   for layout in ("block", "head")}
+    return launches, densities, conversions
 
 
 def compiled_kernels() -> list[dict]:
@@ -175,10 +195,17 @@ def time_slacks(args) -> None:
     rows = []
     for shape in args.shapes:
         for length in args.lengths:
-            launches, densities = build_cases(shape, length)
+            launches, densities, conversions = build_cases(shape, length)
             launches["cudnn"]()
             cudnn_ms = triton.testing.do_bench(launches["cudnn"])
-            for name in LAUNCHES[1:]:
+            for name, convert in conversions.items():
+                convert()
+                ms = triton.testing.do_bench(convert)
+                rows.append(dict(shape=shape, length=length, kernel=name, rescale_slack=None, ms=ms, density=None,
+                                 of_cudnn=None, vs_first=None, max_diff_vs_first=None, cudnn_ms=cudnn_ms,
+                                 gpu=gpu_name("cuda"), commit=git_commit()))
+                print(f"{shape} {length} {name:<13}: {ms:8.3f} ms", flush=True)
+            for name in [n for n in LAUNCHES[1:] if n in args.launches]:
                 first = None
                 for slack in args.time_slacks:
                     out = launches[name](slack)
@@ -204,9 +231,10 @@ def time_slacks(args) -> None:
 def profile(args) -> None:
     import triton
 
-    launches, densities = build_cases(args.shape, args.length)
+    launches, densities, _ = build_cases(args.shape, args.length)
     # The profiled window, in order: cuDNN once, then each sparse launch at each --rescale-slacks value.
-    order = [("cudnn", None)] + [(name, slack) for name in LAUNCHES[1:] for slack in args.rescale_slacks]
+    order = [("cudnn", None)] + [(name, slack) for name in LAUNCHES[1:] if name in args.launches
+                                 for slack in args.rescale_slacks]
     times = {}
     for name, slack in order:
         launches[name](slack)  # compile
@@ -274,6 +302,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["qwen", "llama"], choices=["llama", "qwen"],
                         help="with --time-slacks")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072], help="with --time-slacks")
+    parser.add_argument("--launches", nargs="+", default=list(LAUNCHES[1:]), choices=list(LAUNCHES[1:]),
+                        help="the sparse launches to time or profile (cuDNN always runs)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.summarize:

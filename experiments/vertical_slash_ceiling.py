@@ -63,7 +63,7 @@ def launch(q, k, v, index, tiles, kv_head_index, out, scale, pieces: bool):
     grid = (index.range_count.shape[2] * (index.block_size_q // block_m), b * hq)
     _vertical_slash_fwd_kernel[grid](
         q, k, v, out, index.range_count, index.range_start, index.range_end, index.column_count,
-        index.column_index, kv_head_index, k, v,  # k, v: the unread TMA descriptor slots
+        index.column_index, kv_head_index, k, v, index.column_count,  # unread: TMA descriptors, cover
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *index.range_count.stride(), *index.range_start.stride(), *index.column_count.stride(),
         *index.column_index.stride(), hq, q_len, k_len, k_len - q_len, float(scale), 1.0, 0,

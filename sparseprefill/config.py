@@ -24,6 +24,7 @@ from ._checks import (
 )
 from .decode_config import DECODE_SHORTHAND, DecodeMethod, DecodeRetrievalConfig
 from .kernels.mass_select import KEEP_ALL_MASS
+from .kernels.vertical_slash.head_columns import ColumnLayout
 
 __all__ = [
     "PatternName",
@@ -33,6 +34,7 @@ __all__ = [
     "AShapeConfig",
     "SparseConfig",
     "KEEP_ALL_MASS",
+    "ColumnLayout",
     "DecodeMethod",
     "DecodeRetrievalConfig",
 ]
@@ -162,6 +164,13 @@ class VerticalSlashConfig:
     head_dim 64 they were as fast or up to 3% faster); ``auto`` (default) chooses by head_dim from those
     measurements. The same keys in every layout: no accuracy effect.
 
+    ``column_layout`` (``ColumnLayout``): ``block`` (default) lists each query block's columns outside its
+    bands, compacted: O(blocks x verticals) memory, 11.9x a Llama-3.1-8B layer's KV cache at 128K on the
+    structured input (5.9 GB, transient, one layer at a time); ``head`` keeps one column list per head that
+    each block masks by its bands in the kernel: 1.2x there (625 MB, most of it the range pieces), but the
+    attention took 1.08-1.24x the time (H100, experiments/kernel_profile.py --time-slacks, docs/benchmarks.md).
+    The same keys either way: choose ``head`` where the index would not fit.
+
     ``heldout_recall`` (default 0.9; None turns it off): where heads are routed dense
     (``SparseConfig.route_dense_heads``, GPU), also route a head whose selected keys hold less than this
     share of the exact attention mass on query blocks the estimate did not score (those ending at the
@@ -182,10 +191,12 @@ class VerticalSlashConfig:
     fused: bool = False
     heldout_recall: float | None = DEFAULT_HELDOUT_RECALL
     range_layout: RangeLayout = RangeLayout.AUTO
+    column_layout: ColumnLayout = ColumnLayout.BLOCK
 
     def __post_init__(self) -> None:
         _check_bool("vertical_slash.fused", self.fused)
         _coerce_enum(self, "range_layout", RangeLayout, "vertical_slash.range_layout")
+        _coerce_enum(self, "column_layout", ColumnLayout, "vertical_slash.column_layout")
         if self.heldout_recall is not None:
             _check_fraction("vertical_slash.heldout_recall", self.heldout_recall)
         _check_positive_int("vertical_slash.last_queries", self.last_queries)

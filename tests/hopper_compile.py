@@ -26,15 +26,18 @@ HOPPER = ("cuda", 90, 32)  # GPUTarget(backend, compute capability, warp size)
 # fails at launch ("out of resource: shared memory"), which only launches with the GPU's own options show.
 HOPPER_SHARED_BYTES = 232448
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
-GPU_DTYPE_ARGS = ("Q", "K", "V", "Out")  # pointer arguments that hold bf16 on the GPU
+GPU_DTYPE_ARGS = ("Q", "K", "V", "Out", "KDesc", "VDesc")  # arguments that hold bf16 on the GPU
 
 
 def _arg_type(value) -> str:
     import torch
 
+    dtypes = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
+              torch.int64: "i64", torch.int8: "i8", torch.bool: "i1"}
     if isinstance(value, torch.Tensor):
-        return {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32",
-                torch.int64: "*i64", torch.int8: "*i8", torch.bool: "*i1"}[value.dtype]
+        return "*" + dtypes[value.dtype]
+    if type(value).__name__ == "TensorDescriptor":  # a TMA descriptor: its element type and box
+        return f"tensordesc<{dtypes[value.base.dtype]}{list(value.block_shape)}>"
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
@@ -70,6 +73,8 @@ def _run_launches() -> None:
     index = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64)
     pieces = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64,
                                                max_range_keys=32)
+    head_columns = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64,
+                                                     column_layout="head")
     lines = vertical_slash_lines(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64)
     n_blocks = -(-length // 64)
     blocks = select_blocks(torch.rand(1, hq, n_blocks, n_blocks, generator=g), q_len=length, k_len=length,
@@ -87,6 +92,12 @@ def _run_launches() -> None:
         kw = dict(scale=head_dim**-0.5, softcap=softcap, kv_head_index=kvh)
         vertical_slash_attention_triton(q, k, v, index, window=window, out=torch.empty_like(q), **kw)
         vertical_slash_attention_triton(q, k, v, pieces, window=window, out=torch.empty_like(q), **kw)
+        vertical_slash_attention_triton(q, k, v, head_columns, window=window, out=torch.empty_like(q), **kw)
+        for tma in (False, True):  # both load paths, whatever the shipped default
+            vertical_slash_attention_triton(q, k, v, index, window=window, out=torch.empty_like(q),
+                                            range_tma=tma, **kw)
+            block_sparse_attention_triton(q, k, v, blocks, window=window, out=torch.empty_like(q), block_tma=tma,
+                                          **kw)
         block_sparse_attention_triton(q, k, v, blocks, window=window, out=torch.empty_like(q), **kw)
         vertical_slash_lines_attention_triton(q, k, v, lines, window=window, out=torch.empty_like(q),
                                               lines_sorted=True, **kw)
@@ -141,7 +152,8 @@ def compile_all(path: str) -> int:
         kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
         variants = [(launch["signature"], launch["constexprs"])]
         if "UPCAST" in launch["constexprs"]:
-            on_gpu = {n: "*bf16" if n in GPU_DTYPE_ARGS and t == "*fp32" else t for n, t in launch["signature"].items()}
+            on_gpu = {n: t.replace("fp32", "bf16", 1) if n in GPU_DTYPE_ARGS and "fp32" in t else t
+                      for n, t in launch["signature"].items()}
             variants.append((on_gpu, dict(launch["constexprs"], UPCAST=False)))
         for signature, constexprs in variants:
             key = json.dumps([launch["name"], signature, constexprs], sort_keys=True)

@@ -171,9 +171,10 @@ def minference_block_keys(block_count: torch.Tensor, block_offset: torch.Tensor,
 def index_block_keys(index: VerticalSlashIndex, blocks: torch.Tensor) -> torch.Tensor:
     """``[B, H, len(blocks), Lk]`` bool: keys our ``VerticalSlashIndex`` lists for the query blocks
     ``blocks`` (the rows of ``index.to_dense_mask`` without the ``L x L`` tensor)."""
+    column_count, column_index = index.block_columns(blocks)
+    columns_ok = torch.arange(column_index.shape[-1], device=column_index.device) < column_count[..., None]
     return _listed_keys(index.range_start[:, :, blocks], index.range_end[:, :, blocks],
-                        index.range_valid()[:, :, blocks], index.column_index[:, :, blocks],
-                        index.column_valid()[:, :, blocks], index.k_len)
+                        index.range_valid()[:, :, blocks], column_index, columns_ok, index.k_len)
 
 
 def block_rows_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,

@@ -19,6 +19,14 @@ causal and sliding-window masks themselves, so an index may list keys a row cann
     range_end    [B, H, Rq, M] int32
     column_count [B, H, Rq] int32       number of single key columns (verticals)
     column_index [B, H, Rq, V] int32    sorted; disjoint from the ranges
+    column_cover [B, H, Lk + 2] int32   optional, the per-head column layout: ``column_index`` is then
+                                        ``[B, H, 1, V]``, one ascending, unique list per head;
+                                        ``column_count`` counts the head's leading columns block r reads;
+                                        and block r skips every one of them a band of its covers:
+                                        column ``c`` is covered iff ``column_cover[c_hi + 1] >
+                                        column_cover[c_lo]`` with ``[c_lo, c_hi] = [max(p0 - c, 0), p1 - c]``
+                                        (``column_cover[t]``: the head's kept diagonals below ``t``).
+                                        O(lines + Lk) memory instead of O(blocks x lines)
     block_pairs  [B, H, Rq] int64       optional: causal pairs each query block lists (no window),
                                         counted by the builder; whoever changes the lists drops it
     max_range_keys                      optional: every range spans at most this many keys (the
@@ -45,6 +53,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .common import compact
 from .geometry import block_pair_table, causal_pairs_in_columns, causal_pairs_in_rects, query_block_bounds
 
 __all__ = ["BlockSparseIndex", "VerticalSlashIndex", "VerticalSlashLines"]
@@ -185,6 +194,9 @@ class VerticalSlashIndex:
     # Set by a builder that cut its ranges into pieces of at most this many keys: a kernel whose key
     # tile is at least as wide walks them as one flat loop (one tile per range, software-pipelined).
     max_range_keys: int | None = None
+    # Set by a builder that keeps one column list per head (see the module docstring): a block's
+    # columns are then the head's first ``column_count`` minus those its bands cover.
+    column_cover: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.max_range_keys is not None and self.max_range_keys < 1:
@@ -199,9 +211,20 @@ class VerticalSlashIndex:
         _check_int_tensor("column_index", self.column_index, 4)
         if self.range_start.shape != self.range_end.shape:
             raise ValueError("range_start and range_end must have the same shape")
-        for name in ("range_start", "column_index"):
-            if getattr(self, name).shape[:3] != self.range_count.shape:
-                raise ValueError(f"{name} leading dims must match range_count {tuple(self.range_count.shape)}")
+        if self.range_start.shape[:3] != self.range_count.shape:
+            raise ValueError(f"range_start leading dims must match range_count {tuple(self.range_count.shape)}")
+        if self.column_cover is None:
+            if self.column_index.shape[:3] != self.range_count.shape:
+                raise ValueError(f"column_index leading dims must match range_count {tuple(self.range_count.shape)}")
+        else:
+            _check_int_tensor("column_cover", self.column_cover, 3)
+            batch_heads = tuple(self.range_count.shape[:2])
+            if tuple(self.column_index.shape[:3]) != (*batch_heads, 1):
+                raise ValueError(f"per-head columns: column_index must be {(*batch_heads, 1, 'V')}, got "
+                                 f"{tuple(self.column_index.shape)}")
+            if tuple(self.column_cover.shape) != (*batch_heads, self.k_len + 2):
+                raise ValueError(f"column_cover must be {(*batch_heads, self.k_len + 2)} (kept diagonals below "
+                                 f"each t in [0, Lk + 1]), got {tuple(self.column_cover.shape)}")
         if self.column_count.shape != self.range_count.shape:
             raise ValueError("column_count and range_count must have the same shape")
         n_q_blocks = -(-self.q_len // self.block_size_q)
@@ -212,9 +235,50 @@ class VerticalSlashIndex:
         slots = torch.arange(self.range_start.shape[-1], device=self.range_start.device)
         return slots < self.range_count[..., None]
 
-    def column_valid(self) -> torch.Tensor:
+    @property
+    def columns_per_head(self) -> bool:
+        """Whether the columns are one list per head (``column_cover`` set) rather than per query block."""
+        return self.column_cover is not None
+
+    def column_valid(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, H, Rq, V]`` bool: which column slots are keys of their block (per-head columns: the
+        block's leading slots that none of its bands covers); ``rows [n]``: those query blocks only."""
         slots = torch.arange(self.column_index.shape[-1], device=self.column_index.device)
-        return slots < self.column_count[..., None]
+        counts = self.column_count if rows is None else self.column_count[:, :, rows]
+        valid = slots < counts[..., None]
+        return valid if self.column_cover is None else valid & ~self._columns_covered(rows)
+
+    def _columns_covered(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """``[B, H, Rq or n, V]`` bool, per-head columns: slot ``j``'s column lies in a band of the block."""
+        p0, p1 = query_block_bounds(self.q_len, self.k_len, self.block_size_q, self.column_index.device)
+        if rows is not None:
+            p0, p1 = p0[rows], p1[rows]
+        columns = self.column_index.long()  # [B, H, 1, V]
+        # Slots past the count may hold anything: clamped into the table, then masked by the count.
+        low = (p0[:, None] - columns).clamp(0, self.k_len + 1)
+        high_next = (p1[:, None] - columns + 1).clamp(0, self.k_len + 1)
+        table = self.column_cover.long()[:, :, None, :].expand(*low.shape[:3], -1)
+        return torch.gather(table, -1, high_next) > torch.gather(table, -1, low)
+
+    def block_columns(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(column_count [B, H, Rq], column_index [B, H, Rq, W])``: each block's own columns, compacted
+        (the per-block layout; per-head columns are expanded, O(blocks x lines)); ``rows [n]`` (a long
+        tensor on the index's device): those query blocks only."""
+        if self.column_cover is None:
+            return ((self.column_count, self.column_index) if rows is None
+                    else (self.column_count[:, :, rows], self.column_index[:, :, rows]))
+        valid = self.column_valid(rows)
+        count, slot = compact(valid)
+        columns = torch.gather(self.column_index.expand(*valid.shape).long(), -1, slot.clamp_min(0).long())
+        return count, torch.where(slot >= 0, columns, 0).to(torch.int32)
+
+    def with_block_columns(self) -> "VerticalSlashIndex":
+        """The same keys in the per-block column layout (itself if already so): what the references,
+        masks and comparisons read."""
+        if self.column_cover is None:
+            return self
+        count, columns = self.block_columns()
+        return replace(self, column_count=count, column_index=columns, column_cover=None)
 
     def computed_pairs(self, window: int | None = None) -> torch.Tensor:
         """``[B, H]`` int64: causal (query, key) pairs the index makes a kernel compute."""
@@ -242,7 +306,9 @@ class VerticalSlashIndex:
 
     def lists_same_entries(self, other: "VerticalSlashIndex") -> bool:
         """Same counts, and the same real ranges and columns in the same order (padding and the
-        padded widths may differ): how two converters are compared without an ``L x L`` mask."""
+        padded widths may differ): how two converters are compared without an ``L x L`` mask. Per-head
+        columns are compared as the per-block lists they stand for."""
+        self, other = self.with_block_columns(), other.with_block_columns()
         if (self.block_size_q, self.q_len, self.k_len) != (other.block_size_q, other.q_len, other.k_len):
             return False
         if not (torch.equal(self.range_count, other.range_count) and torch.equal(self.column_count, other.column_count)):
@@ -260,6 +326,8 @@ class VerticalSlashIndex:
 
     def to_dense_mask(self) -> torch.Tensor:
         """``[B, H, Lq, Lk]`` bool of listed keys (no causal mask applied). Debugging and plots only."""
+        if self.column_cover is not None:
+            return self.with_block_columns().to_dense_mask()
         b, h, rq, _ = self.range_start.shape
         keys = torch.arange(self.k_len, device=self.range_start.device)
         in_range = (keys >= self.range_start[..., None]) & (keys < self.range_end[..., None])
@@ -303,15 +371,17 @@ class VerticalSlashLines:
             raise ValueError("VerticalSlashLines counts pairs without a window; use to_index().computed_pairs(window)")
         return self.block_pairs.sum(-1)
 
-    def to_index(self, slashes_sorted: bool = False, max_range_keys: int | None = None) -> VerticalSlashIndex:
+    def to_index(self, slashes_sorted: bool = False, max_range_keys: int | None = None,
+                 column_layout: str = "block") -> VerticalSlashIndex:
         """The per-query-block ``VerticalSlashIndex`` of the same keys (what the default attends; also
         inspection, recall, profiles). ``slashes_sorted``: the diagonals ascend in their counts
         (``select_lines`` output), which spares the GPU builder a sort. ``max_range_keys``: ranges cut
-        into pieces of at most that many keys (``build_vertical_slash_index``)."""
+        into pieces of at most that many keys; ``column_layout``: ``"block"`` or ``"head"`` (both as
+        ``build_vertical_slash_index`` takes them)."""
         from .vertical_slash import build_vertical_slash_index
 
         return build_vertical_slash_index(
             self.vertical_index, self.vertical_count, self.slash_offset, self.slash_count,
             q_len=self.q_len, k_len=self.k_len, block_size_q=self.block_size_q, slashes_sorted=slashes_sorted,
-            max_range_keys=max_range_keys,
+            max_range_keys=max_range_keys, column_layout=column_layout,
         )

@@ -51,8 +51,13 @@ def _kept_mass(index: SparseIndex, probs: torch.Tensor, prefix: torch.Tensor, r0
         end = index.range_end[:, :, rows].long().clamp(0, k_len)
         in_ranges = torch.gather(prefix, -1, end) - torch.gather(prefix, -1, start)
         kept = torch.where(index.range_valid()[:, :, rows], in_ranges, 0.0).sum(-1)
-        columns = index.column_index[:, :, rows].long().clamp(0, k_len - 1)
-        on_columns = torch.where(index.column_valid()[:, :, rows], torch.gather(probs, -1, columns), 0.0)
+        if index.columns_per_head:  # one list per head, masked per block
+            columns = index.column_index.long().clamp(0, k_len - 1).expand(-1, -1, rows.numel(), -1)
+            column_ok = index.column_valid(rows)
+        else:
+            columns = index.column_index[:, :, rows].long().clamp(0, k_len - 1)
+            column_ok = index.column_valid()[:, :, rows]
+        on_columns = torch.where(column_ok, torch.gather(probs, -1, columns), 0.0)
         return kept + on_columns.sum(-1)
     if isinstance(index, BlockSparseIndex):
         bs = index.block_size_k

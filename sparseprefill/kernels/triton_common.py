@@ -314,23 +314,49 @@ def checked_rescale_slack(rescale_slack: float | None) -> float:
 MAX_RESCALE_SLACK = 15.0
 
 
-def key_tile_descriptor(x: torch.Tensor, keys: int, block_d: int, option: str):
-    """A tensor descriptor over ``x [B, Hkv, Lk, D]`` with a ``[1, 1, keys, block_d]`` box (rows past ``Lk``
-    and lanes past ``D`` read as zeros), for the kernels' TMA key tiles (``option`` names the kernel
-    option in errors). TMA needs a 16-byte aligned base, a contiguous last dimension and 16-byte
-    multiples for the other strides: refused otherwise, with what was found."""
+def _host_descriptors():
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError as error:
-        raise ValueError(f"{option} needs Triton's host tensor descriptors (triton.tools.tensor_descriptor); "
-                         f"Triton {triton.__version__} has none") from error
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+def tma_unaddressable(x: torch.Tensor, option: str) -> str | None:
+    """Why TMA key tiles cannot read ``x [B, Hkv, Lk, D]`` (None: they can): TMA needs Triton's host
+    tensor descriptors, a 16-byte aligned base, a contiguous last dimension and 16-byte multiples for
+    the other strides (``option`` names the kernel option in the reason)."""
+    if _host_descriptors() is None:
+        return (f"{option} needs Triton's host tensor descriptors (triton.tools.tensor_descriptor); "
+                f"Triton {triton.__version__} has none")
     element = x.element_size()
     misaligned = [s for s in x.stride()[:-1] if (s * element) % 16]
     if x.stride(-1) != 1 or misaligned or x.data_ptr() % 16:
-        raise ValueError(f"{option} needs K/V with a contiguous last dimension, 16-byte strides and a 16-byte "
-                         f"aligned base; got strides {tuple(x.stride())} of {element}-byte elements at "
-                         f"address {x.data_ptr()} mod 16 = {x.data_ptr() % 16}")
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, keys, block_d])
+        return (f"{option} needs K/V with a contiguous last dimension, 16-byte strides and a 16-byte "
+                f"aligned base; got strides {tuple(x.stride())} of {element}-byte elements at "
+                f"address {x.data_ptr()} mod 16 = {x.data_ptr() % 16}")
+    return None
+
+
+def tma_by_default(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a kernel whose TMA tiles measured faster takes them by default for these K/V: on Hopper
+    or newer (where they were timed; TMA is Hopper's copy engine) and the Triton interpreter (which
+    the CPU tests run), where TMA can address both; otherwise the pointer path, the same keys."""
+    on_hopper = k.device.type == "cpu" or torch.cuda.get_device_capability(k.device)[0] >= HOPPER_MAJOR
+    return on_hopper and tma_unaddressable(k, "tma") is None and tma_unaddressable(v, "tma") is None
+
+
+HOPPER_MAJOR = 9  # compute capability of the first GPUs with TMA (sm_90)
+
+
+def key_tile_descriptor(x: torch.Tensor, keys: int, block_d: int, option: str):
+    """A tensor descriptor over ``x [B, Hkv, Lk, D]`` with a ``[1, 1, keys, block_d]`` box (rows past ``Lk``
+    and lanes past ``D`` read as zeros), for the kernels' TMA key tiles (``option`` names the kernel
+    option in errors); refused where TMA cannot address ``x`` (``tma_unaddressable``), with what was found."""
+    reason = tma_unaddressable(x, option)
+    if reason is not None:
+        raise ValueError(reason)
+    return _host_descriptors()(x, list(x.shape), list(x.stride()), [1, 1, keys, block_d])
 
 
 # Shared memory per SM on Hopper is 228 KB; Q, K and V tiles (K/V staged num_stages deep) must fit.

@@ -152,12 +152,17 @@ class LinePattern(SparsePattern):
 
     def estimate(self, q, k, *, scale, softcap, kv_head_index) -> VerticalSlashIndex:
         lines = self.estimate_lines(q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
-        return lines.to_index(slashes_sorted=self.lines_sorted, max_range_keys=self.range_piece_keys(q))
+        return lines.to_index(slashes_sorted=self.lines_sorted, max_range_keys=self.range_piece_keys(q),
+                              column_layout=self.column_layout())
 
     def range_piece_keys(self, q: torch.Tensor) -> int | None:
         """Width the index builder cuts merged ranges to, so the kernel walks them in one flat loop
         (None: ranges stay whole). The same keys either way; only the kernel's loop changes."""
         return None
+
+    def column_layout(self) -> str:
+        """How the index stores its columns (``ColumnLayout``: ``"block"`` or ``"head"``); the same keys."""
+        return "block"
 
     def uses_fused_kernel(self) -> bool:
         """Whether ``run`` takes the fused path (the lines straight into the fused kernel: no host read,

@@ -44,6 +44,9 @@ class VerticalSlashPattern(LinePattern):
     def query_windows(self) -> int:
         return self.config.query_windows
 
+    def column_layout(self) -> str:
+        return self.config.column_layout.value
+
     def range_piece_keys(self, q) -> int | None:
         layout = self.config.range_layout
         if q.device.type != "cuda" or layout == RangeLayout.WHOLE:

@@ -42,15 +42,17 @@ def test_block_sparse_op_passes_opcheck_and_matches(window, softcap, columns):
     torch.testing.assert_close(out, expected)
 
 
-def test_vertical_slash_op_passes_opcheck_and_matches():
+@pytest.mark.parametrize("column_layout", ["block", "head"])
+def test_vertical_slash_op_passes_opcheck_and_matches(column_layout):
     q, k, v = _qkv(seed=1)
     vc, vi = compact((torch.rand(1, 4, 90) < 0.2).to(DEVICE))
     sc, so = compact((torch.rand(1, 4, 90) < 0.1).to(DEVICE))
-    index = build_vertical_slash_index(vi, vc, so, sc, q_len=70, k_len=90, block_size_q=32)
+    index = build_vertical_slash_index(vi, vc, so, sc, q_len=70, k_len=90, block_size_q=32,
+                                       column_layout=column_layout)
     kvh = torch.arange(4, device=DEVICE) // 2
     out = torch.full_like(q, float("nan"))
     args = (q, k, v, index.range_count, index.range_start, index.range_end, index.column_count,
-            index.column_index, kvh, out, 32, 0.2, 0, 0.0)
+            index.column_index, kvh, out, 32, 0.2, 0, 0.0, 0, index.column_cover)
     torch.library.opcheck(torch.ops.sparseprefill.vertical_slash_attention.default, args)
     library.call_vertical_slash(q, k, v, index, scale=0.2, window=None, softcap=None, kv_head_index=kvh, out=out)
     torch.testing.assert_close(out, vertical_slash_attention(q, k, v, index, scale=0.2))

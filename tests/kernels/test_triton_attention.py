@@ -440,6 +440,39 @@ def test_tma_key_tiles_refuse_unaligned_strides(option):
             block_sparse_attention_triton(q, k, v, index, out=torch.empty_like(q), block_tma=True, **kw)
 
 
+def test_default_range_tiles_take_tma_only_where_it_can_address_kv():
+    """The shipped policy: whole bands load by tensor descriptor where TMA can address K/V (Hopper or the
+    interpreter), and fall back to pointers, with the same output, where it cannot; range pieces keep
+    pointers."""
+    from sparseprefill.kernels.triton_common import tma_by_default
+    from sparseprefill.kernels.vertical_slash import triton_attention as module
+
+    case = CASES[0]
+    b, hq, hkv, lq, lk, d, block, _, _ = case
+    q, k, v = _inputs(case, torch.float32, seed=8)
+    strided = torch.zeros(*k.shape[:-1], 66, device=DEVICE)[..., :64]
+    strided.copy_(k)
+    assert tma_by_default(k, v) == (DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9)
+    assert not tma_by_default(strided, v)
+    g = torch.Generator(device="cpu").manual_seed(2)
+    vertical_count, vertical_index = compact((torch.rand(b, hq, lk, generator=g) < 0.1).to(DEVICE))
+    slash_count, slash_offset = compact((torch.rand(b, hq, lk, generator=g) < 0.3).to(DEVICE))
+    index = build_vertical_slash_index(vertical_index, vertical_count, slash_offset, slash_count, q_len=lq, k_len=lk,
+                                       block_size_q=block)
+    kw = dict(scale=d**-0.5, window=None, softcap=None, kv_head_index=torch.arange(hq, device=DEVICE) // (hq // hkv))
+    ref = vertical_slash_attention_naive(q, k, v, index, out=torch.empty_like(q), **kw)
+    taken = []
+    original = module.key_tile_descriptor
+    module.key_tile_descriptor = lambda *args: taken.append(args[-1]) or original(*args)
+    try:
+        for keys in (k, strided):
+            out = vertical_slash_attention_triton(q, keys, v, index, out=torch.full_like(q, float("nan")), **kw)
+            assert _rel_err(out, ref) < REL_TOL[torch.float32]
+    finally:
+        module.key_tile_descriptor = original
+    assert taken == (["range_tma", "range_tma"] if module.VERTICAL_SLASH_RANGE_TMA and tma_by_default(k, v) else [])
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}bs{c[6]}w{c[7]}c{c[8]}")
 def test_block_sparse_tiles_by_tensor_descriptor_match_naive(case):
     """``block_tma``: the block kernel's K/V tiles through tensor descriptors, with per-block columns

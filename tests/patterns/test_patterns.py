@@ -421,6 +421,37 @@ def test_vertical_slash_range_layout_option():
     assert VerticalSlashPattern(VerticalSlashConfig(range_layout="pieces")).range_piece_keys(q) is None  # CPU
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_vertical_slash_column_layout_option(device):
+    """``column_layout``: a str enum (strings accepted, others refused in one line); ``head`` reaches the
+    index (one column list per head) and the pattern's output equals the per-block layout's."""
+    from sparseprefill import ColumnLayout
+
+    assert VerticalSlashConfig().column_layout is ColumnLayout.BLOCK
+    config = SparseConfig(vertical_slash=VerticalSlashConfig(column_layout="head"))
+    assert SparseConfig(**config.to_dict()).vertical_slash.column_layout is ColumnLayout.HEAD
+    with pytest.raises(ValueError, match=r"column_layout must be one of \['block', 'head'\], got 'rows'"):
+        VerticalSlashConfig(column_layout="rows")
+    b, hq, hkv, length, head_dim = 1, 4, 2, 300, 64
+    q, k, v = (t.to(device) for t in ref.make_qkv(5, b, hq, hkv, length, length, head_dim, spread=2.0))
+    vs = dict(last_queries=32, sink_tokens=4, local_tokens=16, block_size=64 if device == "cuda" else 32)
+    kw = dict(scale=head_dim**-0.5, softcap=None, kv_head_index=torch.arange(hq, device=device) // (hq // hkv))
+    head = VerticalSlashPattern(VerticalSlashConfig(**vs, column_layout="head"))
+    block = VerticalSlashPattern(VerticalSlashConfig(**vs))
+    head_index, block_index = head.estimate(q, k, **kw), block.estimate(q, k, **kw)
+    assert head_index.columns_per_head and not block_index.columns_per_head
+    assert head_index.column_count.sum() > 0, "the test lines must have columns"
+    assert torch.equal(head_index.to_dense_mask(), block_index.to_dense_mask())
+    outs = []
+    for pattern in (head, block):
+        out = torch.full_like(q, float("nan"))
+        result = pattern.run(q, k, v, out=out, **kw)
+        outs.append((out, result.computed_pairs))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(outs[0][1], outs[1][1])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("layout,head_dim,cut", [("auto", 64, False), ("auto", 128, True), ("pieces", 64, True),

@@ -16,6 +16,7 @@ from ..common import (
 )
 from ..indices import VerticalSlashIndex, VerticalSlashLines
 from ..recall import checked_recall_blocks
+from .head_columns import ColumnLayout, diagonal_prefix, to_head_columns
 from .naive import (
     block_recall_naive,
     build_vertical_slash_index_naive,
@@ -27,7 +28,7 @@ from .naive import (
 )
 from .select import select_line_kinds, select_lines
 
-__all__ = ["vertical_slash_block_recall", "vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_line_kinds", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "range_piece_keys", "range_pieces_pay", "split_ranges_naive", "vertical_slash_attention", "vertical_slash_attention_naive", "vertical_slash_lines", "vertical_slash_lines_attention", "vertical_slash_lines_attention_naive"]
+__all__ = ["ColumnLayout", "vertical_slash_block_recall", "vertical_slash_scores", "vertical_slash_scores_naive", "select_lines", "select_line_kinds", "select_lines_naive", "build_vertical_slash_index", "build_vertical_slash_index_naive", "range_piece_keys", "range_pieces_pay", "split_ranges_naive", "vertical_slash_attention", "vertical_slash_attention_naive", "vertical_slash_lines", "vertical_slash_lines_attention", "vertical_slash_lines_attention_naive"]
 
 def vertical_slash_scores(
     q: torch.Tensor,
@@ -93,6 +94,7 @@ def build_vertical_slash_index(
     block_size_q: int,
     slashes_sorted: bool = False,
     max_range_keys: int | None = None,
+    column_layout: ColumnLayout | str = ColumnLayout.BLOCK,
 ) -> VerticalSlashIndex:
     """Build the per-query-block index from per-head lines.
 
@@ -107,9 +109,16 @@ def build_vertical_slash_index(
         max_range_keys: cut every merged range into consecutive pieces of at most this many keys
             (``index.max_range_keys`` records it); the GPU kernel then walks ranges in one flat loop
             when its key tile is that wide (``range_piece_keys``).
+        column_layout: ``"block"``, each query block's columns outside its bands, compacted
+            (O(blocks x verticals) memory); ``"head"``, one column list per head that every block reads
+            and masks by its bands (``column_cover``; O(verticals + Lk)). The same keys either way.
     """
     if max_range_keys is not None and max_range_keys < 1:
         raise ValueError(f"max_range_keys must be >= 1 or None, got {max_range_keys}")
+    try:
+        column_layout = ColumnLayout(column_layout)
+    except ValueError:
+        raise ValueError(f"column_layout must be one of {[m.value for m in ColumnLayout]}, got {column_layout!r}") from None
     if vertical_index.shape[:2] != vertical_count.shape or slash_offset.shape[:2] != slash_count.shape:
         raise ValueError("line tensors and their counts disagree on [B, H]")
     if vertical_index.device.type == "cuda":
@@ -118,10 +127,14 @@ def build_vertical_slash_index(
         return build_vertical_slash_index_triton(
             vertical_index, vertical_count, slash_offset, slash_count, q_len=q_len, k_len=k_len,
             block_size_q=block_size_q, slashes_sorted=slashes_sorted, max_range_keys=max_range_keys,
+            column_layout=column_layout,
         )
     index = build_vertical_slash_index_naive(
         vertical_index, vertical_count, slash_offset, slash_count, q_len=q_len, k_len=k_len, block_size_q=block_size_q
     )
+    if column_layout is ColumnLayout.HEAD:
+        index = to_head_columns(index, vertical_index, vertical_count,
+                                diagonal_prefix(slash_offset, slash_count, k_len))
     return index if max_range_keys is None else split_ranges_naive(index, max_range_keys)
 
 

@@ -22,6 +22,7 @@ from ..triton_common import (
     checked_rescale_slack,
     column_keys,
     key_tile_descriptor,
+    tma_by_default,
     empty_softmax_state,
     load_rows,
     log2_scores,
@@ -35,7 +36,7 @@ from ..triton_common import (
 
 @triton.jit
 def _vertical_slash_fwd_kernel(
-    Q, K, V, Out, RangeCount, RangeStart, RangeEnd, ColumnCount, ColumnIndex, KvHeadIndex, KDesc, VDesc,
+    Q, K, V, Out, RangeCount, RangeStart, RangeEnd, ColumnCount, ColumnIndex, KvHeadIndex, KDesc, VDesc, ColumnCover,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -49,7 +50,7 @@ def _vertical_slash_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RANGE_N: tl.constexpr,
     COLUMN_N: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     COLUMN_STAGES: tl.constexpr, RANGE_PIECES: tl.constexpr = False, WIDE_N: tl.constexpr = 0,
-    RESCALE_SLACK: tl.constexpr = 0.0, RANGE_TMA: tl.constexpr = False,
+    RESCALE_SLACK: tl.constexpr = 0.0, RANGE_TMA: tl.constexpr = False, HEAD_COLUMNS: tl.constexpr = False,
 ):
     b, h, index_row_id, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base = query_tile(
         Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -96,12 +97,24 @@ def _vertical_slash_fwd_kernel(
                                              UPCAST, RESCALE_SLACK)
 
     n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + index_row_id * stride_ccm)
+    # Per-head columns: every block reads its head's one list (stride_cm is 0) and skips the columns a
+    # band of its block covers: the index block's bounds, not this program's rows (a block of BLOCK_Q
+    # rows may span several programs, and its ranges were merged over all of them).
     column_row = ColumnIndex + b * stride_cb + h * stride_ch + index_row_id * stride_cm
+    block_p0 = (index_row_id * BLOCK_Q + q_offset).to(tl.int32)
+    block_p1 = (tl.minimum(index_row_id * BLOCK_Q + BLOCK_Q, q_len) - 1 + q_offset).to(tl.int32)
+    cover = ColumnCover + (b * num_heads + h) * (k_len + 2)
     # Gathered rows pipeline best at another depth than contiguous tiles: the loop carries its own.
     for c0 in tl.range(0, n_columns, COLUMN_N, num_stages=COLUMN_STAGES):
         offs_n, n_ok = column_keys(column_row, c0, n_columns, k_len, stride_cn, COLUMN_N)
         k = load_rows(k_base, offs_n, n_ok, stride_kn, offs_d, d_ok, stride_kd, UPCAST)
         v = load_rows(v_base, offs_n, n_ok, stride_vn, offs_d, d_ok, stride_vd, UPCAST)
+        if HEAD_COLUMNS:
+            # Diagonals covering column c for this block lie in [max(p0 - c, 0), p1 - c]; read columns
+            # lie below p1 + 1. K/V rows load under the slot mask: their loads need not wait on these.
+            in_band = (tl.load(cover + block_p1 - offs_n + 1, mask=n_ok, other=0)
+                       - tl.load(cover + tl.maximum(block_p0 - offs_n, 0), mask=n_ok, other=0))
+            n_ok = n_ok & (in_band == 0)
         s = mask_scores(log2_scores(q, k, score_scale, softcap, HAS_SOFTCAP), offs_n, n_ok, q_pos, window, HAS_WINDOW)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST, RESCALE_SLACK)
 
@@ -157,10 +170,13 @@ def vertical_slash_tile_sizes(head_dim: int, block_q: int, element_bytes: int) -
     return block_m, key_tile, key_tile, num_warps, num_stages, block_d
 
 
-# Range tiles loaded through tensor descriptors (Hopper's TMA) instead of per-element pointers. Off:
-# written after Nsight Compute placed the kernel's excess instructions in address/mask arithmetic and
-# per-thread loads (stop 35), tested in the interpreter, not yet timed on a GPU.
-VERTICAL_SLASH_RANGE_TMA = False
+# Range tiles loaded through tensor descriptors (Hopper's TMA) instead of per-element pointers, for whole
+# merged bands, where TMA can address K/V (``tma_by_default``). Written after Nsight Compute placed the
+# kernel's excess instructions in address/mask arithmetic and per-thread loads (stop 35); timed on an
+# H100 (stop 36, experiments/kernel_profile.py --time-slacks, structured input, the default's lines):
+# whole bands 2.0-2.4% faster on Qwen2.5-0.5B shapes (head_dim 64) and 13-14% on Llama-3.1-8B's (128) at
+# 32K and 128K; range pieces -1.3% to +1.1%, so pieces keep the pointer path.
+VERTICAL_SLASH_RANGE_TMA = True
 
 
 def vertical_slash_launch(q: torch.Tensor, block_q: int, scale: float, window: int | None,
@@ -208,27 +224,37 @@ def vertical_slash_attention_triton(
     ``[B, Hq, ceil(Lq / block_size_q), ...]`` -> ``out [B, Hq, Lq, D]`` (written in place).
     ``wide_key_tile``: keys per leading whole tile of a range (0: none; None: the shipped policy);
     ``rescale_slack``: the online softmax's lazy-rescale slack (None: the shipped one); ``range_tma``:
-    range tiles through tensor descriptors (None: ``VERTICAL_SLASH_RANGE_TMA``), for measurements."""
+    range tiles through tensor descriptors (None: ``VERTICAL_SLASH_RANGE_TMA`` on whole bands where TMA can
+    address K/V; True refuses K/V it cannot address), for measurements."""
     b, hq, q_len, _ = q.shape
     k_len = k.shape[2]
     block_m, scalars, options = vertical_slash_launch(q, index.block_size_q, scale, window, softcap, wide_key_tile,
                                                       rescale_slack)
     options["RANGE_PIECES"] = index.max_range_keys is not None and index.max_range_keys <= options["RANGE_N"]
     options["COLUMN_STAGES"] = vertical_slash_column_stages(options["num_stages"])
-    options["RANGE_TMA"] = VERTICAL_SLASH_RANGE_TMA if range_tma is None else bool(range_tma)
+    if range_tma is None:
+        range_tma = (VERTICAL_SLASH_RANGE_TMA and not options["RANGE_PIECES"] and not options["WIDE_N"]
+                     and tma_by_default(k, v))
+    options["RANGE_TMA"] = bool(range_tma)
     k_desc, v_desc = k, v  # unread unless RANGE_TMA
     if options["RANGE_TMA"]:
         if options["WIDE_N"]:
             raise ValueError(f"range_tma walks ranges in {options['RANGE_N']}-key tiles; wide_key_tile must be 0, "
                              f"got {options['WIDE_N']}")
         k_desc, v_desc = (key_tile_descriptor(x, options["RANGE_N"], options["BLOCK_D"], "range_tma") for x in (k, v))
+    options["HEAD_COLUMNS"] = index.columns_per_head
+    # Per-head columns: one list for every block (stride 0 over blocks), masked by the contiguous cover.
+    cover = index.column_cover.contiguous() if index.columns_per_head else index.column_count  # unread if not
+    column_strides = list(index.column_index.stride())
+    if index.columns_per_head:
+        column_strides[2] = 0
     grid = (index.range_count.shape[2] * (index.block_size_q // block_m), b * hq)
     _vertical_slash_fwd_kernel[grid](
         q, k, v, out, index.range_count, index.range_start, index.range_end, index.column_count,
-        index.column_index, kv_head_index.to(torch.int32), k_desc, v_desc,
+        index.column_index, kv_head_index.to(torch.int32), k_desc, v_desc, cover,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *index.range_count.stride(), *index.range_start.stride(),
-        *index.column_count.stride(), *index.column_index.stride(),
+        *index.column_count.stride(), *column_strides,
         hq, q_len, k_len, k_len - q_len, *scalars, **options,
     )
     return out

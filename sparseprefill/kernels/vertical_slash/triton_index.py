@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..indices import VerticalSlashIndex
+from .head_columns import ColumnLayout, to_head_columns
 
 LINE_TILE = 128  # lines per vectorised step; a tile of int32 offsets and its neighbours fits registers
 PLAN_TILE = 1024  # diagonals / thresholds per step of the per-head plan (prefix counts, run bounds)
@@ -61,7 +62,7 @@ def _vs_index_kernel(
     VerticalIndex, VerticalCount, SlashOffset, SlashPrefix,
     RangeCount, RangeStart, RangeEnd, ColumnCount, ColumnIndex, BlockPairs,
     q_len, k_len, q_offset, max_ranges, max_columns, n_vertical_slots, n_slash_slots,
-    BLOCK_Q: tl.constexpr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr, STORE_COLUMNS: tl.constexpr = True,
 ):
     r = tl.program_id(0)
     # int64: out_row x max_columns passes 2^31 at 128K when a head keeps tens of thousands of columns.
@@ -128,7 +129,8 @@ def _vs_index_kernel(
         in_band = tl.load(prefix_base + high + 1, mask=keep, other=0) - tl.load(prefix_base + low, mask=keep, other=0)
         keep = keep & (in_band == 0)
         position = n_columns + tl.cumsum(keep.to(tl.int32), 0) - 1
-        tl.store(ColumnIndex + out_row * max_columns + position, cols, mask=keep)
+        if STORE_COLUMNS:  # per-head columns (``head_columns.py``) are listed once per head, not here
+            tl.store(ColumnIndex + out_row * max_columns + position, cols, mask=keep)
         n_columns += tl.sum(keep.to(tl.int32), 0)
         rows_seen = p1_wide - tl.maximum(p0_wide, cols.to(tl.int64)) + 1
         pairs += tl.sum(tl.where(keep, rows_seen, 0), 0)
@@ -235,12 +237,14 @@ def build_vertical_slash_index_triton(
     block_size_q: int,
     slashes_sorted: bool = False,
     max_range_keys: int | None = None,
+    column_layout: ColumnLayout | str = ColumnLayout.BLOCK,
 ) -> VerticalSlashIndex:
     """GPU ``build_vertical_slash_index``: per-head lines (``vertical_index [B, H, Nv]``, ``slash_offset
     [B, H, Ns]`` and their ``[B, H]`` counts) -> ``VerticalSlashIndex`` ``[B, H, ceil(q_len / block_size_q), ...]``.
     ``slashes_sorted``: the real offsets already ascend (``select_lines`` output), so the sort is skipped.
     ``max_range_keys``: cut every merged range into pieces of at most that many keys (one more launch,
-    sized by the same host read)."""
+    sized by the same host read). ``column_layout``: as ``build_vertical_slash_index``; per-head columns
+    take the plan's prefix count of diagonals as their ``column_cover``."""
     b, h = vertical_count.shape
     device = vertical_index.device
     n_blocks = triton.cdiv(q_len, block_size_q)
@@ -265,7 +269,8 @@ def build_vertical_slash_index_triton(
     )
     max_runs_full, max_runs_last, max_vertical, max_pieces_full, max_pieces_last = (
         int(x) for x in bounds.amax(dim=0).tolist())
-    max_ranges, max_columns = max(max_runs_full, max_runs_last, 1), max(max_vertical, 1)
+    per_head_columns = ColumnLayout(column_layout) is ColumnLayout.HEAD
+    max_ranges, max_columns = max(max_runs_full, max_runs_last, 1), 1 if per_head_columns else max(max_vertical, 1)
     range_count = torch.empty(b, h, n_blocks, dtype=torch.int32, device=device)
     column_count = torch.empty_like(range_count)
     # Slots past a block's counts are never read (every consumer masks by the counts): no fill.
@@ -278,7 +283,17 @@ def build_vertical_slash_index_triton(
         range_count, range_start, range_end, column_count, column_index, block_pairs,
         q_len, k_len, k_len - q_len, max_ranges, max_columns, n_vertical_slots, n_slash_slots,
         BLOCK_Q=block_size_q, TILE=LINE_TILE, SEARCH_STEPS=max(1, int(n_vertical_slots).bit_length()),
+        STORE_COLUMNS=not per_head_columns,
     )
+    if per_head_columns:
+        # The per-head layout reads each block's last whole range: before the split below.
+        whole = VerticalSlashIndex(
+            range_count=range_count, range_start=range_start, range_end=range_end, column_count=column_count,
+            column_index=column_index, block_size_q=block_size_q, q_len=q_len, k_len=k_len)
+        head = to_head_columns(whole, vertical_index, vertical_count, prefix)
+        column_count, column_index, column_cover = head.column_count, head.column_index, head.column_cover
+    else:
+        column_cover = None
     if max_range_keys is not None:
         max_pieces = max(max_pieces_full, max_pieces_last, 1)
         piece_count = torch.empty_like(range_count)
@@ -292,7 +307,7 @@ def build_vertical_slash_index_triton(
     return VerticalSlashIndex(
         range_count=range_count, range_start=range_start, range_end=range_end, column_count=column_count,
         column_index=column_index, block_size_q=block_size_q, q_len=q_len, k_len=k_len, block_pairs=block_pairs,
-        max_range_keys=max_range_keys,
+        max_range_keys=max_range_keys, column_cover=column_cover,
     )
 
 

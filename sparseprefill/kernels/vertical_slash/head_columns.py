@@ -1,0 +1,77 @@
+"""The per-head column layout of ``VerticalSlashIndex`` (``column_cover``), shared by both builders.
+
+The per-block layout lists, for every query block, the vertical columns outside its bands: O(blocks x
+verticals) int32, sized by the widest head. At 128K on the structured input that was 11.9x a
+Llama-3.1-8B layer's KV cache (5.9 GB, ``experiments/index_memory.py``), and on real Qwen q/k 94% of
+it was padding. The per-head layout keeps one ascending list per head, a count per block of the
+leading columns the block reads, and the head's prefix count of kept diagonals; a kernel then skips a
+column a band of its block covers with two table lookups (as the fused lines kernel does).
+
+A block reads the head's columns below its last position, or, when its last range reaches that
+position (the band of diagonal 0, which the default always keeps), only those below that range: every
+column inside it would be skipped. The columns a block reads but skips cost their tile slots, not
+their keys (``experiments/head_columns_work.py`` counts them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from enum import Enum
+
+import torch
+
+from ..geometry import query_block_bounds
+from ..indices import VerticalSlashIndex
+
+_PAST_EVERY_KEY = torch.iinfo(torch.int32).max  # sorts padding after every real column or diagonal
+
+
+class ColumnLayout(str, Enum):
+    """How a ``VerticalSlashIndex`` stores its vertical columns: ``BLOCK``, a compacted list per query
+    block (O(blocks x verticals)); ``HEAD``, one list per head that each block masks (O(verticals + Lk))."""
+
+    BLOCK = "block"
+    HEAD = "head"
+
+
+def diagonal_prefix(slash_offset: torch.Tensor, slash_count: torch.Tensor, k_len: int) -> torch.Tensor:
+    """``[B, H, Lk + 2]`` int32: ``prefix[t]`` = real diagonals of ``slash_offset [B, H, Ns]`` (first
+    ``slash_count`` slots) below ``t``, for ``t`` in ``[0, Lk + 1]`` (repeats counted)."""
+    real = torch.arange(slash_offset.shape[-1], device=slash_offset.device) < slash_count[..., None]
+    ascending = torch.where(real, slash_offset.to(torch.int32), _PAST_EVERY_KEY).sort(dim=-1).values.contiguous()
+    thresholds = torch.arange(k_len + 2, dtype=torch.int32, device=slash_offset.device)
+    thresholds = thresholds.expand(*ascending.shape[:-1], k_len + 2).contiguous()
+    return torch.searchsorted(ascending, thresholds, out_int32=True)
+
+
+def head_column_list(vertical_index: torch.Tensor, vertical_count: torch.Tensor) -> torch.Tensor:
+    """``[B, H, Nv]`` int32: each head's real columns (first ``vertical_count``, ``>= 0``), ascending and
+    unique, padded with int32's maximum (past every limit a block reads up to)."""
+    real = torch.arange(vertical_index.shape[-1], device=vertical_index.device) < vertical_count[..., None]
+    real = real & (vertical_index >= 0)
+    ascending = torch.where(real, vertical_index.to(torch.int32), _PAST_EVERY_KEY).sort(dim=-1).values
+    repeat = torch.zeros_like(real)
+    repeat[..., 1:] = ascending[..., 1:] == ascending[..., :-1]
+    return torch.where(repeat, _PAST_EVERY_KEY, ascending).sort(dim=-1).values.contiguous()
+
+
+def to_head_columns(index: VerticalSlashIndex, vertical_index: torch.Tensor, vertical_count: torch.Tensor,
+                    cover: torch.Tensor) -> VerticalSlashIndex:
+    """The same keys as ``index`` (per-block columns of ``vertical_index [B, H, Nv]``, whole merged
+    ranges: before any range split) with per-head columns: ``column_index [B, H, 1, Nv]``, per-block
+    counts of the leading columns read, ``column_cover = cover`` (``diagonal_prefix`` of the same lines)."""
+    if index.max_range_keys is not None:
+        raise ValueError("to_head_columns reads each block's last whole range; give it the index before the "
+                         f"range split (max_range_keys={index.max_range_keys})")
+    columns = head_column_list(vertical_index, vertical_count)
+    _, p1 = query_block_bounds(index.q_len, index.k_len, index.block_size_q, columns.device)
+    last = (index.range_count.long() - 1).clamp_min(0)[..., None]
+    last_start = torch.gather(index.range_start, -1, last)[..., 0]
+    last_end = torch.gather(index.range_end, -1, last)[..., 0]
+    reaches_p1 = (index.range_count > 0) & (last_end == p1 + 1)
+    limit = torch.where(reaches_p1, last_start, p1 + 1).to(torch.int32).contiguous()
+    count = torch.searchsorted(columns, limit, out_int32=True)  # columns below the limit
+    return replace(index, column_count=count, column_index=columns[:, :, None, :], column_cover=cover)
+
+
+__all__ = ["ColumnLayout", "diagonal_prefix", "head_column_list", "to_head_columns"]
