@@ -12,7 +12,13 @@ text, for the default's own lines, this counts (int32 entries, as a share of the
 - ``per_head``: each head's rows padded only to that head's own widest block;
 - ``packed``: the listed entries alone (offsets per row, as a CSR layout would store them, are one
   int per row and are counted too);
-- ``lines``: the per-head lines the estimate returns (what the fused kernel reads, before its tables).
+- ``lines``: the per-head lines the estimate returns (what the fused kernel reads, before its tables);
+- ``head``: the per-head column layout (``column_layout="head"``): one column list per head cut to the
+  widest head's count, a count per block, the diagonal prefix count (``Lk + 2`` per head) and the same
+  padded ranges;
+
+and what the per-head layout reads beyond the per-block one: its column slots and its 32-key tiles
+(whole ranges plus columns) as a ratio to the per-block layout's.
 
 Counts from the index's own counts, not a GPU measurement. On the CPU:
 
@@ -24,11 +30,14 @@ from __future__ import annotations
 import json
 import sys
 
+import torch
+
 
 from range_tile_work import captured_qwen_layers  # this folder is on sys.path
 from sparseprefill.bench.real_model import log
 from sparseprefill.config import SparseConfig
 from sparseprefill.kernels.common import default_kv_head_index
+from sparseprefill.kernels.vertical_slash.triton_attention import VERTICAL_SLASH_KEY_TILE as KEY_TILE
 from sparseprefill.patterns.vertical_slash import VerticalSlashPattern
 
 INT32_BYTES = 4
@@ -40,6 +49,8 @@ def layer_layout(q, k, scale) -> dict:
     lines = VerticalSlashPattern(SparseConfig().vertical_slash).estimate_lines(q, k, scale=scale, softcap=None,
                                                                                kv_head_index=kvh)
     index = lines.to_index(slashes_sorted=True)
+    head = lines.to_index(slashes_sorted=True, column_layout="head")
+    assert head.lists_same_entries(index), "the per-head layout must list the per-block layout's keys"
     batch, heads, blocks = index.column_count.shape
     rows = batch * heads * blocks
     kv_bytes = 2 * k.shape[1] * k.shape[2] * k.shape[3] * BF16_BYTES
@@ -52,8 +63,14 @@ def layer_layout(q, k, scale) -> dict:
         per_head=blocks * int((index.column_count.amax(-1) + 2 * index.range_count.amax(-1)).sum()),
         packed=int(index.column_count.sum()) + 2 * int(index.range_count.sum()) + 2 * rows,
         lines=int(lines.vertical_count.sum()) + int(lines.slash_count.sum()),
+        head=batch * heads * (column_width + k.shape[2] + 2) + rows * (1 + 2 * range_width),
     )
     row = {f"{name}_of_kv": INT32_BYTES * n / kv_bytes for name, n in entries.items()}
+    range_tiles = int(torch.where(index.range_valid(), -(-(index.range_end - index.range_start) // KEY_TILE), 0).sum())
+    tiles = {layout: range_tiles + int((-(-x.column_count.long() // KEY_TILE)).sum()) for layout, x in
+             (("block", index), ("head", head))}
+    row.update(head_column_slot_ratio=int(head.column_count.sum()) / max(int(index.column_count.sum()), 1),
+               head_tile_ratio=tiles["head"] / max(tiles["block"], 1))
     row.update(columns_mean=float(index.column_count.float().mean()), columns_max=int(index.column_count.max()),
                ranges_mean=float(index.range_count.float().mean()), ranges_max=range_width,
                verticals_min=int(lines.vertical_count.min()), verticals_max=int(lines.vertical_count.max()))
@@ -66,7 +83,7 @@ def main(argv=None) -> int:
     for layer, (q, k, _, scale) in captured.items():
         rows.append(dict(layer=layer, **layer_layout(q, k, scale)))
         log(f"layer {layer}: " + ", ".join(f"{key} {value:.3g}" for key, value in rows[-1].items()))
-    shares = [key for key in rows[0] if key.endswith("_of_kv")]
+    shares = [key for key in rows[0] if key.endswith(("_of_kv", "_ratio"))]
     summary = dict(length=args.length, layers=len(rows),
                    **{f"{key}_mean": sum(r[key] for r in rows) / len(rows) for key in shares},
                    **{f"{key}_max": max(r[key] for r in rows) for key in shares})

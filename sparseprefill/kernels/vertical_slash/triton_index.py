@@ -290,7 +290,8 @@ def build_vertical_slash_index_triton(
         whole = VerticalSlashIndex(
             range_count=range_count, range_start=range_start, range_end=range_end, column_count=column_count,
             column_index=column_index, block_size_q=block_size_q, q_len=q_len, k_len=k_len)
-        head = to_head_columns(whole, vertical_index, vertical_count, prefix)
+        # The plan's bound on the vertical count trims the lists (the estimate's are Lk slots wide).
+        head = to_head_columns(whole, vertical_index, vertical_count, prefix, width=max_vertical)
         column_count, column_index, column_cover = head.column_count, head.column_index, head.column_cover
     else:
         column_cover = None
