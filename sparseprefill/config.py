@@ -164,12 +164,13 @@ class VerticalSlashConfig:
     head_dim 64 they were as fast or up to 3% faster); ``auto`` (default) chooses by head_dim from those
     measurements. The same keys in every layout: no accuracy effect.
 
-    ``column_layout`` (``ColumnLayout``): ``block`` (default) lists each query block's columns outside its
-    bands, compacted: O(blocks x verticals) memory, 11.9x a Llama-3.1-8B layer's KV cache at 128K on the
+    ``column_layout`` (``ColumnLayout``): ``block`` lists each query block's columns outside its bands,
+    compacted: O(blocks x verticals) memory, 11.5x a Llama-3.1-8B layer's KV cache at 128K on the
     structured input (5.9 GB, transient, one layer at a time); ``head`` keeps one column list per head that
     each block masks by its bands in the kernel: 1.2x there (625 MB, most of it the range pieces), but the
     attention took 1.08-1.24x the time (H100, experiments/kernel_profile.py --time-slacks, docs/benchmarks.md).
-    The same keys either way: choose ``head`` where the index would not fit.
+    ``auto`` (default): ``block`` unless its table would take more than half the device memory still
+    available, then ``head`` (logged once, counted in ``stats()``). The same keys in every layout.
 
     ``heldout_recall`` (default 0.9; None turns it off): where heads are routed dense
     (``SparseConfig.route_dense_heads``, GPU), also route a head whose selected keys hold less than this
@@ -191,7 +192,7 @@ class VerticalSlashConfig:
     fused: bool = False
     heldout_recall: float | None = DEFAULT_HELDOUT_RECALL
     range_layout: RangeLayout = RangeLayout.AUTO
-    column_layout: ColumnLayout = ColumnLayout.BLOCK
+    column_layout: ColumnLayout = ColumnLayout.AUTO
 
     def __post_init__(self) -> None:
         _check_bool("vertical_slash.fused", self.fused)

@@ -376,8 +376,8 @@ class VerticalSlashLines:
         """The per-query-block ``VerticalSlashIndex`` of the same keys (what the default attends; also
         inspection, recall, profiles). ``slashes_sorted``: the diagonals ascend in their counts
         (``select_lines`` output), which spares the GPU builder a sort. ``max_range_keys``: ranges cut
-        into pieces of at most that many keys; ``column_layout``: ``"block"`` or ``"head"`` (both as
-        ``build_vertical_slash_index`` takes them)."""
+        into pieces of at most that many keys; ``column_layout``: ``"block"``, ``"head"`` or ``"auto"``
+        (both as ``build_vertical_slash_index`` takes them)."""
         from .vertical_slash import build_vertical_slash_index
 
         return build_vertical_slash_index(

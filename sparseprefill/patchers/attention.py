@@ -24,6 +24,7 @@ from torch import nn
 from ..kernels import dense_attention, fast_dense_attention
 from ..kernels.common import default_kv_head_index
 from ..kernels.geometry import causal_pairs_total
+from ..kernels.indices import VerticalSlashIndex
 from ..patterns import inspectable_index, window_attention
 from ..patterns.cost import dense_break_even
 from .decode import decode_attention, follow_up_attention, invalidate_layer
@@ -129,6 +130,8 @@ def _run_span(
             result = group.pattern.run(q[:, heads], k, v, kv_head_index=kv_of_head[heads], out=part, **common)
             out[:, heads] = part
         stats.record_dense_heads(result.dense_heads)
+        if isinstance(result.index, VerticalSlashIndex) and result.index.columns_per_head:
+            stats.per_head_columns += 1
         computed.append(result.computed_pairs.sum())
         selections.append((group.heads, result.index))
     if state.inspector is not None:

@@ -83,6 +83,9 @@ class LayerStats:
     phases: Counter = field(default_factory=Counter)
     fallbacks: Counter = field(default_factory=Counter)
     patterns: Counter = field(default_factory=Counter)
+    # Sparse calls whose vertical-slash index kept one column list per head (``column_layout``: asked for,
+    # or chosen by ``auto`` where the per-block table would not fit the device memory).
+    per_head_columns: int = 0
     causal_pairs: int = 0
     # (batch row, head) pairs of sparse calls whose estimate kept past the kernel's break-even, or failed
     # the pattern's own check (VerticalSlashConfig.heldout_recall), so they ran dense attention instead
@@ -165,6 +168,7 @@ class LayerStats:
             "fallbacks": dict(self.fallbacks),
             "patterns": dict(self.patterns),
             "estimated_dense_heads": self.estimated_dense_heads,
+            "per_head_columns": self.per_head_columns,
             "density": self.density,
             "last_density": self.last_density,
             "computed_pairs": self.computed_pairs,
@@ -196,6 +200,11 @@ class PatchStats:
         return sum(s.estimated_dense_heads for s in self.layers)
 
     @property
+    def per_head_columns(self) -> int:
+        """Sparse calls whose vertical-slash index kept one column list per head (``column_layout``)."""
+        return sum(s.per_head_columns for s in self.layers)
+
+    @property
     def fallbacks(self) -> Counter:
         total: Counter = Counter()
         for s in self.layers:
@@ -219,6 +228,7 @@ class PatchStats:
             "phases": dict(self.phases),
             "fallbacks": dict(self.fallbacks),
             "estimated_dense_heads": self.estimated_dense_heads,
+            "per_head_columns": self.per_head_columns,
             "layers": [s.to_dict() for s in self.layers],
         }
 
@@ -234,6 +244,7 @@ class PatchStats:
             falls = ", ".join(f"{k}={v}" for k, v in sorted(s.fallbacks.items())
                               if k != FallbackReason.PROFILE_RANGE.value)
             routed = f" [{s.estimated_dense_heads} head calls dense by estimate]" if s.estimated_dense_heads else ""
+            routed += f" [{s.per_head_columns} calls with per-head column lists]" if s.per_head_columns else ""
             config_pattern = f" [config's pattern, not the profile's: {FallbackReason.PROFILE_RANGE.value}={beyond}]"
             lines.append(f"{s.layer_idx:>5}  {d:>7}  {phases}" + (f" [dense: {falls}]" if falls else "") + routed
                          + (config_pattern if beyond else ""))

@@ -411,6 +411,30 @@ def test_stats_table_and_dict():
 
 
 
+def test_auto_column_layout_switches_to_per_head_lists_when_memory_is_short(monkeypatch):
+    """``column_layout="auto"`` (the default) builds per-head column lists where the per-block table
+    would not fit the device memory still available (faked here: the CPU reference otherwise always
+    builds per-block lists), with the same logits, and ``stats()`` counts those calls."""
+    from sparseprefill.kernels.vertical_slash import head_columns
+
+    config = replace(LOSSY, pattern="vertical_slash")
+    assert config.vertical_slash.column_layout.value == "auto"
+    model = tiny_model("llama", windowed=False, qk_scale=PEAKED_QK)
+    ids = random_ids(SPARSE_LENGTH)
+    sparseprefill.patch(model, config)
+    per_block = _logits(model, ids)
+    assert sparseprefill.stats(model).per_head_columns == 0
+    sparseprefill.reset_stats(model)
+    monkeypatch.setattr(head_columns, "available_device_memory", lambda device: 1)
+    per_head = _logits(model, ids)
+    stats = sparseprefill.stats(model)
+    sparseprefill.unpatch(model)
+    torch.testing.assert_close(per_head, per_block, atol=EXACT_ATOL, rtol=0)
+    assert stats.per_head_columns == model.config.num_hidden_layers > 0
+    assert stats.to_dict()["per_head_columns"] == stats.per_head_columns
+    assert "calls with per-head column lists" in str(stats)
+
+
 def test_dense_layers_run_all_their_heads_dense_and_the_others_sparse():
     model = tiny_model("llama", windowed=False, qk_scale=PEAKED_QK)
     ids = random_ids(SPARSE_LENGTH)

@@ -243,3 +243,26 @@ def test_head_columns_refusals():
         replace(head, column_cover=head.column_cover[..., :-1])
     with pytest.raises(ValueError, match="per-head columns: column_index must be"):
         replace(head, column_index=head.column_index.expand(-1, -1, 4, -1))
+
+
+@pytest.mark.parametrize("available,expected", [(None, "block"), (10**12, "block"), (1, "head")])
+def test_auto_column_layout_follows_the_memory_available(monkeypatch, available, expected):
+    """``auto``: per-head lists only where the per-block column table would exceed the share of the
+    memory still available (``available`` faked; None: off CUDA); explicit layouts are kept as asked."""
+    from sparseprefill.kernels.vertical_slash import head_columns
+    from sparseprefill.kernels.vertical_slash.head_columns import ColumnLayout, resolve_column_layout
+
+    monkeypatch.setattr(head_columns, "available_device_memory", lambda device: available)
+    args = _lines(1, 2, 130, 0.3, 0.1, seed=6)
+    kw = dict(q_len=100, k_len=130, block_size_q=16)
+    per_block = build_vertical_slash_index_naive(*[a.cpu() for a in args], **kw)
+    for index in (build_vertical_slash_index(*[a.cpu() for a in args], column_layout="auto", **kw),
+                  build_vertical_slash_index_triton(*args, column_layout="auto", **kw)):
+        assert index.columns_per_head == (expected == "head")
+        assert _on_cpu(index).lists_same_entries(per_block)
+    assert resolve_column_layout("block", 10**15, torch.device(DEVICE)) is ColumnLayout.BLOCK
+    assert resolve_column_layout("head", 0, torch.device(DEVICE)) is ColumnLayout.HEAD
+    share = head_columns.BLOCK_COLUMNS_MAX_SHARE
+    if available is not None:  # the boundary: a table of exactly the share still fits
+        assert resolve_column_layout("auto", int(share * available), torch.device(DEVICE)).value == "block"
+        assert resolve_column_layout("auto", int(share * available) + 1, torch.device(DEVICE)).value == "head"

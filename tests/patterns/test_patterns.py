@@ -428,17 +428,17 @@ def test_vertical_slash_column_layout_option(device):
     index (one column list per head) and the pattern's output equals the per-block layout's."""
     from sparseprefill import ColumnLayout
 
-    assert VerticalSlashConfig().column_layout is ColumnLayout.BLOCK
+    assert VerticalSlashConfig().column_layout is ColumnLayout.AUTO
     config = SparseConfig(vertical_slash=VerticalSlashConfig(column_layout="head"))
     assert SparseConfig(**config.to_dict()).vertical_slash.column_layout is ColumnLayout.HEAD
-    with pytest.raises(ValueError, match=r"column_layout must be one of \['block', 'head'\], got 'rows'"):
+    with pytest.raises(ValueError, match=r"column_layout must be one of \['auto', 'block', 'head'\], got 'rows'"):
         VerticalSlashConfig(column_layout="rows")
     b, hq, hkv, length, head_dim = 1, 4, 2, 300, 64
     q, k, v = (t.to(device) for t in ref.make_qkv(5, b, hq, hkv, length, length, head_dim, spread=2.0))
     vs = dict(last_queries=32, sink_tokens=4, local_tokens=16, block_size=64 if device == "cuda" else 32)
     kw = dict(scale=head_dim**-0.5, softcap=None, kv_head_index=torch.arange(hq, device=device) // (hq // hkv))
     head = VerticalSlashPattern(VerticalSlashConfig(**vs, column_layout="head"))
-    block = VerticalSlashPattern(VerticalSlashConfig(**vs))
+    block = VerticalSlashPattern(VerticalSlashConfig(**vs, column_layout="block"))
     head_index, block_index = head.estimate(q, k, **kw), block.estimate(q, k, **kw)
     assert head_index.columns_per_head and not block_index.columns_per_head
     assert head_index.column_count.sum() > 0, "the test lines must have columns"

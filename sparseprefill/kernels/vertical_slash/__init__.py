@@ -16,7 +16,7 @@ from ..common import (
 )
 from ..indices import VerticalSlashIndex, VerticalSlashLines
 from ..recall import checked_recall_blocks
-from .head_columns import ColumnLayout, diagonal_prefix, to_head_columns
+from .head_columns import ColumnLayout, diagonal_prefix, resolve_column_layout, to_head_columns
 from .naive import (
     block_recall_naive,
     build_vertical_slash_index_naive,
@@ -111,7 +111,9 @@ def build_vertical_slash_index(
             when its key tile is that wide (``range_piece_keys``).
         column_layout: ``"block"``, each query block's columns outside its bands, compacted
             (O(blocks x verticals) memory); ``"head"``, one column list per head that every block reads
-            and masks by its bands (``column_cover``; O(verticals + Lk)). The same keys either way.
+            and masks by its bands (``column_cover``; O(verticals + Lk)); ``"auto"``, block unless its
+            table would exceed ``BLOCK_COLUMNS_MAX_SHARE`` of the device memory still available
+            (``head_columns.resolve_column_layout``). The same keys either way.
     """
     if max_range_keys is not None and max_range_keys < 1:
         raise ValueError(f"max_range_keys must be >= 1 or None, got {max_range_keys}")
@@ -132,7 +134,9 @@ def build_vertical_slash_index(
     index = build_vertical_slash_index_naive(
         vertical_index, vertical_count, slash_offset, slash_count, q_len=q_len, k_len=k_len, block_size_q=block_size_q
     )
-    if column_layout is ColumnLayout.HEAD:
+    int32_bytes = 4
+    table_bytes = index.column_index.numel() * int32_bytes  # the compacted per-block table just built
+    if resolve_column_layout(column_layout, table_bytes, vertical_index.device) is ColumnLayout.HEAD:
         index = to_head_columns(index, vertical_index, vertical_count,
                                 diagonal_prefix(slash_offset, slash_count, k_len))
     return index if max_range_keys is None else split_ranges_naive(index, max_range_keys)

@@ -17,6 +17,7 @@ its column slots and 1.08-1.24x its attention time (H100).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from enum import Enum
 
@@ -28,12 +29,57 @@ from ..indices import VerticalSlashIndex
 _PAST_EVERY_KEY = torch.iinfo(torch.int32).max  # sorts padding after every real column or diagonal
 
 
+logger = logging.getLogger("sparseprefill")
+
+
 class ColumnLayout(str, Enum):
     """How a ``VerticalSlashIndex`` stores its vertical columns: ``BLOCK``, a compacted list per query
-    block (O(blocks x verticals)); ``HEAD``, one list per head that each block masks (O(verticals + Lk))."""
+    block (O(blocks x verticals)); ``HEAD``, one list per head that each block masks (O(verticals + Lk));
+    ``AUTO``, ``BLOCK`` unless its column table would not fit the device memory still available
+    (``resolve_column_layout``)."""
 
+    AUTO = "auto"
     BLOCK = "block"
     HEAD = "head"
+
+
+# ``AUTO`` builds per-head lists where the per-block column table would take more than this share of
+# the device memory still available: the same keys at 1.08-1.24x the attention time (H100, stop 36)
+# instead of an out-of-memory error (the table is 11.5x a Llama-3.1-8B layer's KV cache at 128K, and
+# grows with heads and batch). Half: the attention's output and the next layer's work need the rest.
+BLOCK_COLUMNS_MAX_SHARE = 0.5
+
+
+def available_device_memory(device: torch.device) -> int | None:
+    """Bytes a new tensor on ``device`` can still take: the driver's free memory plus what PyTorch's
+    allocator holds unused; None off CUDA (the CPU reference builds the per-block layout)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+_warned_auto_head = False
+
+
+def resolve_column_layout(layout: ColumnLayout | str, block_table_bytes: int, device: torch.device) -> ColumnLayout:
+    """The layout to build: ``layout`` itself unless ``AUTO``, which is ``HEAD`` where the per-block
+    column table (``block_table_bytes``) would exceed ``BLOCK_COLUMNS_MAX_SHARE`` of
+    ``available_device_memory(device)``, else ``BLOCK``. The switch is logged once per process; the
+    index it builds says so (``columns_per_head``) and the patched model's stats count it."""
+    global _warned_auto_head
+    layout = ColumnLayout(layout)
+    if layout is not ColumnLayout.AUTO:
+        return layout
+    available = available_device_memory(device)
+    if available is None or block_table_bytes <= BLOCK_COLUMNS_MAX_SHARE * available:
+        return ColumnLayout.BLOCK
+    if not _warned_auto_head:
+        logger.warning("sparseprefill: the per-block column index would take %.2f GB of the %.2f GB available; "
+                       "building per-head column lists instead (the same keys, slower attention)",
+                       block_table_bytes / 1e9, available / 1e9)
+        _warned_auto_head = True
+    return ColumnLayout.HEAD
 
 
 def diagonal_prefix(slash_offset: torch.Tensor, slash_count: torch.Tensor, k_len: int) -> torch.Tensor:
@@ -80,4 +126,5 @@ def to_head_columns(index: VerticalSlashIndex, vertical_index: torch.Tensor, ver
     return replace(index, column_count=count, column_index=columns[:, :, None, :], column_cover=cover)
 
 
-__all__ = ["ColumnLayout", "diagonal_prefix", "head_column_list", "to_head_columns"]
+__all__ = ["BLOCK_COLUMNS_MAX_SHARE", "ColumnLayout", "available_device_memory", "diagonal_prefix",
+           "head_column_list", "resolve_column_layout", "to_head_columns"]

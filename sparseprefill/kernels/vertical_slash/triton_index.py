@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..indices import VerticalSlashIndex
-from .head_columns import ColumnLayout, to_head_columns
+from .head_columns import ColumnLayout, resolve_column_layout, to_head_columns
 
 LINE_TILE = 128  # lines per vectorised step; a tile of int32 offsets and its neighbours fits registers
 PLAN_TILE = 1024  # diagonals / thresholds per step of the per-head plan (prefix counts, run bounds)
@@ -269,7 +269,9 @@ def build_vertical_slash_index_triton(
     )
     max_runs_full, max_runs_last, max_vertical, max_pieces_full, max_pieces_last = (
         int(x) for x in bounds.amax(dim=0).tolist())
-    per_head_columns = ColumnLayout(column_layout) is ColumnLayout.HEAD
+    int32_bytes = 4
+    block_table_bytes = b * h * n_blocks * max(max_vertical, 1) * int32_bytes
+    per_head_columns = resolve_column_layout(column_layout, block_table_bytes, device) is ColumnLayout.HEAD
     max_ranges, max_columns = max(max_runs_full, max_runs_last, 1), 1 if per_head_columns else max(max_vertical, 1)
     range_count = torch.empty(b, h, n_blocks, dtype=torch.int32, device=device)
     column_count = torch.empty_like(range_count)
