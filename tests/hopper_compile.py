@@ -92,12 +92,13 @@ def _run_launches() -> None:
         kw = dict(scale=head_dim**-0.5, softcap=softcap, kv_head_index=kvh)
         vertical_slash_attention_triton(q, k, v, index, window=window, out=torch.empty_like(q), **kw)
         vertical_slash_attention_triton(q, k, v, pieces, window=window, out=torch.empty_like(q), **kw)
-        vertical_slash_attention_triton(q, k, v, head_columns, window=window, out=torch.empty_like(q), **kw)
-        for tma in (False, True):  # both load paths, whatever the shipped default
-            vertical_slash_attention_triton(q, k, v, index, window=window, out=torch.empty_like(q),
-                                            range_tma=tma, **kw)
-            block_sparse_attention_triton(q, k, v, blocks, window=window, out=torch.empty_like(q), block_tma=tma,
-                                          **kw)
+        if window is not None:  # the other load path and the per-head columns, once (compiles are slow)
+            vertical_slash_attention_triton(q, k, v, head_columns, window=window, out=torch.empty_like(q), **kw)
+            for tma in (False, True):  # both load paths, whatever the shipped default
+                vertical_slash_attention_triton(q, k, v, index, window=window, out=torch.empty_like(q),
+                                                range_tma=tma, **kw)
+                block_sparse_attention_triton(q, k, v, blocks, window=window, out=torch.empty_like(q),
+                                              block_tma=tma, **kw)
         block_sparse_attention_triton(q, k, v, blocks, window=window, out=torch.empty_like(q), **kw)
         vertical_slash_lines_attention_triton(q, k, v, lines, window=window, out=torch.empty_like(q),
                                               lines_sorted=True, **kw)
