@@ -101,12 +101,10 @@ def build_cases(shape: str, length: int):
     est = dict(scale=scale, softcap=None, kv_head_index=kv_head_index)
     vs = build_pattern("vertical_slash", config)
     lines = vs.estimate_lines(q, k, **est)
-    index = lines.to_index(slashes_sorted=True)
-    pieces = lines.to_index(slashes_sorted=True,
-                            max_range_keys=range_piece_keys(head_dim, index.block_size_q, q.element_size()))
-    piece_keys = range_piece_keys(head_dim, index.block_size_q, q.element_size())
-    index_head = lines.to_index(slashes_sorted=True, column_layout="head")
-    pieces_head = lines.to_index(slashes_sorted=True, max_range_keys=piece_keys, column_layout="head")
+    piece_keys = range_piece_keys(head_dim, config.vertical_slash.block_size, q.element_size())
+    whole, pieces = (lines.to_index(slashes_sorted=True, max_range_keys=cut) for cut in (None, piece_keys))
+    whole_head, pieces_head = (lines.to_index(slashes_sorted=True, max_range_keys=cut, column_layout="head")
+                               for cut in (None, piece_keys))
     blocks = build_pattern("antidiagonal", config).estimate(q, k, **est)
     kw = dict(scale=scale, window=None, softcap=None, kv_head_index=kv_head_index)
     outs = {name: torch.empty_like(q) for name in LAUNCHES}
@@ -116,42 +114,31 @@ def build_cases(shape: str, length: int):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
                                                                     scale=scale)
 
-    launches = {
-        "cudnn": cudnn,
-        "index_whole": lambda slack=None: vertical_slash_attention_triton(
-            q, k, v, index, out=outs["index_whole"], rescale_slack=slack, range_tma=False, **kw),
-        "index_pieces": lambda slack=None: vertical_slash_attention_triton(
-            q, k, v, pieces, out=outs["index_pieces"], rescale_slack=slack, range_tma=False, **kw),
-        # The same indices with range tiles loaded through tensor descriptors (TMA).
-        "index_whole_tma": lambda slack=None: vertical_slash_attention_triton(
-            q, k, v, index, out=outs["index_whole_tma"], rescale_slack=slack, range_tma=True, **kw),
-        "index_pieces_tma": lambda slack=None: vertical_slash_attention_triton(
-            q, k, v, pieces, out=outs["index_pieces_tma"], rescale_slack=slack, range_tma=True, **kw),
-        # The same keys with per-head column lists, masked per block (O(lines) index memory).
-        "index_whole_head": lambda slack=None: vertical_slash_attention_triton(
-            q, k, v, index_head, out=outs["index_whole_head"], rescale_slack=slack, range_tma=False, **kw),
-        "index_pieces_head": lambda slack=None: vertical_slash_attention_triton(
-            q, k, v, pieces_head, out=outs["index_pieces_head"], rescale_slack=slack, range_tma=False, **kw),
-        "index_whole_head_tma": lambda slack=None: vertical_slash_attention_triton(
-            q, k, v, index_head, out=outs["index_whole_head_tma"], rescale_slack=slack, range_tma=True, **kw),
-        "fused_lines": lambda slack=None: vertical_slash_lines_attention_triton(
-            q, k, v, lines, out=outs["fused_lines"], lines_sorted=True, rescale_slack=slack, **kw),
-        "block_sparse": lambda slack=None: block_sparse_attention_triton(
-            q, k, v, blocks, out=outs["block_sparse"], rescale_slack=slack, block_tma=False, **kw),
-        "block_sparse_tma": lambda slack=None: block_sparse_attention_triton(
-            q, k, v, blocks, out=outs["block_sparse_tma"], rescale_slack=slack, block_tma=True, **kw),
-    }
+    # The index kernel's launches: (index, range tiles through tensor descriptors). Whole bands and range
+    # pieces, per-block and per-head column lists (the same keys, O(lines) index memory).
+    index_launches = {"index_whole": (whole, False), "index_pieces": (pieces, False),
+                      "index_whole_tma": (whole, True), "index_pieces_tma": (pieces, True),
+                      "index_whole_head": (whole_head, False), "index_pieces_head": (pieces_head, False),
+                      "index_whole_head_tma": (whole_head, True)}
+
+    def index_launch(name, index, tma):
+        return lambda slack=None: vertical_slash_attention_triton(q, k, v, index, out=outs[name], rescale_slack=slack,
+                                                                  range_tma=tma, **kw)
+
+    def block_launch(name, tma):
+        return lambda slack=None: block_sparse_attention_triton(q, k, v, blocks, out=outs[name], rescale_slack=slack,
+                                                                block_tma=tma, **kw)
+
+    launches = {"cudnn": cudnn,
+                **{name: index_launch(name, index, tma) for name, (index, tma) in index_launches.items()},
+                "fused_lines": lambda slack=None: vertical_slash_lines_attention_triton(
+                    q, k, v, lines, out=outs["fused_lines"], lines_sorted=True, rescale_slack=slack, **kw),
+                "block_sparse": block_launch("block_sparse", False),
+                "block_sparse_tma": block_launch("block_sparse_tma", True)}
     causal = length * (length + 1) // 2 * heads
-    densities = {"cudnn": 1.0, "index_whole": float(index.computed_pairs().sum()) / causal,
-                 "index_pieces": float(pieces.computed_pairs().sum()) / causal,
-                 "index_whole_tma": float(index.computed_pairs().sum()) / causal,
-                 "index_pieces_tma": float(pieces.computed_pairs().sum()) / causal,
-                 "index_whole_head": float(index_head.computed_pairs().sum()) / causal,
-                 "index_pieces_head": float(pieces_head.computed_pairs().sum()) / causal,
-                 "index_whole_head_tma": float(index_head.computed_pairs().sum()) / causal,
-                 "fused_lines": float(index.computed_pairs().sum()) / causal,
-                 "block_sparse": float(blocks.computed_pairs().sum()) / causal,
-                 "block_sparse_tma": float(blocks.computed_pairs().sum()) / causal}
+    share = lambda index: float(index.computed_pairs().sum()) / causal  # noqa: E731
+    densities = {"cudnn": 1.0, **{name: share(index) for name, (index, _) in index_launches.items()},
+                 "fused_lines": share(whole), "block_sparse": share(blocks), "block_sparse_tma": share(blocks)}
     # The index conversion itself (the plan's host read included), per column layout, whole bands.
     conversions = {f"convert_{layout}": (lambda layout=layout: lines.to_index(slashes_sorted=True,
                                                                               column_layout=layout))
