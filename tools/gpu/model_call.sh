@@ -14,13 +14,13 @@ python -c "
 from sparseprefill.evals import offline_models as om
 om.install_gguf(om.QWEN_CODER, '$G'); om.load_qwen_coder(metadata='$M')" > $OUT/prep.log 2>&1
 echo "prep rc=$?"
-if [ "${E2E:-0}" = 1 ]; then
-  timeout ${T1:-300} python experiments/real_speed.py --metadata $M --parts e2e --lengths $LENS \
-    --candidates $CANDS --needle-candidates ${NEEDLES:-} --out $OUT/e2e > $OUT/e2e.log 2>&1; echo "e2e rc=$?"
-fi
 if [ "${TIMING:-0}" = 1 ]; then
   timeout ${T3:-150} python experiments/real_speed.py --metadata $M --parts timing --timing-lengths $TLENS \
     --timing-candidates $TCANDS --out $OUT/timing > $OUT/timing.log 2>&1; echo "timing rc=$?"
+fi
+if [ "${E2E:-0}" = 1 ]; then
+  timeout ${T1:-300} python experiments/real_speed.py --metadata $M --parts e2e --lengths $LENS \
+    --candidates $CANDS --needle-candidates ${NEEDLES:-} --out $OUT/e2e > $OUT/e2e.log 2>&1; echo "e2e rc=$?"
 fi
 if [ "${QK:-0}" = 1 ]; then
   timeout ${T4:-200} python -m sparseprefill bench kernels --qk-from qwen2.5-coder --lengths $QKL \
