@@ -90,6 +90,7 @@ def build_cases(shape: str, length: int):
     from sparseprefill.kernels.block_sparse.triton_attention import block_sparse_attention_triton
     from sparseprefill.kernels.vertical_slash import range_piece_keys
     from sparseprefill.kernels.vertical_slash.triton_attention import vertical_slash_attention_triton
+    from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
     from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton
     from sparseprefill.patterns import build_pattern
 
@@ -139,10 +140,17 @@ def build_cases(shape: str, length: int):
     share = lambda index: float(index.computed_pairs().sum()) / causal  # noqa: E731
     densities = {"cudnn": 1.0, **{name: share(index) for name, (index, _) in index_launches.items()},
                  "fused_lines": share(whole), "block_sparse": share(blocks), "block_sparse_tma": share(blocks)}
-    # The index conversion itself (the plan's host read included), per column layout, whole bands.
+    # The index conversion itself (the plan's host read included), per column layout, whole bands; and the
+    # per-block layout with full-width blocks' ranges built from their head's runs (``head_runs``).
     conversions = {f"convert_{layout}": (lambda layout=layout: lines.to_index(slashes_sorted=True,
                                                                               column_layout=layout))
                    for layout in ("block", "head")}
+    conversions["convert_block_runs"] = lambda: build_vertical_slash_index_triton(
+        lines.vertical_index, lines.vertical_count, lines.slash_offset, lines.slash_count, q_len=lines.q_len,
+        k_len=lines.k_len, block_size_q=lines.block_size_q, slashes_sorted=True, head_runs=True)
+    runs_index = conversions["convert_block_runs"]()
+    if not runs_index.lists_same_entries(whole):
+        raise AssertionError("the head-runs conversion lists other keys than the default's")
     return launches, densities, conversions
 
 

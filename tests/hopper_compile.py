@@ -75,12 +75,15 @@ def _run_launches() -> None:
                                                max_range_keys=32)
     head_columns = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64,
                                                      column_layout="head")
+    build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64, head_runs=True)
     lines = vertical_slash_lines(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64)
     n_blocks = -(-length // 64)
     blocks = select_blocks(torch.rand(1, hq, n_blocks, n_blocks, generator=g), q_len=length, k_len=length,
                            block_size_q=64, block_size_k=64, mass=0.5)
-    select_line_kinds_triton(torch.rand(2, 1, hq, length, generator=g), torch.zeros(2, 1, 1, length, dtype=torch.bool),
-                             [0.9, 0.9], [None, 10], 1.0)
+    for method in ("sort", "search"):
+        select_line_kinds_triton(torch.rand(2, 1, hq, length, generator=g),
+                                 torch.zeros(2, 1, 1, length, dtype=torch.bool), [0.9, 0.9], [None, 10], 1.0,
+                                 method=method)
     # The block selection on a short row (4 warps) and on a row past SMALL_ROW_BLOCKS (8 warps).
     select_blocks_triton(torch.rand(1, hq, n_blocks, n_blocks, generator=g), q_len=length, k_len=length,
                          block_size_q=64, block_size_k=64, mass=0.9, sink_blocks=1)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 from tests import reference  # noqa: E402
 from sparseprefill.kernels import build_vertical_slash_index, select_blocks  # noqa: E402
 from sparseprefill.kernels.vertical_slash.naive import build_vertical_slash_index_naive  # noqa: E402
+from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton  # noqa: E402
 from sparseprefill.kernels.block_sparse.columns import blocks_with_columns  # noqa: E402
 from sparseprefill.kernels.block_sparse.naive import block_sparse_attention_naive  # noqa: E402
 from sparseprefill.kernels.block_sparse.triton_attention import block_sparse_attention_triton  # noqa: E402
@@ -141,8 +142,9 @@ def test_vertical_slash_fuzz(shape):
     sc, so = compact(torch.rand(batch, hq, k_len, generator=g, device="cuda") < density * 0.2)
     # Per-head columns (masked per block in the kernel) on every other case.
     column_layout = ("block", "head")[(seed // 2) % 2]
-    index = build_vertical_slash_index(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block,
-                                       column_layout=column_layout)
+    # Full-width blocks' ranges from their head's runs (``head_runs``) on every other case.
+    index = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block,
+                                              column_layout=column_layout, head_runs=(seed // 8) % 2 == 1)
     # The Triton converter built it on CUDA; the naive converter must list the same keys.
     assert index.lists_same_entries(
         build_vertical_slash_index_naive(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block))

@@ -138,7 +138,8 @@ def _canonical(index):
     [(2, 3, 77, 101, 16, 0.2, 0.1), (1, 2, 130, 200, 32, 0.05, 0.3), (1, 1, 64, 64, 16, 0.0, 0.05),
      (1, 2, 40, 300, 16, 0.5, 0.02), (2, 2, 100, 100, 32, 0.3, 0.0), (1, 2, 257, 257, 64, 0.1, 0.1)],
 )
-def test_index_conversion_triton_matches_naive(b, h, lq, lk, block, p_vertical, p_slash):
+@pytest.mark.parametrize("head_runs", [False, True], ids=["visible_diagonals", "head_runs"])
+def test_index_conversion_triton_matches_naive(b, h, lq, lk, block, p_vertical, p_slash, head_runs):
     from sparseprefill.kernels.vertical_slash.naive import build_vertical_slash_index_naive
     from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
 
@@ -147,10 +148,11 @@ def test_index_conversion_triton_matches_naive(b, h, lq, lk, block, p_vertical, 
     slash_count, slash_offset = compact((torch.rand(b, h, lk, generator=g) < p_slash).to(DEVICE))
     args = (vertical_index.long(), vertical_count, slash_offset.long(), slash_count)
     expected = build_vertical_slash_index_naive(*args, q_len=lq, k_len=lk, block_size_q=block)
-    got = build_vertical_slash_index_triton(*args, q_len=lq, k_len=lk, block_size_q=block)
+    got = build_vertical_slash_index_triton(*args, q_len=lq, k_len=lk, block_size_q=block, head_runs=head_runs)
     assert _canonical(got) == _canonical(expected)
     # compact() lists ascending lines, as select_lines does: the builder may skip its sort then.
-    presorted = build_vertical_slash_index_triton(*args, q_len=lq, k_len=lk, block_size_q=block, slashes_sorted=True)
+    presorted = build_vertical_slash_index_triton(*args, q_len=lq, k_len=lk, block_size_q=block, slashes_sorted=True,
+                                                  head_runs=head_runs)
     assert _canonical(presorted) == _canonical(expected)
     assert torch.equal(presorted.block_pairs, got.block_pairs)
     # The kernel's own pair count (block_pairs) against the closed form over the naive lists.
@@ -184,10 +186,12 @@ def test_index_conversion_triton_matches_naive_on_unsorted_lines(case):
 
     q_len, k_len, block, args = case
     expected = build_vertical_slash_index_naive(*args, q_len=q_len, k_len=k_len, block_size_q=block)
-    got = build_vertical_slash_index_triton(*args, q_len=q_len, k_len=k_len, block_size_q=block)
-    assert _canonical(got) == _canonical(expected)
-    assert got.lists_same_entries(expected) and expected.lists_same_entries(got)
-    assert torch.equal(got.block_pairs.sum(-1), expected.computed_pairs())
+    for head_runs in (False, True):  # full-width blocks from visible diagonals or from the head's runs
+        got = build_vertical_slash_index_triton(*args, q_len=q_len, k_len=k_len, block_size_q=block,
+                                                head_runs=head_runs)
+        assert _canonical(got) == _canonical(expected), head_runs
+        assert got.lists_same_entries(expected) and expected.lists_same_entries(got)
+        assert torch.equal(got.block_pairs.sum(-1), expected.computed_pairs()), head_runs
 
 
 @pytest.mark.gpu

@@ -36,11 +36,16 @@ def integer_rows(draw):
     return scores, forced, [draw(mass) for _ in range(kinds)], [draw(cap) for _ in range(kinds)]
 
 
+METHODS = ["sort", "search"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @PROPS
 @given(case=integer_rows())
-def test_triton_selection_equals_the_naive_twin_on_exact_sums(case):
+def test_triton_selection_equals_the_naive_twin_on_exact_sums(method, case):
     scores, forced, masses, caps = case
-    count, index = select_line_kinds_triton(scores.to(DEVICE), forced.to(DEVICE), masses, caps, KEEP_ALL_MASS)
+    count, index = select_line_kinds_triton(scores.to(DEVICE), forced.to(DEVICE), masses, caps, KEEP_ALL_MASS,
+                                            method=method)
     assert count.dtype == index.dtype == torch.int32 and index.shape == scores.shape
     for kind in range(scores.shape[0]):
         want_count, want_index = select_lines_naive(scores[kind], forced[kind], masses[kind], caps[kind])
@@ -73,8 +78,9 @@ def _assert_same_up_to_the_boundary_line(scores, forced, mass, got_count, got_in
         assert abs(before - target) <= BOUNDARY_REL_TOL * float(s.sum()), (row, before, target)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("n", [1, 70, 2048, 5000])
-def test_triton_selection_on_the_estimate_call_shape(n):
+def test_triton_selection_on_the_estimate_call_shape(n, method):
     """Columns and diagonals at once (``[2, B, H, N]``, forced prefixes), real scores with ties and zeros,
     against the torch path."""
     g = torch.Generator().manual_seed(n)
@@ -86,7 +92,7 @@ def test_triton_selection_on_the_estimate_call_shape(n):
     for masses, caps in (((0.95, 0.9), (None, None)), ((0.8, KEEP_ALL_MASS), (n // 10, None)),
                          ((KEEP_ALL_MASS, 0.5), (None, 7))):
         count, index = select_line_kinds_triton(scores.to(DEVICE), forced.to(DEVICE), list(masses), list(caps),
-                                                KEEP_ALL_MASS)
+                                                KEEP_ALL_MASS, method=method)
         want_count, want_index = select_line_kinds(scores, forced, list(masses), list(caps), trim=False)
         for kind in range(2):
             _assert_same_up_to_the_boundary_line(
@@ -115,14 +121,14 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @reference.gpu_fuzz
 @given(n=st.integers(1, 9000), rows=st.integers(1, 6), forced_lines=st.integers(0, 64), exact=st.booleans(),
        mass=st.sampled_from([0.0, 0.5, 0.8, 0.9, 0.95, 0.98, KEEP_ALL_MASS]), cap=st.none() | st.integers(0, 3000),
-       seed=st.integers(0, 2**31 - 1))
-def test_triton_selection_fuzz(n, rows, forced_lines, exact, mass, cap, seed):
+       seed=st.integers(0, 2**31 - 1), method=st.sampled_from(METHODS))
+def test_triton_selection_fuzz(n, rows, forced_lines, exact, mass, cap, seed, method):
     """Random widths, forced prefixes, masses and caps on the GPU: integer scores must match the naive
     twin exactly; real scores up to the boundary line."""
     g = torch.Generator().manual_seed(seed)
     scores = torch.randint(0, 50, (1, rows, n), generator=g).float() if exact else torch.rand(1, rows, n, generator=g) ** 6
     forced = (torch.arange(n) < forced_lines)[None, None, :]
-    count, index = select_line_kinds_triton(scores.cuda(), forced.cuda(), [mass], [cap], KEEP_ALL_MASS)
+    count, index = select_line_kinds_triton(scores.cuda(), forced.cuda(), [mass], [cap], KEEP_ALL_MASS, method=method)
     want_count, want_index = select_lines_naive(scores[0], forced[0], mass, cap)
     if exact:
         assert torch.equal(count[0].cpu(), want_count)
@@ -132,6 +138,7 @@ def test_triton_selection_fuzz(n, rows, forced_lines, exact, mass, cap, seed):
                                              index[0].cpu(), want_count, want_index)
     assert bool((index[0].cpu()[torch.arange(n) >= count[0].cpu()[..., None]] == -1).all())
     FUZZ_COUNT["select"] += 1
+    FUZZ_COUNT[method] = FUZZ_COUNT.get(method, 0) + 1
 
 
 @pytest.mark.gpu

@@ -6,13 +6,13 @@ set -u
 cp .device/q/cpart09/*.part09 $HOME/models/ 2>/dev/null
 G=$HOME/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf; M=$PWD/.device/q/meta/qwen_meta
 [ -f $G ] || cat $HOME/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf.part0? > $G
-ls -la $HOME/models > $OUT/models.txt
+ls -la $HOME/models > $OUT/prep.log
 python3 -m pip install -q --no-index --no-deps --target /tmp/site $HOME/models/gguf-*.whl
 export PYTHONPATH=/tmp/site:$PWD:$PWD/experiments
 nvidia-smi --query-gpu=name --format=csv,noheader > $OUT/gpu.txt
 python -c "
 from sparseprefill.evals import offline_models as om
-om.install_gguf(om.QWEN_CODER, '$G'); om.load_qwen_coder(metadata='$M')" > $OUT/prep.log 2>&1
+om.install_gguf(om.QWEN_CODER, '$G'); om.load_qwen_coder(metadata='$M')" >> $OUT/prep.log 2>&1
 echo "prep rc=$?"
 if [ "${TIMING:-0}" = 1 ]; then
   timeout ${T3:-150} python experiments/real_speed.py --metadata $M --parts timing --timing-lengths $TLENS \

@@ -37,6 +37,11 @@ PLAN_TILE = 1024  # diagonals / thresholds per step of the per-head plan (prefix
 SPLIT_TILE = 64  # ranges per step of the range split (a block holds a few hundred at 128K)
 _UNUSED_SLOT = torch.iinfo(torch.int32).max  # sorts padding slots after every real offset
 
+# Full-width blocks build their ranges from their head's runs (``_ranges_from_head_runs``: a few runs
+# per block) instead of two passes over every visible diagonal (tens of thousands per block at 128K on
+# real q/k, the same output). Off until timed on a GPU.
+INDEX_FROM_HEAD_RUNS = False
+
 
 @triton.jit
 def _run_ends(slash_base, j, n_visible, width, p0):
@@ -58,11 +63,89 @@ def _keys_below_pairs(c, p0, p1):
 
 
 @triton.jit
+def _ranges_from_visible_diagonals(slash_base, n_visible, width, p0, p1, p0_wide, p1_wide, RangeCountRow,
+                                   RangeStartRow, RangeEndRow, TILE: tl.constexpr):
+    """A block's merged ranges from its visible diagonals, two passes over them (any block width):
+    count the runs, so ranges can be written in ascending start order, then write them. Returns the
+    causal pairs they hold."""
+    n_runs = 0
+    for j0 in range(0, n_visible, TILE):
+        _, ends_run = _run_ends(slash_base, j0 + tl.arange(0, TILE), n_visible, width, p0)
+        n_runs += tl.sum(ends_run.to(tl.int32), 0)
+    tl.store(RangeCountRow, n_runs)
+
+    # Run j's first offset gives its range end, its last offset its range start.
+    runs_before = 0
+    pairs = tl.zeros([], dtype=tl.int64)
+    for j0 in range(0, n_visible, TILE):
+        j = j0 + tl.arange(0, TILE)
+        ok = j < n_visible
+        d, ends_run = _run_ends(slash_base, j, n_visible, width, p0)
+        d_prev = tl.load(slash_base + j - 1, mask=ok & (j > 0), other=0)
+        starts_run = ok & ((j == 0) | ((d - d_prev > width) & (d_prev < p0)))
+        ends = ends_run.to(tl.int32)
+        run_id = runs_before + tl.cumsum(ends, 0) - ends  # runs finished before offset j
+        slot = n_runs - 1 - run_id
+        tl.store(RangeEndRow + slot, p1 - d + 1, mask=starts_run)
+        tl.store(RangeStartRow + slot, tl.maximum(p0 - d, 0), mask=ends_run)
+        runs_before += tl.sum(ends, 0)
+        pairs += tl.sum(tl.where(starts_run, _keys_below_pairs(p1 - d + 1, p0_wide, p1_wide), 0), 0)
+        pairs -= tl.sum(tl.where(ends_run, _keys_below_pairs(tl.maximum(p0 - d, 0), p0_wide, p1_wide), 0), 0)
+    return pairs
+
+
+@triton.jit
+def _ranges_from_head_runs(slash_base, run_end_base, n_head_runs, n_visible, p0, p1, p0_wide, p1_wide,
+                           RangeCountRow, RangeStartRow, RangeEndRow, TILE: tl.constexpr):
+    """The same ranges for a block of the full width, from the head's runs at that width (``run_end_base``:
+    the slot of each run's last diagonal, ascending): in a block, runs whose last diagonal lies below p0
+    end as they do in the whole list (their bands are not clipped at key 0); the first run reaching p0,
+    if any of it is visible, merges with every later visible diagonal (all clipped bands start at key 0)
+    into one range. So a block walks its head's few runs instead of every visible diagonal."""
+    lanes = tl.arange(0, TILE)
+    complete = 0  # runs ending below p0: a prefix of the head's runs
+    for k0 in range(0, n_head_runs, TILE):
+        k = k0 + lanes
+        ok = k < n_head_runs
+        last_d = tl.load(slash_base + tl.load(run_end_base + k, mask=ok, other=0), mask=ok, other=0)
+        complete += tl.sum((ok & (last_d < p0)).to(tl.int32), 0)
+    tail_first = tl.where(complete > 0, tl.load(run_end_base + complete - 1, mask=complete > 0, other=-1) + 1, 0)
+    has_tail = (complete < n_head_runs) & (tail_first < n_visible)
+    n_runs = complete + has_tail.to(tl.int32)
+    tl.store(RangeCountRow, n_runs)
+
+    pairs = tl.zeros([], dtype=tl.int64)
+    for k0 in range(0, complete, TILE):
+        k = k0 + lanes
+        ok = k < complete
+        first_slot = tl.load(run_end_base + k - 1, mask=ok & (k > 0), other=-1) + 1
+        d_first = tl.load(slash_base + first_slot, mask=ok, other=0)
+        d_last = tl.load(slash_base + tl.load(run_end_base + k, mask=ok, other=0), mask=ok, other=0)
+        start = p0 - d_last
+        end = p1 - d_first + 1
+        tl.store(RangeStartRow + n_runs - 1 - k, start, mask=ok)
+        tl.store(RangeEndRow + n_runs - 1 - k, end, mask=ok)
+        pairs += tl.sum(tl.where(ok, _keys_below_pairs(end, p0_wide, p1_wide)
+                                 - _keys_below_pairs(start, p0_wide, p1_wide), 0), 0)
+    if has_tail:
+        d_first = tl.load(slash_base + tail_first)
+        d_last = tl.load(slash_base + n_visible - 1)
+        start = tl.maximum(p0 - d_last, 0)
+        end = p1 - d_first + 1
+        tl.store(RangeStartRow, start)
+        tl.store(RangeEndRow, end)
+        pairs += _keys_below_pairs(end, p0_wide, p1_wide) - _keys_below_pairs(start, p0_wide, p1_wide)
+    return pairs
+
+
+@triton.jit
 def _vs_index_kernel(
-    VerticalIndex, VerticalCount, SlashOffset, SlashPrefix,
+    VerticalIndex, VerticalCount, SlashOffset, SlashPrefix, HeadRunEnd, HeadRunCount,
     RangeCount, RangeStart, RangeEnd, ColumnCount, ColumnIndex, BlockPairs,
-    q_len, k_len, q_offset, max_ranges, max_columns, n_vertical_slots, n_slash_slots,
+    q_len, k_len, q_offset, max_ranges, max_columns, n_vertical_slots, n_slash_slots, max_head_runs,
+    stride_head_run_count,
     BLOCK_Q: tl.constexpr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr, STORE_COLUMNS: tl.constexpr = True,
+    HEAD_RUNS: tl.constexpr = True,
 ):
     r = tl.program_id(0)
     # int64: out_row x max_columns passes 2^31 at 128K when a head keeps tens of thousands of columns.
@@ -79,30 +162,18 @@ def _vs_index_kernel(
     # Offsets are sorted, so the visible ones (d <= p1) are a prefix of the list.
     n_visible = tl.load(prefix_base + p1 + 1)
 
-    # --- pass 1: count runs, so ranges can be written in ascending start order
-    n_runs = 0
-    for j0 in range(0, n_visible, TILE):
-        _, ends_run = _run_ends(slash_base, j0 + tl.arange(0, TILE), n_visible, width, p0)
-        n_runs += tl.sum(ends_run.to(tl.int32), 0)
-    tl.store(RangeCount + out_row, n_runs)
-
-    # --- pass 2: run j's first offset gives its range end, its last offset its range start
-    runs_before = 0
-    pairs = tl.zeros([], dtype=tl.int64)
-    for j0 in range(0, n_visible, TILE):
-        j = j0 + tl.arange(0, TILE)
-        ok = j < n_visible
-        d, ends_run = _run_ends(slash_base, j, n_visible, width, p0)
-        d_prev = tl.load(slash_base + j - 1, mask=ok & (j > 0), other=0)
-        starts_run = ok & ((j == 0) | ((d - d_prev > width) & (d_prev < p0)))
-        ends = ends_run.to(tl.int32)
-        run_id = runs_before + tl.cumsum(ends, 0) - ends  # runs finished before offset j
-        slot = out_row * max_ranges + (n_runs - 1 - run_id)
-        tl.store(RangeEnd + slot, p1 - d + 1, mask=starts_run)
-        tl.store(RangeStart + slot, tl.maximum(p0 - d, 0), mask=ends_run)
-        runs_before += tl.sum(ends, 0)
-        pairs += tl.sum(tl.where(starts_run, _keys_below_pairs(p1 - d + 1, p0_wide, p1_wide), 0), 0)
-        pairs -= tl.sum(tl.where(ends_run, _keys_below_pairs(tl.maximum(p0 - d, 0), p0_wide, p1_wide), 0), 0)
+    count_row, start_row, end_row = RangeCount + out_row, RangeStart + out_row * max_ranges, RangeEnd + out_row * max_ranges
+    if HEAD_RUNS:
+        if width == BLOCK_Q:  # the last block may be narrower: its runs differ from the head's
+            pairs = _ranges_from_head_runs(slash_base, HeadRunEnd + pid_bh * max_head_runs,
+                                           tl.load(HeadRunCount + pid_bh * stride_head_run_count), n_visible, p0,
+                                           p1, p0_wide, p1_wide, count_row, start_row, end_row, TILE)
+        else:
+            pairs = _ranges_from_visible_diagonals(slash_base, n_visible, width, p0, p1, p0_wide, p1_wide,
+                                                   count_row, start_row, end_row, TILE)
+    else:
+        pairs = _ranges_from_visible_diagonals(slash_base, n_visible, width, p0, p1, p0_wide, p1_wide, count_row,
+                                               start_row, end_row, TILE)
 
     # --- columns visible to the block and not inside any band
     n_vertical = tl.load(VerticalCount + pid_bh)
@@ -140,12 +211,10 @@ def _vs_index_kernel(
 
 @triton.jit
 def _slash_plan_kernel(
-    SlashOffset, SlashCount, VerticalCount, SlashPrefix, Bounds, k_len, n_slash_slots, full_width, last_width,
-    piece_keys, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    SlashOffset, SlashCount, VerticalCount, Bounds, n_slash_slots, full_width, last_width, piece_keys,
+    TILE: tl.constexpr,
 ):
-    """Per batch x head, from its ascending diagonals: ``prefix[t]`` = diagonals below ``t`` for
-    ``t`` in ``[0, k_len + 1]`` (a binary search per ``t``; repeats counted, the kernel only asks
-    "any in [lo, hi]?"), and ``Bounds[bh] = (runs at the full block width, runs at the last block's
+    """Per batch x head, from its ascending diagonals: ``Bounds[bh] = (runs at the full block width, runs at the last block's
     width, vertical count, range pieces at the full width, at the last width)``: a block's visible
     diagonals are a prefix of the list and clipping at key 0 only merges runs, so the whole list's run
     count at a block's width bounds every block's. Likewise a block's range from run ``[d_a .. d_b]``
@@ -183,18 +252,47 @@ def _slash_plan_kernel(
     pieces_last = (span_last + runs_last.to(tl.int64) * (last_width + piece_keys - 1)) // piece_keys
     tl.store(Bounds + bh * 5 + 3, pieces_full.to(tl.int32))
     tl.store(Bounds + bh * 5 + 4, pieces_last.to(tl.int32))
-    prefix_base = SlashPrefix + bh * (k_len + 2)
-    for t0 in range(0, k_len + 2, TILE):
-        t = t0 + lanes
-        lo = tl.zeros([TILE], dtype=tl.int32)
-        hi = tl.zeros([TILE], dtype=tl.int32) + n
-        for _ in tl.static_range(SEARCH_STEPS):  # first slot whose diagonal is >= t
-            active = lo < hi
-            mid = (lo + hi) // 2
-            below = active & (tl.load(slash_base + mid, mask=active, other=0) < t)
-            lo = tl.where(below, mid + 1, lo)
-            hi = tl.where(active & ~below, mid, hi)
-        tl.store(prefix_base + t, lo, mask=t < k_len + 2)
+
+
+@triton.jit
+def _slash_prefix_kernel(SlashOffset, SlashCount, SlashPrefix, k_len, n_slash_slots, TILE: tl.constexpr,
+                         SEARCH_STEPS: tl.constexpr):
+    """Per batch x head and tile of thresholds ``t``: ``prefix[t]`` = diagonals below ``t``, for ``t`` in
+    ``[0, k_len + 1]`` (a binary search per ``t``; repeats counted, the kernel only asks "any in
+    [lo, hi]?"). A program per tile: one per head walked 128 tiles of 18 dependent loads at 128K."""
+    bh = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * TILE + tl.arange(0, TILE)
+    n = tl.load(SlashCount + bh)
+    slash_base = SlashOffset + bh * n_slash_slots
+    lo = tl.zeros([TILE], dtype=tl.int32)
+    hi = tl.zeros([TILE], dtype=tl.int32) + n
+    for _ in tl.static_range(SEARCH_STEPS):  # first slot whose diagonal is >= t
+        active = lo < hi
+        mid = (lo + hi) // 2
+        below = active & (tl.load(slash_base + mid, mask=active, other=0) < t)
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(active & ~below, mid, hi)
+    tl.store(SlashPrefix + bh * (k_len + 2) + t, lo, mask=t < k_len + 2)
+
+
+@triton.jit
+def _head_runs_kernel(SlashOffset, SlashCount, RunEnd, n_slash_slots, max_head_runs, width, TILE: tl.constexpr):
+    """Per batch x head: the slot of each run's last diagonal at block width ``width`` (runs of
+    neighbours whose bands overlap or touch, ``d_next - d <= width``; no clipping), ascending."""
+    bh = tl.program_id(0).to(tl.int64)
+    n = tl.load(SlashCount + bh)
+    slash_base = SlashOffset + bh * n_slash_slots
+    written = 0
+    for j0 in range(0, n, TILE):
+        j = j0 + tl.arange(0, TILE)
+        ok = j < n
+        has_next = (j + 1) < n
+        d = tl.load(slash_base + j, mask=ok, other=0)
+        gap = tl.load(slash_base + j + 1, mask=has_next, other=0) - d
+        ends = (ok & (~has_next | (gap > width))).to(tl.int32)
+        slot = written + tl.cumsum(ends, 0) - 1
+        tl.store(RunEnd + bh * max_head_runs + slot, j, mask=ends > 0)
+        written += tl.sum(ends, 0)
 
 
 @triton.jit
@@ -238,13 +336,15 @@ def build_vertical_slash_index_triton(
     slashes_sorted: bool = False,
     max_range_keys: int | None = None,
     column_layout: ColumnLayout | str = ColumnLayout.BLOCK,
+    head_runs: bool | None = None,
 ) -> VerticalSlashIndex:
     """GPU ``build_vertical_slash_index``: per-head lines (``vertical_index [B, H, Nv]``, ``slash_offset
     [B, H, Ns]`` and their ``[B, H]`` counts) -> ``VerticalSlashIndex`` ``[B, H, ceil(q_len / block_size_q), ...]``.
     ``slashes_sorted``: the real offsets already ascend (``select_lines`` output), so the sort is skipped.
     ``max_range_keys``: cut every merged range into pieces of at most that many keys (one more launch,
     sized by the same host read). ``column_layout``: as ``build_vertical_slash_index``; per-head columns
-    take the plan's prefix count of diagonals as their ``column_cover``."""
+    take the plan's prefix count of diagonals as their ``column_cover``. ``head_runs``: full-width blocks
+    build their ranges from their head's runs (None: ``INDEX_FROM_HEAD_RUNS``; the same output)."""
     b, h = vertical_count.shape
     device = vertical_index.device
     n_blocks = triton.cdiv(q_len, block_size_q)
@@ -263,9 +363,13 @@ def build_vertical_slash_index_triton(
     prefix = torch.empty(b, h, k_len + 2, dtype=torch.int32, device=device)
     bounds = torch.empty(b * h, 5, dtype=torch.int32, device=device)
     last_width = q_len - (n_blocks - 1) * block_size_q
+    _slash_prefix_kernel[(b * h, triton.cdiv(k_len + 2, PLAN_TILE))](
+        slashes, slash_count, prefix, k_len, n_slash_slots, TILE=PLAN_TILE,
+        SEARCH_STEPS=max(1, int(n_slash_slots).bit_length()),
+    )
     _slash_plan_kernel[(b * h,)](
-        slashes, slash_count, vertical_count, prefix, bounds, k_len, n_slash_slots, block_size_q, last_width,
-        max_range_keys or 1, TILE=PLAN_TILE, SEARCH_STEPS=max(1, int(n_slash_slots).bit_length()),
+        slashes, slash_count, vertical_count, bounds, n_slash_slots, block_size_q, last_width, max_range_keys or 1,
+        TILE=PLAN_TILE,
     )
     max_runs_full, max_runs_last, max_vertical, max_pieces_full, max_pieces_last = (
         int(x) for x in bounds.amax(dim=0).tolist())
@@ -280,12 +384,21 @@ def build_vertical_slash_index_triton(
     range_end = torch.empty_like(range_start)
     column_index = torch.empty(b, h, n_blocks, max_columns, dtype=torch.int32, device=device)
     block_pairs = torch.empty(b, h, n_blocks, dtype=torch.int64, device=device)
+    # Each head's runs at the full block width (bounds[:, 0] counts them), which every full-width block
+    # reads instead of its visible diagonals.
+    max_head_runs = max(max_runs_full, 1)
+    head_run_end = torch.empty(b * h, max_head_runs, dtype=torch.int32, device=device)
+    head_runs = INDEX_FROM_HEAD_RUNS if head_runs is None else head_runs
+    if head_runs:
+        _head_runs_kernel[(b * h,)](slashes, slash_count, head_run_end, n_slash_slots, max_head_runs, block_size_q,
+                                    TILE=PLAN_TILE)
     _vs_index_kernel[(n_blocks, b * h)](
-        verticals, vertical_count, slashes, prefix,
+        verticals, vertical_count, slashes, prefix, head_run_end, bounds,
         range_count, range_start, range_end, column_count, column_index, block_pairs,
-        q_len, k_len, k_len - q_len, max_ranges, max_columns, n_vertical_slots, n_slash_slots,
+        q_len, k_len, k_len - q_len, max_ranges, max_columns, n_vertical_slots, n_slash_slots, max_head_runs,
+        bounds.stride(0),
         BLOCK_Q=block_size_q, TILE=LINE_TILE, SEARCH_STEPS=max(1, int(n_vertical_slots).bit_length()),
-        STORE_COLUMNS=not per_head_columns,
+        STORE_COLUMNS=not per_head_columns, HEAD_RUNS=bool(head_runs),
     )
     if per_head_columns:
         # The per-head layout reads each block's last whole range: before the split below.

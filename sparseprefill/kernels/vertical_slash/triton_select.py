@@ -92,15 +92,196 @@ def _select_kernel(
         tl.store(Index + base + i, tl.full([TILE], -1, dtype=tl.int32), mask=(i < n_lines) & (i >= count))
 
 
+# fp32 bit patterns of the values a clamped score can take, [0, +inf): non-negative floats order as their
+# bit patterns (as int32), so a threshold can be searched over integers.
+_FP32_INF_BITS = tl.constexpr(0x7F800000)
+# Thresholds tried per pass of the sort-free search: 64 probes narrow the 31-bit range 64-fold, so a
+# search takes ceil(31 / 6) = 6 passes over the row. A pass compares a [SEARCH_TILE, SEARCH_PROBES]
+# tile (32K lanes, like SELECT_TILE x 16): wider probes cut passes but not work per pass.
+SEARCH_PROBES = 64
+SEARCH_TILE = 512
+
+# Line selection by threshold search instead of a sort (``select_line_kinds_triton(method=...)``): no
+# ``torch.sort`` of every row, so the estimate's transient memory is its scores and the output list
+# (the sort's keys, int64 order, scratch and the selection's copies were ~0.9x a Llama-3.1-8B layer's
+# KV cache at 128K, ``experiments/index_memory.py``), and four fewer torch ops per estimate.
+# Off until timed and fuzzed on a GPU (the same contract and tests as the sort path).
+LINE_SELECT_BY_SEARCH = False
+
+
+@triton.jit
+def _line_tile(Scores, Forced, base, forced_base, i, n_lines):
+    """Scores of lines ``i`` clamped at 0, with forced and out-of-row lines at -1 (below every
+    threshold the search tries, never equal to one), and the forced flags."""
+    ok = i < n_lines
+    forced = ok & (tl.load(Forced + forced_base + i, mask=ok, other=0) != 0)
+    score = tl.maximum(tl.load(Scores + base + i, mask=ok, other=0.0), 0.0)
+    return tl.where(forced | ~ok, -1.0, score), score, forced
+
+
+@triton.jit
+def _above_threshold(Scores, Forced, base, forced_base, n_lines, threshold, TILE: tl.constexpr):
+    """Non-forced lines strictly above ``threshold``: their count and mass, and the count equal to it."""
+    lanes = tl.arange(0, TILE)
+    count = tl.zeros([], dtype=tl.int32)
+    equal = tl.zeros([], dtype=tl.int32)
+    mass = tl.zeros([], dtype=tl.float32)
+    for i0 in range(0, n_lines, TILE):
+        s, score, forced = _line_tile(Scores, Forced, base, forced_base, i0 + lanes, n_lines)
+        above = s > threshold
+        count += tl.sum(above.to(tl.int32), 0)
+        equal += tl.sum((s == threshold).to(tl.int32), 0)
+        mass += tl.sum(tl.where(above, s, 0.0), 0)
+    return count, mass, equal
+
+
+@triton.jit
+def _search_threshold(Scores, Forced, base, forced_base, n_lines, lo, hi, forced_mass, target, kept_lines,
+                      BY_MASS: tl.constexpr, TILE: tl.constexpr, PROBES: tl.constexpr):
+    """The smallest fp32 bit pattern ``u`` in ``[lo, hi]`` where fewer non-forced lines lie strictly above
+    ``float(u)`` than the rule allows (``BY_MASS``: ``forced_mass`` + their mass < ``target``; else their
+    count < ``kept_lines``). The predicate is monotone in ``u`` and true at ``hi``; it only changes at a
+    line's score, so the answer is one (or ``lo`` where it is true everywhere). ``lo == hi``: no search."""
+    lanes = tl.arange(0, TILE)
+    probe_id = tl.arange(0, PROBES)
+    # Loop-carried bounds must be int32 tensors (a caller may pass the constexpr +inf pattern).
+    lo = lo + tl.zeros([], dtype=tl.int32)
+    hi = hi + tl.zeros([], dtype=tl.int32)
+    while lo < hi:
+        step = (hi - lo + PROBES) // PROBES  # ceil((hi - lo + 1) / PROBES): the probes span [lo, hi]
+        probes = tl.minimum(lo + probe_id * step, hi)
+        threshold = probes.to(tl.float32, bitcast=True)
+        above = tl.zeros([PROBES], dtype=tl.float32)
+        for i0 in range(0, n_lines, TILE):
+            s, score, forced = _line_tile(Scores, Forced, base, forced_base, i0 + lanes, n_lines)
+            over = s[:, None] > threshold[None, :]
+            if BY_MASS:
+                above += tl.sum(tl.where(over, s[:, None], 0.0), 0)
+            else:
+                above += tl.sum(over.to(tl.float32), 0)
+        if BY_MASS:
+            holds = forced_mass + above < target
+        else:
+            holds = above < kept_lines
+        # Monotone: the first probe that holds is the number that fail.
+        failing = tl.sum((~holds).to(tl.int32), 0)
+        new_hi = tl.minimum(lo + failing * step, hi)
+        lo = tl.where(failing > 0, lo + (failing - 1) * step + 1, lo)
+        hi = new_hi
+    return lo
+
+
+@triton.jit
+def _search_select_kernel(
+    Scores, Forced, Count, Index, n_lines, rows_per_kind, stride_forced_kind, stride_forced_row,
+    mass_first, mass_second, cap_first, cap_second, keep_all_first, keep_all_second,
+    TILE: tl.constexpr, SEARCH_TILE: tl.constexpr, PROBES: tl.constexpr,
+):
+    """``_select_kernel``'s rule without a sort. In the rule's order (forced lines, then score
+    descending, ties by line index) the kept non-forced lines are a prefix of ``K`` lines: those above a
+    threshold value ``v`` and the first ``t`` (by line index) of those equal to it. ``v`` is found by
+    searching fp32 bit patterns (``_search_threshold``), first by mass, then, where the cap or keep-all
+    sets ``K``, by count; one last pass writes the kept lines in ascending order."""
+    row = tl.program_id(0).to(tl.int64)
+    first_kind = row < rows_per_kind
+    mass = tl.where(first_kind, mass_first, mass_second)
+    cap = tl.where(first_kind, cap_first, cap_second)
+    keep_all = tl.where(first_kind, keep_all_first, keep_all_second) != 0
+    base = row * n_lines
+    kind = tl.where(first_kind, 0, 1).to(tl.int64)
+    forced_base = kind * stride_forced_kind + (row - kind * rows_per_kind) * stride_forced_row
+    lanes = tl.arange(0, TILE)
+
+    total = tl.zeros([], dtype=tl.float32)
+    forced_mass = tl.zeros([], dtype=tl.float32)
+    n_forced = tl.zeros([], dtype=tl.int32)
+    for i0 in range(0, n_lines, TILE):
+        s, score, forced = _line_tile(Scores, Forced, base, forced_base, i0 + lanes, n_lines)
+        total += tl.sum(score, 0)
+        forced_mass += tl.sum(tl.where(forced, score, 0.0), 0)
+        n_forced += tl.sum(forced.to(tl.int32), 0)
+    target = mass * total
+    others = n_lines - n_forced
+
+    # By mass: lines strictly above v* hold less than target - forced_mass; ties at v* are kept while
+    # the mass before them stays short of the target. No search where keep-all or the forced lines
+    # already reach it (v* = +inf: no other line kept).
+    by_mass = ~keep_all & (forced_mass < target)
+    v_bits = _search_threshold(Scores, Forced, base, forced_base, n_lines, tl.where(by_mass, 0, _FP32_INF_BITS),
+                               _FP32_INF_BITS, forced_mass, target, 0, True, SEARCH_TILE, PROBES)
+    v = v_bits.to(tl.float32, bitcast=True)
+    n_above, mass_above, n_equal = _above_threshold(Scores, Forced, base, forced_base, n_lines, v, SEARCH_TILE)
+    before = forced_mass + mass_above
+    # Ties: the m-th (from 0) has mass before it ``before + m * v``; kept while that is < target.
+    ties = tl.where(v > 0, tl.ceil((target - before) / tl.where(v > 0, v, 1.0)), n_equal.to(tl.float32))
+    ties = tl.minimum(tl.maximum(ties, 0.0), n_equal.to(tl.float32)).to(tl.int32)
+    # The quotient's rounding can put ceil one off: settle it on the rule's own comparison (v is +inf,
+    # with no line equal to it, where no search ran).
+    finite_v = tl.where(v_bits < _FP32_INF_BITS, v, 0.0)
+    ties = tl.where((ties > 0) & (before + (ties - 1).to(tl.float32) * finite_v >= target), ties - 1, ties)
+    ties = tl.where((ties < n_equal) & (before + ties.to(tl.float32) * finite_v < target), ties + 1, ties)
+    n_short = n_above + ties
+
+    kept = tl.minimum(tl.where(keep_all, others, n_short), cap)
+    # By count, where the cap or keep-all moved the kept count: the kept-th largest value.
+    by_count = (kept > 0) & (keep_all | (kept != n_short))
+    v_bits = _search_threshold(Scores, Forced, base, forced_base, n_lines, tl.where(by_count, 0, v_bits),
+                               tl.where(by_count, _FP32_INF_BITS, v_bits), forced_mass, target, kept, False,
+                               SEARCH_TILE, PROBES)
+    v = v_bits.to(tl.float32, bitcast=True)
+    n_above, mass_above, n_equal = _above_threshold(Scores, Forced, base, forced_base, n_lines, v, SEARCH_TILE)
+    ties = tl.where(by_count, kept - n_above, tl.where(kept > 0, ties, 0))
+
+    position = tl.zeros([], dtype=tl.int32)
+    equal_seen = tl.zeros([], dtype=tl.int32)
+    for i0 in range(0, n_lines, TILE):
+        i = i0 + lanes
+        s, score, forced = _line_tile(Scores, Forced, base, forced_base, i, n_lines)
+        equal = (s == v).to(tl.int32)
+        tie_rank = equal_seen + tl.cumsum(equal, 0) - equal
+        keep = (forced | (s > v) | ((equal > 0) & (tie_rank < ties))).to(tl.int32)
+        slot = position + tl.cumsum(keep, 0) - 1
+        tl.store(Index + base + slot, i, mask=keep > 0)
+        position += tl.sum(keep, 0)
+        equal_seen += tl.sum(equal, 0)
+    tl.store(Count + row, position)
+    for i0 in range(0, n_lines, TILE):
+        i = i0 + lanes
+        tl.store(Index + base + i, tl.full([TILE], -1, dtype=tl.int32), mask=(i < n_lines) & (i >= position))
+
+
+def _kind_row_forced(forced: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``forced`` (broadcastable to ``scores [K, ..., N]``) as int8 rows the search kernel reads:
+    ``(tensor, kind stride, row stride)``, without materialising ``[K, rows, N]`` where the mask is the
+    same for every row of a kind (the estimate's sink and local prefixes)."""
+    kinds, n = scores.shape[0], scores.shape[-1]
+    expanded = forced.expand_as(scores)
+    if all(expanded.stride(d) == 0 for d in range(1, scores.dim() - 1)):
+        per_kind = expanded[(slice(None),) + (0,) * (scores.dim() - 2)].to(torch.int8).contiguous()
+        return per_kind, n, 0
+    rows = expanded.reshape(kinds, -1, n).to(torch.int8).contiguous()
+    return rows, rows.stride(0), n
+
+
 def select_line_kinds_triton(
     scores: torch.Tensor,
     forced: torch.Tensor,
     masses: list[float],
     max_counts: list[int | None],
     keep_all_mass: float,
+    *,
+    method: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPU ``select_line_kinds`` without trimming: ``scores [K, ..., N]``, ``forced`` broadcastable ->
-    ``(count [K, ...] int32, index [K, ..., N] int32)``, kept line ids ascending, padding -1."""
+    ``(count [K, ...] int32, index [K, ..., N] int32)``, kept line ids ascending, padding -1.
+    ``method``: ``"sort"`` (one ``torch.sort`` of every row, then ``_select_kernel``) or ``"search"``
+    (``_search_select_kernel``, no sort); None: ``LINE_SELECT_BY_SEARCH``."""
+    if method is None:
+        method = "search" if LINE_SELECT_BY_SEARCH else "sort"
+    if method not in ("sort", "search"):
+        raise ValueError(f"method must be 'sort' or 'search', got {method!r}")
+    if method == "search":
+        return _select_by_search(scores, forced, masses, max_counts, keep_all_mass)
     kinds, n = scores.shape[0], scores.shape[-1]
     clamped = scores.float().clamp_min(0.0)
     keys, order = torch.sort(torch.where(forced, float("inf"), clamped), dim=-1, descending=True, stable=True)
@@ -121,4 +302,26 @@ def select_line_kinds_triton(
     return count, index
 
 
-__all__ = ["select_line_kinds_triton"]
+def _select_by_search(scores, forced, masses, max_counts, keep_all_mass):
+    kinds, n = scores.shape[0], scores.shape[-1]
+    rows = scores.reshape(kinds, -1, n).float().contiguous() if n else scores.float()
+    rows_per_kind = rows[0].numel() // max(n, 1)
+    count = torch.zeros(scores.shape[:-1], dtype=torch.int32, device=scores.device)
+    index = torch.empty(scores.shape, dtype=torch.int32, device=scores.device)
+    if not rows_per_kind:  # no lines (every count 0) or no rows
+        return count, index
+    forced_rows, stride_kind, stride_row = _kind_row_forced(forced, scores)
+    for first in range(0, kinds, 2):  # two kinds per launch
+        pair = slice(first, min(first + 2, kinds))
+        second = min(first + 1, kinds - 1)
+        caps = [n if max_counts[i] is None else int(max_counts[i]) for i in (first, second)]
+        _search_select_kernel[((pair.stop - pair.start) * rows_per_kind,)](
+            rows[pair], forced_rows[pair], count[pair], index[pair], n, rows_per_kind, stride_kind, stride_row,
+            float(masses[first]), float(masses[second]), *caps,
+            int(masses[first] >= keep_all_mass), int(masses[second] >= keep_all_mass),
+            TILE=SELECT_TILE, SEARCH_TILE=SEARCH_TILE, PROBES=SEARCH_PROBES, num_warps=SELECT_WARPS,
+        )
+    return count, index
+
+
+__all__ = ["LINE_SELECT_BY_SEARCH", "select_line_kinds_triton"]
