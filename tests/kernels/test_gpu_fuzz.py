@@ -41,7 +41,7 @@ EXAMPLES = reference.FUZZ_EXAMPLES
 REL_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 FUZZ = reference.gpu_fuzz
 COUNTS = {"block_sparse": 0, "vertical_slash": 0, "vertical_slash_lines": 0, "block_recall": 0,
-          "block_sparse_recall": 0}
+          "block_sparse_recall": 0, "vertical_slash_index": 0}
 
 
 @st.composite
@@ -232,6 +232,43 @@ def test_block_sparse_recall_fuzz(shape):
     assert float((got - expected).abs().max()) <= RECALL_ABS_TOL[dtype]
     COUNTS["block_sparse_recall"] += 1
     reference.fuzz_progress("block sparse recall", COUNTS["block_sparse_recall"])
+
+
+def _assert_same_index(got, want):
+    """The same ranges and columns in the same order (slots past each count ignored)."""
+    for counts in ("range_count", "column_count"):
+        assert torch.equal(getattr(got, counts).cpu(), getattr(want, counts).cpu()), counts
+    for field, counts in (("range_start", "range_count"), ("range_end", "range_count"),
+                          ("column_index", "column_count")):
+        count = getattr(want, counts).cpu()
+        width = int(count.max()) if count.numel() else 0
+        valid = torch.arange(width) < count[..., None]
+        a, b = getattr(got, field)[..., :width].cpu(), getattr(want, field)[..., :width].cpu()
+        assert torch.equal(a[valid], b[valid]), field
+
+
+@FUZZ
+@given(k_len=st.integers(1, 4000), q_frac=st.floats(0.0, 1.0), block=st.sampled_from([1, 16, 32, 64, 128]),
+       p_vertical=st.sampled_from([0.0, 0.002, 0.02, 0.2, 0.5]), p_slash=st.sampled_from([0.0, 0.002, 0.02, 0.2, 0.5]),
+       local=st.sampled_from([0, 1, 64, 300]),
+       batch=st.sampled_from([1, 2]), heads=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_vertical_slash_index_builder_fuzz(k_len, q_frac, block, p_vertical, p_slash, local, batch, heads, seed):
+    """The Triton index builder against the naive one on random lines up to 4K keys (a local band of
+    diagonals plus scattered ones, chunked queries): full-width blocks' ranges from their visible
+    diagonals or from their head's runs (``head_runs``, drawn), slashes presorted or not; the same
+    ranges and columns in the same order and the same pair counts."""
+    q_len = max(1, round(q_frac * k_len))
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    lines = torch.arange(k_len, device="cuda")
+    vc, vi = compact(torch.rand(batch, heads, k_len, generator=g, device="cuda") < p_vertical)
+    sc, so = compact((torch.rand(batch, heads, k_len, generator=g, device="cuda") < p_slash) | (lines < local))
+    want = build_vertical_slash_index_naive(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block)
+    got = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block,
+                                            slashes_sorted=(seed // 2) % 2 == 1, head_runs=seed % 2 == 1)
+    _assert_same_index(got, want)
+    assert torch.equal(got.block_pairs.sum(-1).cpu(), want.computed_pairs().cpu())
+    COUNTS["vertical_slash_index"] += 1
+    reference.fuzz_progress("vertical slash index", COUNTS["vertical_slash_index"])
 
 
 def test_fuzz_ran_the_requested_number_of_cases():
