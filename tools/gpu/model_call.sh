@@ -3,7 +3,6 @@
 # installed into the package cache with its tokenizer/config, then any of
 #   E2E=1 LENS="..." CANDS="..." T1=...   TIMING=1 TLENS="..." TCANDS="..." T3=...   QK=1 QKL="..." T4=...
 set -u
-cp .device/q/cpart09/*.part09 $HOME/models/ 2>/dev/null
 G=$HOME/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf; M=$PWD/.device/q/meta/qwen_meta
 [ -f $G ] || cat $HOME/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf.part0? > $G
 ls -la $HOME/models > $OUT/prep.log
