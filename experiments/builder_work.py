@@ -14,13 +14,11 @@ both builders on the GPU.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 
-from range_tile_work import captured_qwen_layers  # this folder is on sys.path
-from sparseprefill.bench.real_model import log
+from range_tile_work import counted_layers, write_summary  # this folder is on sys.path
 from sparseprefill.config import SparseConfig
 from sparseprefill.kernels.common import default_kv_head_index
 from sparseprefill.kernels.geometry import query_block_bounds
@@ -33,6 +31,7 @@ def ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def layer_work(q, k, scale) -> dict:
+    q, k = q.float(), k.float()  # counts: the fp32 reference selection
     kvh = default_kv_head_index(q.shape[1], k.shape[1], q.device)
     lines = VerticalSlashPattern(SparseConfig().vertical_slash).estimate_lines(q, k, scale=scale, softcap=None,
                                                                                kv_head_index=kvh)
@@ -67,14 +66,10 @@ def layer_work(q, k, scale) -> dict:
 
 
 def main(argv=None) -> int:
-    args, captured = captured_qwen_layers(__doc__, argv)
-    rows = []
-    for layer, (q, k, _, scale) in captured.items():
-        rows.append(dict(layer=layer, **layer_work(q.float(), k.float(), scale)))
-        r = rows[-1]
-        log(f"layer {layer}: trips visible-diagonals {r['diagonal_trips'] + r['column_trips']}, head-runs "
-            f"{r['run_trips'] + r['column_trips']}; loads {r['diagonal_loads'] + r['column_loads']} vs "
-            f"{r['run_loads'] + r['column_loads']}; {r['head_runs_mean']:.1f} runs per head")
+    args, rows = counted_layers(__doc__, layer_work, lambda r: (
+        f"trips visible-diagonals {r['diagonal_trips'] + r['column_trips']}, head-runs "
+        f"{r['run_trips'] + r['column_trips']}; loads {r['diagonal_loads'] + r['column_loads']} vs "
+        f"{r['run_loads'] + r['column_loads']}; {r['head_runs_mean']:.1f} runs per head"), argv)
     total = {key: sum(r[key] for r in rows) for key in rows[0] if key not in ("layer", "head_runs_mean")}
     summary = dict(
         length=args.length, layers=len(rows), line_tile=LINE_TILE,
@@ -86,9 +81,7 @@ def main(argv=None) -> int:
         head_runs_mean=sum(r["head_runs_mean"] for r in rows) / len(rows))
     summary["trips_ratio"] = summary["trips_head_runs"] / summary["trips_visible_diagonals"]
     summary["loads_ratio"] = summary["loads_head_runs"] / summary["loads_visible_diagonals"]
-    (args.out / "builder_work.json").write_text(json.dumps(dict(summary=summary, layers=rows), indent=1))
-    print(json.dumps(summary, indent=1))
-    return 0
+    return write_summary(args, "builder_work", summary, rows)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,15 @@ builder's one host read included) and whether both list the same ranges and colu
 
 from __future__ import annotations
 
-import argparse
-import csv
-from pathlib import Path
-
 import torch
 import triton
 
-from sparseprefill.bench.common import git_commit, gpu_name
+from sparseprefill.bench.common import git_commit, gpu_name, write_csv
 from sparseprefill.bench.kernels import structured_qkv
 from sparseprefill.config import SparseConfig
 from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
 from sparseprefill.patterns.vertical_slash import VerticalSlashPattern
-from vertical_slash_ceiling import SHAPES  # query heads, KV heads, head_dim (this folder is on sys.path)
+from vertical_slash_ceiling import SHAPES, structured_gpu_args  # this folder is on sys.path
 
 
 def same_index(a, b) -> bool:
@@ -40,14 +36,7 @@ def same_index(a, b) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--shapes", nargs="+", default=["qwen", "llama"], choices=list(SHAPES))
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA device")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = structured_gpu_args(__doc__)
     rows = []
     for shape in args.shapes:
         heads, kv_heads, head_dim = SHAPES[shape]
@@ -72,10 +61,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
             built = None
             torch.cuda.empty_cache()
-    with open(args.out / "conversion.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "conversion.csv", list(rows[0]), rows)
 
 
 if __name__ == "__main__":

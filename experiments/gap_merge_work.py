@@ -22,13 +22,11 @@ Counts, not times; the kernel's time per tile is what the GPU measures.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 
-from range_tile_work import captured_qwen_layers  # this folder is on sys.path
-from sparseprefill.bench.real_model import log
+from range_tile_work import counted_layers, write_summary  # this folder is on sys.path
 from sparseprefill.config import SparseConfig
 from sparseprefill.kernels.common import default_kv_head_index
 from sparseprefill.kernels.vertical_slash.triton_attention import VERTICAL_SLASH_KEY_TILE
@@ -64,6 +62,7 @@ def merged_counts(start, end, valid, columns, column_ok, merge_next) -> dict[str
 
 
 def layer_work(q, k, scale) -> dict:
+    q, k = q.float(), k.float()  # counts: the fp32 reference selection
     kvh = default_kv_head_index(q.shape[1], k.shape[1], q.device)
     pattern = VerticalSlashPattern(SparseConfig().vertical_slash)
     index = pattern.estimate_lines(q, k, scale=scale, softcap=None, kv_head_index=kvh).to_index(
@@ -91,15 +90,14 @@ def layer_work(q, k, scale) -> dict:
 
 
 def main(argv=None) -> int:
-    args, captured = captured_qwen_layers(__doc__, argv)
-    rows = []
-    for layer, (q, k, _, scale) in captured.items():
-        rows.append(dict(layer=layer, **layer_work(q.float(), k.float(), scale)))
-        base = rows[-1]["gap_0_range_tiles"] + rows[-1]["gap_0_column_tiles"]
-        log(f"layer {layer}: tiles at gap 0 {base}; " + ", ".join(
-            f"{name} {(rows[-1][f'{name}_range_tiles'] + rows[-1][f'{name}_column_tiles']) / base:.3f}"
-            for name in [f"gap_{g}" for g in GAPS[1:]] + ["tiles"]))
     names = [f"gap_{g}" for g in GAPS] + ["tiles"]
+
+    def describe(row):
+        base = row["gap_0_range_tiles"] + row["gap_0_column_tiles"]
+        return f"tiles at gap 0 {base}; " + ", ".join(
+            f"{name} {(row[f'{name}_range_tiles'] + row[f'{name}_column_tiles']) / base:.3f}" for name in names[1:])
+
+    args, rows = counted_layers(__doc__, layer_work, describe, argv)
     total = {key: sum(r[key] for r in rows) for key in rows[0] if key != "layer"}
     base_tiles = total["gap_0_range_tiles"] + total["gap_0_column_tiles"]
     base_keys = total["gap_0_range_keys"] + total["gap_0_column_keys"]
@@ -109,9 +107,7 @@ def main(argv=None) -> int:
                           / (total[f"{name}_range_tiles"] + total[f"{name}_column_tiles"]),
                           ranges=total[f"{name}_ranges"]) for name in names}
     summary = dict(length=args.length, layers=len(rows), tile=TILE, rules=summary)
-    (args.out / "gap_merge_work.json").write_text(json.dumps(dict(summary=summary, layers=rows), indent=1))
-    print(json.dumps(summary, indent=1))
-    return 0
+    return write_summary(args, "gap_merge_work", summary, rows)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,12 @@ Counts from the index's own counts, not a GPU measurement. On the CPU:
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 
 
-from range_tile_work import captured_qwen_layers  # this folder is on sys.path
-from sparseprefill.bench.real_model import log
+from range_tile_work import counted_layers, write_summary  # this folder is on sys.path
 from sparseprefill.config import SparseConfig
 from sparseprefill.kernels.common import default_kv_head_index
 from sparseprefill.kernels.vertical_slash.triton_attention import VERTICAL_SLASH_KEY_TILE as KEY_TILE
@@ -78,18 +76,13 @@ def layer_layout(q, k, scale) -> dict:
 
 
 def main(argv=None) -> int:
-    args, captured = captured_qwen_layers(__doc__, argv)
-    rows = []
-    for layer, (q, k, _, scale) in captured.items():
-        rows.append(dict(layer=layer, **layer_layout(q, k, scale)))
-        log(f"layer {layer}: " + ", ".join(f"{key} {value:.3g}" for key, value in rows[-1].items()))
+    args, rows = counted_layers(__doc__, layer_layout,
+                                lambda row: ", ".join(f"{key} {value:.3g}" for key, value in row.items()), argv)
     shares = [key for key in rows[0] if key.endswith(("_of_kv", "_ratio"))]
     summary = dict(length=args.length, layers=len(rows),
                    **{f"{key}_mean": sum(r[key] for r in rows) / len(rows) for key in shares},
                    **{f"{key}_max": max(r[key] for r in rows) for key in shares})
-    (args.out / "index_layout_work.json").write_text(json.dumps(dict(summary=summary, layers=rows), indent=1))
-    print(json.dumps(summary, indent=1))
-    return 0
+    return write_summary(args, "index_layout_work", summary, rows)
 
 
 if __name__ == "__main__":

@@ -20,18 +20,14 @@ attention then reads). Rows: ``index_memory.csv``. On the GPU machine:
 
 from __future__ import annotations
 
-import argparse
-import csv
-from pathlib import Path
-
 import torch
 
-from sparseprefill.bench.common import git_commit, gpu_name
+from sparseprefill.bench.common import git_commit, gpu_name, write_csv
 from sparseprefill.bench.kernels import structured_qkv
 from sparseprefill.config import SparseConfig
 from sparseprefill.kernels.vertical_slash.triton_lines import plan_lines
 from sparseprefill.patterns.vertical_slash import VerticalSlashPattern
-from vertical_slash_ceiling import SHAPES  # query heads, KV heads, head_dim (this folder is on sys.path)
+from vertical_slash_ceiling import SHAPES, structured_gpu_args  # this folder is on sys.path
 
 FIELDS = ["shape", "length", "step", "peak_mib", "resident_mib", "kv_cache_mib", "peak_of_kv", "gpu", "commit"]
 MIB = 2**20
@@ -49,14 +45,7 @@ def measured(step):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--shapes", nargs="+", default=["llama", "qwen"], choices=list(SHAPES))
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA device (it reads the CUDA allocator's statistics)")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = structured_gpu_args(__doc__, "needs a CUDA device (it reads the CUDA allocator's statistics)")
     gpu, commit = gpu_name("cuda"), git_commit()
     rows = []
     for shape in args.shapes:
@@ -89,10 +78,7 @@ def main() -> None:
                 print(f"{shape} {length} {step:<15} peak {peak:9.1f} MiB, resident {resident:9.1f} MiB "
                       f"({peak / kv_mib:.3f} of the layer's KV cache, {kv_mib:.0f} MiB)", flush=True)
             q = k = steps = None  # free the inputs before the next length
-            with open(args.out / "index_memory.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=FIELDS)
-                writer.writeheader()
-                writer.writerows(rows)
+            write_csv(args.out / "index_memory.csv", FIELDS, rows)  # rewritten per length: kept if cut short
 
 
 if __name__ == "__main__":

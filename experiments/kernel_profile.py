@@ -184,7 +184,7 @@ def time_slacks(args) -> None:
     slack), outputs checked against the slack-0 output; rows to ``rescale_slack.csv``."""
     import triton
 
-    from sparseprefill.bench.common import git_commit, gpu_name
+    from sparseprefill.bench.common import git_commit, gpu_name, write_csv
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -217,10 +217,7 @@ def time_slacks(args) -> None:
                           flush=True)
             launches = None  # free this case's tensors before the next
             torch.cuda.empty_cache()
-            with open(args.out / "rescale_slack.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+            write_csv(args.out / "rescale_slack.csv", list(rows[0]), rows)  # per case: kept if cut short
 
 
 def profile(args) -> None:

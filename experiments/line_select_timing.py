@@ -1,9 +1,10 @@
 """The vertical-slash line selection by sort or by threshold search, timed and sized on the GPU.
 
 ``select_line_kinds_triton(method="sort" | "search")`` on the estimate's call shape (columns and
-diagonals at once, ``[2, 1, H, L]`` fp32 scores, sink and local prefixes forced, the default's masses
-0.95 / 0.95): do_bench median, peak CUDA memory above the scores, and the largest difference in kept
-counts between the two (real scores: a line within fp32 rounding of the target may differ).
+diagonals at once, ``[2, 1, H, L]`` fp32 scores, H the query heads of Llama-3.1-8B or Qwen2.5-0.5B,
+sink and local prefixes forced, the default's masses 0.95 / 0.95): do_bench median, peak CUDA memory
+above the scores, and the largest difference in kept counts between the two (real scores: a line within
+fp32 rounding of the target may differ).
 Rows to ``line_select.csv``.
 
     python experiments/line_select_timing.py --out DIR
@@ -11,33 +12,24 @@ Rows to ``line_select.csv``.
 
 from __future__ import annotations
 
-import argparse
-import csv
-from pathlib import Path
-
 import torch
 import triton
 
-from sparseprefill.bench.common import git_commit, gpu_name
+from sparseprefill.bench.common import git_commit, gpu_name, write_csv
 from sparseprefill.config import SparseConfig
 from sparseprefill.kernels.mass_select import KEEP_ALL_MASS
 from sparseprefill.kernels.vertical_slash.triton_select import select_line_kinds_triton
+from vertical_slash_ceiling import SHAPES, structured_gpu_args  # this folder is on sys.path
 
 MIB = 2**20
-SHAPES = {"llama": 32, "qwen": 14}  # query heads
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA device")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = structured_gpu_args(__doc__)
     cfg = SparseConfig().vertical_slash
     rows = []
-    for shape, heads in SHAPES.items():
+    for shape in args.shapes:
+        heads = SHAPES[shape][0]
         for length in args.lengths:
             g = torch.Generator(device="cuda").manual_seed(length + heads)
             # Heavy-tailed like real line scores: a few lines hold most of the mass.
@@ -66,10 +58,7 @@ def main() -> None:
             for row in rows[-2:]:
                 row.update(max_count_diff=diff, same_lists=same)
                 print(row, flush=True)
-    with open(args.out / "line_select.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "line_select.csv", list(rows[0]), rows)
 
 
 if __name__ == "__main__":

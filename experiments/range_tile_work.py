@@ -95,13 +95,27 @@ def captured_qwen_layers(description: str, argv=None):
                                 range(0, n_layers, args.layer_stride))
 
 
-def main(argv=None) -> int:
-    args, captured = captured_qwen_layers(__doc__, argv)
+def counted_layers(description: str, layer_work, describe, argv=None):
+    """``captured_qwen_layers``, then per captured layer ``dict(layer=..., **layer_work(q, k, scale))``, each
+    logged as ``describe(row)``: ``(args, rows)``. The counting scripts' shared loop."""
+    args, captured = captured_qwen_layers(description, argv)
     rows = []
     for layer, (q, k, _, scale) in captured.items():
         rows.append(dict(layer=layer, **layer_work(q, k, scale)))
-        log(f"layer {layer}: " + ", ".join(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
-                                           for key, value in rows[-1].items()))
+        log(f"layer {layer}: {describe(rows[-1])}")
+    return args, rows
+
+
+def write_summary(args, name: str, summary: dict, rows: list[dict]) -> int:
+    """``{name}.json`` (summary and per-layer rows) in ``--out``, the summary printed; exit status 0."""
+    (args.out / f"{name}.json").write_text(json.dumps(dict(summary=summary, layers=rows), indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    args, rows = counted_layers(__doc__, layer_work, lambda row: ", ".join(
+        f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}" for key, value in row.items()), argv)
     totals = {key: sum(r[key] for r in rows) for key in rows[0] if key.endswith(("_slots", "_trips", "_keys"))}
     summary = dict(length=args.length, layers=len(rows),
                    listed_range_keys=totals["range_keys"],
@@ -112,9 +126,7 @@ def main(argv=None) -> int:
                       for name in ("wide_64", "wide_128")},
                    density=sum(r["density"] for r in rows) / len(rows),
                    density_block128=sum(r["density_block128"] for r in rows) / len(rows))
-    (args.out / "range_tile_work.json").write_text(json.dumps(dict(summary=summary, layers=rows), indent=1))
-    print(json.dumps(summary, indent=1))
-    return 0
+    return write_summary(args, "range_tile_work", summary, rows)
 
 
 if __name__ == "__main__":

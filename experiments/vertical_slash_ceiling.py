@@ -54,6 +54,20 @@ TILES = [(64, 32, 32, 4, 3, 3), (64, 32, 32, 4, 3, 2), (64, 32, 32, 4, 2, 2), (6
 SHAPES = {"llama": (32, 8, 128), "qwen": (14, 2, 64)}  # query heads, KV heads, head_dim
 
 
+def structured_gpu_args(description: str, cuda_reason: str = "needs a CUDA device", argv=None) -> argparse.Namespace:
+    """The command line the structured-input GPU scripts share: ``--lengths``, ``--shapes`` (of ``SHAPES``),
+    ``--out`` (created); refused in one line without a CUDA device (``cuda_reason`` says why)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error(cuda_reason)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
 def launch(q, k, v, index, tiles, kv_head_index, out, scale, pieces: bool):
     """The shipped kernel with explicit ``(BLOCK_M, RANGE_N, COLUMN_N, warps, stages)``; ``pieces``: its
     flat range loop (the index's ranges must fit ``RANGE_N``)."""

@@ -29,6 +29,18 @@ SELECT_WARPS = 8
 
 
 @triton.jit
+def _row_rule(rows_per_kind, mass_first, mass_second, cap_first, cap_second, keep_all_first, keep_all_second):
+    """This program's row and its kind's rule: ``(row, first kind?, mass, cap, keep-all)``. Two kinds of
+    lines share a launch (rows ``[0, rows_per_kind)`` the first kind's), their rules passed as scalars."""
+    row = tl.program_id(0).to(tl.int64)
+    first_kind = row < rows_per_kind
+    mass = tl.where(first_kind, mass_first, mass_second)
+    cap = tl.where(first_kind, cap_first, cap_second)
+    keep_all = tl.where(first_kind, keep_all_first, keep_all_second) != 0
+    return row, first_kind, mass, cap, keep_all
+
+
+@triton.jit
 def _select_kernel(
     Scores, SortedKeys, Order, Marks, Count, Index, n_lines, rows_per_kind,
     mass_first, mass_second, cap_first, cap_second, keep_all_first, keep_all_second, TILE: tl.constexpr,
@@ -36,11 +48,8 @@ def _select_kernel(
     """One program per row of two kinds of lines (rows ``[0, rows_per_kind)`` the first kind's): each
     kind's mass, cap (``n_lines`` when none) and keep-all flag arrive as scalars, so both kinds run in
     one launch and no per-kind table is copied to the device."""
-    row = tl.program_id(0).to(tl.int64)
-    first_kind = row < rows_per_kind
-    mass = tl.where(first_kind, mass_first, mass_second)
-    cap = tl.where(first_kind, cap_first, cap_second)
-    keep_all = tl.where(first_kind, keep_all_first, keep_all_second) != 0
+    row, first_kind, mass, cap, keep_all = _row_rule(rows_per_kind, mass_first, mass_second, cap_first, cap_second,
+                                                     keep_all_first, keep_all_second)
     base = row * n_lines
     lanes = tl.arange(0, TILE)
 
@@ -119,20 +128,30 @@ def _line_tile(Scores, Forced, base, forced_base, i, n_lines):
     return tl.where(forced | ~ok, -1.0, score), score, forced
 
 
+# A threshold below every real line's clamped score (>= 0) and above the -1 of forced and out-of-row lanes:
+# ``_line_sums`` at it counts and sums every non-forced line.
+_BELOW_EVERY_SCORE = tl.constexpr(-0.5)
+
+
 @triton.jit
-def _above_threshold(Scores, Forced, base, forced_base, n_lines, threshold, TILE: tl.constexpr):
-    """Non-forced lines strictly above ``threshold``: their count and mass, and the count equal to it."""
+def _line_sums(Scores, Forced, base, forced_base, n_lines, threshold, TILE: tl.constexpr):
+    """One pass over a row: the non-forced lines strictly above ``threshold`` (count and mass), those
+    equal to it (count), and the forced lines (count and mass)."""
     lanes = tl.arange(0, TILE)
     count = tl.zeros([], dtype=tl.int32)
     equal = tl.zeros([], dtype=tl.int32)
     mass = tl.zeros([], dtype=tl.float32)
+    forced_count = tl.zeros([], dtype=tl.int32)
+    forced_mass = tl.zeros([], dtype=tl.float32)
     for i0 in range(0, n_lines, TILE):
         s, score, forced = _line_tile(Scores, Forced, base, forced_base, i0 + lanes, n_lines)
         above = s > threshold
         count += tl.sum(above.to(tl.int32), 0)
         equal += tl.sum((s == threshold).to(tl.int32), 0)
         mass += tl.sum(tl.where(above, s, 0.0), 0)
-    return count, mass, equal
+        forced_count += tl.sum(forced.to(tl.int32), 0)
+        forced_mass += tl.sum(tl.where(forced, score, 0.0), 0)
+    return count, mass, equal, forced_count, forced_mass
 
 
 @triton.jit
@@ -182,26 +201,17 @@ def _search_select_kernel(
     threshold value ``v`` and the first ``t`` (by line index) of those equal to it. ``v`` is found by
     searching fp32 bit patterns (``_search_threshold``), first by mass, then, where the cap or keep-all
     sets ``K``, by count; one last pass writes the kept lines in ascending order."""
-    row = tl.program_id(0).to(tl.int64)
-    first_kind = row < rows_per_kind
-    mass = tl.where(first_kind, mass_first, mass_second)
-    cap = tl.where(first_kind, cap_first, cap_second)
-    keep_all = tl.where(first_kind, keep_all_first, keep_all_second) != 0
+    row, first_kind, mass, cap, keep_all = _row_rule(rows_per_kind, mass_first, mass_second, cap_first, cap_second,
+                                                     keep_all_first, keep_all_second)
     base = row * n_lines
     kind = tl.where(first_kind, 0, 1).to(tl.int64)
     forced_base = kind * stride_forced_kind + (row - kind * rows_per_kind) * stride_forced_row
     lanes = tl.arange(0, TILE)
 
-    total = tl.zeros([], dtype=tl.float32)
-    forced_mass = tl.zeros([], dtype=tl.float32)
-    n_forced = tl.zeros([], dtype=tl.int32)
-    for i0 in range(0, n_lines, TILE):
-        s, score, forced = _line_tile(Scores, Forced, base, forced_base, i0 + lanes, n_lines)
-        total += tl.sum(score, 0)
-        forced_mass += tl.sum(tl.where(forced, score, 0.0), 0)
-        n_forced += tl.sum(forced.to(tl.int32), 0)
-    target = mass * total
-    others = n_lines - n_forced
+    # Every non-forced line lies above _BELOW_EVERY_SCORE (none equal to it).
+    others, others_mass, none_equal, n_forced, forced_mass = _line_sums(Scores, Forced, base, forced_base, n_lines,
+                                                                        _BELOW_EVERY_SCORE, SEARCH_TILE)
+    target = mass * (others_mass + forced_mass)
 
     # By mass: lines strictly above v* hold less than target - forced_mass; ties at v* are kept while
     # the mass before them stays short of the target. No search where keep-all or the forced lines
@@ -210,7 +220,8 @@ def _search_select_kernel(
     v_bits = _search_threshold(Scores, Forced, base, forced_base, n_lines, tl.where(by_mass, 0, _FP32_INF_BITS),
                                _FP32_INF_BITS, forced_mass, target, 0, True, SEARCH_TILE, PROBES)
     v = v_bits.to(tl.float32, bitcast=True)
-    n_above, mass_above, n_equal = _above_threshold(Scores, Forced, base, forced_base, n_lines, v, SEARCH_TILE)
+    n_above, mass_above, n_equal, forced_again, forced_mass_again = _line_sums(Scores, Forced, base, forced_base,
+                                                                               n_lines, v, SEARCH_TILE)
     before = forced_mass + mass_above
     # Ties: the m-th (from 0) has mass before it ``before + m * v``; kept while that is < target.
     ties = tl.where(v > 0, tl.ceil((target - before) / tl.where(v > 0, v, 1.0)), n_equal.to(tl.float32))
@@ -229,7 +240,8 @@ def _search_select_kernel(
                                tl.where(by_count, _FP32_INF_BITS, v_bits), forced_mass, target, kept, False,
                                SEARCH_TILE, PROBES)
     v = v_bits.to(tl.float32, bitcast=True)
-    n_above, mass_above, n_equal = _above_threshold(Scores, Forced, base, forced_base, n_lines, v, SEARCH_TILE)
+    n_above, mass_above, n_equal, forced_again, forced_mass_again = _line_sums(Scores, Forced, base, forced_base,
+                                                                               n_lines, v, SEARCH_TILE)
     ties = tl.where(by_count, kept - n_above, tl.where(kept > 0, ties, 0))
 
     position = tl.zeros([], dtype=tl.int32)
