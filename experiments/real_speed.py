@@ -67,6 +67,9 @@ from sparseprefill.kernels.common import default_kv_head_index
 from sparseprefill.kernels.geometry import causal_pairs_total
 from sparseprefill.patterns import LinePattern, build_pattern
 from sparseprefill.patterns.cost import dense_break_even
+from sparseprefill.patterns.vertical_slash import VerticalSlashPattern
+
+from conversion_variants import variant_times  # this folder is on sys.path
 
 NATIVE_CONTEXT = offline_models.QWEN_NATIVE_CONTEXT
 SCORED_POSITIONS = 512
@@ -292,9 +295,13 @@ def timing_part(args, models, budget, out_dir):
                     timed["run_fused"] = timed_ms(lambda: fused.run(q, k, v, out=out, **kw))
                     graph_ms, graph_error = _graph_ms(lambda: fused.run(q, k, v, out=out, **kw))
                     timed["run_fused_graph"] = graph_ms
+                notes = {op: graph_error for op in ("run_fused_graph", "run_graph")}
+                if isinstance(pattern, VerticalSlashPattern) and args.device == "cuda":
+                    variant_ms, variant_notes = variant_times(pattern, q, k, kw, timed_ms)
+                    timed.update(variant_ms)
+                    notes.update(variant_notes)
                 for op, ms in timed.items():
-                    rows.append(dict(base, op=f"{name}:{op}", ms=ms, density=density,
-                                     note=graph_error if op in ("run_fused_graph", "run_graph") else None))
+                    rows.append(dict(base, op=f"{name}:{op}", ms=ms, density=density, note=notes.get(op)))
                 log(f"timing {length} layer {layer} {name}: density {density:.3f}, run {timed['run']:.2f} ms, "
                     f"routed {timed['run_routed']:.2f} ms, fused {timed.get('run_fused', float('nan')):.2f} ms (graph "
                     f"{graph_ms if graph_ms is None else round(graph_ms, 2)} ms: {graph_error or 'captured'}), "

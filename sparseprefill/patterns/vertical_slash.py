@@ -77,20 +77,28 @@ class VerticalSlashPattern(LinePattern):
         return vertical_slash_scores(q, k, scale=scale, last_queries=cfg.last_queries, softcap=softcap,
                                      kv_head_index=kv_head_index, query_windows=cfg.query_windows)
 
+    def selection_inputs(self, q, k, *, scale, softcap, kv_head_index) -> tuple[torch.Tensor, torch.Tensor, list, list]:
+        """What the estimate's one batched line selection takes (``select_line_kinds``): ``scores [2, B,
+        H, Lk]`` (columns, then diagonals), ``forced [2, 1, 1, Lk]`` (sink columns, local diagonals), and
+        the two kinds' masses and caps."""
+        cfg = self.config
+        vertical, slash = self.line_scores(q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
+        lines = torch.arange(k.shape[2], device=q.device)
+        forced = torch.stack([lines < cfg.sink_tokens, lines < cfg.local_tokens])[:, None, None]
+        return (torch.stack([vertical, slash]), forced, [cfg.vertical_mass, cfg.slash_mass],
+                [cfg.max_vertical, cfg.max_slash])
+
     def estimate_lines(self, q, k, *, scale, softcap, kv_head_index) -> VerticalSlashLines:
         cfg = self.config
         q_len, k_len = q.shape[2], k.shape[2]
-        vertical, slash = self.line_scores(q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index)
-        lines = torch.arange(k_len, device=q.device)
         # Columns and diagonals in one batched selection (the estimate is bound by host time per torch
         # op, not by the device). On the GPU the line lists stay full width and the fused kernel reads
         # them as they are, so the estimate never waits for the device (a wait idles the GPU while the
         # host catches up). The CPU reference expands lines to an O(blocks x lines) index: there they
         # are cut to size.
-        count, index = select_line_kinds(
-            torch.stack([vertical, slash]), torch.stack([lines < cfg.sink_tokens, lines < cfg.local_tokens])[:, None, None],
-            [cfg.vertical_mass, cfg.slash_mass], [cfg.max_vertical, cfg.max_slash], trim=False,
-        )
+        scores, forced, masses, caps = self.selection_inputs(q, k, scale=scale, softcap=softcap,
+                                                             kv_head_index=kv_head_index)
+        count, index = select_line_kinds(scores, forced, masses, caps, trim=False)
         vertical_index, slash_offset = index[0], index[1]
         if q.device.type != "cuda":  # each kind to its own width (a host read costs nothing on the CPU)
             vertical_index = vertical_index[..., :max(int(count[0].max()), 1)]

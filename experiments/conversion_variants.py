@@ -1,0 +1,66 @@
+"""The two estimate paths written at stop 37 and still off, on one layer's real q/k, beside the shipped ones.
+
+For a vertical-slash pattern on captured ``q [B, H, L, D]``, ``k [B, Hkv, L, D]`` (``real_speed.py``'s
+timing part calls this per layer):
+
+* line selection: ``select_line_kinds_triton`` by sort (shipped) and by search (``LINE_SELECT_BY_SEARCH``)
+  on the estimate's own scores, masses and caps; times, and how many rows kept a different count
+  (exact scores agree; real ones may differ at the boundary line, ``tests/kernels/test_triton_select.py``);
+* index conversion: ``build_vertical_slash_index_triton`` from visible diagonals (shipped) and from head
+  runs (``INDEX_FROM_HEAD_RUNS``) on the estimate's own lines, with its range pieces; times, and whether
+  both list the same ranges and columns (they must).
+
+Both are measured as the estimate launches them (no host read added); the times are do_bench medians
+through the caller's ``timed_ms``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from conversion_timing import same_index  # this folder is on sys.path
+from sparseprefill.kernels.vertical_slash.select import KEEP_ALL_MASS
+from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
+from sparseprefill.kernels.vertical_slash.triton_select import select_line_kinds_triton
+
+SELECT_METHODS = ("sort", "search")
+BUILDERS = {"convert_diagonals": False, "convert_head_runs": True}
+
+
+def variant_times(pattern, q: torch.Tensor, k: torch.Tensor, kw: dict,
+                  timed_ms: Callable[[Callable[[], object]], float]) -> tuple[dict[str, float], dict[str, str]]:
+    """``({op: ms}, {op: note})`` for ``select_sort``, ``select_search``, ``convert_diagonals`` and
+    ``convert_head_runs`` on this layer (``kw``: scale, softcap, kv_head_index); notes say whether the
+    variant's output equals the shipped one."""
+    scores, forced, masses, caps = pattern.selection_inputs(q, k, **kw)
+    # What select_line_kinds hands the kernel.
+    scores, forced = scores.float().clamp_min(0.0), forced.expand_as(scores)
+    times, notes, picked = {}, {}, {}
+    for method in SELECT_METHODS:
+        run = lambda method=method: select_line_kinds_triton(scores, forced, masses, caps,  # noqa: E731
+                                                             KEEP_ALL_MASS, method=method)
+        picked[method] = run()
+        times[f"select_{method}"] = timed_ms(run)
+    (count_sort, index_sort), (count_search, index_search) = picked["sort"], picked["search"]
+    differ = count_sort != count_search
+    slots = (torch.arange(index_sort.shape[-1], device=index_sort.device) < count_sort[..., None])[~differ]
+    lists_equal = bool(torch.equal(index_sort[~differ][slots], index_search[~differ][slots]))
+    notes["select_search"] = (f"rows with another count {int(differ.sum())} of {differ.numel()} (largest "
+                              f"difference {int((count_sort - count_search).abs().max())}); lists equal "
+                              f"where counts agree: {lists_equal}")
+    lines = pattern.estimate_lines(q, k, **kw)
+    built = {}
+    for op, head_runs in BUILDERS.items():
+        build = lambda head_runs=head_runs: build_vertical_slash_index_triton(  # noqa: E731
+            lines.vertical_index, lines.vertical_count, lines.slash_offset, lines.slash_count,
+            q_len=lines.q_len, k_len=lines.k_len, block_size_q=lines.block_size_q, slashes_sorted=True,
+            max_range_keys=pattern.range_piece_keys(q), head_runs=head_runs)
+        built[op] = build()
+        times[op] = timed_ms(build)
+    notes["convert_head_runs"] = f"same index as convert_diagonals: {same_index(*built.values())}"
+    return times, notes
+
+
+__all__ = ["variant_times"]
