@@ -8,7 +8,10 @@ timing part calls this per layer):
   (exact scores agree; real ones may differ at the boundary line, ``tests/kernels/test_triton_select.py``);
 * index conversion: ``build_vertical_slash_index_triton`` from visible diagonals (shipped) and from head
   runs (``INDEX_FROM_HEAD_RUNS``) on the estimate's own lines, with its range pieces; times, and whether
-  both list the same ranges and columns (they must).
+  both list the same ranges and columns (they must);
+* the held-out recall check (``unpredictable_heads``) with its keys split across programs at several widths
+  (``RECALL_SPLIT_KEYS`` is 8192, chosen at 128K where 8 checked blocks gave 112 programs): at 32K four
+  checked blocks and 8192-key splits give a few hundred programs, each walking its keys twice in turn.
 
 Both are measured as the estimate launches them (no host read added); the times are do_bench medians
 through the caller's ``timed_ms``.
@@ -23,16 +26,19 @@ import torch
 from conversion_timing import same_index  # this folder is on sys.path
 from sparseprefill.kernels.vertical_slash.select import KEEP_ALL_MASS
 from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
+from sparseprefill.kernels.vertical_slash.triton_recall import block_recall_triton
 from sparseprefill.kernels.vertical_slash.triton_select import select_line_kinds_triton
+from sparseprefill.patterns.vertical_slash import heldout_window_ends
 
 SELECT_METHODS = ("sort", "search")
 BUILDERS = {"convert_diagonals": False, "convert_head_runs": True}
+RECALL_SPLITS = (2048, 4096, 8192)
 
 
 def variant_times(pattern, q: torch.Tensor, k: torch.Tensor, kw: dict,
                   timed_ms: Callable[[Callable[[], object]], float]) -> tuple[dict[str, float], dict[str, str]]:
-    """``({op: ms}, {op: note})`` for ``select_sort``, ``select_search``, ``convert_diagonals`` and
-    ``convert_head_runs`` on this layer (``kw``: scale, softcap, kv_head_index); notes say whether the
+    """``({op: ms}, {op: note})`` for ``select_sort``, ``select_search``, ``convert_diagonals``,
+    ``convert_head_runs`` and ``heldout_split_N`` on this layer (``kw``: scale, softcap, kv_head_index); notes say whether the
     variant's output equals the shipped one."""
     scores, forced, masses, caps = pattern.selection_inputs(q, k, **kw)
     # What select_line_kinds hands the kernel.
@@ -60,6 +66,19 @@ def variant_times(pattern, q: torch.Tensor, k: torch.Tensor, kw: dict,
         built[op] = build()
         times[op] = timed_ms(build)
     notes["convert_head_runs"] = f"same index as convert_diagonals: {same_index(*built.values())}"
+    index = built["convert_diagonals"]
+    cfg = pattern.config
+    ends = heldout_window_ends(q.shape[2], cfg.last_queries, cfg.query_windows)
+    blocks = torch.tensor(sorted({(end - 1) // index.block_size_q for end in ends}))
+    if blocks.numel():
+        recalls = {}
+        for split in RECALL_SPLITS:
+            check = lambda split=split: block_recall_triton(q, k, index, blocks, split_keys=split, **kw)  # noqa: E731
+            recalls[split] = check()
+            times[f"heldout_split_{split}"] = timed_ms(check)
+        for split, recall in recalls.items():
+            difference = (recall - recalls[RECALL_SPLITS[-1]]).abs().max()
+            notes[f"heldout_split_{split}"] = f"{blocks.numel()} blocks; largest recall difference {float(difference):.2e}"
     return times, notes
 
 
