@@ -304,6 +304,20 @@ class VerticalSlashIndex:
                        column_count=torch.where(emptied, 0, self.column_count),
                        block_pairs=None if self.block_pairs is None else torch.where(emptied, 0, self.block_pairs))
 
+    def with_heads_whole(self, heads: torch.Tensor) -> "VerticalSlashIndex":
+        """The same keys, except that every query block of the ``heads [B, H]`` (bool) rows lists every key
+        its last row can see as one range, and no column: what a head computed dense attended (for
+        inspectors and recall; whole ranges ignore ``max_range_keys``, so the result records none)."""
+        _, last_row = query_block_bounds(self.q_len, self.k_len, self.block_size_q, self.range_start.device)
+        whole = heads[..., None]
+        first_slot = (torch.arange(self.range_start.shape[-1], device=self.range_start.device) == 0)
+        slot_whole = whole[..., None] & first_slot
+        return replace(
+            self, range_count=torch.where(whole, 1, self.range_count),
+            range_start=torch.where(slot_whole, 0, self.range_start),
+            range_end=torch.where(slot_whole, (last_row + 1).to(self.range_end.dtype)[:, None], self.range_end),
+            column_count=torch.where(whole, 0, self.column_count), block_pairs=None, max_range_keys=None)
+
     def lists_same_entries(self, other: "VerticalSlashIndex") -> bool:
         """Same counts, and the same real ranges and columns in the same order (padding and the
         padded widths may differ): how two converters are compared without an ``L x L`` mask. Per-head
@@ -370,6 +384,51 @@ class VerticalSlashLines:
         if window is not None:
             raise ValueError("VerticalSlashLines counts pairs without a window; use to_index().computed_pairs(window)")
         return self.block_pairs.sum(-1)
+
+    def pairs_lower_bound(self, lines_sorted: bool = False) -> torch.Tensor:
+        """``[B, H]`` int64, at most the causal pairs the index of these lines counts (``to_index()
+        .computed_pairs()``), with no per-block walk: the larger of the kept columns' pairs and the pairs of
+        the kept diagonals with every gap of at most the narrowest query block's width filled. A block
+        lists each diagonal as a band of its rows, and two bands at most a block's width apart touch, so
+        every row sees every offset between them (offset ``e`` meets the rows at positions ``>= e``, as
+        column ``e`` does). ``lines_sorted``: the real lines already ascend (``select_lines`` output), which
+        spares a sort; repeats are counted once either way."""
+        n_blocks = -(-self.q_len // self.block_size_q)
+        narrowest = min(self.block_size_q, self.q_len - (n_blocks - 1) * self.block_size_q)
+        return torch.maximum(self._kind_pairs(self.slash_offset, self.slash_count, narrowest, lines_sorted),
+                             self._kind_pairs(self.vertical_index, self.vertical_count, 0, lines_sorted))
+
+    def _kind_pairs(self, lines: torch.Tensor, count: torch.Tensor, fill_gap: int, lines_sorted: bool) -> torch.Tensor:
+        """Causal pairs of the distinct real ``lines [B, H, N]`` (offsets or columns) and of the offsets in
+        their gaps of at most ``fill_gap``: line ``e`` meets the query positions in ``[max(e, q_offset),
+        k_len)``."""
+        q_offset = self.k_len - self.q_len
+        real = torch.arange(lines.shape[-1], device=lines.device) < count[..., None]
+        # Past every real line and meeting no query: padding and repeats add nothing there.
+        lines = torch.where(real, lines.long(), self.k_len)
+        if not lines_sorted:
+            lines = lines.sort(dim=-1).values
+
+        def pairs_below(x: torch.Tensor) -> torch.Tensor:  # pairs of the lines 0 .. x - 1, in closed form
+            x = x.clamp(0, self.k_len)
+            past_offset = (x - q_offset).clamp_min(0)
+            return self.q_len * x.clamp(max=q_offset) + past_offset * (2 * self.q_len - past_offset + 1) // 2
+
+        first = torch.ones_like(real)
+        first[..., 1:] = lines[..., 1:] != lines[..., :-1]
+        own = torch.where(first, pairs_below(lines + 1) - pairs_below(lines), 0).sum(-1)
+        if not fill_gap:
+            return own
+        gap = lines[..., 1:] - lines[..., :-1]
+        # Only between real lines that meet a query (below k_len; every other slot holds k_len).
+        filled = (gap > 1) & (gap <= fill_gap) & (lines[..., 1:] < self.k_len)
+        return own + torch.where(filled, pairs_below(lines[..., 1:]) - pairs_below(lines[..., :-1] + 1), 0).sum(-1)
+
+    def without_heads(self, heads: torch.Tensor) -> "VerticalSlashLines":
+        """The same lines with the ``heads [B, H]`` (bool) rows emptied (no kept line: an index built from
+        them lists no key there, and its builder has nothing to walk)."""
+        return replace(self, vertical_count=torch.where(heads, 0, self.vertical_count),
+                       slash_count=torch.where(heads, 0, self.slash_count))
 
     def to_index(self, slashes_sorted: bool = False, max_range_keys: int | None = None,
                  column_layout: str = "block") -> VerticalSlashIndex:

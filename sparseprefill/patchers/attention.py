@@ -25,7 +25,7 @@ from ..kernels import dense_attention, fast_dense_attention
 from ..kernels.common import default_kv_head_index
 from ..kernels.geometry import causal_pairs_total
 from ..kernels.indices import VerticalSlashIndex
-from ..patterns import inspectable_index, window_attention
+from ..patterns import window_attention
 from ..patterns.cost import dense_break_even
 from .decode import decode_attention, follow_up_attention, invalidate_layer
 from .masks import SparsePrefillMask
@@ -133,9 +133,9 @@ def _run_span(
         if isinstance(result.index, VerticalSlashIndex) and result.index.columns_per_head:
             stats.per_head_columns += 1
         computed.append(result.computed_pairs.sum())
-        selections.append((group.heads, result.index))
+        selections.append((group.heads, result))
     if state.inspector is not None:
-        state.inspector(layer, q, k, v, out, [(heads, inspectable_index(index)) for heads, index in selections],
+        state.inspector(layer, q, k, v, out, [(heads, result.inspected_index()) for heads, result in selections],
                         scale=scale, softcap=softcap)
     stats.record(Phase.SPARSE_PREFILL if q_len == k_len else Phase.SPARSE_CHUNK, torch.stack(computed) if computed else 0, causal)
 

@@ -178,3 +178,73 @@ def test_lists_same_entries_ignores_padding_but_not_entries():
     moved[0, 0, -1, 0] += 1
     assert not index.lists_same_entries(replace(index, column_index=moved))
     assert not index.lists_same_entries(replace(index, column_count=index.column_count + 1))
+
+
+@FUZZ
+@given(
+    k_len=st.integers(1, 120),
+    q_frac=st.floats(0.0, 1.0),
+    bq=st.sampled_from([1, 8, 16, 32]),
+    n_vertical=st.integers(0, 12),
+    n_slash=st.integers(0, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_lines_pairs_lower_bound_is_the_filled_lines_pairs_and_never_above_the_index(k_len, q_frac, bq, n_vertical,
+                                                                                    n_slash, seed):
+    """``VerticalSlashLines.pairs_lower_bound``: the larger of the columns' causal pairs and the pairs of
+    the diagonals with their gaps up to the narrowest block's width filled (brute force over rows), never
+    more than the index of the same lines counts, sorted or not, with repeated lines counted once."""
+    from sparseprefill.kernels.vertical_slash import vertical_slash_lines
+
+    q_len = max(1, round(q_frac * k_len))
+    rng = random.Random(seed)
+    vi, vc, so, sc, verticals, slashes = ref.random_lines(rng, 2, 2, k_len, n_vertical, n_slash)
+    real = int(sc[0, 0])
+    if 0 < real < so.shape[-1]:  # a repeated diagonal: the contract allows them
+        so[0, 0, real], sc[0, 0] = so[0, 0, 0], real + 1
+        slashes[0][0] = so[0, 0, :real + 1].tolist()
+    lines = vertical_slash_lines(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=bq)
+    narrowest = min(bq, q_len - (-(-q_len // bq) - 1) * bq)
+    positions = range(k_len - q_len, k_len)
+    expected = torch.zeros(2, 2, dtype=torch.int64)
+    for b in range(2):
+        for h in range(2):
+            offsets = sorted(set(slashes[b][h]))
+            filled = set(offsets)
+            for lo, hi in zip(offsets, offsets[1:]):
+                if hi - lo <= narrowest:
+                    filled.update(range(lo, hi))
+            meets = lambda kept: sum(1 for e in kept for p in positions if p >= e)  # noqa: E731
+            expected[b, h] = max(meets(filled), meets(set(verticals[b][h])))
+    assert torch.equal(lines.pairs_lower_bound(), expected), (lines.pairs_lower_bound(), expected)
+    index_pairs = build_vertical_slash_index(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=bq).computed_pairs()
+    assert bool((expected <= index_pairs).all()), (expected, index_pairs)
+    ascending = vertical_slash_lines(vi, vc, torch.where(torch.arange(so.shape[-1]) < sc[..., None], so, k_len)
+                                     .sort(dim=-1).values, sc, q_len=q_len, k_len=k_len, block_size_q=bq)
+    assert torch.equal(ascending.pairs_lower_bound(lines_sorted=True), expected)
+    emptied = lines.without_heads(torch.tensor([[True, False], [False, True]]))
+    assert emptied.pairs_lower_bound()[0, 0] == 0 and emptied.pairs_lower_bound()[1, 1] == 0
+    assert emptied.pairs_lower_bound()[0, 1] == expected[0, 1] and emptied.pairs_lower_bound()[1, 0] == expected[1, 0]
+
+
+@pytest.mark.parametrize("q_len,k_len,bq", [(64, 64, 16), (77, 77, 16), (33, 100, 8)])
+def test_with_heads_whole_lists_every_visible_key_of_those_heads_only(q_len, k_len, bq):
+    """``VerticalSlashIndex.with_heads_whole``: the chosen heads list every causally visible key (their
+    pair count is the causal total), the others keep their entries, whether or not the index was cut into
+    range pieces."""
+    from sparseprefill.kernels.vertical_slash import split_ranges_naive
+
+    vi, vc, so, sc, _, _ = ref.random_lines(random.Random(q_len), 2, 3, k_len, 6, 6)
+    index = build_vertical_slash_index(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=bq)
+    heads = torch.tensor([[True, False, False], [False, False, True]])
+    causal = causal_pairs_total(q_len, k_len)
+    for source in (index, split_ranges_naive(index, 4)):
+        whole = source.with_heads_whole(heads)
+        pairs = whole.computed_pairs()
+        assert bool((pairs[heads] == causal).all()), pairs
+        assert torch.equal(pairs[~heads], source.computed_pairs()[~heads])
+        mask, kept = ref.vertical_slash_listed_mask(whole), ref.vertical_slash_listed_mask(source)
+        # A block's whole list: every key up to its last row's position (the kernel masks the rest causally).
+        block_last = torch.clamp((torch.arange(q_len) // bq + 1) * bq, max=q_len) - 1 + (k_len - q_len)
+        visible = torch.arange(k_len)[None, :] <= block_last[:, None]
+        assert bool((mask[heads] == visible).all()) and torch.equal(mask[~heads], kept[~heads])

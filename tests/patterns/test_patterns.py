@@ -170,6 +170,49 @@ def test_heads_past_the_dense_threshold_run_dense_and_the_rest_keep_their_index(
     torch.testing.assert_close(out.double(), exact, atol=2e-5, rtol=2e-5)
 
 
+def test_heads_whose_lines_alone_pass_the_dense_threshold_get_no_index_rows():
+    """A line pattern routes a head dense from its lines alone where ``pairs_lower_bound`` reaches the
+    threshold (its index would count at least as many pairs): its index rows stay empty, it runs exact,
+    counts every pair, and inspectors see it whole; the other heads run as without routing. The lines
+    are fixed per head: every diagonal (dense by its lines), a local band with a sink column (sparse), and
+    diagonals that the index widens past the threshold though their own pairs stay below it."""
+    from sparseprefill.kernels.vertical_slash import vertical_slash_lines
+    from sparseprefill.patterns.vertical_slash import VerticalSlashPattern
+
+    class FixedLines(VerticalSlashPattern):
+        def estimate_lines(self, q, k, *, scale, softcap, kv_head_index):
+            return lines
+
+    b, hq, hkv, q_len, k_len, d, block = 1, 3, 1, 150, 150, 32, 16
+    q, k, v = ref.make_qkv(7, b, hq, hkv, q_len, k_len, d, spread=2.0)
+    every, local, widened = list(range(k_len)), list(range(8)), list(range(0, k_len, 12))
+    slashes = torch.full((b, hq, k_len), -1)
+    for head, kept in enumerate((every, local, widened)):
+        slashes[0, head, :len(kept)] = torch.tensor(kept)
+    lines = vertical_slash_lines(torch.zeros(b, hq, 1, dtype=torch.long), torch.tensor([[0, 1, 0]]), slashes,
+                                 torch.tensor([[len(every), len(local), len(widened)]]), q_len=q_len, k_len=k_len,
+                                 block_size_q=block)
+    causal = int(ref.pair_count(None, q_len, k_len))
+    threshold = 0.9
+    bound = lines.pairs_lower_bound(lines_sorted=True).double() / causal
+    index_density = lines.to_index(slashes_sorted=True).computed_pairs().double() / causal
+    assert bound.tolist()[0][0] == 1.0 and index_density[0, 1] < threshold, (bound, index_density)
+    assert bound[0, 2] < threshold <= index_density[0, 2], (bound, index_density)  # dense by its index only
+    pattern = FixedLines(VerticalSlashConfig(block_size=block))
+    kw = dict(scale=d**-0.5, softcap=None, kv_head_index=torch.zeros(hq, dtype=torch.long))
+    plain_out = torch.full_like(q, float("nan"))
+    plain = pattern.run(q, k, v, out=plain_out, **kw)
+    out = torch.full_like(q, float("nan"))
+    routed = pattern.run(q, k, v, out=out, dense_above=threshold, **kw)
+    assert routed.known_dense.tolist() == [[True, False, False]] and routed.dense_heads == 2
+    assert int(routed.index.range_count[0, 0].sum()) == 0 and int(routed.index.column_count[0, 0].sum()) == 0
+    assert routed.computed_pairs.tolist() == [[causal, int(plain.computed_pairs[0, 1]), causal]]
+    assert routed.inspected_index().computed_pairs().tolist() == [[causal, *plain.computed_pairs[0, 1:].tolist()]]
+    exact = ref.attention_reference(q, k, v, scale=d**-0.5, kv_head_index=kw["kv_head_index"])
+    for head, expected in enumerate((exact[0, 0], plain_out[0, 1].double(), exact[0, 2])):
+        torch.testing.assert_close(out[0, head].double(), expected, atol=2e-5, rtol=2e-5, msg=f"head {head}")
+
+
 def test_vertical_slash_fused_path_equals_the_index_path():
     """``VerticalSlashConfig(fused=True)``: the lines go straight to the fused kernel (no per-block index)
     and the output and pair counts are those of the default index path."""
