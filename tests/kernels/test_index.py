@@ -189,11 +189,12 @@ def test_lists_same_entries_ignores_padding_but_not_entries():
     n_slash=st.integers(0, 12),
     seed=st.integers(0, 2**16),
 )
-def test_lines_pairs_lower_bound_is_the_filled_lines_pairs_and_never_above_the_index(k_len, q_frac, bq, n_vertical,
-                                                                                    n_slash, seed):
-    """``VerticalSlashLines.pairs_lower_bound``: the larger of the columns' causal pairs and the pairs of
-    the diagonals with their gaps up to the narrowest block's width filled (brute force over rows), never
-    more than the index of the same lines counts, sorted or not, with repeated lines counted once."""
+def test_lines_pairs_lower_bound_counts_full_blocks_exactly_and_never_exceeds_the_index(k_len, q_frac, bq, n_vertical,
+                                                                                      n_slash, seed):
+    """``VerticalSlashLines.pairs_lower_bound``: the larger of the columns' causal pairs and the diagonals'
+    band pairs, which on full-width blocks equal what the index of the diagonals alone lists there and on
+    the last, narrower block are the diagonals' own pairs with gaps up to its width filled (brute force
+    over rows); never more than the index of all the lines counts, sorted or not, repeats counted once."""
     from sparseprefill.kernels.vertical_slash import vertical_slash_lines
 
     q_len = max(1, round(q_frac * k_len))
@@ -204,18 +205,21 @@ def test_lines_pairs_lower_bound_is_the_filled_lines_pairs_and_never_above_the_i
         so[0, 0, real], sc[0, 0] = so[0, 0, 0], real + 1
         slashes[0][0] = so[0, 0, :real + 1].tolist()
     lines = vertical_slash_lines(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=bq)
-    narrowest = min(bq, q_len - (-(-q_len // bq) - 1) * bq)
-    positions = range(k_len - q_len, k_len)
+    full_blocks = q_len // bq
+    partial_rows = range(k_len - q_len + full_blocks * bq, k_len)
+    band = build_vertical_slash_index(vi, torch.zeros_like(vc), so, sc, q_len=q_len, k_len=k_len,
+                                      block_size_q=bq).block_pair_counts()[..., :full_blocks].sum(-1)
     expected = torch.zeros(2, 2, dtype=torch.int64)
     for b in range(2):
         for h in range(2):
             offsets = sorted(set(slashes[b][h]))
             filled = set(offsets)
             for lo, hi in zip(offsets, offsets[1:]):
-                if hi - lo <= narrowest:
+                if hi - lo <= len(partial_rows):
                     filled.update(range(lo, hi))
-            meets = lambda kept: sum(1 for e in kept for p in positions if p >= e)  # noqa: E731
-            expected[b, h] = max(meets(filled), meets(set(verticals[b][h])))
+            diagonals = int(band[b, h]) + sum(1 for e in filled for p in partial_rows if p >= e)
+            columns = sum(1 for c in set(verticals[b][h]) for p in range(k_len - q_len, k_len) if p >= c)
+            expected[b, h] = max(diagonals, columns)
     assert torch.equal(lines.pairs_lower_bound(), expected), (lines.pairs_lower_bound(), expected)
     index_pairs = build_vertical_slash_index(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=bq).computed_pairs()
     assert bool((expected <= index_pairs).all()), (expected, index_pairs)

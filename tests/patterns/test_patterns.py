@@ -175,7 +175,8 @@ def test_heads_whose_lines_alone_pass_the_dense_threshold_get_no_index_rows():
     threshold (its index would count at least as many pairs): its index rows stay empty, it runs exact,
     counts every pair, and inspectors see it whole; the other heads run as without routing. The lines
     are fixed per head: every diagonal (dense by its lines), a local band with a sink column (sparse), and
-    diagonals that the index widens past the threshold though their own pairs stay below it."""
+    a band with every other column (dense by its index only: the bound takes the larger kind, the index
+    their union)."""
     from sparseprefill.kernels.vertical_slash import vertical_slash_lines
     from sparseprefill.patterns.vertical_slash import VerticalSlashPattern
 
@@ -185,15 +186,17 @@ def test_heads_whose_lines_alone_pass_the_dense_threshold_get_no_index_rows():
 
     b, hq, hkv, q_len, k_len, d, block = 1, 3, 1, 150, 150, 32, 16
     q, k, v = ref.make_qkv(7, b, hq, hkv, q_len, k_len, d, spread=2.0)
-    every, local, widened = list(range(k_len)), list(range(8)), list(range(0, k_len, 12))
-    slashes = torch.full((b, hq, k_len), -1)
-    for head, kept in enumerate((every, local, widened)):
-        slashes[0, head, :len(kept)] = torch.tensor(kept)
-    lines = vertical_slash_lines(torch.zeros(b, hq, 1, dtype=torch.long), torch.tensor([[0, 1, 0]]), slashes,
-                                 torch.tensor([[len(every), len(local), len(widened)]]), q_len=q_len, k_len=k_len,
+    kept_slashes = (list(range(k_len)), list(range(8)), list(range(40)))
+    kept_columns = ([], [0], list(range(0, k_len, 2)))
+    slashes, columns = torch.full((b, hq, k_len), -1), torch.full((b, hq, k_len), -1)
+    for head in range(hq):
+        slashes[0, head, :len(kept_slashes[head])] = torch.tensor(kept_slashes[head], dtype=torch.long)
+        columns[0, head, :len(kept_columns[head])] = torch.tensor(kept_columns[head], dtype=torch.long)
+    lines = vertical_slash_lines(columns, torch.tensor([[len(c) for c in kept_columns]]), slashes,
+                                 torch.tensor([[len(s) for s in kept_slashes]]), q_len=q_len, k_len=k_len,
                                  block_size_q=block)
     causal = int(ref.pair_count(None, q_len, k_len))
-    threshold = 0.9
+    threshold = 0.6
     bound = lines.pairs_lower_bound(lines_sorted=True).double() / causal
     index_density = lines.to_index(slashes_sorted=True).computed_pairs().double() / causal
     assert bound.tolist()[0][0] == 1.0 and index_density[0, 1] < threshold, (bound, index_density)
