@@ -9,6 +9,9 @@ timing part calls this per layer):
 * index conversion: ``build_vertical_slash_index_triton`` from visible diagonals (shipped) and from head
   runs (``INDEX_FROM_HEAD_RUNS``) on the estimate's own lines, with its range pieces; times, and whether
   both list the same ranges and columns (they must);
+* the estimate as ``run`` makes it with dense routing (``routed_estimate``: heads whose lines alone reach
+  the break-even get no index rows), against ``estimate_index`` (every head's rows), and how many heads
+  it routed from their lines;
 * the held-out recall check (``unpredictable_heads``) with its keys split across programs at several widths
   (``RECALL_SPLIT_KEYS`` is 8192, chosen at 128K where 8 checked blocks gave 112 programs): at 32K four
   checked blocks and 8192-key splits give a few hundred programs, each walking its keys twice in turn.
@@ -28,6 +31,8 @@ from sparseprefill.kernels.vertical_slash.select import KEEP_ALL_MASS
 from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
 from sparseprefill.kernels.vertical_slash.triton_recall import block_recall_triton
 from sparseprefill.kernels.vertical_slash.triton_select import select_line_kinds_triton
+from sparseprefill.kernels.geometry import causal_pairs_total
+from sparseprefill.patterns.cost import dense_break_even
 from sparseprefill.patterns.vertical_slash import heldout_window_ends
 
 SELECT_METHODS = ("sort", "search")
@@ -38,7 +43,7 @@ RECALL_SPLITS = (2048, 4096, 8192)
 def variant_times(pattern, q: torch.Tensor, k: torch.Tensor, kw: dict,
                   timed_ms: Callable[[Callable[[], object]], float]) -> tuple[dict[str, float], dict[str, str]]:
     """``({op: ms}, {op: note})`` for ``select_sort``, ``select_search``, ``convert_diagonals``,
-    ``convert_head_runs`` and ``heldout_split_N`` on this layer (``kw``: scale, softcap, kv_head_index); notes say whether the
+    ``convert_head_runs``, ``estimate_routed`` and ``heldout_split_N`` on this layer (``kw``: scale, softcap, kv_head_index); notes say whether the
     variant's output equals the shipped one."""
     scores, forced, masses, caps = pattern.selection_inputs(q, k, **kw)
     # What select_line_kinds hands the kernel.
@@ -66,6 +71,10 @@ def variant_times(pattern, q: torch.Tensor, k: torch.Tensor, kw: dict,
         built[op] = build()
         times[op] = timed_ms(build)
     notes["convert_head_runs"] = f"same index as convert_diagonals: {same_index(*built.values())}"
+    dense_pairs = dense_break_even(pattern.name, q.shape[-1]) * causal_pairs_total(q.shape[2], k.shape[2])
+    _, known_dense = pattern.routed_estimate(q, k, dense_pairs, **kw)
+    times["estimate_routed"] = timed_ms(lambda: pattern.routed_estimate(q, k, dense_pairs, **kw))
+    notes["estimate_routed"] = f"heads routed dense from their lines: {int(known_dense.sum())} of {known_dense.numel()}"
     index = built["convert_diagonals"]
     cfg = pattern.config
     ends = heldout_window_ends(q.shape[2], cfg.last_queries, cfg.query_windows)
