@@ -9,8 +9,8 @@ timing part calls this per layer):
 * index conversion: ``build_vertical_slash_index_triton`` from visible diagonals (shipped) and from head
   runs (``INDEX_FROM_HEAD_RUNS``) on the estimate's own lines, with its range pieces; times, and whether
   both list the same ranges and columns (they must);
-* the estimate as ``run`` makes it with dense routing (``routed_estimate``: heads whose lines alone reach
-  the break-even get no index rows), against ``estimate_index`` (every head's rows), and how many heads
+* the estimate with heads routed dense from their lines (``routed_estimate(from_lines=True)``, off by
+  default: ``DENSE_HEADS_FROM_LINES``; heads whose lines alone reach the break-even get no index rows), against ``estimate_index`` (every head's rows), and how many heads
   it routed from their lines;
 * the held-out recall check (``unpredictable_heads``) with its keys split across programs at several widths
   (``RECALL_SPLIT_KEYS`` is 8192, chosen at 128K where 8 checked blocks gave 112 programs): at 32K four
@@ -72,8 +72,8 @@ def variant_times(pattern, q: torch.Tensor, k: torch.Tensor, kw: dict,
         times[op] = timed_ms(build)
     notes["convert_head_runs"] = f"same index as convert_diagonals: {same_index(*built.values())}"
     dense_pairs = dense_break_even(pattern.name, q.shape[-1]) * causal_pairs_total(q.shape[2], k.shape[2])
-    _, known_dense = pattern.routed_estimate(q, k, dense_pairs, **kw)
-    times["estimate_routed"] = timed_ms(lambda: pattern.routed_estimate(q, k, dense_pairs, **kw))
+    _, known_dense = pattern.routed_estimate(q, k, dense_pairs, from_lines=True, **kw)
+    times["estimate_routed"] = timed_ms(lambda: pattern.routed_estimate(q, k, dense_pairs, from_lines=True, **kw))
     notes["estimate_routed"] = f"heads routed dense from their lines: {int(known_dense.sum())} of {known_dense.numel()}"
     index = built["convert_diagonals"]
     cfg = pattern.config

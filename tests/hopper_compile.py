@@ -61,6 +61,7 @@ def _run_launches() -> None:
     from sparseprefill.kernels.vertical_slash.triton_estimate import vertical_slash_scores_triton
     from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton
     from sparseprefill.kernels.vertical_slash.triton_lines import vertical_slash_lines_attention_triton
+    from sparseprefill.kernels.vertical_slash.triton_lines_bound import lines_pairs_lower_bound_triton
     from sparseprefill.kernels.vertical_slash.triton_recall import block_recall_triton
     from sparseprefill.kernels.vertical_slash.triton_select import select_line_kinds_triton
     from sparseprefill.kernels.block_sparse.triton_select import select_blocks_triton
@@ -76,6 +77,7 @@ def _run_launches() -> None:
     head_columns = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64,
                                                      column_layout="head")
     build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64, head_runs=True)
+    lines_pairs_lower_bound_triton(so, sc, vi, vc, q_len=length, k_len=length, block_size_q=64)
     lines = vertical_slash_lines(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64)
     n_blocks = -(-length // 64)
     blocks = select_blocks(torch.rand(1, hq, n_blocks, n_blocks, generator=g), q_len=length, k_len=length,

@@ -392,6 +392,17 @@ class VerticalSlashLines:
         last, narrower block they are the diagonals' own pairs with every gap up to its width filled (two
         bands that close touch, so each row sees every offset between them). ``lines_sorted``: the real
         lines already ascend (``select_lines`` output), which spares a sort; repeats count once."""
+        if self.slash_offset.is_cuda and lines_sorted:
+            from .vertical_slash.triton_lines_bound import lines_pairs_lower_bound_triton
+
+            return lines_pairs_lower_bound_triton(self.slash_offset, self.slash_count, self.vertical_index,
+                                                  self.vertical_count, q_len=self.q_len, k_len=self.k_len,
+                                                  block_size_q=self.block_size_q)
+        return self.pairs_lower_bound_torch(lines_sorted)
+
+    def pairs_lower_bound_torch(self, lines_sorted: bool = False) -> torch.Tensor:
+        """``pairs_lower_bound`` in torch ops: the reference of its Triton kernel (``triton_lines_bound``),
+        which the GPU runs for ascending lines (about a hundred small ops here, one launch there)."""
         full_blocks = self.q_len // self.block_size_q
         first_partial_row = self.k_len - self.q_len + full_blocks * self.block_size_q
         partial_rows = self.k_len - first_partial_row

@@ -157,6 +157,14 @@ class SparsePattern(abc.ABC):
                              dense_heads=int(dense_host.sum()), known_dense=known_dense)
 
 
+# Line patterns route heads dense from their lines before building the index (``LinePattern.routed_estimate``).
+# The decisions are provably the index's own (the bound never exceeds its count), but the time is not yet
+# measured: the bound's kernel (``triton_lines_bound``) has run only in the CPU interpreter, and it adds a
+# launch to every routed layer to spare the builder's work on diffuse heads (46 of 55 such heads found on
+# real Qwen q/k at 8K, CPU). Off until the GPU fuzz and ``experiments/conversion_variants.py`` have run it.
+DENSE_HEADS_FROM_LINES = False
+
+
 class LinePattern(SparsePattern):
     """A pattern whose estimate is per-head vertical-slash lines. ``estimate`` expands them to the
     per-block index (the same keys), which ``run`` attends by default; where ``uses_fused_kernel``,
@@ -182,12 +190,14 @@ class LinePattern(SparsePattern):
         return lines.to_index(slashes_sorted=self.lines_sorted, max_range_keys=self.range_piece_keys(q),
                               column_layout=self.column_layout())
 
-    def routed_estimate(self, q, k, dense_pairs, *, scale, softcap, kv_head_index):
-        """Heads whose lines alone cover ``dense_pairs`` (``VerticalSlashLines.pairs_lower_bound``, at most
-        the index's exact count, so ``run`` would route them dense from the index too) get no index rows:
-        the builder skips their blocks, which on a diffuse layer are most of its work (12 of 14.7 ms of
-        estimate on Qwen's layer 23 at 128K, H200, stop 37)."""
-        if dense_pairs is None:
+    def routed_estimate(self, q, k, dense_pairs, *, scale, softcap, kv_head_index, from_lines: bool | None = None):
+        """With ``from_lines`` (None: ``DENSE_HEADS_FROM_LINES``), heads whose lines alone cover
+        ``dense_pairs`` (``VerticalSlashLines.pairs_lower_bound``, at most the index's exact count, so ``run``
+        would route them dense from the index too) get no index rows: the builder skips their blocks, which
+        on a diffuse layer are most of its work (12 of 14.7 ms of estimate on Qwen's layer 23 at 128K, H200,
+        stop 37)."""
+        from_lines = DENSE_HEADS_FROM_LINES if from_lines is None else from_lines
+        if dense_pairs is None or not from_lines:
             return super().routed_estimate(q, k, dense_pairs, scale=scale, softcap=softcap,
                                            kv_head_index=kv_head_index)
         return _line_index_outside_compile(self, q, k, dense_pairs, scale=scale, softcap=softcap,

@@ -184,6 +184,13 @@ def test_heads_whose_lines_alone_pass_the_dense_threshold_get_no_index_rows():
         def estimate_lines(self, q, k, *, scale, softcap, kv_head_index):
             return lines
 
+        def routed_estimate(self, q, k, dense_pairs, **kw):  # the path DENSE_HEADS_FROM_LINES turns on
+            return super().routed_estimate(q, k, dense_pairs, from_lines=True, **kw)
+
+    class FixedLinesShipped(VerticalSlashPattern):
+        def estimate_lines(self, q, k, *, scale, softcap, kv_head_index):
+            return lines
+
     b, hq, hkv, q_len, k_len, d, block = 1, 3, 1, 150, 150, 32, 16
     q, k, v = ref.make_qkv(7, b, hq, hkv, q_len, k_len, d, spread=2.0)
     kept_slashes = (list(range(k_len)), list(range(8)), list(range(40)))
@@ -214,6 +221,14 @@ def test_heads_whose_lines_alone_pass_the_dense_threshold_get_no_index_rows():
     exact = ref.attention_reference(q, k, v, scale=d**-0.5, kv_head_index=kw["kv_head_index"])
     for head, expected in enumerate((exact[0, 0], plain_out[0, 1].double(), exact[0, 2])):
         torch.testing.assert_close(out[0, head].double(), expected, atol=2e-5, rtol=2e-5, msg=f"head {head}")
+    # As shipped (DENSE_HEADS_FROM_LINES), the same decisions and output from the index alone.
+    shipped_out = torch.full_like(q, float("nan"))
+    shipped = FixedLinesShipped(VerticalSlashConfig(block_size=block)).run(q, k, v, out=shipped_out,
+                                                                           dense_above=threshold, **kw)
+    from sparseprefill.patterns.base import DENSE_HEADS_FROM_LINES
+
+    assert (shipped.known_dense is None) == (not DENSE_HEADS_FROM_LINES)
+    assert torch.equal(shipped.computed_pairs, routed.computed_pairs) and torch.equal(shipped_out, out)
 
 
 def test_vertical_slash_fused_path_equals_the_index_path():
