@@ -40,7 +40,7 @@ from sparseprefill.kernels.indices import BlockSparseIndex
 from sparseprefill.kernels.recall import exact_probs, window_recall
 from sparseprefill.patchers import inspect_prefill
 
-from real_speed import CANDIDATES  # noqa: E402  (the sibling script: one set of named configurations)
+from real_candidates import CANDIDATES  # noqa: E402  (one set of named configurations)
 
 # Heads listed per position in positions.csv, lowest recall first.
 LISTED_HEADS = 6

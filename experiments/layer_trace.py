@@ -28,7 +28,7 @@ from sparseprefill.kernels.common import default_kv_head_index
 from sparseprefill.patterns import build_pattern
 from sparseprefill.patterns.cost import dense_break_even
 
-from real_speed import CANDIDATES  # noqa: E402  (the sibling script: one set of named configurations)
+from real_candidates import CANDIDATES  # noqa: E402  (one set of named configurations)
 
 PROFILED_CALLS = 3  # calls per profile; the busy/idle split is their mean
 FIELDS = ["length", "layer", "candidate", "step", "bench_ms", "wall_ms", "gpu_busy_ms", "gpu_idle_ms", "kernels", "host_ops",
