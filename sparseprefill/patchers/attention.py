@@ -24,7 +24,6 @@ from torch import nn
 from ..kernels import dense_attention, fast_dense_attention
 from ..kernels.common import default_kv_head_index
 from ..kernels.geometry import causal_pairs_total
-from ..kernels.indices import VerticalSlashIndex
 from ..patterns import window_attention
 from ..patterns.cost import dense_break_even
 from .decode import decode_attention, follow_up_attention, invalidate_layer
@@ -130,8 +129,7 @@ def _run_span(
             result = group.pattern.run(q[:, heads], k, v, kv_head_index=kv_of_head[heads], out=part, **common)
             out[:, heads] = part
         stats.record_dense_heads(result.dense_heads)
-        if isinstance(result.index, VerticalSlashIndex) and result.index.columns_per_head:
-            stats.per_head_columns += 1
+        stats.record_per_head_columns(result.per_head_columns)
         computed.append(result.computed_pairs.sum())
         selections.append((group.heads, result))
     if state.inspector is not None:

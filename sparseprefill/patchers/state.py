@@ -77,6 +77,34 @@ class LayerPlan:
 MAX_PENDING_COUNTS = 256
 
 
+class DeviceCount:
+    """A count added to as host ints or device tensors (0-d, or summable), the tensors summed on the device
+    and read only when the total is read: a read per layer in the forward pass would stall the host until
+    the GPU caught up, and inside a traced graph it would break the graph."""
+
+    def __init__(self) -> None:
+        self._total = 0
+        self._pending: list[torch.Tensor] = []
+
+    def add(self, count: int | bool | torch.Tensor) -> None:
+        if isinstance(count, torch.Tensor):
+            self._pending.append(count.reshape(-1).sum().to(torch.int64))
+            if len(self._pending) >= MAX_PENDING_COUNTS:  # folded on the device: a bounded list, no read
+                self._pending = [torch.stack(self._pending).sum()]
+        else:
+            self._total += int(count)
+
+    @property
+    def total(self) -> int:
+        if self._pending:
+            self._total += int(torch.stack(self._pending).sum())
+            self._pending.clear()
+        return self._total
+
+    def __repr__(self) -> str:
+        return f"DeviceCount({self.total})"
+
+
 @dataclass
 class LayerStats:
     layer_idx: int
@@ -85,13 +113,12 @@ class LayerStats:
     patterns: Counter = field(default_factory=Counter)
     # Sparse calls whose vertical-slash index kept one column list per head (``column_layout``: asked for,
     # or chosen by ``auto`` where the per-block table would not fit the device memory).
-    per_head_columns: int = 0
+    _per_head_columns: DeviceCount = field(default_factory=DeviceCount, repr=False)
     causal_pairs: int = 0
     # (batch row, head) pairs of sparse calls whose estimate kept past the kernel's break-even, or failed
     # the pattern's own check (VerticalSlashConfig.heldout_recall), so they ran dense attention instead
     # (SparseConfig.route_dense_heads); their pairs count as computed.
-    _dense_heads_total: int = field(default=0, repr=False)
-    _dense_heads_pending: list = field(default_factory=list, repr=False)
+    _dense_heads: DeviceCount = field(default_factory=DeviceCount, repr=False)
     # Computed-pair counts recorded as device tensors, read back when the stats are read: an int() per
     # layer in the forward pass would stall the host until the GPU caught up, once per layer.
     _computed_total: int = field(default=0, repr=False)
@@ -105,19 +132,20 @@ class LayerStats:
 
     @property
     def estimated_dense_heads(self) -> int:
-        if self._dense_heads_pending:
-            self._dense_heads_total += int(torch.stack([t.reshape(()) for t in self._dense_heads_pending]).sum())
-            self._dense_heads_pending.clear()
-        return self._dense_heads_total
+        return self._dense_heads.total
+
+    @property
+    def per_head_columns(self) -> int:
+        return self._per_head_columns.total
 
     def record_dense_heads(self, count: int | torch.Tensor) -> None:
         """``count``: an int, or a 0-d device tensor (from a traced graph; read when the stats are read)."""
-        if isinstance(count, torch.Tensor):
-            self._dense_heads_pending.append(count)
-            if len(self._dense_heads_pending) >= MAX_PENDING_COUNTS:
-                self._dense_heads_pending = [torch.stack(self._dense_heads_pending).sum()]
-        else:
-            self._dense_heads_total += count
+        self._dense_heads.add(count)
+
+    def record_per_head_columns(self, used: bool | torch.Tensor) -> None:
+        """One sparse call whose index did (True) or did not keep per-head column lists (a 0-d bool device
+        tensor from a traced graph; read when the stats are read)."""
+        self._per_head_columns.add(used)
 
     @property
     def computed_pairs(self) -> int:

@@ -35,7 +35,7 @@ class AShapePattern(LinePattern):
     name = PatternName.A_SHAPE
 
     def __init__(self, config: AShapeConfig):
-        self.config = config
+        super().__init__(config)
 
     def estimate_lines(self, q, k, *, scale, softcap, kv_head_index) -> VerticalSlashLines:
         cfg = self.config

@@ -16,6 +16,7 @@ from ..config import PatternName
 from ..kernels import BlockSparseIndex, VerticalSlashIndex, fast_dense_attention, library
 from ..kernels.geometry import causal_pairs_total
 from ..kernels.indices import VerticalSlashLines
+from .compiled import register_pattern, run_pattern_op
 from .cost import NO_EXTRAS, EstimateExtras
 
 SparseIndex = Union[BlockSparseIndex, VerticalSlashIndex, None]
@@ -37,10 +38,24 @@ class PatternOutput:
     # [B, H] bool: heads routed dense before their index rows were built (``routed_estimate``); their rows
     # of ``index`` are empty (``inspected_index`` shows them whole). None: every head kept its entries.
     known_dense: torch.Tensor | None = None
+    # The run went through one op under torch.compile (``compiled.run_pattern_op``): its index stayed
+    # inside the op, and ``columns_per_head`` (a 0-d bool device tensor) says what the index was like.
+    index_in_op: bool = False
+    columns_per_head: torch.Tensor | None = None
+
+    @property
+    def per_head_columns(self) -> bool | torch.Tensor:
+        """Whether the vertical-slash index kept one column list per head (a 0-d device tensor from an op)."""
+        if self.columns_per_head is not None:
+            return self.columns_per_head
+        return isinstance(self.index, VerticalSlashIndex) and self.index.columns_per_head
 
     def inspected_index(self) -> SparseIndex:
         """The per-block index of what each head attended, for inspectors: ``index`` expanded from lines,
         with the ``known_dense`` heads listing every visible key."""
+        if self.index_in_op:
+            raise RuntimeError("sparseprefill: this layer ran inside torch.compile, where a line pattern's index "
+                               "stays inside its op; run inspectors (profiling, recall) on the eager model")
         index = inspectable_index(self.index)
         return index if self.known_dense is None else index.with_heads_whole(self.known_dense)
 
@@ -63,6 +78,8 @@ class SparsePattern(abc.ABC):
     # The estimate is a ``torch.library`` op of fixed output shapes (or plain traceable torch): ``run`` lets
     # torch.compile trace it instead of running it eagerly outside the graph.
     traceable_estimate: ClassVar[bool] = False
+    # ``run`` returns an index of what it attended (``DensePattern``: none, every key is attended).
+    returns_index: ClassVar[bool] = True
 
     @abc.abstractmethod
     def estimate(
@@ -175,6 +192,11 @@ class LinePattern(SparsePattern):
     # The lines ``estimate_lines`` returns ascend in their counts (spares the kernel's plan two sorts).
     lines_sorted: ClassVar[bool] = True
 
+    def __init__(self, config):
+        self.config = config
+        # What torch.compile passes to the op that runs this pattern whole (``compiled.py``).
+        self.op_key = register_pattern(self)
+
     @abc.abstractmethod
     def estimate_lines(
         self, q: torch.Tensor, k: torch.Tensor, *, scale: float, softcap: float | None, kv_head_index: torch.Tensor
@@ -218,6 +240,9 @@ class LinePattern(SparsePattern):
         return False
 
     def run(self, q, k, v, *, scale, softcap, kv_head_index, out, dense_above=None) -> PatternOutput:
+        if torch.compiler.is_compiling():  # one opaque op: its host reads stay out of the graph
+            return run_pattern_op(self, q, k, v, scale=scale, softcap=softcap, kv_head_index=kv_head_index,
+                                  out=out, dense_above=dense_above)
         if not self.uses_fused_kernel():
             return super().run(q, k, v, scale=scale, softcap=softcap, kv_head_index=kv_head_index, out=out,
                                dense_above=dense_above)

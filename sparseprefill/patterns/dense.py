@@ -9,10 +9,17 @@ from ..config import PatternName
 from ..kernels import fast_dense_attention
 from ..kernels.geometry import causal_pairs_total
 from .base import PatternOutput, SparsePattern, attend_heads_dense
+from .compiled import register_pattern, run_pattern_op
 
 
 class DensePattern(SparsePattern):
     name = PatternName.DENSE
+    returns_index = False
+
+    def __init__(self):
+        # What torch.compile passes to the op that runs this pattern whole (``compiled.py``): a head subset
+        # is attended per KV head, which reads the head map on the host.
+        self.op_key = register_pattern(self)
 
     def estimate(self, q, k, *, scale, softcap, kv_head_index):
         return None
@@ -27,6 +34,9 @@ class DensePattern(SparsePattern):
         return fast_dense_attention(q, k, v, scale=scale, softcap=softcap, out=out)
 
     def run(self, q, k, v, *, scale, softcap, kv_head_index, out, dense_above=None) -> PatternOutput:
+        if torch.compiler.is_compiling():
+            return run_pattern_op(self, q, k, v, scale=scale, softcap=softcap, kv_head_index=kv_head_index, out=out,
+                                  dense_above=dense_above)
         self.attend(q, k, v, None, scale=scale, softcap=softcap, kv_head_index=kv_head_index, out=out)
         pairs = causal_pairs_total(q.shape[2], k.shape[2])
         return PatternOutput(torch.full(q.shape[:2], pairs, dtype=torch.int64, device=q.device), None)

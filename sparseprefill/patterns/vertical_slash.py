@@ -35,7 +35,7 @@ class VerticalSlashPattern(LinePattern):
     name = PatternName.VERTICAL_SLASH
 
     def __init__(self, config: VerticalSlashConfig):
-        self.config = config
+        super().__init__(config)
 
     def uses_fused_kernel(self) -> bool:
         return self.config.fused

@@ -499,21 +499,33 @@ def test_layer_stats_read_device_counts_only_when_read():
     assert stats.to_dict()["computed_pairs"] == stats.computed_pairs
 
 
-def test_torch_compile_of_a_patched_model_runs_and_fullgraph_says_why_not():
-    model = tiny_model("llama", qk_scale=PEAKED_QK)
+@pytest.mark.parametrize("family,backend,dense_layers", [
+    ("llama", "aot_eager", ()), ("qwen2", "aot_eager", ()), ("llama", "aot_eager", (0,)), ("llama", "inductor", ()),
+])
+def test_fullgraph_compile_of_a_default_patched_model_matches_eager(family, backend, dense_layers):
+    """The default's pattern (vertical-slash) runs each sparse layer as one op under torch.compile
+    (``patterns/compiled.py``), so a patched model compiles whole and gives the eager logits and stats; with
+    inductor the rest of the model is compiled code, so the logits agree to rounding. (At this length the
+    default masses keep every pair: ``LOSSY``'s masses make it sparse.) A layer forced dense runs as an op too."""
+    model = tiny_model(family, qk_scale=PEAKED_QK)
     ids = random_ids(ODD_LENGTH)
-    sparseprefill.patch(model, SparseConfig(min_sparse_len=0))
+    sparseprefill.patch(model, replace(LOSSY, pattern="auto", dense_layers=dense_layers))
     try:
         eager = _logits(model, ids)
+        eager_stats = sparseprefill.stats(model).to_dict()
+        assert 0 < eager_stats["density"] < 1, eager_stats["density"]
+        sparseprefill.reset_stats(model)
         torch._dynamo.reset()
-        with pytest.raises(Exception, match="sparse estimation runs outside torch.compile"):
-            torch.compile(model, fullgraph=True)(ids)
-        torch._dynamo.reset()
-        compiled = torch.compile(model)(ids).logits
+        with torch.no_grad():
+            compiled = torch.compile(model, fullgraph=True, backend=backend)(ids).logits
+        compiled_stats = sparseprefill.stats(model).to_dict()
     finally:
         torch._dynamo.reset()
         sparseprefill.unpatch(model)
-    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    tolerance = 1e-6 if backend == "aot_eager" else 1e-4
+    torch.testing.assert_close(compiled, eager, atol=tolerance, rtol=tolerance)
+    for key in ("density", "phases", "fallbacks", "estimated_dense_heads", "per_head_columns"):
+        assert compiled_stats[key] == eager_stats[key], key
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
