@@ -6,11 +6,11 @@ timing part calls this per layer):
 * line selection: ``select_line_kinds_triton`` by sort (shipped) and by search (``LINE_SELECT_BY_SEARCH``)
   on the estimate's own scores, masses and caps; times, and how many rows kept a different count
   (exact scores agree; real ones may differ at the boundary line, ``tests/kernels/test_triton_select.py``);
-* index conversion: ``build_vertical_slash_index_triton`` from visible diagonals (shipped) and from head
-  runs (``INDEX_FROM_HEAD_RUNS``) on the estimate's own lines, with its range pieces; times, and whether
+* index conversion: ``build_vertical_slash_index_triton`` from visible diagonals and from head runs
+  (``INDEX_FROM_HEAD_RUNS``, shipped since stop 39) on the estimate's own lines, with its range pieces; times, and whether
   both list the same ranges and columns (they must);
-* the estimate with heads routed dense from their lines (``routed_estimate(from_lines=True)``, off by
-  default: ``DENSE_HEADS_FROM_LINES``; heads whose lines alone reach the break-even get no index rows), against ``estimate_index`` (every head's rows), and how many heads
+* the estimate with heads routed dense from their lines (``routed_estimate(from_lines=True)``, the
+  default since stop 39: ``DENSE_HEADS_FROM_LINES``; heads whose lines alone reach the break-even get no index rows), against ``estimate_index`` (every head's rows), and how many heads
   it routed from their lines;
 * the held-out recall check (``unpredictable_heads``) with its keys split across programs at several widths
   (``RECALL_SPLIT_KEYS`` is 8192, chosen at 128K where 8 checked blocks gave 112 programs): at 32K four

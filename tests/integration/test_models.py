@@ -528,6 +528,33 @@ def test_fullgraph_compile_of_a_default_patched_model_matches_eager(family, back
         assert compiled_stats[key] == eager_stats[key], key
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("route", [False, True], ids=["sparse_kernels", "routed_dense"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fullgraph_compile_of_a_default_patched_model_matches_eager_on_the_gpu(family, route):
+    """The same on the GPU, bf16, where the op's body runs the Triton estimate, index and kernel (or, routed,
+    SDPA for the heads past the break-even): logits equal eager's bit for bit, and the same stats."""
+    model = tiny_model(family, qk_scale=PEAKED_QK).cuda().to(torch.bfloat16)
+    ids = random_ids(3000).cuda()
+    sparseprefill.patch(model, replace(LOSSY, pattern="auto", route_dense_heads=route))
+    try:
+        eager = _logits(model, ids)
+        eager_stats = sparseprefill.stats(model).to_dict()
+        sparseprefill.reset_stats(model)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+        compiled_stats = sparseprefill.stats(model).to_dict()
+    finally:
+        torch._dynamo.reset()
+        sparseprefill.unpatch(model)
+    assert torch.equal(compiled, eager)
+    for key in ("density", "phases", "fallbacks", "estimated_dense_heads", "per_head_columns"):
+        assert compiled_stats[key] == eager_stats[key], key
+    if not route:
+        assert 0 < compiled_stats["density"] < 1, compiled_stats["density"]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_fullgraph_compile_of_an_antidiagonal_patched_model_matches_eager(family):
     """The antidiagonal estimate is one op of fixed shapes, so a patched model compiles whole

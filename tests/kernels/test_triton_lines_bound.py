@@ -37,6 +37,7 @@ def ascending_lines(rng: random.Random, rows: int, k_len: int, slots: int, most:
                         for _ in range(n))
         if rng.random() < 0.5:  # a dense local band, as the estimate keeps
             values = sorted(set(values) | set(range(min(n, k_len))))[:n]
+            n = len(values)  # the set drops repeats: fewer lines than drawn
         lines[0, r, :n] = torch.tensor(values, dtype=torch.int32)
         count[0, r] = n
     return lines, count

@@ -43,7 +43,8 @@ def _line_slots(Lines, count, i, k_len, absent):
     return tl.where(real & (lines < k_len), lines, absent)
 
 
-@triton.jit
+# Integer arguments equal to 1 would otherwise become constants (Triton specialises them), which have no .to().
+@triton.jit(do_not_specialize=["k_len", "q_len", "block", "full_blocks", "narrowest"])
 def _lines_bound_kernel(
     Slashes, SlashCount, Verticals, VerticalCount, Out, stride_slash_row, stride_vertical_row,
     k_len, q_len, block, full_blocks, narrowest, TILE: tl.constexpr,
