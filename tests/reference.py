@@ -585,3 +585,13 @@ def gpu_fuzz(test):
     configured = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=FUZZ_SHARD is None, database=None,
                           suppress_health_check=list(HealthCheck))(test)
     return seed(int(FUZZ_SHARD))(configured) if FUZZ_SHARD is not None else configured
+
+
+def run_fullgraph(fn, *args, backend: str = "aot_eager"):
+    """``fn(*args)`` compiled with ``torch.compile(fullgraph=True)`` (a graph break fails the call), with
+    dynamo's caches cleared before and after so no other test's compiled code is reused."""
+    torch._dynamo.reset()
+    try:
+        return torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    finally:
+        torch._dynamo.reset()

@@ -66,12 +66,7 @@ def test_a_compiled_line_pattern_runs_as_one_op_and_matches_eager(name, q_len, k
     if name in ("vertical_slash", "heldout_check"):
         assert 0 < int(eager_dense) < b * hq, (name, eager_pairs)
 
-    torch._dynamo.reset()
-    try:
-        traced = torch.compile(lambda *a: _run(pattern, *a, threshold), fullgraph=True, backend="aot_eager")
-        out, pairs, dense = traced(q, k, v, kv_head_index)
-    finally:
-        torch._dynamo.reset()
+    out, pairs, dense = ref.run_fullgraph(lambda *a: _run(pattern, *a, threshold), q, k, v, kv_head_index)
     assert not torch.isnan(out).any(), "some output rows were never written"
     assert int(dense) == int(eager_dense)
     assert torch.equal(pairs, eager_pairs)
