@@ -47,6 +47,13 @@ def _arg_type(value) -> str:
     raise TypeError(f"unexpected kernel argument of type {type(value).__name__}")
 
 
+def _specialised_to_one(value) -> bool:
+    """Triton compiles an integer argument equal to 1 as the constant 1 (unless the kernel lists it in
+    ``do_not_specialize``): a kernel that calls a tensor method on it (``.to()``) compiles for other values
+    and fails for this one, which the interpreter never shows."""
+    return isinstance(value, int) and not isinstance(value, bool) and value == 1
+
+
 def _run_launches() -> None:
     import torch
 
@@ -86,6 +93,12 @@ def _run_launches() -> None:
         select_line_kinds_triton(torch.rand(2, 1, hq, length, generator=g),
                                  torch.zeros(2, 1, 1, length, dtype=torch.bool), [0.9, 0.9], [None, 10], 1.0,
                                  method=method)
+        # One line per row and one row per kind: arguments equal to 1, which Triton compiles as constants.
+        select_line_kinds_triton(torch.rand(2, 1, 1, 1, generator=g), torch.zeros(2, 1, 1, 1, dtype=torch.bool),
+                                 [0.9, 0.9], [None, 1], 1.0, method=method)
+    lines_pairs_lower_bound_triton(*compact(torch.ones(1, 1, 1, dtype=torch.bool))[::-1],
+                                   *compact(torch.ones(1, 1, 1, dtype=torch.bool))[::-1], q_len=1, k_len=1,
+                                   block_size_q=64)
     # The block selection on a short row (4 warps) and on a row past SMALL_ROW_BLOCKS (8 warps).
     select_blocks_triton(torch.rand(1, hq, n_blocks, n_blocks, generator=g), q_len=length, k_len=length,
                          block_size_q=64, block_size_k=64, mass=0.9, sink_blocks=1)
@@ -134,6 +147,7 @@ def record(path: str) -> None:
         names = list(self.arg_names)
         launches.append(dict(module=fn.__module__, name=fn.__name__,
                              signature={n: _arg_type(a) for n, a in zip(names, args)},
+                             ones=[n for n, a in zip(names, args) if _specialised_to_one(a)],
                              constexprs={n: kwargs[n] for n in names if n in kwargs},
                              options={n: kwargs[n] for n in LAUNCH_OPTIONS if n in kwargs}))
         return run(self, *args, **kwargs)
@@ -156,11 +170,13 @@ def compile_all(path: str) -> int:
     done, failed = set(), []
     for launch in launches:
         kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
-        variants = [(launch["signature"], launch["constexprs"])]
+        unspecialised = {p.name for p in kernel.params if p.do_not_specialize}
+        ones = {n: 1 for n in launch.get("ones", []) if n not in unspecialised}
+        variants = [(launch["signature"], dict(launch["constexprs"], **ones))]
         if "UPCAST" in launch["constexprs"]:
             on_gpu = {n: t.replace("fp32", "bf16", 1) if n in GPU_DTYPE_ARGS and "fp32" in t else t
                       for n, t in launch["signature"].items()}
-            variants.append((on_gpu, dict(launch["constexprs"], UPCAST=False)))
+            variants.append((on_gpu, dict(launch["constexprs"], UPCAST=False, **ones)))
         for signature, constexprs in variants:
             key = json.dumps([launch["name"], signature, constexprs], sort_keys=True)
             if key in done:
