@@ -245,6 +245,12 @@ class LinePattern(SparsePattern):
             return run_pattern_op(self, q, k, v, scale=scale, softcap=softcap, kv_head_index=kv_head_index,
                                   out=out, dense_above=dense_above)
         if not self.uses_fused_kernel():
+            if q.is_cuda and torch.cuda.is_current_stream_capturing():
+                # Said here, before the builder's size read invalidates the capture with a CUDA error.
+                raise RuntimeError(
+                    f"sparseprefill: {type(self).__name__} sizes its per-block index with a host read, which a "
+                    "CUDA-graph capture cannot hold; capture with VerticalSlashConfig(fused=True) (the lines "
+                    "straight into the fused kernel, no host read) or pattern='antidiagonal' / 'block_sparse'")
             return super().run(q, k, v, scale=scale, softcap=softcap, kv_head_index=kv_head_index, out=out,
                                dense_above=dense_above)
         lines = _estimate_outside_compile(self, q, k, scale=scale, softcap=softcap, kv_head_index=kv_head_index,

@@ -93,3 +93,18 @@ def test_the_index_of_a_compiled_run_is_refused_to_inspectors_with_the_reason():
     assert result.index is None and not bool(result.per_head_columns)
     with pytest.raises(RuntimeError, match="ran inside torch.compile"):
         result.inspected_index()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_capturing_the_index_path_in_a_cuda_graph_is_refused_with_the_way_out():
+    """The index path reads its sizes on the host: a capture is refused up front, naming the capturable
+    options, instead of failing inside the builder with a CUDA error."""
+    q, k, v = (t.cuda().to(torch.bfloat16) for t in ref.make_qkv(3, 1, 4, 2, 256, 256, 64, spread=2.0))
+    kv_head_index = (torch.arange(4) // 2).cuda()
+    pattern = VerticalSlashPattern(replace(VERTICAL_SLASH, block_size=64))
+    out = torch.empty_like(q)
+    pattern.run(q, k, v, scale=0.125, softcap=None, kv_head_index=kv_head_index, out=out)  # compiles outside
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="fused=True"):
+        with torch.cuda.graph(graph):
+            pattern.run(q, k, v, scale=0.125, softcap=None, kv_head_index=kv_head_index, out=out)
