@@ -595,3 +595,33 @@ def run_fullgraph(fn, *args, backend: str = "aot_eager"):
         return torch.compile(fn, fullgraph=True, backend=backend)(*args)
     finally:
         torch._dynamo.reset()
+
+
+def run_pattern(pattern, q, k, v, kv_head_index, dense_above):
+    """``pattern.run`` into a NaN-filled output: ``(out, computed_pairs [B, H], dense_heads as a tensor)``."""
+    out = torch.full_like(q, float("nan"))
+    result = pattern.run(q, k, v, scale=q.shape[-1] ** -0.5, softcap=None, kv_head_index=kv_head_index, out=out,
+                         dense_above=dense_above)
+    return out, result.computed_pairs, torch.as_tensor(result.dense_heads)
+
+
+def median(x: torch.Tensor) -> float:
+    """The upper median of ``x``'s elements (an element of ``x``, so a threshold at it splits them)."""
+    return float(x.flatten().sort().values[x.numel() // 2])
+
+
+# (Lq, Lk) of the routed-run comparisons: a fresh prefill and a chunk, neither a multiple of a block.
+ROUTING_LENGTHS = [(200, 200), (150, 233)]
+
+
+def routing_case(seed: int, pattern_cls, config, q_len: int, k_len: int):
+    """``pattern_cls(config)``, inputs for a routed-run comparison (2 batch rows, 6 query / 2 KV heads,
+    head_dim 32) and each head's density under it without routing: ``(pattern, q, k, v, kv_head_index,
+    causal pairs, density [B, H])``."""
+    pattern = pattern_cls(config)
+    b, hq, hkv, d = 2, 6, 2, 32
+    q, k, v = make_qkv(seed, b, hq, hkv, q_len, k_len, d, spread=2.0)
+    kv_head_index = torch.arange(hq) // (hq // hkv)
+    _, plain_pairs, _ = run_pattern(pattern, q, k, v, kv_head_index, None)
+    causal = int(pair_count(None, q_len, k_len))
+    return pattern, q, k, v, kv_head_index, causal, plain_pairs.double() / causal

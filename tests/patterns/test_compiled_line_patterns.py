@@ -30,29 +30,14 @@ CONFIGS = {
 }
 
 
-def _run(pattern, q, k, v, kv_head_index, dense_above):
-    out = torch.full_like(q, float("nan"))
-    result = pattern.run(q, k, v, scale=q.shape[-1] ** -0.5, softcap=None, kv_head_index=kv_head_index, out=out,
-                         dense_above=dense_above)
-    return out, result.computed_pairs, torch.as_tensor(result.dense_heads)
-
-
-def _median(x: torch.Tensor) -> float:
-    return float(x.flatten().sort().values[x.numel() // 2])
-
-
-@pytest.mark.parametrize("q_len,k_len", [(200, 200), (150, 233)])
+@pytest.mark.parametrize("q_len,k_len", ref.ROUTING_LENGTHS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_a_compiled_line_pattern_runs_as_one_op_and_matches_eager(name, q_len, k_len):
-    b, hq, hkv, d = 2, 6, 2, 32
-    q, k, v = ref.make_qkv(23, b, hq, hkv, q_len, k_len, d, spread=2.0)
-    kv_head_index = torch.arange(hq) // (hq // hkv)
     pattern_cls, config = CONFIGS[name]
-    pattern = pattern_cls(config)
-    causal = int(ref.pair_count(None, q_len, k_len))
-    _, plain_pairs, _ = _run(pattern, q, k, v, kv_head_index, None)
+    pattern, q, k, v, kv_head_index, _, density = ref.routing_case(23, pattern_cls, config, q_len, k_len)
+    b, hq, _, d = q.shape
     # About half the heads routed dense by density (the fused path and A-shape do not route).
-    threshold = _median(plain_pairs.double() / causal)
+    threshold = ref.median(density)
     if name == "heldout_check":
         scale = d**-0.5
         index = pattern.estimate(q, k, scale=scale, softcap=None, kv_head_index=kv_head_index)
@@ -60,13 +45,13 @@ def test_a_compiled_line_pattern_runs_as_one_op_and_matches_eager(name, q_len, k
         blocks = sorted({(end - 1) // config.block_size for end in ends})
         recall = vertical_slash_block_recall(q, k, index, torch.tensor(blocks), scale=scale,
                                              kv_head_index=kv_head_index).amin(-1)
-        pattern = pattern_cls(replace(config, heldout_recall=_median(recall)))
+        pattern = pattern_cls(replace(config, heldout_recall=ref.median(recall)))
         threshold = 1.01  # routed by the check alone
-    eager_out, eager_pairs, eager_dense = _run(pattern, q, k, v, kv_head_index, threshold)
+    eager_out, eager_pairs, eager_dense = ref.run_pattern(pattern, q, k, v, kv_head_index, threshold)
     if name in ("vertical_slash", "heldout_check"):
         assert 0 < int(eager_dense) < b * hq, (name, eager_pairs)
 
-    out, pairs, dense = ref.run_fullgraph(lambda *a: _run(pattern, *a, threshold), q, k, v, kv_head_index)
+    out, pairs, dense = ref.run_fullgraph(lambda *a: ref.run_pattern(pattern, *a, threshold), q, k, v, kv_head_index)
     assert not torch.isnan(out).any(), "some output rows were never written"
     assert int(dense) == int(eager_dense)
     assert torch.equal(pairs, eager_pairs)

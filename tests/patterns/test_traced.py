@@ -36,44 +36,31 @@ GRAPH_CONFIGS = dict(CONFIGS, spot_checked=(AntidiagonalPattern, AntidiagonalCon
     block_size=16, stride=4, mass=0.7, vertical_share=0.04, spot_check_recall=0.05, spot_check_quantile=0.05)))
 
 
-def _run(pattern, q, k, v, kv_head_index, dense_above):
-    out = torch.full_like(q, float("nan"))
-    result = pattern.run(q, k, v, scale=q.shape[-1] ** -0.5, softcap=None, kv_head_index=kv_head_index, out=out,
-                         dense_above=dense_above)
-    return out, result.computed_pairs, torch.as_tensor(result.dense_heads)
-
-
-@pytest.mark.parametrize("q_len,k_len", [(200, 200), (150, 233)])
+@pytest.mark.parametrize("q_len,k_len", ref.ROUTING_LENGTHS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_traced_run_matches_eager_and_routes_inside_the_graph(name, q_len, k_len):
-    b, hq, hkv, d = 2, 6, 2, 32
-    q, k, v = ref.make_qkv(17, b, hq, hkv, q_len, k_len, d, spread=2.0)
-    kv_head_index = torch.arange(hq) // (hq // hkv)
     pattern_cls, config = CONFIGS[name]
-    pattern = pattern_cls(config)
-    _, plain_pairs, _ = _run(pattern, q, k, v, kv_head_index, None)
-    causal = int(ref.pair_count(None, q_len, k_len))
-    density = plain_pairs.double() / causal
-    median = lambda x: float(x.flatten().sort().values[x.numel() // 2])  # noqa: E731
-    threshold = median(density)  # about half the heads
+    pattern, q, k, v, kv_head_index, causal, density = ref.routing_case(17, pattern_cls, config, q_len, k_len)
+    b, hq, _, d = q.shape
+    threshold = ref.median(density)  # about half the heads
     if name == "columns_and_spot_check":  # about half the heads by the check instead
         index = pattern.estimate(q, k, scale=d**-0.5, softcap=None, kv_head_index=kv_head_index)
         recall = block_sparse_block_recall(q, k, index, spot_check_blocks(q_len, config.block_size),
                                            scale=d**-0.5, kv_head_index=kv_head_index).amin(-1)
-        pattern = AntidiagonalPattern(replace(config, spot_check_recall=median(recall)))
+        pattern = AntidiagonalPattern(replace(config, spot_check_recall=ref.median(recall)))
         threshold = 1.01
     if name == "row_quantile_spot_check":
         index = pattern.estimate(q, k, scale=d**-0.5, softcap=None, kv_head_index=kv_head_index)
         rows = block_sparse_block_recall(q, k, index, spot_check_blocks(q_len, config.block_size), per_row=True,
                                          scale=d**-0.5, kv_head_index=kv_head_index)
         statistic = torch.nanquantile(rows.flatten(-2), ROW_QUANTILE, dim=-1)
-        pattern = AntidiagonalPattern(replace(config, spot_check_recall=median(statistic),
+        pattern = AntidiagonalPattern(replace(config, spot_check_recall=ref.median(statistic),
                                               spot_check_quantile=ROW_QUANTILE))
         threshold = 1.01
-    eager_out, eager_pairs, eager_dense = _run(pattern, q, k, v, kv_head_index, threshold)
+    eager_out, eager_pairs, eager_dense = ref.run_pattern(pattern, q, k, v, kv_head_index, threshold)
     assert 0 < int(eager_dense) < b * hq, density
 
-    out, pairs, dense = ref.run_fullgraph(lambda *a: _run(pattern, *a, threshold), q, k, v, kv_head_index)
+    out, pairs, dense = ref.run_fullgraph(lambda *a: ref.run_pattern(pattern, *a, threshold), q, k, v, kv_head_index)
     assert not torch.isnan(out).any(), "some output rows were never written"
     assert int(dense) == int(eager_dense)
     assert torch.equal(pairs, eager_pairs)
