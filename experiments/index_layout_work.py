@@ -13,9 +13,10 @@ text, for the default's own lines, this counts (int32 entries, as a share of the
 - ``packed``: the listed entries alone (offsets per row, as a CSR layout would store them, are one
   int per row and are counted too);
 - ``lines``: the per-head lines the estimate returns (what the fused kernel reads, before its tables);
-- ``head``: the per-head column layout (``column_layout="head"``): one column list per head cut to the
-  widest head's count, a count per block, the diagonal prefix count (``Lk + 2`` per head) and the same
-  padded ranges;
+- ``head``: the per-head layout (``column_layout="head"``): one column list per head cut to the
+  widest head's count, the diagonal prefix count (``Lk + 2`` per head), a column and a range count per
+  block, and since stop 40 one table of block-relative ranges per head (two rows, whole bands; before
+  it, the padded per-block ranges above);
 
 and what the per-head layout reads beyond the per-block one: its column slots and its 32-key tiles
 (whole ranges plus columns) as a ratio to the per-block layout's.
@@ -61,7 +62,7 @@ def layer_layout(q, k, scale) -> dict:
         per_head=blocks * int((index.column_count.amax(-1) + 2 * index.range_count.amax(-1)).sum()),
         packed=int(index.column_count.sum()) + 2 * int(index.range_count.sum()) + 2 * rows,
         lines=int(lines.vertical_count.sum()) + int(lines.slash_count.sum()),
-        head=batch * heads * (column_width + k.shape[2] + 2) + rows * (1 + 2 * range_width),
+        head=batch * heads * (column_width + k.shape[2] + 2) + 2 * rows + 2 * head.range_start.numel(),
     )
     row = {f"{name}_of_kv": INT32_BYTES * n / kv_bytes for name, n in entries.items()}
     range_tiles = int(torch.where(index.range_valid(), -(-(index.range_end - index.range_start) // KEY_TILE), 0).sum())

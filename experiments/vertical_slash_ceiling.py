@@ -80,7 +80,8 @@ def launch(q, k, v, index, tiles, kv_head_index, out, scale, pieces: bool):
         index.column_index, kv_head_index, k, v, index.column_count,  # unread: TMA descriptors, cover
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *index.range_count.stride(), *index.range_start.stride(), *index.column_count.stride(),
-        *index.column_index.stride(), hq, q_len, k_len, k_len - q_len, float(scale), 1.0, 0,
+        *index.column_index.stride(), hq, q_len, k_len, k_len - q_len, index.range_start.shape[-1],
+        float(scale), 1.0, 0,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m, RANGE_N=range_n,
         COLUMN_N=column_n, BLOCK_Q=index.block_size_q, HAS_WINDOW=False, HAS_SOFTCAP=False,
         UPCAST=q.dtype == torch.float32 or q.device.type == "cpu", RANGE_PIECES=pieces, COLUMN_STAGES=column_stages,

@@ -70,7 +70,7 @@ def _attend_with_tiles(q, k, v, index, *, scale, kv_head_index, out, tiles):
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *index.range_count.stride(), *index.range_start.stride(),
         *index.column_count.stride(), *index.column_index.stride(),
-        hq, q_len, k_len, k_len - q_len,
+        hq, q_len, k_len, k_len - q_len, index.range_start.shape[-1],
         float(scale), 1.0, 0,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, RANGE_N=range_n, COLUMN_N=column_n,
         BLOCK_Q=index.block_size_q, HAS_WINDOW=False, HAS_SOFTCAP=False, UPCAST=q.dtype == torch.float32,

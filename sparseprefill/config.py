@@ -167,8 +167,10 @@ class VerticalSlashConfig:
     ``column_layout`` (``ColumnLayout``): ``block`` lists each query block's columns outside its bands,
     compacted: O(blocks x verticals) memory, 11.5x a Llama-3.1-8B layer's KV cache at 128K on the
     structured input (5.9 GB, transient, one layer at a time); ``head`` keeps one column list per head that
-    each block masks by its bands in the kernel: 1.2x there (625 MB, most of it the range pieces), but the
-    attention took 1.08-1.24x the time (H100, experiments/kernel_profile.py --time-slacks, docs/benchmarks.md).
+    each block masks by its bands in the kernel, and one table of block-relative ranges per head
+    (``kernels/vertical_slash/head_ranges.py``, since stop 40; before it, per-block range pieces were most
+    of the 625 MB, 1.2x, it kept there), but the attention took 1.08-1.24x the time with per-head
+    columns (H100, experiments/kernel_profile.py --time-slacks, docs/benchmarks.md).
     ``auto`` (default): ``block`` unless its table would take more than half the device memory still
     available, then ``head`` (logged once, counted in ``stats()``). The same keys in every layout.
 

@@ -82,7 +82,11 @@ def _run_launches() -> None:
     pieces = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64,
                                                max_range_keys=32)
     head_columns = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64,
-                                                     column_layout="head")
+                                                     column_layout="head")  # per-head ranges with them
+    head_pieces = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64,
+                                                    column_layout="head", max_range_keys=32)
+    head_columns_only = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length,
+                                                          block_size_q=64, column_layout="head", ranges_per_head=False)
     build_vertical_slash_index_triton(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64, head_runs=True)
     lines_pairs_lower_bound_triton(so, sc, vi, vc, q_len=length, k_len=length, block_size_q=64)
     lines = vertical_slash_lines(vi, vc, so, sc, q_len=length, k_len=length, block_size_q=64)
@@ -111,7 +115,8 @@ def _run_launches() -> None:
         vertical_slash_attention_triton(q, k, v, index, window=window, out=torch.empty_like(q), **kw)
         vertical_slash_attention_triton(q, k, v, pieces, window=window, out=torch.empty_like(q), **kw)
         if window is not None:  # the other load path and the per-head columns, once (compiles are slow)
-            vertical_slash_attention_triton(q, k, v, head_columns, window=window, out=torch.empty_like(q), **kw)
+            for head_index in (head_columns, head_pieces, head_columns_only):
+                vertical_slash_attention_triton(q, k, v, head_index, window=window, out=torch.empty_like(q), **kw)
             for tma in (False, True):  # both load paths, whatever the shipped default
                 vertical_slash_attention_triton(q, k, v, index, window=window, out=torch.empty_like(q),
                                                 range_tma=tma, **kw)
@@ -172,6 +177,10 @@ def compile_all(path: str) -> int:
         kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
         unspecialised = {p.name for p in kernel.params if p.do_not_specialize}
         ones = {n: 1 for n in launch.get("ones", []) if n not in unspecialised}
+        # Constexprs a launcher leaves at their defaults compile as those defaults, as on the GPU.
+        defaults = {p.name: p.default for p in kernel.params
+                    if p.is_constexpr and p.has_default and p.name not in launch["constexprs"]}
+        launch["constexprs"] = dict(defaults, **launch["constexprs"])
         variants = [(launch["signature"], dict(launch["constexprs"], **ones))]
         if "UPCAST" in launch["constexprs"]:
             on_gpu = {n: t.replace("fp32", "bf16", 1) if n in GPU_DTYPE_ARGS and "fp32" in t else t

@@ -95,6 +95,7 @@ def block_sparse_listed_mask(index) -> torch.Tensor:
 
 def vertical_slash_listed_mask(index) -> torch.Tensor:
     """``[B, H, Lq, Lk]`` bool: keys listed by a ``VerticalSlashIndex`` (no causal mask)."""
+    index = index.with_block_lists()
     rc, rs, re_ = index.range_count.tolist(), index.range_start.tolist(), index.range_end.tolist()
     cc, ci = index.column_count.tolist(), index.column_index.tolist()
     b_n, h_n, rq = index.range_count.shape
@@ -117,6 +118,7 @@ def vertical_slash_listed_mask(index) -> torch.Tensor:
 def vertical_slash_key_multiplicity(index) -> torch.Tensor:
     """``[B, H, Rq, Lk]`` int: how many times each key is listed for each query block (ranges and
     columns together). An index is well formed only if every entry is 0 or 1."""
+    index = index.with_block_lists()
     rc, rs, re_ = index.range_count.tolist(), index.range_start.tolist(), index.range_end.tolist()
     cc, ci = index.column_count.tolist(), index.column_index.tolist()
     b_n, h_n, rq = index.range_count.shape

@@ -173,8 +173,9 @@ def index_block_keys(index: VerticalSlashIndex, blocks: torch.Tensor) -> torch.T
     ``blocks`` (the rows of ``index.to_dense_mask`` without the ``L x L`` tensor)."""
     column_count, column_index = index.block_columns(blocks)
     columns_ok = torch.arange(column_index.shape[-1], device=column_index.device) < column_count[..., None]
-    return _listed_keys(index.range_start[:, :, blocks], index.range_end[:, :, blocks],
-                        index.range_valid()[:, :, blocks], column_index, columns_ok, index.k_len)
+    range_count, range_start, range_end = index.block_ranges(blocks)
+    ranges_ok = torch.arange(range_start.shape[-1], device=range_start.device) < range_count[..., None]
+    return _listed_keys(range_start, range_end, ranges_ok, column_index, columns_ok, index.k_len)
 
 
 def block_rows_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,

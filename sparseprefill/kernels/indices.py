@@ -32,6 +32,17 @@ causal and sliding-window masks themselves, so an index may list keys a row cann
     max_range_keys                      optional: every range spans at most this many keys (the
                                         builder cut its merged bands into pieces); kernels with a key
                                         tile that wide walk ranges in one flat loop and trust it
+    ranges_per_head                     optional, the per-head range layout: ``range_start`` and ``range_end``
+                                        are then ``[B, H, 2, M]``, one table per head of ranges relative to
+                                        a block's first position ``p0`` (row 0 for the blocks of the full
+                                        width, row 1 for the last block, whose narrower width merges its
+                                        bands differently; the same as row 0 when it is full), ascending
+                                        and right-aligned: block r reads the last ``range_count[r]`` slots
+                                        of its row, each as ``[max(p0 + start, 0), p0 + end)``. A head's
+                                        merged bands are the same runs of diagonals in every block of one
+                                        width, shifted by ``p0``; those reaching below key 0 are clipped
+                                        there, and those wholly below it are the row's leading slots.
+                                        O(runs) memory per head instead of O(blocks x runs)
     Disjointness is an invariant the converter guarantees: a kernel sums over ranges and columns
     and would count a duplicated key twice.
 
@@ -56,7 +67,10 @@ import torch
 from .common import compact
 from .geometry import block_pair_table, causal_pairs_in_columns, causal_pairs_in_rects, query_block_bounds
 
-__all__ = ["BlockSparseIndex", "VerticalSlashIndex", "VerticalSlashLines"]
+__all__ = ["RANGE_TABLE_ROWS", "BlockSparseIndex", "VerticalSlashIndex", "VerticalSlashLines"]
+
+# Rows of a per-head range table: the blocks of the full width share one, the last block has its own.
+RANGE_TABLE_ROWS = 2
 
 
 def _check_int_tensor(name: str, t: torch.Tensor, ndim: int) -> None:
@@ -197,6 +211,8 @@ class VerticalSlashIndex:
     # Set by a builder that keeps one column list per head (see the module docstring): a block's
     # columns are then the head's first ``column_count`` minus those its bands cover.
     column_cover: torch.Tensor | None = None
+    # Set by a builder that keeps one range table per head (see the module docstring).
+    ranges_per_head: bool = False
 
     def __post_init__(self) -> None:
         if self.max_range_keys is not None and self.max_range_keys < 1:
@@ -211,7 +227,13 @@ class VerticalSlashIndex:
         _check_int_tensor("column_index", self.column_index, 4)
         if self.range_start.shape != self.range_end.shape:
             raise ValueError("range_start and range_end must have the same shape")
-        if self.range_start.shape[:3] != self.range_count.shape:
+        if self.ranges_per_head:
+            batch_heads = tuple(self.range_count.shape[:2])
+            if tuple(self.range_start.shape[:3]) != (*batch_heads, RANGE_TABLE_ROWS):
+                raise ValueError(f"per-head ranges: range_start must be {(*batch_heads, RANGE_TABLE_ROWS, 'M')} (a "
+                                 f"row for full-width blocks, one for the last block), got "
+                                 f"{tuple(self.range_start.shape)}")
+        elif self.range_start.shape[:3] != self.range_count.shape:
             raise ValueError(f"range_start leading dims must match range_count {tuple(self.range_count.shape)}")
         if self.column_cover is None:
             if self.column_index.shape[:3] != self.range_count.shape:
@@ -232,8 +254,51 @@ class VerticalSlashIndex:
             raise ValueError(f"index has {self.range_count.shape[2]} query blocks, Lq={self.q_len} needs {n_q_blocks}")
 
     def range_valid(self) -> torch.Tensor:
+        """``[B, H, Rq, M]`` bool: which slots of the per-block range lists are real (per-head ranges are
+        refused: read ``block_ranges()`` or ``with_block_ranges()``)."""
+        if self.ranges_per_head:
+            raise ValueError("range_valid() describes per-block range lists; this index keeps one range table per "
+                             "head: read block_ranges() or with_block_ranges() instead")
         slots = torch.arange(self.range_start.shape[-1], device=self.range_start.device)
         return slots < self.range_count[..., None]
+
+    def block_ranges(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(range_count [B, H, Rq], range_start, range_end [B, H, Rq, M])``: each block's own ranges in
+        absolute key positions, ascending in the first count (per-head ranges are expanded, O(blocks x
+        ranges)); ``rows [n]`` (a long tensor on the index's device): those query blocks only."""
+        counts = self.range_count if rows is None else self.range_count[:, :, rows]
+        if not self.ranges_per_head:
+            if rows is None:
+                return self.range_count, self.range_start, self.range_end
+            return counts, self.range_start[:, :, rows], self.range_end[:, :, rows]
+        device = self.range_start.device
+        p0, _ = query_block_bounds(self.q_len, self.k_len, self.block_size_q, device)
+        n_blocks = self.range_count.shape[2]
+        table_row = (torch.arange(n_blocks, device=device) == n_blocks - 1).long()
+        if rows is not None:
+            p0, table_row = p0[rows], table_row[rows]
+        width = self.range_start.shape[-1]
+        slots = torch.arange(width, device=device)
+        # Slot j of a block is slot width - count + j of its row: the row's last ``count`` slots.
+        source = (width - counts.long()[..., None] + slots).clamp(0, width - 1)
+        real = slots < counts[..., None]
+        shift = p0[:, None]
+        start = torch.gather(self.range_start[:, :, table_row].long(), -1, source) + shift
+        end = torch.gather(self.range_end[:, :, table_row].long(), -1, source) + shift
+        return (counts, torch.where(real, start.clamp_min(0), 0).to(torch.int32),
+                torch.where(real, end, 0).to(torch.int32))
+
+    def with_block_ranges(self) -> "VerticalSlashIndex":
+        """The same keys with per-block range lists (itself if already so)."""
+        if not self.ranges_per_head:
+            return self
+        count, start, end = self.block_ranges()
+        return replace(self, range_count=count, range_start=start, range_end=end, ranges_per_head=False)
+
+    def with_block_lists(self) -> "VerticalSlashIndex":
+        """The same keys with per-block ranges and columns: what the references, masks and comparisons
+        read."""
+        return self.with_block_ranges().with_block_columns()
 
     @property
     def columns_per_head(self) -> bool:
@@ -290,9 +355,11 @@ class VerticalSlashIndex:
             return self.block_pairs
         p0, p1 = query_block_bounds(self.q_len, self.k_len, self.block_size_q, self.range_start.device)
         p0, p1 = p0[:, None], p1[:, None]
-        rects = causal_pairs_in_rects(p0, p1, self.range_start, self.range_end, window)
+        count, start, end = self.block_ranges()
+        rects = causal_pairs_in_rects(p0, p1, start, end, window)
         cols = causal_pairs_in_columns(p0, p1, self.column_index, window)
-        rects = torch.where(self.range_valid(), rects, 0).sum(dim=-1)
+        range_ok = torch.arange(start.shape[-1], device=start.device) < count[..., None]
+        rects = torch.where(range_ok, rects, 0).sum(dim=-1)
         cols = torch.where(self.column_valid(), cols, 0).sum(dim=-1)
         return rects + cols
 
@@ -307,7 +374,9 @@ class VerticalSlashIndex:
     def with_heads_whole(self, heads: torch.Tensor) -> "VerticalSlashIndex":
         """The same keys, except that every query block of the ``heads [B, H]`` (bool) rows lists every key
         its last row can see as one range, and no column: what a head computed dense attended (for
-        inspectors and recall; whole ranges ignore ``max_range_keys``, so the result records none)."""
+        inspectors and recall; whole ranges ignore ``max_range_keys``, so the result records none; per-head
+        ranges are expanded first)."""
+        self = self.with_block_ranges()
         _, last_row = query_block_bounds(self.q_len, self.k_len, self.block_size_q, self.range_start.device)
         whole = heads[..., None]
         first_slot = (torch.arange(self.range_start.shape[-1], device=self.range_start.device) == 0)
@@ -321,8 +390,8 @@ class VerticalSlashIndex:
     def lists_same_entries(self, other: "VerticalSlashIndex") -> bool:
         """Same counts, and the same real ranges and columns in the same order (padding and the
         padded widths may differ): how two converters are compared without an ``L x L`` mask. Per-head
-        columns are compared as the per-block lists they stand for."""
-        self, other = self.with_block_columns(), other.with_block_columns()
+        columns and ranges are compared as the per-block lists they stand for."""
+        self, other = self.with_block_lists(), other.with_block_lists()
         if (self.block_size_q, self.q_len, self.k_len) != (other.block_size_q, other.q_len, other.k_len):
             return False
         if not (torch.equal(self.range_count, other.range_count) and torch.equal(self.column_count, other.column_count)):
@@ -340,8 +409,8 @@ class VerticalSlashIndex:
 
     def to_dense_mask(self) -> torch.Tensor:
         """``[B, H, Lq, Lk]`` bool of listed keys (no causal mask applied). Debugging and plots only."""
-        if self.column_cover is not None:
-            return self.with_block_columns().to_dense_mask()
+        if self.column_cover is not None or self.ranges_per_head:
+            return self.with_block_lists().to_dense_mask()
         b, h, rq, _ = self.range_start.shape
         keys = torch.arange(self.k_len, device=self.range_start.device)
         in_range = (keys >= self.range_start[..., None]) & (keys < self.range_end[..., None])
@@ -482,16 +551,16 @@ class VerticalSlashLines:
                        slash_count=torch.where(heads, 0, self.slash_count))
 
     def to_index(self, slashes_sorted: bool = False, max_range_keys: int | None = None,
-                 column_layout: str = "block") -> VerticalSlashIndex:
+                 column_layout: str = "block", ranges_per_head: bool | None = None) -> VerticalSlashIndex:
         """The per-query-block ``VerticalSlashIndex`` of the same keys (what the default attends; also
         inspection, recall, profiles). ``slashes_sorted``: the diagonals ascend in their counts
         (``select_lines`` output), which spares the GPU builder a sort. ``max_range_keys``: ranges cut
-        into pieces of at most that many keys; ``column_layout``: ``"block"``, ``"head"`` or ``"auto"``
-        (both as ``build_vertical_slash_index`` takes them)."""
+        into pieces of at most that many keys; ``column_layout``: ``"block"``, ``"head"`` or ``"auto"``;
+        ``ranges_per_head`` (all as ``build_vertical_slash_index`` takes them)."""
         from .vertical_slash import build_vertical_slash_index
 
         return build_vertical_slash_index(
             self.vertical_index, self.vertical_count, self.slash_offset, self.slash_count,
             q_len=self.q_len, k_len=self.k_len, block_size_q=self.block_size_q, slashes_sorted=slashes_sorted,
-            max_range_keys=max_range_keys, column_layout=column_layout,
+            max_range_keys=max_range_keys, column_layout=column_layout, ranges_per_head=ranges_per_head,
         )

@@ -45,21 +45,21 @@ def vertical_slash_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, range_count: torch.Tensor, range_start: torch.Tensor,
     range_end: torch.Tensor, column_count: torch.Tensor, column_index: torch.Tensor, kv_head_index: torch.Tensor,
     out: torch.Tensor, block_size_q: int, scale: float, window: int, softcap: float, max_range_keys: int = 0,
-    column_cover: torch.Tensor | None = None,
+    column_cover: torch.Tensor | None = None, ranges_per_head: bool = False,
 ) -> None:
     from .vertical_slash import vertical_slash_attention
 
     index = VerticalSlashIndex(range_count=range_count, range_start=range_start, range_end=range_end,
                                column_count=column_count, column_index=column_index, block_size_q=block_size_q,
                                q_len=q.shape[2], k_len=k.shape[2], max_range_keys=max_range_keys or None,
-                               column_cover=column_cover)
+                               column_cover=column_cover, ranges_per_head=ranges_per_head)
     vertical_slash_attention(q, k, v, index, scale=scale, window=_none_if_zero(window),
                              softcap=_none_if_zero(softcap), kv_head_index=kv_head_index, out=out)
 
 
 @vertical_slash_attention_op.register_fake
 def _(q, k, v, range_count, range_start, range_end, column_count, column_index, kv_head_index, out, block_size_q,
-      scale, window, softcap, max_range_keys=0, column_cover=None):
+      scale, window, softcap, max_range_keys=0, column_cover=None, ranges_per_head=False):
     return None
 
 
@@ -130,7 +130,7 @@ def call_vertical_slash(q, k, v, index: VerticalSlashIndex, *, scale, window, so
     torch.ops.sparseprefill.vertical_slash_attention(
         q, k, v, index.range_count, index.range_start, index.range_end, index.column_count, index.column_index,
         kv_head_index, out, index.block_size_q, float(scale), int(window or 0), float(softcap or 0.0),
-        int(index.max_range_keys or 0), index.column_cover,
+        int(index.max_range_keys or 0), index.column_cover, index.ranges_per_head,
     )
     return out
 

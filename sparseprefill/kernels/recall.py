@@ -47,10 +47,11 @@ def _kept_mass(index: SparseIndex, probs: torch.Tensor, prefix: torch.Tensor, r0
     rows = torch.arange(r0, r0 + probs.shape[2], device=probs.device) // index.block_size_q
     if isinstance(index, VerticalSlashIndex):
         k_len = probs.shape[-1]
-        start = index.range_start[:, :, rows].long().clamp(0, k_len)
-        end = index.range_end[:, :, rows].long().clamp(0, k_len)
+        count, start, end = index.block_ranges(rows)
+        start, end = start.long().clamp(0, k_len), end.long().clamp(0, k_len)
         in_ranges = torch.gather(prefix, -1, end) - torch.gather(prefix, -1, start)
-        kept = torch.where(index.range_valid()[:, :, rows], in_ranges, 0.0).sum(-1)
+        range_ok = torch.arange(start.shape[-1], device=start.device) < count[..., None]
+        kept = torch.where(range_ok, in_ranges, 0.0).sum(-1)
         if index.columns_per_head:  # one list per head, masked per block
             columns = index.column_index.long().clamp(0, k_len - 1).expand(-1, -1, rows.numel(), -1)
             column_ok = index.column_valid(rows)

@@ -9,6 +9,7 @@ dtype, window and soft-cap; every case uses fresh random inputs and NaN-prefille
 from __future__ import annotations
 
 import functools
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -142,9 +143,12 @@ def test_vertical_slash_fuzz(shape):
     sc, so = compact(torch.rand(batch, hq, k_len, generator=g, device="cuda") < density * 0.2)
     # Per-head columns (masked per block in the kernel) on every other case.
     column_layout = ("block", "head")[(seed // 2) % 2]
-    # Full-width blocks' ranges from their head's runs (``head_runs``) on every other case.
+    # Full-width blocks' ranges from their head's runs (``head_runs``) on every other case; per-head ranges
+    # as the columns go (None), always or never, in turn.
+    ranges_per_head = (None, True, False)[(seed // 16) % 3]
     index = build_vertical_slash_index_triton(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block,
-                                              column_layout=column_layout, head_runs=(seed // 8) % 2 == 1)
+                                              column_layout=column_layout, head_runs=(seed // 8) % 2 == 1,
+                                              ranges_per_head=ranges_per_head)
     # The Triton converter built it on CUDA; the naive converter must list the same keys.
     assert index.lists_same_entries(
         build_vertical_slash_index_naive(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block))
@@ -234,6 +238,11 @@ def test_block_sparse_recall_fuzz(shape):
     reference.fuzz_progress("block sparse recall", COUNTS["block_sparse_recall"])
 
 
+def _on_cpu(index):
+    return replace(index, **{f.name: getattr(index, f.name).cpu() for f in fields(index)
+                             if isinstance(getattr(index, f.name), torch.Tensor)})
+
+
 def _assert_same_index(got, want):
     """The same ranges and columns in the same order (slots past each count ignored)."""
     for counts in ("range_count", "column_count"):
@@ -267,6 +276,19 @@ def test_vertical_slash_index_builder_fuzz(k_len, q_frac, block, p_vertical, p_s
                                             slashes_sorted=(seed // 2) % 2 == 1, head_runs=seed % 2 == 1)
     _assert_same_index(got, want)
     assert torch.equal(got.block_pairs.sum(-1).cpu(), want.computed_pairs().cpu())
+    # Per-head ranges (either column layout, whole bands or 32-key pieces): the torch reference's table
+    # piece for piece, the per-block index's keys and pair counts.
+    pieces, column_layout = (None, 32)[(seed // 4) % 2], ("block", "head")[(seed // 8) % 2]
+    head = _on_cpu(build_vertical_slash_index_triton(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block,
+                                                     column_layout=column_layout, ranges_per_head=True,
+                                                     max_range_keys=pieces))
+    lines = [t.cpu() for t in (vi, vc, so, sc)]
+    reference_head = build_vertical_slash_index(*lines, q_len=q_len, k_len=k_len, block_size_q=block,
+                                                column_layout="head", ranges_per_head=True, max_range_keys=pieces)
+    assert head.lists_same_entries(reference_head)
+    assert torch.equal(head.block_pairs, want.block_pair_counts().cpu())
+    if pieces is None:
+        assert head.lists_same_entries(_on_cpu(want))
     COUNTS["vertical_slash_index"] += 1
     reference.fuzz_progress("vertical slash index", COUNTS["vertical_slash_index"])
 

@@ -52,7 +52,7 @@ def test_vertical_slash_op_passes_opcheck_and_matches(column_layout):
     kvh = torch.arange(4, device=DEVICE) // 2
     out = torch.full_like(q, float("nan"))
     args = (q, k, v, index.range_count, index.range_start, index.range_end, index.column_count,
-            index.column_index, kvh, out, 32, 0.2, 0, 0.0, 0, index.column_cover)
+            index.column_index, kvh, out, 32, 0.2, 0, 0.0, 0, index.column_cover, index.ranges_per_head)
     torch.library.opcheck(torch.ops.sparseprefill.vertical_slash_attention.default, args)
     library.call_vertical_slash(q, k, v, index, scale=0.2, window=None, softcap=None, kv_head_index=kvh, out=out)
     torch.testing.assert_close(out, vertical_slash_attention(q, k, v, index, scale=0.2))

@@ -7,6 +7,8 @@ fp32 reference (``naive.py``) elsewhere. See README.md for the index layout and 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..common import (
@@ -17,6 +19,7 @@ from ..common import (
 from ..indices import VerticalSlashIndex, VerticalSlashLines
 from ..recall import checked_recall_blocks
 from .head_columns import ColumnLayout, diagonal_prefix, resolve_column_layout, to_head_columns
+from .head_ranges import build_per_head_index, head_range_table, resolve_ranges_per_head
 from .naive import (
     block_recall_naive,
     build_vertical_slash_index_naive,
@@ -95,6 +98,7 @@ def build_vertical_slash_index(
     slashes_sorted: bool = False,
     max_range_keys: int | None = None,
     column_layout: ColumnLayout | str = ColumnLayout.BLOCK,
+    ranges_per_head: bool | None = None,
 ) -> VerticalSlashIndex:
     """Build the per-query-block index from per-head lines.
 
@@ -114,6 +118,9 @@ def build_vertical_slash_index(
             and masks by its bands (``column_cover``; O(verticals + Lk)); ``"auto"``, block unless its
             table would exceed ``BLOCK_COLUMNS_MAX_SHARE`` of the device memory still available
             (``head_columns.resolve_column_layout``). The same keys either way.
+        ranges_per_head: one table of block-relative ranges per head (``head_ranges.py``; O(runs)
+            memory per head instead of O(blocks x runs)) instead of a list per block; None: with per-head
+            columns (``HEAD_RANGES_WITH_HEAD_COLUMNS``). The same keys either way.
     """
     if max_range_keys is not None and max_range_keys < 1:
         raise ValueError(f"max_range_keys must be >= 1 or None, got {max_range_keys}")
@@ -129,16 +136,25 @@ def build_vertical_slash_index(
         return build_vertical_slash_index_triton(
             vertical_index, vertical_count, slash_offset, slash_count, q_len=q_len, k_len=k_len,
             block_size_q=block_size_q, slashes_sorted=slashes_sorted, max_range_keys=max_range_keys,
-            column_layout=column_layout,
+            column_layout=column_layout, ranges_per_head=ranges_per_head,
         )
+    if column_layout is ColumnLayout.HEAD and resolve_ranges_per_head(ranges_per_head, True):
+        return build_per_head_index(vertical_index, vertical_count, slash_offset, slash_count, q_len=q_len,
+                                    k_len=k_len, block_size_q=block_size_q, max_range_keys=max_range_keys)
     index = build_vertical_slash_index_naive(
         vertical_index, vertical_count, slash_offset, slash_count, q_len=q_len, k_len=k_len, block_size_q=block_size_q
     )
     int32_bytes = 4
     table_bytes = index.column_index.numel() * int32_bytes  # the compacted per-block table just built
-    if resolve_column_layout(column_layout, table_bytes, vertical_index.device) is ColumnLayout.HEAD:
+    per_head_columns = resolve_column_layout(column_layout, table_bytes, vertical_index.device) is ColumnLayout.HEAD
+    if per_head_columns:
         index = to_head_columns(index, vertical_index, vertical_count,
                                 diagonal_prefix(slash_offset, slash_count, k_len))
+    if resolve_ranges_per_head(ranges_per_head, per_head_columns):
+        count, start, end, _ = head_range_table(slash_offset, slash_count, q_len=q_len, k_len=k_len,
+                                                block_size_q=block_size_q, max_range_keys=max_range_keys)
+        return replace(index, range_count=count, range_start=start, range_end=end, ranges_per_head=True,
+                       max_range_keys=max_range_keys)
     return index if max_range_keys is None else split_ranges_naive(index, max_range_keys)
 
 

@@ -113,18 +113,38 @@ def to_head_columns(index: VerticalSlashIndex, vertical_index: torch.Tensor, ver
     if index.max_range_keys is not None:
         raise ValueError("to_head_columns reads each block's last whole range; give it the index before the "
                          f"range split (max_range_keys={index.max_range_keys})")
-    columns = head_column_list(vertical_index, vertical_count)
-    if width is not None:
-        columns = columns[..., :max(width, 1)].contiguous()
-    _, p1 = query_block_bounds(index.q_len, index.k_len, index.block_size_q, columns.device)
+    if index.ranges_per_head:
+        raise ValueError("to_head_columns reads each block's last whole range from per-block lists; with per-head "
+                         "ranges give the column limit to to_head_columns_below (head_ranges.head_range_table)")
+    _, p1 = query_block_bounds(index.q_len, index.k_len, index.block_size_q, index.range_count.device)
     last = (index.range_count.long() - 1).clamp_min(0)[..., None]
     last_start = torch.gather(index.range_start, -1, last)[..., 0]
     last_end = torch.gather(index.range_end, -1, last)[..., 0]
     reaches_p1 = (index.range_count > 0) & (last_end == p1 + 1)
-    limit = torch.where(reaches_p1, last_start, p1 + 1).to(torch.int32).contiguous()
-    count = torch.searchsorted(columns, limit, out_int32=True)  # columns below the limit
-    return replace(index, column_count=count, column_index=columns[:, :, None, :], column_cover=cover)
+    limit = torch.where(reaches_p1, last_start, p1 + 1)
+    return to_head_columns_below(index, vertical_index, vertical_count, cover, limit, width)
+
+
+def to_head_columns_below(index: VerticalSlashIndex, vertical_index: torch.Tensor, vertical_count: torch.Tensor,
+                          cover: torch.Tensor, limit: torch.Tensor, width: int | None = None) -> VerticalSlashIndex:
+    """``to_head_columns`` with each block's column limit given (``limit [B, H, Rq]``: block r reads the
+    head's columns below it): every column from the limit up to the block's last position lies in the
+    band that ends there."""
+    count, columns = head_columns_below(vertical_index, vertical_count, limit, width)
+    return replace(index, column_count=count, column_index=columns, column_cover=cover)
+
+
+def head_columns_below(vertical_index: torch.Tensor, vertical_count: torch.Tensor, limit: torch.Tensor,
+                       width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(column_count [B, H, Rq] int32, column_index [B, H, 1, W] int32)``: each head's column list
+    (``head_column_list``, ``width`` slots if given) and, per block, how many of its columns lie below
+    ``limit [B, H, Rq]``."""
+    columns = head_column_list(vertical_index, vertical_count)
+    if width is not None:
+        columns = columns[..., :max(width, 1)].contiguous()
+    count = torch.searchsorted(columns, limit.to(torch.int32).contiguous(), out_int32=True)  # columns below it
+    return count, columns[:, :, None, :]
 
 
 __all__ = ["BLOCK_COLUMNS_MAX_SHARE", "ColumnLayout", "available_device_memory", "diagonal_prefix",
-           "head_column_list", "resolve_column_layout", "to_head_columns"]
+           "head_column_list", "head_columns_below", "resolve_column_layout", "to_head_columns", "to_head_columns_below"]

@@ -208,7 +208,7 @@ def vertical_slash_attention_naive(
     ``[B, Hq, ceil(Lq / block_size_q), ...]`` -> ``out [B, Hq, Lq, D]`` (exact softmax over the listed keys)."""
     q_len, k_len = q.shape[2], k.shape[2]
     offset = query_offset(q_len, k_len)
-    index = index.with_block_columns()
+    index = index.with_block_lists()
     bq = index.block_size_q
     range_valid = index.range_valid()
     column_valid = index.column_valid()
@@ -281,7 +281,7 @@ def block_recall_naive(
     row's recall, ``[B, H, nb, block_size_q]``, NaN on rows past the prompt."""
     q_len, rows = q.shape[2], index.block_size_q
     if isinstance(index, VerticalSlashIndex):
-        index = index.with_block_columns()
+        index = index.with_block_lists()
     per_block = []
     for block in blocks.tolist():
         r0 = block * rows

@@ -35,6 +35,16 @@ from ..triton_common import (
 
 
 @triton.jit
+def _range_bounds(RangeStart, RangeEnd, slot, shift, k_len, HEAD_RANGES: tl.constexpr):
+    """Keys ``[start, end)`` of the range at ``slot``: per-head ranges are relative to the block (``shift``:
+    its first position) and clipped at key 0; every range is cut at ``k_len``."""
+    start = tl.load(RangeStart + slot) + shift
+    if HEAD_RANGES:
+        start = tl.maximum(start, 0)
+    return start, tl.minimum(tl.load(RangeEnd + slot) + shift, k_len)
+
+
+@triton.jit
 def _vertical_slash_fwd_kernel(
     Q, K, V, Out, RangeCount, RangeStart, RangeEnd, ColumnCount, ColumnIndex, KvHeadIndex, KDesc, VDesc, ColumnCover,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -45,20 +55,33 @@ def _vertical_slash_fwd_kernel(
     stride_rb, stride_rh, stride_rm, stride_rn,
     stride_ccb, stride_cch, stride_ccm,
     stride_cb, stride_ch, stride_cm, stride_cn,
-    num_heads, q_len, k_len, q_offset,
+    num_heads, q_len, k_len, q_offset, n_range_slots,
     score_scale, softcap, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RANGE_N: tl.constexpr,
     COLUMN_N: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     COLUMN_STAGES: tl.constexpr, RANGE_PIECES: tl.constexpr = False, WIDE_N: tl.constexpr = 0,
     RESCALE_SLACK: tl.constexpr = 0.0, RANGE_TMA: tl.constexpr = False, HEAD_COLUMNS: tl.constexpr = False,
+    HEAD_RANGES: tl.constexpr = False,
 ):
     b, h, index_row_id, offs_m, m_ok, offs_d, d_ok, q, q_pos, first_q_pos, last_q_pos, k_base, v_base = query_tile(
         Q, K, V, KvHeadIndex, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
         num_heads, q_len, q_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_Q, UPCAST)
     m_i, l_i, acc = empty_softmax_state(BLOCK_M, BLOCK_D)
 
+    # The index block's bounds, not this program's rows (a block of BLOCK_Q rows may span several
+    # programs, and its ranges were merged over all of them).
+    block_p0 = (index_row_id * BLOCK_Q + q_offset).to(tl.int32)
+    block_p1 = (tl.minimum(index_row_id * BLOCK_Q + BLOCK_Q, q_len) - 1 + q_offset).to(tl.int32)
     n_ranges = tl.load(RangeCount + b * stride_rcb + h * stride_rch + index_row_id * stride_rcm)
-    range_row = b * stride_rb + h * stride_rh + index_row_id * stride_rm
+    if HEAD_RANGES:
+        # One table per head, relative to the block's first position (row 1: the last block): the
+        # block's ranges are the row's last n_ranges slots, shifted by p0 and clipped at key 0.
+        table_row = (index_row_id == tl.cdiv(q_len, BLOCK_Q) - 1).to(tl.int32)
+        range_row = b * stride_rb + h * stride_rh + table_row * stride_rm + (n_range_slots - n_ranges) * stride_rn
+        range_shift = block_p0
+    else:
+        range_row = b * stride_rb + h * stride_rh + index_row_id * stride_rm
+        range_shift = 0
     if RANGE_TMA:
         # Range tiles by tensor descriptor (KDesc / VDesc over [B, Hkv, Lk, D]): the counters put the
         # pointer path's per-element addresses, bounds and cp.async loads at most of its excess
@@ -66,8 +89,7 @@ def _vertical_slash_fwd_kernel(
         b32 = b.to(tl.int32)
         kv_h32 = tl.load(KvHeadIndex + h).to(tl.int32)
         for r in range(0, n_ranges):
-            start = tl.load(RangeStart + range_row + r * stride_rn)
-            end = tl.minimum(tl.load(RangeEnd + range_row + r * stride_rn), k_len)
+            start, end = _range_bounds(RangeStart, RangeEnd, range_row + r * stride_rn, range_shift, k_len, HEAD_RANGES)
             if RANGE_PIECES:
                 m_i, l_i, acc = attend_key_tile_tma(q, KDesc, VDesc, b32, kv_h32, start, end, q_pos, first_q_pos,
                                                     last_q_pos, m_i, l_i, acc, score_scale, softcap, window, RANGE_N,
@@ -81,16 +103,14 @@ def _vertical_slash_fwd_kernel(
         # Every range fits one tile (the builder cut them): one flat loop, which the compiler
         # software-pipelines across ranges; a merged band is ~3 tiles, too short a loop to pipeline.
         for r in range(0, n_ranges):
-            start = tl.load(RangeStart + range_row + r * stride_rn)
-            end = tl.minimum(tl.load(RangeEnd + range_row + r * stride_rn), k_len)
+            start, end = _range_bounds(RangeStart, RangeEnd, range_row + r * stride_rn, range_shift, k_len, HEAD_RANGES)
             m_i, l_i, acc = attend_key_tile(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd,
                                             stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
                                             score_scale, softcap, window, RANGE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST,
                                             RESCALE_SLACK)
     else:
         for r in range(0, n_ranges):
-            start = tl.load(RangeStart + range_row + r * stride_rn)
-            end = tl.minimum(tl.load(RangeEnd + range_row + r * stride_rn), k_len)
+            start, end = _range_bounds(RangeStart, RangeEnd, range_row + r * stride_rn, range_shift, k_len, HEAD_RANGES)
             m_i, l_i, acc = attend_key_range(q, k_base, v_base, start, end, offs_d, d_ok, stride_kn, stride_kd,
                                              stride_vn, stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc,
                                              score_scale, softcap, window, RANGE_N, WIDE_N, HAS_WINDOW, HAS_SOFTCAP,
@@ -98,11 +118,8 @@ def _vertical_slash_fwd_kernel(
 
     n_columns = tl.load(ColumnCount + b * stride_ccb + h * stride_cch + index_row_id * stride_ccm)
     # Per-head columns: every block reads its head's one list (stride_cm is 0) and skips the columns a
-    # band of its block covers: the index block's bounds, not this program's rows (a block of BLOCK_Q
-    # rows may span several programs, and its ranges were merged over all of them).
+    # band of its block covers.
     column_row = ColumnIndex + b * stride_cb + h * stride_ch + index_row_id * stride_cm
-    block_p0 = (index_row_id * BLOCK_Q + q_offset).to(tl.int32)
-    block_p1 = (tl.minimum(index_row_id * BLOCK_Q + BLOCK_Q, q_len) - 1 + q_offset).to(tl.int32)
     cover = ColumnCover + (b * num_heads + h) * (k_len + 2)
     # Gathered rows pipeline best at another depth than contiguous tiles: the loop carries its own.
     for c0 in tl.range(0, n_columns, COLUMN_N, num_stages=COLUMN_STAGES):
@@ -243,6 +260,7 @@ def vertical_slash_attention_triton(
                              f"got {options['WIDE_N']}")
         k_desc, v_desc = (key_tile_descriptor(x, options["RANGE_N"], options["BLOCK_D"], "range_tma") for x in (k, v))
     options["HEAD_COLUMNS"] = index.columns_per_head
+    options["HEAD_RANGES"] = index.ranges_per_head
     # Per-head columns: one list for every block (stride 0 over blocks), masked by the contiguous cover.
     cover = index.column_cover.contiguous() if index.columns_per_head else index.column_count  # unread if not
     column_strides = list(index.column_index.stride())
@@ -255,7 +273,7 @@ def vertical_slash_attention_triton(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *index.range_count.stride(), *index.range_start.stride(),
         *index.column_count.stride(), *column_strides,
-        hq, q_len, k_len, k_len - q_len, *scalars, **options,
+        hq, q_len, k_len, k_len - q_len, index.range_start.shape[-1], *scalars, **options,
     )
     return out
 

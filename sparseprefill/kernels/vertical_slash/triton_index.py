@@ -29,8 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..indices import VerticalSlashIndex
-from .head_columns import ColumnLayout, resolve_column_layout, to_head_columns
+from ..indices import RANGE_TABLE_ROWS, VerticalSlashIndex
+from .head_columns import ColumnLayout, resolve_column_layout, to_head_columns, to_head_columns_below
+from .head_ranges import resolve_ranges_per_head
+from .triton_head_ranges import head_range_table_kernel, keys_below_pairs, ranges_from_head_table, run_search_steps
 
 LINE_TILE = 128  # lines per vectorised step; a tile of int32 offsets and its neighbours fits registers
 PLAN_TILE = 1024  # diagonals / thresholds per step of the per-head plan (prefix counts, run bounds)
@@ -53,15 +55,6 @@ def _run_ends(slash_base, j, n_visible, width, p0):
     d = tl.load(slash_base + j, mask=ok, other=0)
     d_next = tl.load(slash_base + j + 1, mask=(j + 1) < n_visible, other=0)
     return d, ok & (((j + 1) >= n_visible) | ((d_next - d > width) & (d < p0)))
-
-
-@triton.jit
-def _keys_below_pairs(c, p0, p1):
-    """``F(c) = sum_{r=p0..p1} min(c, r + 1)`` in int64, for ``c >= 0``: rows up to ``m = c - 1``
-    see ``r + 1`` keys below ``c``, later rows all ``c`` of them."""
-    c = c.to(tl.int64)
-    m = tl.minimum(tl.maximum(c - 1, p0 - 1), p1)
-    return (p0 + 1 + m + 1) * (m - p0 + 1) // 2 + c * (p1 - m)
 
 
 @triton.jit
@@ -91,8 +84,8 @@ def _ranges_from_visible_diagonals(slash_base, n_visible, width, p0, p1, p0_wide
         tl.store(RangeEndRow + slot, p1 - d + 1, mask=starts_run)
         tl.store(RangeStartRow + slot, tl.maximum(p0 - d, 0), mask=ends_run)
         runs_before += tl.sum(ends, 0)
-        pairs += tl.sum(tl.where(starts_run, _keys_below_pairs(p1 - d + 1, p0_wide, p1_wide), 0), 0)
-        pairs -= tl.sum(tl.where(ends_run, _keys_below_pairs(tl.maximum(p0 - d, 0), p0_wide, p1_wide), 0), 0)
+        pairs += tl.sum(tl.where(starts_run, keys_below_pairs(p1 - d + 1, p0_wide, p1_wide), 0), 0)
+        pairs -= tl.sum(tl.where(ends_run, keys_below_pairs(tl.maximum(p0 - d, 0), p0_wide, p1_wide), 0), 0)
     return pairs
 
 
@@ -127,8 +120,8 @@ def _ranges_from_head_runs(slash_base, run_end_base, n_head_runs, n_visible, p0,
         end = p1 - d_first + 1
         tl.store(RangeStartRow + n_runs - 1 - k, start, mask=ok)
         tl.store(RangeEndRow + n_runs - 1 - k, end, mask=ok)
-        pairs += tl.sum(tl.where(ok, _keys_below_pairs(end, p0_wide, p1_wide)
-                                 - _keys_below_pairs(start, p0_wide, p1_wide), 0), 0)
+        pairs += tl.sum(tl.where(ok, keys_below_pairs(end, p0_wide, p1_wide)
+                                 - keys_below_pairs(start, p0_wide, p1_wide), 0), 0)
     if has_tail:
         d_first = tl.load(slash_base + tail_first)
         d_last = tl.load(slash_base + n_visible - 1)
@@ -136,18 +129,19 @@ def _ranges_from_head_runs(slash_base, run_end_base, n_head_runs, n_visible, p0,
         end = p1 - d_first + 1
         tl.store(RangeStartRow, start)
         tl.store(RangeEndRow, end)
-        pairs += _keys_below_pairs(end, p0_wide, p1_wide) - _keys_below_pairs(start, p0_wide, p1_wide)
+        pairs += keys_below_pairs(end, p0_wide, p1_wide) - keys_below_pairs(start, p0_wide, p1_wide)
     return pairs
 
 
 @triton.jit
 def _vs_index_kernel(
     VerticalIndex, VerticalCount, SlashOffset, SlashPrefix, HeadRunEnd, HeadRunCount,
-    RangeCount, RangeStart, RangeEnd, ColumnCount, ColumnIndex, BlockPairs,
+    RangeCount, RangeStart, RangeEnd, ColumnCount, ColumnIndex, BlockPairs, ColumnLimit,
     q_len, k_len, q_offset, max_ranges, max_columns, n_vertical_slots, n_slash_slots, max_head_runs,
     stride_head_run_count,
     BLOCK_Q: tl.constexpr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr, STORE_COLUMNS: tl.constexpr = True,
-    HEAD_RUNS: tl.constexpr = True,
+    HEAD_RUNS: tl.constexpr = True, HEAD_RANGES: tl.constexpr = False, PIECE_KEYS: tl.constexpr = 0,
+    RUN_SEARCH_STEPS: tl.constexpr = 1,
 ):
     r = tl.program_id(0)
     # int64: out_row x max_columns passes 2^31 at 128K when a head keeps tens of thousands of columns.
@@ -165,7 +159,18 @@ def _vs_index_kernel(
     n_visible = tl.load(prefix_base + p1 + 1)
 
     count_row, start_row, end_row = RangeCount + out_row, RangeStart + out_row * max_ranges, RangeEnd + out_row * max_ranges
-    if HEAD_RUNS:
+    if HEAD_RANGES:
+        # Per-head ranges (``triton_head_ranges``): RangeStart / RangeEnd are the relative runs [B x H, 2,
+        # max_ranges]; the last block reads row 1, and the run counts are the plan's (bounds[:, 0 or 1]).
+        table_row = (r == n_blocks - 1).to(tl.int32)
+        table = pid_bh * 2 + table_row
+        n_pieces, pairs, limit = ranges_from_head_table(
+            RangeStart + table * max_ranges, RangeEnd + table * max_ranges,
+            tl.load(HeadRunCount + pid_bh * stride_head_run_count + table_row), max_ranges, p0, p1, p0_wide,
+            p1_wide, PIECE_KEYS, TILE, RUN_SEARCH_STEPS)
+        tl.store(count_row, n_pieces)
+        tl.store(ColumnLimit + out_row, limit)
+    elif HEAD_RUNS:
         if width == BLOCK_Q:  # the last block may be narrower: its runs differ from the head's
             pairs = _ranges_from_head_runs(slash_base, HeadRunEnd + pid_bh * max_head_runs,
                                            tl.load(HeadRunCount + pid_bh * stride_head_run_count), n_visible, p0,
@@ -278,9 +283,10 @@ def _slash_prefix_kernel(SlashOffset, SlashCount, SlashPrefix, k_len, n_slash_sl
 
 
 @triton.jit
-def _head_runs_kernel(SlashOffset, SlashCount, RunEnd, n_slash_slots, max_head_runs, width, TILE: tl.constexpr):
+def _head_runs_kernel(SlashOffset, SlashCount, RunEnd, n_slash_slots, stride_run_end_bh, width, TILE: tl.constexpr):
     """Per batch x head: the slot of each run's last diagonal at block width ``width`` (runs of
-    neighbours whose bands overlap or touch, ``d_next - d <= width``; no clipping), ascending."""
+    neighbours whose bands overlap or touch, ``d_next - d <= width``; no clipping), ascending, from
+    ``RunEnd + bh * stride_run_end_bh``."""
     bh = tl.program_id(0).to(tl.int64)
     n = tl.load(SlashCount + bh)
     slash_base = SlashOffset + bh * n_slash_slots
@@ -293,7 +299,7 @@ def _head_runs_kernel(SlashOffset, SlashCount, RunEnd, n_slash_slots, max_head_r
         gap = tl.load(slash_base + j + 1, mask=has_next, other=0) - d
         ends = (ok & (~has_next | (gap > width))).to(tl.int32)
         slot = written + tl.cumsum(ends, 0) - 1
-        tl.store(RunEnd + bh * max_head_runs + slot, j, mask=ends > 0)
+        tl.store(RunEnd + bh * stride_run_end_bh + slot, j, mask=ends > 0)
         written += tl.sum(ends, 0)
 
 
@@ -339,6 +345,7 @@ def build_vertical_slash_index_triton(
     max_range_keys: int | None = None,
     column_layout: ColumnLayout | str = ColumnLayout.BLOCK,
     head_runs: bool | None = None,
+    ranges_per_head: bool | None = None,
 ) -> VerticalSlashIndex:
     """GPU ``build_vertical_slash_index``: per-head lines (``vertical_index [B, H, Nv]``, ``slash_offset
     [B, H, Ns]`` and their ``[B, H]`` counts) -> ``VerticalSlashIndex`` ``[B, H, ceil(q_len / block_size_q), ...]``.
@@ -346,7 +353,9 @@ def build_vertical_slash_index_triton(
     ``max_range_keys``: cut every merged range into pieces of at most that many keys (one more launch,
     sized by the same host read). ``column_layout``: as ``build_vertical_slash_index``; per-head columns
     take the plan's prefix count of diagonals as their ``column_cover``. ``head_runs``: full-width blocks
-    build their ranges from their head's runs (None: ``INDEX_FROM_HEAD_RUNS``; the same output)."""
+    build their ranges from their head's runs (None: ``INDEX_FROM_HEAD_RUNS``; the same output);
+    ``ranges_per_head``: as ``build_vertical_slash_index`` (one relative table per head, built from the
+    head's runs whatever ``head_runs`` says)."""
     b, h = vertical_count.shape
     device = vertical_index.device
     n_blocks = triton.cdiv(q_len, block_size_q)
@@ -378,6 +387,12 @@ def build_vertical_slash_index_triton(
     int32_bytes = 4
     block_table_bytes = b * h * n_blocks * max(max_vertical, 1) * int32_bytes
     per_head_columns = resolve_column_layout(column_layout, block_table_bytes, device) is ColumnLayout.HEAD
+    if resolve_ranges_per_head(ranges_per_head, per_head_columns):
+        lines = (verticals, vertical_count, slashes, slash_count, prefix, bounds)
+        maxima = (max_runs_full, max_runs_last, max_vertical, max_pieces_full, max_pieces_last)
+        return _build_with_head_ranges(vertical_index, lines, maxima, q_len=q_len, k_len=k_len,
+                                       block_size_q=block_size_q, max_range_keys=max_range_keys,
+                                       per_head_columns=per_head_columns)
     max_ranges, max_columns = max(max_runs_full, max_runs_last, 1), 1 if per_head_columns else max(max_vertical, 1)
     range_count = torch.empty(b, h, n_blocks, dtype=torch.int32, device=device)
     column_count = torch.empty_like(range_count)
@@ -396,7 +411,7 @@ def build_vertical_slash_index_triton(
                                     TILE=PLAN_TILE)
     _vs_index_kernel[(n_blocks, b * h)](
         verticals, vertical_count, slashes, prefix, head_run_end, bounds,
-        range_count, range_start, range_end, column_count, column_index, block_pairs,
+        range_count, range_start, range_end, column_count, column_index, block_pairs, range_count,
         q_len, k_len, k_len - q_len, max_ranges, max_columns, n_vertical_slots, n_slash_slots, max_head_runs,
         bounds.stride(0),
         BLOCK_Q=block_size_q, TILE=LINE_TILE, SEARCH_STEPS=max(1, int(n_vertical_slots).bit_length()),
@@ -427,6 +442,61 @@ def build_vertical_slash_index_triton(
         column_index=column_index, block_size_q=block_size_q, q_len=q_len, k_len=k_len, block_pairs=block_pairs,
         max_range_keys=max_range_keys, column_cover=column_cover,
     )
+
+
+def _build_with_head_ranges(vertical_index: torch.Tensor, lines: tuple, maxima: tuple, *, q_len: int, k_len: int,
+                            block_size_q: int, max_range_keys: int | None, per_head_columns: bool) -> VerticalSlashIndex:
+    """The index with one range table per head (``head_ranges.py``): each head's runs at the full and
+    the last block's width, their relative tables, then one program per block that counts what it reads.
+    ``lines``: the builder's int32 ``(verticals, vertical_count, ascending slashes, slash_count, prefix,
+    bounds)`` after the plan; ``maxima``: the plan's bounds' maxima over heads, which size the tables."""
+    verticals, vertical_count, slashes, slash_count, prefix, bounds = lines
+    max_runs_full, max_runs_last, max_vertical, max_pieces_full, max_pieces_last = maxima
+    (b, h), device = vertical_count.shape, verticals.device
+    n_blocks = triton.cdiv(q_len, block_size_q)
+    n_vertical_slots, n_slash_slots = verticals.shape[-1], slashes.shape[-1]
+    max_runs = max(max_runs_full, max_runs_last, 1)
+    head_run_end = torch.empty(b * h, RANGE_TABLE_ROWS, max_runs, dtype=torch.int32, device=device)
+    widths = (block_size_q, q_len - (n_blocks - 1) * block_size_q)
+    for row, width in enumerate(widths):
+        _head_runs_kernel[(b * h,)](slashes, slash_count, head_run_end[:, row], n_slash_slots,
+                                    head_run_end.stride(0), width, TILE=PLAN_TILE)
+    # Slots left of a row's runs are never read (blocks search and walk from the right): no fill.
+    run_start = torch.empty(b, h, RANGE_TABLE_ROWS, max_runs, dtype=torch.int32, device=device)
+    run_end = torch.empty_like(run_start)
+    if max_range_keys is None:
+        max_pieces, piece_start, piece_end = max_runs, run_start, run_end
+    else:
+        max_pieces = max(max_pieces_full, max_pieces_last, 1)
+        piece_start = torch.empty(b, h, RANGE_TABLE_ROWS, max_pieces, dtype=torch.int32, device=device)
+        piece_end = torch.empty_like(piece_start)
+    head_range_table_kernel[(b * h, RANGE_TABLE_ROWS)](
+        slashes, head_run_end, bounds, run_start, run_end, piece_start, piece_end, n_slash_slots, max_runs,
+        max_pieces, bounds.stride(0), bounds.stride(1), *widths, PIECE_KEYS=max_range_keys or 0, TILE=PLAN_TILE,
+    )
+    range_count = torch.empty(b, h, n_blocks, dtype=torch.int32, device=device)
+    column_count = torch.empty_like(range_count)
+    column_limit = torch.empty_like(range_count)
+    max_columns = 1 if per_head_columns else max(max_vertical, 1)
+    column_index = torch.empty(b, h, n_blocks, max_columns, dtype=torch.int32, device=device)
+    block_pairs = torch.empty(b, h, n_blocks, dtype=torch.int64, device=device)
+    _vs_index_kernel[(n_blocks, b * h)](
+        verticals, vertical_count, slashes, prefix, head_run_end, bounds,
+        range_count, run_start, run_end, column_count, column_index, block_pairs, column_limit,
+        q_len, k_len, k_len - q_len, max_runs, max_columns, n_vertical_slots, n_slash_slots, max_runs,
+        bounds.stride(0),
+        BLOCK_Q=block_size_q, TILE=LINE_TILE, SEARCH_STEPS=max(1, int(n_vertical_slots).bit_length()),
+        STORE_COLUMNS=not per_head_columns, HEAD_RUNS=False, HEAD_RANGES=True, PIECE_KEYS=max_range_keys or 0,
+        RUN_SEARCH_STEPS=run_search_steps(max_runs),
+    )
+    index = VerticalSlashIndex(
+        range_count=range_count, range_start=piece_start, range_end=piece_end, column_count=column_count,
+        column_index=column_index, block_size_q=block_size_q, q_len=q_len, k_len=k_len, block_pairs=block_pairs,
+        max_range_keys=max_range_keys, ranges_per_head=True)
+    if not per_head_columns:
+        return index
+    # The plan's bound on the vertical count trims the lists (the estimate's are Lk slots wide).
+    return to_head_columns_below(index, vertical_index, vertical_count, prefix, column_limit, width=max_vertical)
 
 
 __all__ = ["build_vertical_slash_index_triton"]

@@ -44,7 +44,7 @@ from ..triton_common import (
     store_rows,
 )
 from .triton_attention import vertical_slash_launch
-from .triton_index import _keys_below_pairs
+from .triton_head_ranges import keys_below_pairs
 
 _UNUSED_SLOT = torch.iinfo(torch.int32).max  # sorts padding after every real line; never a position
 FULL_WIDTH_GROUPING, LAST_BLOCK_GROUPING = 0, 1
@@ -161,7 +161,7 @@ def _lines_fwd_kernel(
                                          stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale,
                                          softcap, window, RANGE_N, WIDE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST,
                                          RESCALE_SLACK)
-        pairs += _keys_below_pairs(end, p0_wide, p1_wide) - _keys_below_pairs(start, p0_wide, p1_wide)
+        pairs += keys_below_pairs(end, p0_wide, p1_wide) - keys_below_pairs(start, p0_wide, p1_wide)
 
     # --- then the visible bands clipped at key 0 (or cut by visibility), merged into one range
     has_more = n_plain < tl.load(RunCount + grouping * n_heads_total + bh)
@@ -174,7 +174,7 @@ def _lines_fwd_kernel(
                                      stride_vd, q_pos, first_q_pos, last_q_pos, m_i, l_i, acc, score_scale,
                                      softcap, window, RANGE_N, WIDE_N, HAS_WINDOW, HAS_SOFTCAP, UPCAST,
                                      RESCALE_SLACK)
-    pairs += _keys_below_pairs(end, p0_wide, p1_wide) - _keys_below_pairs(start, p0_wide, p1_wide)
+    pairs += keys_below_pairs(end, p0_wide, p1_wide) - keys_below_pairs(start, p0_wide, p1_wide)
 
     # --- the head's columns up to p1 that no band covers
     n_candidates = tl.load(VisibleColumns + block_row)

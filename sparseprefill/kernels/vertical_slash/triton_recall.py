@@ -122,14 +122,14 @@ def block_recall_triton(
 ) -> torch.Tensor:
     """GPU ``vertical_slash_block_recall``: ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]``, ``index``
     ``[B, Hq, Rq, ...]``, ``blocks [nb]`` index rows -> ``[B, Hq, nb]`` fp32 mean recall per block."""
-    if index.columns_per_head:
-        # The checked blocks' own column lists (a few blocks: O(checked x verticals)), one row per check.
+    per_check = index.columns_per_head or index.ranges_per_head
+    if per_check:
+        # The checked blocks' own lists (a few blocks: O(checked x lines)), one row per check.
         rows = torch.as_tensor(blocks, dtype=torch.long).to(index.range_count.device)
-        lists = (index.range_count[:, :, rows], index.range_start[:, :, rows], index.range_end[:, :, rows],
-                 *index.block_columns(rows))
+        lists = (*index.block_ranges(rows), *index.block_columns(rows))
     else:
         lists = (index.range_count, index.range_start, index.range_end, index.column_count, index.column_index)
-    return listed_keys_recall_triton(q, k, lists, blocks, index.block_size_q, rows_per_check=index.columns_per_head,
+    return listed_keys_recall_triton(q, k, lists, blocks, index.block_size_q, rows_per_check=per_check,
                                      scale=scale, softcap=softcap, kv_head_index=kv_head_index, split_keys=split_keys)
 
 
