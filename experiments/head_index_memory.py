@@ -46,7 +46,7 @@ FIELDS = ["shape", "length", "max_range_keys", "kv_cache_mib", "per_block_mib", 
 
 
 def plan_piece_bound(slash_offset: torch.Tensor, slash_count: torch.Tensor, width: int, piece_keys: int | None) -> int:
-    """The GPU plan's bound on any head's ranges at this block width (``triton_index._slash_plan_kernel``):
+    """The GPU plan's bound on any head's ranges at this block width (``triton_plan.slash_plan_kernel``):
     its runs without pieces, else ``(sum over runs of hi - lo + runs * (width + piece_keys - 1)) //
     piece_keys``; the largest head's."""
     lo, hi, runs = head_run_bounds(slash_offset, slash_count, width)

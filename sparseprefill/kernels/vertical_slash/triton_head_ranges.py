@@ -1,7 +1,7 @@
 """Triton kernels of the per-head range layout (``head_ranges.py`` has the layout and its torch twin).
 
 ``head_range_tables``: one program per (batch x head, table row) turns the head's runs of diagonals at
-the row's block width (``triton_index._head_runs_kernel``: the slot of each run's last diagonal) into
+the row's block width (``triton_plan.head_runs_kernel``: the slot of each run's last diagonal) into
 relative ranges, right-aligned and ascending in keys (farthest run first), and, with range pieces, the
 same ranges cut into pieces. ``ranges_from_head_table`` is what a block of the index kernel does with
 them: find the first run it sees (a binary search: the table ascends in ends), count the pieces it will

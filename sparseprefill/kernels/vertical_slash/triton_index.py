@@ -33,9 +33,9 @@ from ..indices import RANGE_TABLE_ROWS, VerticalSlashIndex
 from .head_columns import ColumnLayout, resolve_column_layout, to_head_columns, to_head_columns_below
 from .head_ranges import resolve_ranges_per_head
 from .triton_head_ranges import head_range_table_kernel, keys_below_pairs, ranges_from_head_table, run_search_steps
+from .triton_plan import PLAN_TILE, head_runs_kernel, slash_plan_kernel, slash_prefix_kernel
 
 LINE_TILE = 128  # lines per vectorised step; a tile of int32 offsets and its neighbours fits registers
-PLAN_TILE = 1024  # diagonals / thresholds per step of the per-head plan (prefix counts, run bounds)
 SPLIT_TILE = 64  # ranges per step of the range split (a block holds a few hundred at 128K)
 _UNUSED_SLOT = torch.iinfo(torch.int32).max  # sorts padding slots after every real offset
 
@@ -217,93 +217,6 @@ def _vs_index_kernel(
 
 
 @triton.jit
-def _slash_plan_kernel(
-    SlashOffset, SlashCount, VerticalCount, Bounds, n_slash_slots, full_width, last_width, piece_keys,
-    TILE: tl.constexpr,
-):
-    """Per batch x head, from its ascending diagonals: ``Bounds[bh] = (runs at the full block width, runs at the last block's
-    width, vertical count, range pieces at the full width, at the last width)``: a block's visible
-    diagonals are a prefix of the list and clipping at key 0 only merges runs, so the whole list's run
-    count at a block's width bounds every block's. Likewise a block's range from run ``[d_a .. d_b]``
-    spans at most ``d_b - d_a + width`` keys (one merged at key 0 no more than the run holding its
-    first diagonal), so ``sum over runs of ceil((d_b - d_a + width) / piece_keys)``, bounded above by
-    ``(sum d_b - sum d_a + runs * (width + piece_keys - 1)) // piece_keys``, bounds its pieces."""
-    bh = tl.program_id(0).to(tl.int64)
-    lanes = tl.arange(0, TILE)
-    n = tl.load(SlashCount + bh)
-    slash_base = SlashOffset + bh * n_slash_slots
-    runs_full = tl.zeros([], dtype=tl.int32)
-    runs_last = tl.zeros([], dtype=tl.int32)
-    span_full = tl.zeros([], dtype=tl.int64)  # sum over runs of d_b - d_a
-    span_last = tl.zeros([], dtype=tl.int64)
-    for j0 in range(0, n, TILE):
-        j = j0 + lanes
-        ok = j < n
-        has_next = (j + 1) < n
-        d = tl.load(slash_base + j, mask=ok, other=0)
-        gap = tl.load(slash_base + j + 1, mask=has_next, other=0) - d
-        gap_before = d - tl.load(slash_base + j - 1, mask=ok & (j > 0), other=0)
-        ends_full = ok & (~has_next | (gap > full_width))
-        ends_last = ok & (~has_next | (gap > last_width))
-        starts_full = ok & ((j == 0) | (gap_before > full_width))
-        starts_last = ok & ((j == 0) | (gap_before > last_width))
-        runs_full += tl.sum(ends_full.to(tl.int32), 0)
-        runs_last += tl.sum(ends_last.to(tl.int32), 0)
-        d_wide = d.to(tl.int64)
-        span_full += tl.sum(tl.where(ends_full, d_wide, 0) - tl.where(starts_full, d_wide, 0), 0)
-        span_last += tl.sum(tl.where(ends_last, d_wide, 0) - tl.where(starts_last, d_wide, 0), 0)
-    tl.store(Bounds + bh * 5, runs_full)
-    tl.store(Bounds + bh * 5 + 1, runs_last)
-    tl.store(Bounds + bh * 5 + 2, tl.load(VerticalCount + bh))
-    pieces_full = (span_full + runs_full.to(tl.int64) * (full_width + piece_keys - 1)) // piece_keys
-    pieces_last = (span_last + runs_last.to(tl.int64) * (last_width + piece_keys - 1)) // piece_keys
-    tl.store(Bounds + bh * 5 + 3, pieces_full.to(tl.int32))
-    tl.store(Bounds + bh * 5 + 4, pieces_last.to(tl.int32))
-
-
-@triton.jit
-def _slash_prefix_kernel(SlashOffset, SlashCount, SlashPrefix, k_len, n_slash_slots, TILE: tl.constexpr,
-                         SEARCH_STEPS: tl.constexpr):
-    """Per batch x head and tile of thresholds ``t``: ``prefix[t]`` = diagonals below ``t``, for ``t`` in
-    ``[0, k_len + 1]`` (a binary search per ``t``; repeats counted, the kernel only asks "any in
-    [lo, hi]?"). A program per tile: one per head walked 128 tiles of 18 dependent loads at 128K."""
-    bh = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * TILE + tl.arange(0, TILE)
-    n = tl.load(SlashCount + bh)
-    slash_base = SlashOffset + bh * n_slash_slots
-    lo = tl.zeros([TILE], dtype=tl.int32)
-    hi = tl.zeros([TILE], dtype=tl.int32) + n
-    for _ in tl.static_range(SEARCH_STEPS):  # first slot whose diagonal is >= t
-        active = lo < hi
-        mid = (lo + hi) // 2
-        below = active & (tl.load(slash_base + mid, mask=active, other=0) < t)
-        lo = tl.where(below, mid + 1, lo)
-        hi = tl.where(active & ~below, mid, hi)
-    tl.store(SlashPrefix + bh * (k_len + 2) + t, lo, mask=t < k_len + 2)
-
-
-@triton.jit
-def _head_runs_kernel(SlashOffset, SlashCount, RunEnd, n_slash_slots, stride_run_end_bh, width, TILE: tl.constexpr):
-    """Per batch x head: the slot of each run's last diagonal at block width ``width`` (runs of
-    neighbours whose bands overlap or touch, ``d_next - d <= width``; no clipping), ascending, from
-    ``RunEnd + bh * stride_run_end_bh``."""
-    bh = tl.program_id(0).to(tl.int64)
-    n = tl.load(SlashCount + bh)
-    slash_base = SlashOffset + bh * n_slash_slots
-    written = 0
-    for j0 in range(0, n, TILE):
-        j = j0 + tl.arange(0, TILE)
-        ok = j < n
-        has_next = (j + 1) < n
-        d = tl.load(slash_base + j, mask=ok, other=0)
-        gap = tl.load(slash_base + j + 1, mask=has_next, other=0) - d
-        ends = (ok & (~has_next | (gap > width))).to(tl.int32)
-        slot = written + tl.cumsum(ends, 0) - 1
-        tl.store(RunEnd + bh * stride_run_end_bh + slot, j, mask=ends > 0)
-        written += tl.sum(ends, 0)
-
-
-@triton.jit
 def _split_ranges_kernel(
     RangeCount, RangeStart, RangeEnd, PieceCount, PieceStart, PieceEnd, max_ranges, max_pieces,
     PIECE_KEYS: tl.constexpr, TILE: tl.constexpr,
@@ -360,7 +273,7 @@ def build_vertical_slash_index_triton(
     device = vertical_index.device
     n_blocks = triton.cdiv(q_len, block_size_q)
     verticals = vertical_index.to(torch.int32).contiguous()
-    n_vertical_slots, n_slash_slots = verticals.shape[-1], slash_offset.shape[-1]
+    n_slash_slots = slash_offset.shape[-1]
     slash_count = slash_count.to(torch.int32).contiguous()
     if slashes_sorted:  # the kernels read only the first count slots
         slashes = slash_offset.to(torch.int32).contiguous()
@@ -374,11 +287,11 @@ def build_vertical_slash_index_triton(
     prefix = torch.empty(b, h, k_len + 2, dtype=torch.int32, device=device)
     bounds = torch.empty(b * h, 5, dtype=torch.int32, device=device)
     last_width = q_len - (n_blocks - 1) * block_size_q
-    _slash_prefix_kernel[(b * h, triton.cdiv(k_len + 2, PLAN_TILE))](
+    slash_prefix_kernel[(b * h, triton.cdiv(k_len + 2, PLAN_TILE))](
         slashes, slash_count, prefix, k_len, n_slash_slots, TILE=PLAN_TILE,
         SEARCH_STEPS=max(1, int(n_slash_slots).bit_length()),
     )
-    _slash_plan_kernel[(b * h,)](
+    slash_plan_kernel[(b * h,)](
         slashes, slash_count, vertical_count, bounds, n_slash_slots, block_size_q, last_width, max_range_keys or 1,
         TILE=PLAN_TILE,
     )
@@ -387,36 +300,30 @@ def build_vertical_slash_index_triton(
     int32_bytes = 4
     block_table_bytes = b * h * n_blocks * max(max_vertical, 1) * int32_bytes
     per_head_columns = resolve_column_layout(column_layout, block_table_bytes, device) is ColumnLayout.HEAD
+    lines = (verticals, vertical_count, slashes, slash_count, prefix, bounds)
     if resolve_ranges_per_head(ranges_per_head, per_head_columns):
-        lines = (verticals, vertical_count, slashes, slash_count, prefix, bounds)
         maxima = (max_runs_full, max_runs_last, max_vertical, max_pieces_full, max_pieces_last)
         return _build_with_head_ranges(vertical_index, lines, maxima, q_len=q_len, k_len=k_len,
                                        block_size_q=block_size_q, max_range_keys=max_range_keys,
                                        per_head_columns=per_head_columns)
-    max_ranges, max_columns = max(max_runs_full, max_runs_last, 1), 1 if per_head_columns else max(max_vertical, 1)
-    range_count = torch.empty(b, h, n_blocks, dtype=torch.int32, device=device)
-    column_count = torch.empty_like(range_count)
+    max_ranges = max(max_runs_full, max_runs_last, 1)
+    range_count, column_count, column_index, block_pairs = _block_outputs(lines, n_blocks, max_vertical,
+                                                                          per_head_columns)
     # Slots past a block's counts are never read (every consumer masks by the counts): no fill.
     range_start = torch.empty(b, h, n_blocks, max_ranges, dtype=torch.int32, device=device)
     range_end = torch.empty_like(range_start)
-    column_index = torch.empty(b, h, n_blocks, max_columns, dtype=torch.int32, device=device)
-    block_pairs = torch.empty(b, h, n_blocks, dtype=torch.int64, device=device)
     # Each head's runs at the full block width (bounds[:, 0] counts them), which every full-width block
     # reads instead of its visible diagonals.
     max_head_runs = max(max_runs_full, 1)
     head_run_end = torch.empty(b * h, max_head_runs, dtype=torch.int32, device=device)
     head_runs = INDEX_FROM_HEAD_RUNS if head_runs is None else head_runs
     if head_runs:
-        _head_runs_kernel[(b * h,)](slashes, slash_count, head_run_end, n_slash_slots, max_head_runs, block_size_q,
+        head_runs_kernel[(b * h,)](slashes, slash_count, head_run_end, n_slash_slots, max_head_runs, block_size_q,
                                     TILE=PLAN_TILE)
-    _vs_index_kernel[(n_blocks, b * h)](
-        verticals, vertical_count, slashes, prefix, head_run_end, bounds,
-        range_count, range_start, range_end, column_count, column_index, block_pairs, range_count,
-        q_len, k_len, k_len - q_len, max_ranges, max_columns, n_vertical_slots, n_slash_slots, max_head_runs,
-        bounds.stride(0),
-        BLOCK_Q=block_size_q, TILE=LINE_TILE, SEARCH_STEPS=max(1, int(n_vertical_slots).bit_length()),
-        STORE_COLUMNS=not per_head_columns, HEAD_RUNS=bool(head_runs),
-    )
+    _launch_index_kernel(lines, head_run_end, (range_count, range_start, range_end, column_count, column_index,
+                                               block_pairs, range_count), max_ranges, max_head_runs,
+                         q_len=q_len, k_len=k_len, block_size_q=block_size_q, per_head_columns=per_head_columns,
+                         HEAD_RUNS=bool(head_runs))
     if per_head_columns:
         # The per-head layout reads each block's last whole range: before the split below.
         whole = VerticalSlashIndex(
@@ -444,6 +351,33 @@ def build_vertical_slash_index_triton(
     )
 
 
+def _block_outputs(lines: tuple, n_blocks: int, max_vertical: int, per_head_columns: bool) -> tuple:
+    """``(range_count, column_count [B, H, Rq] int32, column_index [B, H, Rq, V] int32, block_pairs [B, H, Rq]
+    int64)`` for the index kernel to fill (``V``: 1 for per-head columns, listed later)."""
+    vertical_count, device = lines[1], lines[0].device
+    range_count = torch.empty(*vertical_count.shape, n_blocks, dtype=torch.int32, device=device)
+    max_columns = 1 if per_head_columns else max(max_vertical, 1)
+    column_index = torch.empty(*range_count.shape, max_columns, dtype=torch.int32, device=device)
+    block_pairs = torch.empty(range_count.shape, dtype=torch.int64, device=device)
+    return range_count, torch.empty_like(range_count), column_index, block_pairs
+
+
+def _launch_index_kernel(lines: tuple, head_run_end: torch.Tensor, outputs: tuple, range_width: int,
+                         head_runs_width: int, *, q_len: int, k_len: int, block_size_q: int, per_head_columns: bool,
+                         **constexprs) -> None:
+    """One ``_vs_index_kernel`` program per (query block, batch x head): ``outputs`` = (range count,
+    start, end, column count, column index, block pairs, column limit) as the kernel takes them."""
+    verticals, vertical_count, slashes, _, prefix, bounds = lines
+    column_index = outputs[4]
+    _vs_index_kernel[(triton.cdiv(q_len, block_size_q), vertical_count.numel())](
+        verticals, vertical_count, slashes, prefix, head_run_end, bounds, *outputs,
+        q_len, k_len, k_len - q_len, range_width, column_index.shape[-1], verticals.shape[-1], slashes.shape[-1],
+        head_runs_width, bounds.stride(0),
+        BLOCK_Q=block_size_q, TILE=LINE_TILE, SEARCH_STEPS=max(1, int(verticals.shape[-1]).bit_length()),
+        STORE_COLUMNS=not per_head_columns, **constexprs,
+    )
+
+
 def _build_with_head_ranges(vertical_index: torch.Tensor, lines: tuple, maxima: tuple, *, q_len: int, k_len: int,
                             block_size_q: int, max_range_keys: int | None, per_head_columns: bool) -> VerticalSlashIndex:
     """The index with one range table per head (``head_ranges.py``): each head's runs at the full and
@@ -454,12 +388,12 @@ def _build_with_head_ranges(vertical_index: torch.Tensor, lines: tuple, maxima: 
     max_runs_full, max_runs_last, max_vertical, max_pieces_full, max_pieces_last = maxima
     (b, h), device = vertical_count.shape, verticals.device
     n_blocks = triton.cdiv(q_len, block_size_q)
-    n_vertical_slots, n_slash_slots = verticals.shape[-1], slashes.shape[-1]
+    n_slash_slots = slashes.shape[-1]
     max_runs = max(max_runs_full, max_runs_last, 1)
     head_run_end = torch.empty(b * h, RANGE_TABLE_ROWS, max_runs, dtype=torch.int32, device=device)
     widths = (block_size_q, q_len - (n_blocks - 1) * block_size_q)
     for row, width in enumerate(widths):
-        _head_runs_kernel[(b * h,)](slashes, slash_count, head_run_end[:, row], n_slash_slots,
+        head_runs_kernel[(b * h,)](slashes, slash_count, head_run_end[:, row], n_slash_slots,
                                     head_run_end.stride(0), width, TILE=PLAN_TILE)
     # Slots left of a row's runs are never read (blocks search and walk from the right): no fill.
     run_start = torch.empty(b, h, RANGE_TABLE_ROWS, max_runs, dtype=torch.int32, device=device)
@@ -474,21 +408,14 @@ def _build_with_head_ranges(vertical_index: torch.Tensor, lines: tuple, maxima: 
         slashes, head_run_end, bounds, run_start, run_end, piece_start, piece_end, n_slash_slots, max_runs,
         max_pieces, bounds.stride(0), bounds.stride(1), *widths, PIECE_KEYS=max_range_keys or 0, TILE=PLAN_TILE,
     )
-    range_count = torch.empty(b, h, n_blocks, dtype=torch.int32, device=device)
-    column_count = torch.empty_like(range_count)
+    range_count, column_count, column_index, block_pairs = _block_outputs(lines, n_blocks, max_vertical,
+                                                                          per_head_columns)
     column_limit = torch.empty_like(range_count)
-    max_columns = 1 if per_head_columns else max(max_vertical, 1)
-    column_index = torch.empty(b, h, n_blocks, max_columns, dtype=torch.int32, device=device)
-    block_pairs = torch.empty(b, h, n_blocks, dtype=torch.int64, device=device)
-    _vs_index_kernel[(n_blocks, b * h)](
-        verticals, vertical_count, slashes, prefix, head_run_end, bounds,
-        range_count, run_start, run_end, column_count, column_index, block_pairs, column_limit,
-        q_len, k_len, k_len - q_len, max_runs, max_columns, n_vertical_slots, n_slash_slots, max_runs,
-        bounds.stride(0),
-        BLOCK_Q=block_size_q, TILE=LINE_TILE, SEARCH_STEPS=max(1, int(n_vertical_slots).bit_length()),
-        STORE_COLUMNS=not per_head_columns, HEAD_RUNS=False, HEAD_RANGES=True, PIECE_KEYS=max_range_keys or 0,
-        RUN_SEARCH_STEPS=run_search_steps(max_runs),
-    )
+    _launch_index_kernel(lines, head_run_end, (range_count, run_start, run_end, column_count, column_index,
+                                               block_pairs, column_limit), max_runs, max_runs,
+                         q_len=q_len, k_len=k_len, block_size_q=block_size_q, per_head_columns=per_head_columns,
+                         HEAD_RUNS=False, HEAD_RANGES=True, PIECE_KEYS=max_range_keys or 0,
+                         RUN_SEARCH_STEPS=run_search_steps(max_runs))
     index = VerticalSlashIndex(
         range_count=range_count, range_start=piece_start, range_end=piece_end, column_count=column_count,
         column_index=column_index, block_size_q=block_size_q, q_len=q_len, k_len=k_len, block_pairs=block_pairs,
