@@ -112,7 +112,8 @@ class LayerStats:
     fallbacks: Counter = field(default_factory=Counter)
     patterns: Counter = field(default_factory=Counter)
     # Sparse calls whose vertical-slash index kept one column list per head (``column_layout``: asked for,
-    # or chosen by ``auto`` where the per-block table would not fit the device memory).
+    # or chosen by ``auto`` where the per-block table would not fit the device memory), and with it one
+    # range table per head (``HEAD_RANGES_WITH_HEAD_COLUMNS``).
     _per_head_columns: DeviceCount = field(default_factory=DeviceCount, repr=False)
     causal_pairs: int = 0
     # (batch row, head) pairs of sparse calls whose estimate kept past the kernel's break-even, or failed
@@ -229,7 +230,8 @@ class PatchStats:
 
     @property
     def per_head_columns(self) -> int:
-        """Sparse calls whose vertical-slash index kept one column list per head (``column_layout``)."""
+        """Sparse calls whose vertical-slash index kept one column list (and range table) per head
+        (``column_layout``)."""
         return sum(s.per_head_columns for s in self.layers)
 
     @property
