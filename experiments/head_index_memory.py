@@ -107,7 +107,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks(x.tolist(), labels)
     ax.set_ylabel("index kept / layer's bf16 KV cache")
     ax.set_title("The default's index on the structured input (CPU counts)")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

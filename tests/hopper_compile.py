@@ -103,6 +103,10 @@ def _run_launches() -> None:
     lines_pairs_lower_bound_triton(*compact(torch.ones(1, 1, 1, dtype=torch.bool))[::-1],
                                    *compact(torch.ones(1, 1, 1, dtype=torch.bool))[::-1], q_len=1, k_len=1,
                                    block_size_q=64)
+    # The per-head range tables of one line per kind: one run, one piece, one slot (all arguments 1).
+    build_vertical_slash_index_triton(*compact(torch.ones(1, 1, 1, dtype=torch.bool))[::-1],
+                                      *compact(torch.ones(1, 1, 1, dtype=torch.bool))[::-1], q_len=1, k_len=1,
+                                      block_size_q=64, column_layout="head", max_range_keys=32)
     # The block selection on a short row (4 warps) and on a row past SMALL_ROW_BLOCKS (8 warps).
     select_blocks_triton(torch.rand(1, hq, n_blocks, n_blocks, generator=g), q_len=length, k_len=length,
                          block_size_q=64, block_size_k=64, mass=0.9, sink_blocks=1)

@@ -104,7 +104,7 @@ def test_head_columns_list_the_per_block_keys(b, h, lq, lk, block, p_vertical, p
         assert bool((naive.column_count <= up_to_p1).all())
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(k_len=st.integers(1, 160), q_frac=st.floats(0.0, 1.0), block=st.sampled_from([1, 3, 8, 16, 64]),
        n_vertical=st.integers(0, 40), n_slash=st.integers(0, 40), seed=st.integers(0, 2**16))
 def test_head_columns_on_unsorted_repeated_lines(k_len, q_frac, block, n_vertical, n_slash, seed):
