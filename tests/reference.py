@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -91,6 +92,13 @@ def block_sparse_listed_mask(index) -> torch.Tensor:
                         if 0 <= j < index.k_len:
                             mask[b, h, rows.start : rows.stop, j] = True
     return mask
+
+
+def on_cpu(index):
+    """An index dataclass (any of ``kernels.indices``) with every tensor field moved to the CPU, for
+    comparisons against CPU references."""
+    return replace(index, **{f.name: getattr(index, f.name).cpu() for f in fields(index)
+                             if isinstance(getattr(index, f.name), torch.Tensor)})
 
 
 def vertical_slash_listed_mask(index) -> torch.Tensor:

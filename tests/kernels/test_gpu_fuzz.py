@@ -9,7 +9,6 @@ dtype, window and soft-cap; every case uses fresh random inputs and NaN-prefille
 from __future__ import annotations
 
 import functools
-from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -238,11 +237,6 @@ def test_block_sparse_recall_fuzz(shape):
     reference.fuzz_progress("block sparse recall", COUNTS["block_sparse_recall"])
 
 
-def _on_cpu(index):
-    return replace(index, **{f.name: getattr(index, f.name).cpu() for f in fields(index)
-                             if isinstance(getattr(index, f.name), torch.Tensor)})
-
-
 def _assert_same_index(got, want):
     """The same ranges and columns in the same order (slots past each count ignored)."""
     for counts in ("range_count", "column_count"):
@@ -279,7 +273,7 @@ def test_vertical_slash_index_builder_fuzz(k_len, q_frac, block, p_vertical, p_s
     # Per-head ranges (either column layout, whole bands or 32-key pieces): the torch reference's table
     # piece for piece, the per-block index's keys and pair counts.
     pieces, column_layout = (None, 32)[(seed // 4) % 2], ("block", "head")[(seed // 8) % 2]
-    head = _on_cpu(build_vertical_slash_index_triton(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block,
+    head = reference.on_cpu(build_vertical_slash_index_triton(vi, vc, so, sc, q_len=q_len, k_len=k_len, block_size_q=block,
                                                      column_layout=column_layout, ranges_per_head=True,
                                                      max_range_keys=pieces))
     lines = [t.cpu() for t in (vi, vc, so, sc)]
@@ -288,7 +282,7 @@ def test_vertical_slash_index_builder_fuzz(k_len, q_frac, block, p_vertical, p_s
     assert head.lists_same_entries(reference_head)
     assert torch.equal(head.block_pairs, want.block_pair_counts().cpu())
     if pieces is None:
-        assert head.lists_same_entries(_on_cpu(want))
+        assert head.lists_same_entries(reference.on_cpu(want))
     COUNTS["vertical_slash_index"] += 1
     reference.fuzz_progress("vertical slash index", COUNTS["vertical_slash_index"])
 

@@ -1,5 +1,7 @@
 """The per-head column layout of ``VerticalSlashIndex`` (``column_layout="head"``): one column list per
-head that every query block masks by its own bands, against the per-block layout of the same lines.
+head that every query block masks by its own bands, against the per-block layout of the same lines. The
+attention and recall kernel tests here also cover per-head ranges (``HEAD_LAYOUTS``; their builders are
+tested in ``test_head_ranges.py``).
 
 The builders (naive and Triton) must list exactly the per-block layout's keys; the attention and recall
 kernels on the per-head layout must match the naive twins on the per-block layout. On the CPU the Triton
@@ -82,7 +84,7 @@ def test_head_columns_list_the_per_block_keys(b, h, lq, lk, block, p_vertical, p
     per_block = build_vertical_slash_index_naive(*[a.cpu() for a in args], **kw)
     naive = build_vertical_slash_index(*[a.cpu() for a in args], column_layout="head", **kw)
     got = build_vertical_slash_index_triton(*args, column_layout="head", **kw)
-    for index in (naive, _on_cpu(got)):
+    for index in (naive, reference.on_cpu(got)):
         assert index.columns_per_head and tuple(index.column_index.shape[:3]) == (b, h, 1)
         assert index.lists_same_entries(per_block) and per_block.lists_same_entries(index)
         assert torch.equal(index.computed_pairs(), per_block.computed_pairs())
@@ -118,32 +120,41 @@ def test_head_columns_on_unsorted_repeated_lines(k_len, q_frac, block, n_vertica
     naive = build_vertical_slash_index(*[a.cpu() for a in args], column_layout="head", **kw)
     got = build_vertical_slash_index_triton(*args, column_layout="head", **kw)
     assert naive.lists_same_entries(per_block)
-    assert _on_cpu(got).lists_same_entries(per_block)
+    assert reference.on_cpu(got).lists_same_entries(per_block)
     listed = naive.column_index[:, :, 0]
     real = listed != torch.iinfo(torch.int32).max
     assert bool((listed[..., 1:] > listed[..., :-1])[real[..., 1:]].all()), "per-head list not ascending and unique"
     assert torch.equal(got.block_pairs.sum(-1).cpu(), per_block.computed_pairs())
 
 
-def _on_cpu(index):
-    from dataclasses import fields, replace
+# The per-head layouts the kernels read, against the per-block one: (column_layout, ranges_per_head).
+# Per-head columns with per-block ranges, with per-head ranges (as the builders pair them), and
+# per-head ranges beside per-block columns.
+HEAD_LAYOUTS = [("head", False), ("head", True), ("block", True)]
+HEAD_LAYOUT_ID = lambda layout: f"{layout[0]}-columns-{'head' if layout[1] else 'block'}-ranges"  # noqa: E731
 
-    return replace(index, **{f.name: getattr(index, f.name).cpu() for f in fields(index)
-                             if isinstance(getattr(index, f.name), torch.Tensor)})
+
+def _head_index(args, layout, **kw):
+    """The index of ``args`` in ``layout`` (``HEAD_LAYOUTS``), checked to be in it."""
+    column_layout, ranges_per_head = layout
+    index = build_vertical_slash_index(*args, column_layout=column_layout, ranges_per_head=ranges_per_head, **kw)
+    assert index.columns_per_head == (column_layout == "head") and index.ranges_per_head == ranges_per_head
+    return index
 
 
 @pytest.mark.parametrize("pieces", [False, True], ids=["whole", "pieces"])
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS, ids=HEAD_LAYOUT_ID)
 @pytest.mark.parametrize("case", CASES, ids=CASE_ID)
-def test_vertical_slash_triton_on_head_columns_matches_naive(case, pieces):
-    """The index kernel reading per-head columns (masked per block) against the naive twin on the
-    per-block index of the same lines; whole bands and range pieces."""
+def test_vertical_slash_triton_on_head_layouts_matches_naive(case, layout, pieces):
+    """The index kernel reading per-head columns (masked per block) and / or per-head ranges (shifted and
+    clipped per block, the last block's own row) against the naive twin on the per-block index of the
+    same lines; whole bands and range pieces."""
     b, hq, hkv, lq, lk, d, block, window, softcap = case
     q, k, v = _inputs(case, seed=7 * lq + d)
     args = _lines(b, hq, lk, 0.15, 0.2, seed=lk + d)
     kw = dict(q_len=lq, k_len=lk, block_size_q=block)
     per_block = build_vertical_slash_index(*args, **kw)
-    head = build_vertical_slash_index(*args, column_layout="head", max_range_keys=32 if pieces else None, **kw)
-    assert head.columns_per_head
+    head = _head_index(args, layout, max_range_keys=32 if pieces else None, **kw)
     kvh = torch.arange(hq, device=DEVICE) // (hq // hkv)
     attend = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kvh)
     ref = vertical_slash_attention_naive(q, k, v, per_block, out=torch.empty_like(q), **attend)
@@ -154,8 +165,9 @@ def test_vertical_slash_triton_on_head_columns_matches_naive(case, pieces):
     assert _rel_err(naive_head, ref) < REL_TOL
 
 
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS, ids=HEAD_LAYOUT_ID)
 @pytest.mark.parametrize("case", CASES[:3], ids=CASE_ID)
-def test_head_columns_with_range_tiles_by_tensor_descriptor(case):
+def test_head_layouts_with_range_tiles_by_tensor_descriptor(case, layout):
     b, hq, hkv, lq, lk, d, block, window, softcap = case
     q, k, v = _inputs(case, seed=5 * lq)
     args = _lines(b, hq, lk, 0.15, 0.2, seed=lk)
@@ -164,7 +176,7 @@ def test_head_columns_with_range_tiles_by_tensor_descriptor(case):
     attend = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kvh)
     ref = vertical_slash_attention_naive(q, k, v, build_vertical_slash_index(*args, **kw), out=torch.empty_like(q),
                                          **attend)
-    head = build_vertical_slash_index(*args, column_layout="head", **kw)
+    head = _head_index(args, layout, **kw)
     out = vertical_slash_attention_triton(q, k, v, head, out=torch.full_like(q, float("nan")), range_tma=True, **attend)
     assert _rel_err(out, ref) < REL_TOL
 
@@ -193,14 +205,15 @@ def test_head_columns_masked_inside_bands_matter():
     assert _rel_err(out, ref) < REL_TOL
 
 
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS, ids=HEAD_LAYOUT_ID)
 @pytest.mark.parametrize("case", CASES[:2] + CASES[4:5], ids=CASE_ID)
-def test_recall_on_head_columns_matches_per_block(case):
+def test_recall_on_head_layouts_matches_per_block(case, layout):
     b, hq, hkv, lq, lk, d, block, _, softcap = case
     q, k, _ = _inputs(case, seed=3 * lq)
     args = _lines(b, hq, lk, 0.15, 0.1, seed=lq)
     kw = dict(q_len=lq, k_len=lk, block_size_q=block)
     per_block = build_vertical_slash_index(*args, **kw)
-    head = build_vertical_slash_index(*args, column_layout="head", **kw)
+    head = _head_index(args, layout, **kw)
     kvh = torch.arange(hq, device=DEVICE) // (hq // hkv)
     blocks = torch.tensor([0, head.range_count.shape[2] - 1, head.range_count.shape[2] // 2])
     recall = dict(scale=d**-0.5, softcap=softcap, kv_head_index=kvh)
@@ -259,7 +272,7 @@ def test_auto_column_layout_follows_the_memory_available(monkeypatch, available,
     for index in (build_vertical_slash_index(*[a.cpu() for a in args], column_layout="auto", **kw),
                   build_vertical_slash_index_triton(*args, column_layout="auto", **kw)):
         assert index.columns_per_head == (expected == "head")
-        assert _on_cpu(index).lists_same_entries(per_block)
+        assert reference.on_cpu(index).lists_same_entries(per_block)
     assert resolve_column_layout("block", 10**15, torch.device(DEVICE)) is ColumnLayout.BLOCK
     assert resolve_column_layout("head", 0, torch.device(DEVICE)) is ColumnLayout.HEAD
     share = head_columns.BLOCK_COLUMNS_MAX_SHARE

@@ -4,14 +4,15 @@ of the same lines.
 
 Both builders (the torch reference and the Triton kernels) must list exactly the per-block keys; with
 whole bands the very same ranges, with range pieces the same keys in pieces no wider than asked. The
-attention and recall kernels reading the per-head layout must match the naive twins on the per-block
-layout. On the CPU the Triton kernels run in the interpreter; outputs are pre-filled with NaN.
+attention and recall kernels on the per-head layouts are tested beside per-head columns
+(``test_head_columns.py``, ``HEAD_LAYOUTS``). On the CPU the Triton kernels run in the interpreter;
+outputs are pre-filled with NaN.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,30 +23,21 @@ triton = pytest.importorskip("triton", reason="Triton is not importable on this 
 
 from sparseprefill.kernels import build_vertical_slash_index  # noqa: E402
 from sparseprefill.kernels.indices import RANGE_TABLE_ROWS  # noqa: E402
-from sparseprefill.kernels.vertical_slash import vertical_slash_block_recall  # noqa: E402
 from sparseprefill.kernels.vertical_slash.head_columns import diagonal_prefix, to_head_columns  # noqa: E402
 from sparseprefill.kernels.vertical_slash.head_ranges import head_range_table, resolve_ranges_per_head  # noqa: E402
 from sparseprefill.kernels.vertical_slash.naive import (  # noqa: E402
-    block_recall_naive,
     build_vertical_slash_index_naive,
     split_ranges_naive,
     vertical_slash_attention_naive,
 )
 from sparseprefill.kernels.vertical_slash.triton_attention import vertical_slash_attention_triton  # noqa: E402
 from sparseprefill.kernels.vertical_slash.triton_index import build_vertical_slash_index_triton  # noqa: E402
-from sparseprefill.kernels.vertical_slash.triton_recall import block_recall_triton  # noqa: E402
 
 from tests import reference  # noqa: E402
-from tests.kernels.test_head_columns import CASE_ID, _inputs, _lines, _rel_err  # noqa: E402
-from tests.kernels.test_triton_attention import CASES  # noqa: E402
+from tests.kernels.test_head_columns import _inputs, _lines, _rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REL_TOL = 1e-4  # fp32 inputs: both paths accumulate in fp32 over the same keys
-
-
-def _on_cpu(index):
-    return replace(index, **{f.name: getattr(index, f.name).cpu() for f in fields(index)
-                             if isinstance(getattr(index, f.name), torch.Tensor)})
 
 
 def _check_block_lists(index, max_range_keys):
@@ -85,11 +77,11 @@ def test_head_ranges_list_the_per_block_keys(b, h, lq, lk, block, p_vertical, p_
         naive = build_vertical_slash_index(*[a.cpu() for a in args], column_layout=column_layout,
                                            ranges_per_head=True, **kw)
         got = build_vertical_slash_index_triton(*args, column_layout=column_layout, ranges_per_head=True, **kw)
-        for index in (naive, _on_cpu(got)):
+        for index in (naive, reference.on_cpu(got)):
             _assert_same_keys(index, per_block, max_range_keys)
         # The Triton builder's tables read as the reference's, piece for piece.
         assert torch.equal(got.range_count.cpu(), naive.range_count)
-        assert _on_cpu(got).lists_same_entries(naive)
+        assert reference.on_cpu(got).lists_same_entries(naive)
         assert torch.equal(got.block_pairs.cpu(), per_block.block_pair_counts())
         if column_layout == "head":
             assert torch.equal(got.column_count.cpu(), naive.column_count)
@@ -109,7 +101,7 @@ def test_head_ranges_on_unsorted_repeated_lines(k_len, q_frac, block, n_vertical
     per_block = build_vertical_slash_index(*[a.cpu() for a in args], **kw)
     naive = build_vertical_slash_index(*[a.cpu() for a in args], ranges_per_head=True, column_layout="head", **kw)
     got = build_vertical_slash_index_triton(*args, ranges_per_head=True, column_layout="head", **kw)
-    for index in (naive, _on_cpu(got)):
+    for index in (naive, reference.on_cpu(got)):
         _assert_same_keys(index, per_block, pieces)
     assert torch.equal(got.block_pairs.cpu(), per_block.block_pair_counts())
 
@@ -133,44 +125,6 @@ def test_head_range_table_is_per_head_not_per_block():
     assert widths[0] == widths[1] == 3
 
 
-@pytest.mark.parametrize("pieces", [False, True], ids=["whole", "pieces"])
-@pytest.mark.parametrize("column_layout", ["block", "head"])
-@pytest.mark.parametrize("case", CASES, ids=CASE_ID)
-def test_vertical_slash_triton_on_head_ranges_matches_naive(case, column_layout, pieces):
-    """The attention kernel reading per-head ranges (shifted and clipped per block, the last block's own
-    row) against the naive twin on the per-block index of the same lines."""
-    b, hq, hkv, lq, lk, d, block, window, softcap = case
-    q, k, v = _inputs(case, seed=11 * lq + d)
-    args = _lines(b, hq, lk, 0.15, 0.2, seed=3 * lk + d)
-    kw = dict(q_len=lq, k_len=lk, block_size_q=block)
-    per_block = build_vertical_slash_index(*args, **kw)
-    head = build_vertical_slash_index(*args, column_layout=column_layout, ranges_per_head=True,
-                                      max_range_keys=32 if pieces else None, **kw)
-    assert head.ranges_per_head
-    kvh = torch.arange(hq, device=DEVICE) // (hq // hkv)
-    attend = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kvh)
-    ref = vertical_slash_attention_naive(q, k, v, per_block, out=torch.empty_like(q), **attend)
-    out = vertical_slash_attention_triton(q, k, v, head, out=torch.full_like(q, float("nan")), **attend)
-    assert _rel_err(out, ref) < REL_TOL
-    naive_head = vertical_slash_attention_naive(q, k, v, head, out=torch.empty_like(q), **attend)
-    assert _rel_err(naive_head, ref) < REL_TOL
-
-
-@pytest.mark.parametrize("case", CASES[:3], ids=CASE_ID)
-def test_head_ranges_with_range_tiles_by_tensor_descriptor(case):
-    b, hq, hkv, lq, lk, d, block, window, softcap = case
-    q, k, v = _inputs(case, seed=13 * lq)
-    args = _lines(b, hq, lk, 0.15, 0.2, seed=2 * lk)
-    kw = dict(q_len=lq, k_len=lk, block_size_q=block)
-    kvh = torch.arange(hq, device=DEVICE) // (hq // hkv)
-    attend = dict(scale=d**-0.5, window=window, softcap=softcap, kv_head_index=kvh)
-    ref = vertical_slash_attention_naive(q, k, v, build_vertical_slash_index(*args, **kw), out=torch.empty_like(q),
-                                         **attend)
-    head = build_vertical_slash_index(*args, column_layout="head", ranges_per_head=True, **kw)
-    out = vertical_slash_attention_triton(q, k, v, head, out=torch.full_like(q, float("nan")), range_tma=True, **attend)
-    assert _rel_err(out, ref) < REL_TOL
-
-
 def test_clipped_ranges_matter():
     """Long bands reaching below key 0 in the first blocks: without the clip at key 0 (or with the full
     row read by the last, narrower block) the kernel would read keys that do not exist or miss some;
@@ -190,25 +144,6 @@ def test_clipped_ranges_matter():
     ref = vertical_slash_attention_naive(q, k, v, per_block, out=torch.empty_like(q), **attend)
     out = vertical_slash_attention_triton(q, k, v, head, out=torch.full_like(q, float("nan")), **attend)
     assert _rel_err(out, ref) < REL_TOL
-
-
-@pytest.mark.parametrize("case", CASES[:2] + CASES[4:5], ids=CASE_ID)
-def test_recall_on_head_ranges_matches_per_block(case):
-    b, hq, hkv, lq, lk, d, block, _, softcap = case
-    q, k, _ = _inputs(case, seed=5 * lq)
-    args = _lines(b, hq, lk, 0.15, 0.1, seed=2 * lq)
-    kw = dict(q_len=lq, k_len=lk, block_size_q=block)
-    per_block = build_vertical_slash_index(*args, **kw)
-    kvh = torch.arange(hq, device=DEVICE) // (hq // hkv)
-    recall = dict(scale=d**-0.5, softcap=softcap, kv_head_index=kvh)
-    for column_layout in ("block", "head"):
-        head = build_vertical_slash_index(*args, column_layout=column_layout, ranges_per_head=True, **kw)
-        blocks = torch.tensor([0, head.range_count.shape[2] - 1, head.range_count.shape[2] // 2])
-        ref = block_recall_naive(q, k, per_block, blocks, **recall)
-        for got in (block_recall_triton(q, k, head, blocks, split_keys=64, **recall),
-                    vertical_slash_block_recall(q, k, head, blocks, **recall),
-                    block_recall_naive(q, k, head, blocks, **recall)):
-            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
 def test_head_ranges_pairs_masks_and_whole_heads_without_the_builder_count():
